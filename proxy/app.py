@@ -1,0 +1,88 @@
+"""The application factory. Nothing at module level opens a connection, reads
+the environment or registers a metric: ``create_app`` builds everything, and
+each resource is opened and closed in one ``cleanup_ctx`` generator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from proxy import health, passthrough
+from proxy.catalog import ModelCatalog, ModelListReader
+from proxy.config import Config
+from proxy.keys import API_KEYS, CATALOG, CONFIG, METRICS, STORE, UPSTREAM
+from proxy.metrics import Metrics
+from proxy.middleware import render_errors, request_context, require_api_key
+from proxy.upstream import UpstreamClient, new_session
+from storage.sqlite import SQLiteStore
+
+
+def create_app(
+    config: Config,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    store: SQLiteStore | None = None,
+) -> web.Application:
+    """Build the daemon's app. Tests may hand in their own upstream session or store;
+    what is handed in is not closed by the app."""
+    app = web.Application(
+        client_max_size=config.server.max_body_size,
+        middlewares=[request_context, render_errors, require_api_key],
+    )
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[API_KEYS] = tuple(key.get_secret_value().encode() for key in config.auth.api_keys)
+    app.cleanup_ctx.append(_upstream_ctx(session))
+    app.cleanup_ctx.append(_storage_ctx(store))
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", health.healthz)
+    r.add_get("/readyz", health.readyz)
+    r.add_get("/metrics", health.metrics)
+    r.add_get("/v1/models", passthrough.list_models)
+    r.add_get("/v1/models/{model:.+}", passthrough.get_model)
+    r.add_post("/v1/chat/completions", passthrough.chat_completions)
+    r.add_post("/v1/completions", passthrough.completions)
+    r.add_post("/v1/embeddings", passthrough.embeddings)
+
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        session = given or new_session(config.upstream)
+        try:
+            upstream = UpstreamClient(config.upstream, session, app[METRICS])
+            app[UPSTREAM] = upstream
+            app[CATALOG] = ModelCatalog(
+                config.models,
+                ModelListReader(upstream.get_json).read,
+                on_refresh=lambda outcome: app[METRICS].model_list_refreshes.labels(outcome).inc(),
+            )
+            yield
+        finally:
+            if given is None:
+                await session.close()
+
+    return ctx
+
+
+def _storage_ctx(given: SQLiteStore | None) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        store = given or await SQLiteStore.open(app[CONFIG].storage.path)
+        app[STORE] = store
+        try:
+            yield
+        finally:
+            if given is None:
+                await store.close()
+
+    return ctx

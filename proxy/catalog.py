@@ -1,0 +1,390 @@
+"""The upstream's models: read, cached, and used to resolve the model of a request.
+
+``ModelCatalog`` reads the list from the upstream (LM Studio's native lists
+when it is LM Studio, ``/v1/models`` otherwise), keeps it for
+``models.cache_ttl`` seconds, and refreshes it single-flight: however many
+requests wait, one upstream call is made. Resolution (aliases, default model,
+"the one loaded model") is pure and costs no upstream round trip while the
+cache is fresh.
+
+The parsing functions at the bottom turn each server's list into ``ModelInfo``
+records and do no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.config import ModelsConfig
+from proxy.errors import ModelNotFound, ModelRequired, UpstreamError, UpstreamStatus
+
+log = logging.getLogger("lmbridge.models")
+
+ModelType = Literal["llm", "vlm", "embeddings", "unknown"]
+ModelState = Literal["loaded", "not-loaded", "unknown"]
+Purpose = Literal["chat", "embeddings", "any"]
+Dialect = Literal["lmstudio-v1", "lmstudio-v0", "openai"]
+
+# After a miss, how soon the list may be read again: a typo repeated in a
+# loop must not turn into one upstream call per request.
+MISS_REFRESH_INTERVAL = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    id: str
+    type: ModelType = "unknown"
+    state: ModelState = "unknown"
+    context_length: int | None = None
+    owned_by: str | None = None
+    aliases: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()
+
+    def serves(self, purpose: Purpose) -> bool:
+        if purpose == "any" or self.type == "unknown":
+            return True
+        if purpose == "embeddings":
+            return self.type == "embeddings"
+        return self.type in ("llm", "vlm")
+
+    def as_openai(self) -> dict[str, Any]:
+        """The OpenAI model object, with LM Studio's extra fields (clients ignore them)."""
+        return {
+            "id": self.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": self.owned_by or "local",
+            "type": self.type,
+            "state": self.state,
+            "max_context_length": self.context_length,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    models: tuple[ModelInfo, ...]
+    dialect: Dialect
+    fetched_at: float
+    by_name: dict[str, ModelInfo] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def build(cls, models: Iterable[ModelInfo], dialect: Dialect, fetched_at: float) -> ModelList:
+        models = tuple(models)
+        by_name: dict[str, ModelInfo] = {}
+        for model in models:
+            for alias in model.aliases:
+                by_name.setdefault(alias, model)
+        for model in models:
+            by_name[model.id] = model  # real ids win over upstream aliases
+        return cls(models, dialect, fetched_at, by_name)
+
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+
+class ModelCatalog:
+    def __init__(
+        self,
+        config: ModelsConfig,
+        fetch: Callable[[], Awaitable[ModelList]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_refresh: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._fetch = fetch
+        self._clock = clock
+        self._on_refresh = on_refresh
+        self._current: ModelList | None = None
+        self._refreshing: asyncio.Future[ModelList] | None = None
+
+    @property
+    def cached(self) -> ModelList | None:
+        return self._current
+
+    async def get(self, *, max_age: float | None = None) -> ModelList:
+        """The model list, read from the upstream when older than ``max_age`` (default TTL)."""
+        max_age = self.config.cache_ttl if max_age is None else max_age
+        current = self._current
+        if current is not None and self._clock() - current.fetched_at < max_age:
+            return current
+        return await self.refresh()
+
+    async def refresh(self) -> ModelList:
+        """Read the list now; concurrent callers share one upstream call.
+
+        The read runs in its own task so that a caller that goes away (client
+        disconnected) does not cancel it for the others.
+        """
+        task = self._refreshing
+        if task is None:
+            task = asyncio.ensure_future(self._read())
+            self._refreshing = task
+            task.add_done_callback(self._read_done)
+        return await asyncio.shield(task)
+
+    async def _read(self) -> ModelList:
+        try:
+            result = await self._fetch()
+        except Exception:
+            self._count("error")
+            raise
+        self._count("ok")
+        self._current = result
+        return result
+
+    def _read_done(self, task: asyncio.Future[ModelList]) -> None:
+        self._refreshing = None
+        if not task.cancelled():
+            task.exception()  # retrieved by the waiters; silences "never retrieved"
+
+    def _count(self, outcome: str) -> None:
+        if self._on_refresh is not None:
+            self._on_refresh(outcome)
+
+    async def resolve(self, requested: Any, purpose: Purpose = "chat") -> ModelInfo:
+        """The upstream model a request should go to, or a 400/404 error that says why."""
+        if requested is None or requested == "":
+            return self.pick_default(await self.get(), purpose)
+        name = self.config.aliases.get(requested, requested)
+        models = await self.get()
+        found = models.by_name.get(name)
+        if found is None and self._clock() - models.fetched_at >= MISS_REFRESH_INTERVAL:
+            # The user may just have downloaded or loaded it.
+            models = await self.refresh()
+            found = models.by_name.get(name)
+        if found is None:
+            raise ModelNotFound(_not_found_message(requested, name, models), param="model")
+        return found
+
+    def pick_default(self, models: ModelList, purpose: Purpose) -> ModelInfo:
+        default = self.config.default
+        if default is not None:
+            name = self.config.aliases.get(default, default)
+            found = models.by_name.get(name)
+            if found is None:
+                raise ModelNotFound(
+                    f"The configured default model {default!r} (models.default) is not "
+                    f"available upstream. Available models: {_listing(models)}.",
+                    param="model",
+                )
+            return found
+        candidates = [m for m in models.models if m.serves(purpose)]
+        loaded = [m for m in candidates if m.state == "loaded"]
+        if len(loaded) == 1:
+            return loaded[0]
+        if not loaded and len(candidates) == 1:
+            return candidates[0]
+        choices = loaded or candidates
+        if not choices:
+            raise ModelRequired(
+                "The request names no model and the upstream lists none that could serve it. "
+                "Load a model upstream (e.g. `lms load <model>`) or set models.default.",
+                param="model",
+            )
+        which = "loaded models" if loaded else "models"
+        raise ModelRequired(
+            f"The request names no model and the upstream has {len(choices)} {which}; "
+            f"say which one with `model`: {', '.join(m.id for m in choices)}. "
+            "(Or set models.default in lmbridge's configuration.)",
+            param="model",
+        )
+
+
+def _listing(models: ModelList) -> str:
+    ids = models.ids()
+    if not ids:
+        return "none (load or download one upstream)"
+    shown = ", ".join(ids[:50])
+    return shown + (f" and {len(ids) - 50} more" if len(ids) > 50 else "")
+
+
+def _not_found_message(requested: Any, name: str, models: ModelList) -> str:
+    via = f" (alias of {name!r})" if name != requested else ""
+    return (
+        f"The model {requested!r}{via} does not exist upstream. "
+        f"Available models: {_listing(models)}."
+    )
+
+
+# --- reading the list from the upstream -----------------------------------
+
+
+class ModelListReader:
+    """Reads the list in the richest dialect the upstream speaks, and remembers it.
+
+    Tried in order: LM Studio 0.4+ (``/api/v1/models``), LM Studio 0.3.6+
+    (``/api/v0/models``), then any OpenAI-compatible server (``/v1/models``).
+    The dialect that worked is tried first next time, so a steady state costs
+    one upstream call per refresh.
+    """
+
+    def __init__(
+        self,
+        get_json: Callable[[str], Awaitable[Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._get_json = get_json
+        self._clock = clock
+        self.dialect: Dialect | None = None
+
+    async def read(self) -> ModelList:
+        order: list[Dialect] = ["lmstudio-v1", "lmstudio-v0", "openai"]
+        if self.dialect is not None:
+            order.remove(self.dialect)
+            order.insert(0, self.dialect)
+        last_error: UpstreamError | None = None
+        for candidate in order:
+            try:
+                data = await self._get_json(_DIALECT_PATHS[candidate])
+            except UpstreamStatus as exc:
+                # 404/405/401 on a native path means "not this kind of server".
+                last_error = exc
+                continue
+            parsed = _DIALECT_PARSERS[candidate](data)
+            if parsed is None:
+                continue
+            self.dialect = candidate
+            return ModelList.build(parsed, candidate, self._clock())
+        if last_error is not None:
+            raise last_error
+        raise UpstreamError("The upstream's model list could not be read in any known format.")
+
+
+def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        return None
+    out: list[ModelInfo] = []
+    for entry in models:
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            continue
+        instances = [i for i in entry.get("loaded_instances") or [] if isinstance(i, dict)]
+        context = entry.get("max_context_length")
+        for instance in instances:
+            config = instance.get("config")
+            if isinstance(config, dict) and isinstance(config.get("context_length"), int):
+                context = config["context_length"]  # what the loaded instance really has
+                break
+        capabilities = entry.get("capabilities") or {}
+        kind = entry.get("type")
+        vision = isinstance(capabilities, dict) and bool(capabilities.get("vision"))
+        model_type: ModelType = (
+            "embeddings"
+            if kind in ("embedding", "embeddings")
+            else ("vlm" if vision else "llm")
+            if kind in ("llm", "vlm")
+            else "unknown"
+        )
+        extra_ids = tuple(
+            str(i["id"])
+            for i in instances
+            if isinstance(i.get("id"), str) and i["id"] != entry["key"]
+        )
+        out.append(
+            ModelInfo(
+                id=entry["key"],
+                type=model_type,
+                state="loaded" if instances else "not-loaded",
+                context_length=context if isinstance(context, int) else None,
+                owned_by=entry.get("publisher")
+                if isinstance(entry.get("publisher"), str)
+                else None,
+                aliases=extra_ids,
+                capabilities=tuple(k for k, v in capabilities.items() if v is True)
+                if isinstance(capabilities, dict)
+                else (),
+            )
+        )
+    return out
+
+
+def parse_lmstudio_v0(data: Any) -> list[ModelInfo] | None:
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    # A plain /v1/models answer has no "state": not LM Studio's native list.
+    if entries and not any(isinstance(e, dict) and "state" in e for e in entries):
+        return None
+    out: list[ModelInfo] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        kind = entry.get("type")
+        state = entry.get("state")
+        context = entry.get("max_context_length")
+        out.append(
+            ModelInfo(
+                id=entry["id"],
+                type=kind if kind in ("llm", "vlm", "embeddings") else "unknown",
+                # "idle" wakes up on the next request, so it counts as loaded.
+                state="loaded"
+                if state in ("loaded", "idle")
+                else "not-loaded"
+                if state == "not-loaded"
+                else "unknown",
+                context_length=context if isinstance(context, int) else None,
+                owned_by=entry.get("publisher")
+                if isinstance(entry.get("publisher"), str)
+                else None,
+                capabilities=tuple(
+                    c for c in entry.get("capabilities") or [] if isinstance(c, str)
+                ),
+            )
+        )
+    return out
+
+
+def parse_openai(data: Any) -> list[ModelInfo] | None:
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    out: list[ModelInfo] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+        context = meta.get("n_ctx_train") or meta.get("n_ctx") or entry.get("max_model_len")
+        raw_aliases = entry.get("aliases")
+        aliases = (
+            tuple(a for a in raw_aliases if isinstance(a, str) and a != entry["id"])
+            if isinstance(raw_aliases, list)
+            else ()
+        )
+        # llama.cpp's router mode reports each model's status; others report none.
+        status = entry.get("status")
+        value = status.get("value") if isinstance(status, dict) else None
+        state: ModelState = (
+            "loaded"
+            if value in ("loaded", "loading", "sleeping")
+            else "not-loaded"
+            if value == "unloaded"
+            else "unknown"
+        )
+        out.append(
+            ModelInfo(
+                id=entry["id"],
+                state=state,
+                context_length=context if isinstance(context, int) else None,
+                owned_by=entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None,
+                aliases=aliases,
+            )
+        )
+    return out
+
+
+_DIALECT_PATHS: dict[Dialect, str] = {
+    "lmstudio-v1": "/api/v1/models",
+    "lmstudio-v0": "/api/v0/models",
+    "openai": "/v1/models",
+}
+_DIALECT_PARSERS: dict[Dialect, Callable[[Any], list[ModelInfo] | None]] = {
+    "lmstudio-v1": parse_lmstudio_v1,
+    "lmstudio-v0": parse_lmstudio_v0,
+    "openai": parse_openai,
+}

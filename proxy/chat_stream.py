@@ -1,0 +1,61 @@
+"""What the relay needs to know about a chat/completions SSE stream it passes on.
+
+``StreamObserver`` is fed the same bytes that are written to the client and
+notes, without changing them: when the first data event came, whether a
+``finish_reason`` and a ``[DONE]`` were seen, and the usage chunk. It parses
+JSON only for the few events that can carry usage, so that a 20-chunk stream
+costs a handful of microseconds. No I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from proxy.sse import SSEEvent, SSEParser
+
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+
+
+class StreamObserver:
+    __slots__ = ("_parser", "data_events", "done", "finished", "upstream_error", "usage")
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+        self.data_events = 0
+        self.done = False
+        self.finished = False
+        self.usage: dict[str, Any] | None = None
+        self.upstream_error: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> int:
+        """Note the events completed by this chunk; returns how many data events it held."""
+        events = self._parser.feed(chunk)
+        for event in events:
+            self._note(event)
+        return len(events)
+
+    def finish(self) -> None:
+        for event in self._parser.finish():
+            self._note(event)
+
+    def _note(self, event: SSEEvent) -> None:
+        data = event.data
+        if event.is_done:
+            self.done = True
+            return
+        self.data_events += 1
+        if _FINISH.search(data):
+            self.finished = True
+        if _USAGE.search(data) or b'"error"' in data:
+            try:
+                parsed = json.loads(data)
+            except ValueError:
+                return
+            if isinstance(parsed, dict):
+                if isinstance(parsed.get("usage"), dict):
+                    self.usage = parsed["usage"]
+                if isinstance(parsed.get("error"), dict | str):
+                    self.upstream_error = {"error": parsed["error"]}

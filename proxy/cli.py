@@ -1,0 +1,179 @@
+"""The ``lmbridge`` command: serve, check-config, models, bench.
+
+Every failure an operator can cause (a bad config, an unreachable upstream, a
+port in use) ends with one readable line on stderr and a non-zero status,
+never a traceback: 2 for configuration and usage errors, 1 for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from proxy import __version__
+from proxy.config import Config, ConfigError, load_config, render_toml
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 1235)")
+    parser.add_argument(
+        "--upstream", metavar="URL", help="upstream server (default http://127.0.0.1:1234)"
+    )
+    parser.add_argument("--db", metavar="PATH", help="SQLite database file")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["text", "json"])
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        default=None,
+        help="start llama.cpp with a small model as the upstream (needs lmbridge[local])",
+    )
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "server.host": args.host,
+        "server.port": args.port,
+        "upstream.url": args.upstream,
+        "storage.path": args.db,
+        "logging.level": args.log_level,
+        "logging.format": args.log_format,
+        "embedded.enabled": args.embedded,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmbridge",
+        description="A local OpenAI-compatible gateway in front of LM Studio and other "
+        "local model servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmbridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _add_config_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser(
+        "check-config", help="validate the configuration and print it (secrets masked)"
+    )
+    _add_config_flags(check)
+    check.set_defaults(func=cmd_check_config)
+
+    models = commands.add_parser("models", help="list the upstream's models")
+    _add_config_flags(models)
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(func=cmd_models)
+
+    bench = commands.add_parser(
+        "bench", help="measure the proxy against a fast fake upstream, side by side"
+    )
+    from proxy.bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"lmbridge: {message}\n")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, flags=_flags(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.embedded import EmbeddedError
+    from proxy.logs import configure_logging
+    from proxy.serve import run
+    from storage.sqlite import StorageError
+
+    config = _load(args)
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        asyncio.run(run(config))
+    except EmbeddedError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    except StorageError as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    except OSError as exc:
+        _fail(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}")
+        return EXIT_FAILURE
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    sys.stdout.write(render_toml(config))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from proxy.errors import LMBridgeError
+
+    config = _load(args)
+    try:
+        models = asyncio.run(_read_models(config))
+    except LMBridgeError as exc:
+        _fail(exc.message)
+        return EXIT_FAILURE
+    if args.json:
+        sys.stdout.write(json.dumps([m.as_openai() for m in models.models], indent=2) + "\n")
+        return 0
+    rows = [("ID", "TYPE", "STATE", "CONTEXT")]
+    rows += [
+        (m.id, m.type, m.state, str(m.context_length) if m.context_length else "-")
+        for m in models.models
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        sys.stdout.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
+    if not models.models:
+        sys.stdout.write(f"(the upstream at {config.upstream.url} lists no models)\n")
+    return 0
+
+
+async def _read_models(config: Config):  # type: ignore[no-untyped-def]
+    from proxy.catalog import ModelListReader
+    from proxy.metrics import Metrics
+    from proxy.upstream import UpstreamClient, new_session
+
+    session: aiohttp.ClientSession = new_session(config.upstream)
+    async with session:
+        upstream = UpstreamClient(config.upstream, session, Metrics())
+        return await ModelListReader(upstream.get_json).read()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from proxy.bench import run_bench
+
+    return run_bench(args)

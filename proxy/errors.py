@@ -1,0 +1,154 @@
+"""The one exception tree of lmbridge, and its OpenAI error shape.
+
+Code anywhere below the handlers raises one of these; the error middleware
+(``proxy.middleware``) is the only place that turns them into responses::
+
+    LMBridgeError                      500 server_error
+    ├── BadRequest                     400 invalid_request_error (param)
+    │   └── ModelRequired              400 model_required
+    ├── Unauthorized                   401 invalid_api_key
+    ├── NotFound                       404 not_found
+    │   └── ModelNotFound              404 model_not_found
+    ├── PayloadTooLarge                413 request_too_large
+    └── UpstreamError                  502 upstream_error
+        ├── UpstreamUnavailable        502 upstream_unavailable
+        ├── UpstreamTimeout            504 upstream_timeout
+        ├── CircuitOpen                503 circuit_open
+        └── UpstreamStatus             upstream's own status and error body
+
+Lower-level exceptions (aiohttp, asyncio timeouts) are converted where the I/O
+happens, with ``raise ... from exc``; a 4xx always means the request was at
+fault, a 5xx that the upstream or the daemon really failed (clients retry 5xx).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class LMBridgeError(Exception):
+    status = 500
+    error_type = "server_error"
+    code: str | None = "internal_error"
+    # Seconds a client should wait before trying again (sent as Retry-After).
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class BadRequest(LMBridgeError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelRequired(BadRequest):
+    code = "model_required"
+
+
+class Unauthorized(LMBridgeError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(LMBridgeError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(LMBridgeError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(LMBridgeError):
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class CircuitOpen(UpstreamError):
+    status = 503
+    code = "circuit_open"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status; its body is kept as it was sent
+    when it already has the OpenAI shape."""
+
+    def __init__(self, status: int, raw: bytes, content_type: str | None) -> None:
+        self.status = status
+        self.raw = raw
+        self.content_type = content_type
+        parsed = _openai_error(raw)
+        if parsed is not None:
+            self._body: dict[str, Any] = parsed
+            message = str(parsed["error"].get("message") or f"upstream returned {status}")
+        else:
+            text = raw.decode("utf-8", "replace").strip()
+            if len(text) > 500:
+                text = text[:500] + "..."
+            message = f"upstream returned HTTP {status}" + (f": {text}" if text else "")
+            self._body = error_body(
+                message,
+                "invalid_request_error" if status < 500 else "upstream_error",
+                None,
+                f"upstream_{status}",
+            )
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _openai_error(raw: bytes) -> dict[str, Any] | None:
+    """The upstream's body if it is an OpenAI-style error (a string ``error`` is lifted)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or "error" not in data:
+        return None
+    error = data["error"]
+    if isinstance(error, str):
+        return error_body(error, "invalid_request_error", None, None)
+    if isinstance(error, dict) and "message" in error:
+        error = dict(error)
+        error.setdefault("type", "invalid_request_error")
+        error.setdefault("param", None)
+        error.setdefault("code", None)
+        if not isinstance(error["code"], str | None):
+            error["code"] = str(error["code"])  # llama.cpp sends the HTTP status as a number
+        return {"error": error}
+    return None

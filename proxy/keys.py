@@ -1,0 +1,26 @@
+"""Typed keys for what the app and each request share (aiohttp AppKey/RequestKey)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.catalog import ModelCatalog
+from proxy.config import Config
+from proxy.metrics import Metrics
+from proxy.upstream import UpstreamClient
+from storage.sqlite import SQLiteStore
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+CATALOG = web.AppKey("catalog", ModelCatalog)
+STORE = web.AppKey("store", SQLiteStore)
+# Client API keys, resolved once; empty means no authentication.
+API_KEYS = web.AppKey("api_keys", tuple)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)
+# The upstream model a request was resolved to, for logs and metrics.
+MODEL = web.RequestKey("model", str)
+# Set by a stream relay when the client went away before the end.
+CLIENT_GONE = web.RequestKey("client_gone", bool)

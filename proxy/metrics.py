@@ -1,0 +1,97 @@
+"""Prometheus metrics, on a registry owned by one app (never the global one).
+
+Label values are bounded: ``route`` is the route's template (``/v1/models/{id}``),
+not the raw path, and ``model`` is a model the upstream actually listed or
+``"-"`` so that clients cannot grow the series without limit.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+)  # fmt: skip
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lmbridge_requests",
+            "Requests answered, by route, model and status.",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "lmbridge_request_duration_seconds",
+            "Time from request received to response complete (whole stream included).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "lmbridge_upstream_duration_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "lmbridge_time_to_first_token_seconds",
+            "Streams: time from request received to the first data event relayed.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "lmbridge_tokens",
+            "Tokens reported by the upstream's usage, by model and direction (in, out).",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "lmbridge_requests_in_flight", "Requests being handled now.", registry=r
+        )
+        self.retries = Counter(
+            "lmbridge_upstream_retries", "Upstream attempts retried.", ["reason"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "lmbridge_upstream_failures",
+            "Upstream attempts that failed (connection, timeout, 502/503/504).",
+            ["reason"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "lmbridge_circuit_state",
+            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
+        )
+        self.model_list_refreshes = Counter(
+            "lmbridge_model_list_refreshes",
+            "Reads of the upstream's model list, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+
+    def requests_in_flight(self) -> int:
+        return int(self.in_flight.collect()[0].samples[0].value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def record_usage(self, model: str, usage: object) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(prompt, int) and prompt > 0:
+            self.tokens.labels(model, "in").inc(prompt)
+        if isinstance(completion, int) and completion > 0:
+            self.tokens.labels(model, "out").inc(completion)

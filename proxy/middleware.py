@@ -1,0 +1,173 @@
+"""Middlewares, outermost first: request context (id, log line, metrics),
+error rendering (the only place exceptions become HTTP errors), client auth."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import os
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.errors import (
+    LMBridgeError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    error_body,
+)
+from proxy.keys import API_KEYS, CLIENT_GONE, CONFIG, METRICS, MODEL, REQUEST_ID, STARTED
+
+log = logging.getLogger("lmbridge.request")
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+# Request ids: a random prefix per process and a counter, unique across
+# restarts without a syscall per request.
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource
+    if info.http_exception is not None or resource is None:
+        return "unmatched"
+    return resource.canonical
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    request_id = (
+        incoming
+        if incoming and len(incoming) <= 128 and incoming.isprintable()
+        else (_new_request_id())
+    )
+    request[REQUEST_ID] = request_id
+    request[STARTED] = started
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's convention)
+        raise
+    finally:
+        metrics.in_flight.dec()
+        elapsed = time.perf_counter() - started
+        route = _route_label(request)
+        model = request.get(MODEL, "-")
+        if request.get(CLIENT_GONE):
+            status = 499
+        metrics.requests.labels(route, model, str(status)).inc()
+        metrics.request_seconds.labels(route).observe(elapsed)
+        if log.isEnabledFor(logging.INFO) and route not in ("/healthz", "/metrics"):
+            log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "method": request.method,
+                        "path": request.path,
+                        "model": model,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    }
+                },
+            )
+
+
+@web.middleware
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as ``{"error": {...}}`` with the right status; no tracebacks."""
+    try:
+        return await handler(request)
+    except LMBridgeError as exc:
+        return _error_response(request, exc.status, exc.body(), exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(request, exc.status, _http_error_body(request, exc), None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": request.get(REQUEST_ID)}})
+        body = error_body(
+            f"lmbridge failed while handling this request (request id {request.get(REQUEST_ID)});"
+            " see the daemon's log.",
+            "server_error",
+            None,
+            "internal_error",
+        )
+        return _error_response(request, 500, body, None)
+
+
+def _error_response(
+    request: web.Request, status: int, body: dict[str, object], exc: LMBridgeError | None
+) -> web.Response:
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, int | float) and retry_after > 0:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _http_error_body(request: web.Request, exc: web.HTTPException) -> dict[str, object]:
+    if exc.status == 404:
+        return NotFound(
+            f"Unknown route: {request.method} {request.path}. lmbridge serves /v1/models, "
+            "/v1/chat/completions, /v1/completions and /v1/embeddings.",
+            code="unknown_route",
+        ).body()
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return error_body(
+            f"Method {request.method} is not allowed on {request.path} (allowed: {allowed}).",
+            "invalid_request_error",
+            None,
+            "method_not_allowed",
+        )
+    if exc.status == 413:
+        limit = request.app[CONFIG].server.max_body_size
+        return PayloadTooLarge(
+            f"The request body is larger than lmbridge accepts ({limit} bytes; "
+            "server.max_body_size)."
+        ).body()
+    return error_body(exc.reason or "request failed", "invalid_request_error", None, None)
+
+
+@web.middleware
+async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys = request.app[API_KEYS]
+    if keys and request.path.startswith("/v1"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized(
+                "Missing API key: send 'Authorization: Bearer <key>' with one of the keys in "
+                "lmbridge's [auth] api_keys."
+            )
+        presented = token.encode()
+        # Compare against every key so that timing does not tell which one nearly matched.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(presented, key)
+        if not matched:
+            raise Unauthorized("Incorrect API key provided.")
+    return await handler(request)

@@ -1,0 +1,231 @@
+"""The pass-through routes: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/embeddings.
+
+Flow of a POST: read and check the JSON body -> resolve the model from the
+cached list (no upstream round trip while fresh) -> forward the body, the
+original bytes unless the model had to be rewritten -> relay the answer: a
+JSON body as received, or an SSE stream event by event as it arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.catalog import Purpose
+from proxy.chat_stream import StreamObserver
+from proxy.errors import BadRequest, UpstreamError
+from proxy.keys import API_KEYS, CATALOG, CLIENT_GONE, METRICS, MODEL, REQUEST_ID, STARTED, UPSTREAM
+from proxy.middleware import REQUEST_ID_HEADER
+from proxy.sse import DONE_EVENT, encode_event
+
+# Upstream response headers worth passing back to the client.
+_PASS_HEADERS = ("Content-Type", "Retry-After", "OpenAI-Processing-Ms")
+_PASS_PREFIXES = ("x-ratelimit-",)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    models = await catalog.get()
+    data = [m.as_openai() for m in models.models]
+    for alias, target in catalog.config.aliases.items():
+        if alias not in models.by_name and target in models.by_name:
+            entry = models.by_name[target].as_openai()
+            entry.update(id=alias, alias_for=models.by_name[target].id)
+            data.append(entry)
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    requested = request.match_info["model"]
+    model = await request.app[CATALOG].resolve(requested, "any")
+    entry = model.as_openai()
+    if requested != model.id:
+        entry.update(id=requested, alias_for=model.id)
+    return web.json_response(entry)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await forward(request, "/v1/chat/completions", "chat", ("messages", list, "an array"))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await forward(
+        request, "/v1/completions", "chat", ("prompt", str | list, "a string or an array")
+    )
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await forward(
+        request, "/v1/embeddings", "embeddings", ("input", str | list, "a string or an array")
+    )
+
+
+async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its parsed JSON object, or a 400 that says what is wrong."""
+    raw = await request.read()
+    if not raw.strip():
+        raise BadRequest("The request body is empty; send a JSON object.")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}."
+        ) from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
+    return raw, body
+
+
+def check_common_fields(body: Mapping[str, Any]) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, not {_json_type(model)}.", param="model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be a boolean, not {_json_type(stream)}.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest(
+            f"'stream_options' must be an object, not {_json_type(options)}.",
+            param="stream_options",
+        )
+
+
+async def forward(
+    request: web.Request,
+    path: str,
+    purpose: Purpose,
+    required: tuple[str, Any, str],
+) -> web.StreamResponse:
+    raw, body = await read_json_object(request)
+    check_common_fields(body)
+    name, types, described = required
+    if name not in body:
+        raise BadRequest(f"Missing required parameter: '{name}'.", param=name)
+    if not isinstance(body[name], types):
+        raise BadRequest(f"'{name}' must be {described}, not {_json_type(body[name])}.", param=name)
+
+    model = await request.app[CATALOG].resolve(body.get("model"), purpose)
+    request[MODEL] = model.id
+    if body.get("model") != model.id:
+        body["model"] = model.id
+        raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+    upstream = request.app[UPSTREAM]
+    resp = await upstream.open(
+        "POST", path, body=raw, headers=_upstream_headers(request), route=path
+    )
+    if resp.content_type == "text/event-stream":
+        return await relay_stream(request, resp, model.id)
+    content = await upstream.read_body(resp)
+    if b'"usage"' in content:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(content)
+            if isinstance(parsed, dict):
+                request.app[METRICS].record_usage(model.id, parsed.get("usage"))
+    return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
+
+
+async def relay_stream(
+    request: web.Request, resp: aiohttp.ClientResponse, model: str
+) -> web.StreamResponse:
+    """Write each upstream chunk to the client as it arrives, unchanged.
+
+    The stream always ends well-formed for the client: a clean end without
+    ``[DONE]`` gets one; a stream broken off before its ``finish_reason`` ends
+    with an error event, which the OpenAI SDKs raise as an exception.
+    """
+    upstream = request.app[UPSTREAM]
+    metrics = request.app[METRICS]
+    headers = _client_headers(resp)
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+    headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    response = web.StreamResponse(status=resp.status, headers=headers)
+    observer = StreamObserver()
+    failure: UpstreamError | None = None
+    try:
+        await response.prepare(request)
+        async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
+            try:
+                async for chunk in chunks:
+                    await response.write(chunk)
+                    if observer.data_events == 0:
+                        if observer.feed(chunk):
+                            metrics.ttft_seconds.labels(model).observe(
+                                time.perf_counter() - request[STARTED]
+                            )
+                    else:
+                        observer.feed(chunk)
+            except UpstreamError as exc:
+                failure = exc
+        observer.finish()
+        if failure is not None and not observer.finished and not observer.done:
+            await response.write(
+                encode_event(
+                    {
+                        "error": {
+                            "message": f"The upstream stream was interrupted: {failure.message}",
+                            "type": failure.error_type,
+                            "param": None,
+                            "code": failure.code,
+                        }
+                    }
+                )
+            )
+        elif not observer.done:
+            await response.write(DONE_EVENT)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        request[CLIENT_GONE] = True
+    if observer.usage is not None:
+        metrics.record_usage(model, observer.usage)
+    return response
+
+
+def _upstream_headers(request: web.Request) -> dict[str, str]:
+    headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
+    # A transparent proxy passes the client's own upstream token on, unless
+    # lmbridge checks client keys (then the header holds lmbridge's key) or
+    # has an upstream key of its own (UpstreamClient adds it).
+    if not request.app[API_KEYS] and request.app[UPSTREAM].config.api_key is None:
+        auth = request.headers.get("Authorization")
+        if auth:
+            headers["Authorization"] = auth
+    return headers
+
+
+def _client_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    headers = {}
+    for name in _PASS_HEADERS:
+        value = resp.headers.get(name)
+        if value is not None:
+            headers[name] = value
+    for name, value in resp.headers.items():
+        if name.lower().startswith(_PASS_PREFIXES):
+            headers[name] = value
+    return headers
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -1,0 +1,343 @@
+"""The one HTTP client to the upstream model server.
+
+Every call to the upstream goes through ``UpstreamClient``: the pass-through
+routes, the model list, and (later) the Responses service and tool loops. It
+owns the pooled ``ClientSession``, the timeouts, the retries and the circuit
+breaker, and it converts aiohttp and timeout exceptions into the
+``proxy.errors`` tree at the point where the I/O happens.
+
+Retries happen only inside ``open()``, i.e. before the upstream's response
+headers are handed to a caller, so nothing has reached the client yet; a
+stream that has started is never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from proxy.breaker import CircuitBreaker, CircuitState
+from proxy.config import UpstreamConfig
+from proxy.errors import (
+    CircuitOpen,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.metrics import Metrics
+
+log = logging.getLogger("lmbridge.upstream")
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class _Retryable(Exception):
+    """An attempt that may be retried; carries the error to raise if it was the last."""
+
+    def __init__(self, error: UpstreamError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+
+def start_hint(url: str) -> str:
+    return (
+        f"Cannot reach the upstream model server at {url}. Start LM Studio's server with "
+        "`lms server start` (or your llama.cpp/Ollama/vLLM server), or point lmbridge at the "
+        "right one with `lmbridge serve --upstream URL`."
+    )
+
+
+def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+    """The pooled session for one upstream; opened and closed with the app."""
+    connector = aiohttp.TCPConnector(
+        limit=config.max_connections,
+        limit_per_host=config.max_connections,
+        ttl_dns_cache=300,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
+        auto_decompress=False,
+        raise_for_status=False,
+        skip_auto_headers=("User-Agent",),
+        # Model servers set no cookies; skipping the jar saves work on every request.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.config = config
+        self.base_url = config.url
+        self.session = session
+        self.metrics = metrics
+        self.breaker = breaker or CircuitBreaker(
+            config.circuit_failure_threshold,
+            config.circuit_cooldown,
+            on_change=self._circuit_changed,
+        )
+        metrics.circuit_state.labels(self.base_url).set(self.breaker.state.value)
+        self._base_headers = {"Content-Type": "application/json"}
+        if config.api_key is not None:
+            self._base_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+
+    def _circuit_changed(self, state: CircuitState) -> None:
+        self.metrics.circuit_state.labels(self.base_url).set(state.value)
+        if state is CircuitState.OPEN:
+            log.warning(
+                "circuit open for %s after %d failures; failing fast for %.0fs",
+                self.base_url,
+                self.breaker.failures,
+                self.breaker.cooldown,
+            )
+        else:
+            log.info("circuit %s for %s", state.name.lower().replace("_", "-"), self.base_url)
+
+    # --- requests ---------------------------------------------------------
+
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        route: str = "other",
+    ) -> aiohttp.ClientResponse:
+        """Send a request; return the response once a 2xx status and headers arrived.
+
+        The caller reads the body (``read_body`` / ``iter_chunks``), which
+        releases the connection. Error statuses raise ``UpstreamStatus`` with
+        the upstream's body; transport failures raise the matching
+        ``UpstreamError``.
+        """
+        send_headers = {**self._base_headers, **headers} if headers else self._base_headers
+        url = self.base_url + path
+        try:
+            return await self._attempt(method, url, body, send_headers, route)
+        except _Retryable as exc:
+            if self.config.retry_attempts <= 1:
+                raise exc.error from exc
+            replay: _Retryable | None = exc
+
+        # Only a failure pays for the retry machinery; its first attempt replays
+        # the failure above so that tenacity counts and spaces the attempts.
+        def count_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            reason = exc.reason if isinstance(exc, _Retryable) else "other"
+            self.metrics.retries.labels(reason).inc()
+            log.info(
+                "retrying %s %s after %s (attempt %d failed)",
+                method,
+                path,
+                reason,
+                state.attempt_number,
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.retry_attempts),
+            wait=wait_random_exponential(
+                multiplier=self.config.retry_backoff, max=self.config.retry_backoff_max
+            ),
+            retry=retry_if_exception_type(_Retryable),
+            before_sleep=count_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if replay is not None:
+                        failed, replay = replay, None
+                        raise failed
+                    return await self._attempt(method, url, body, send_headers, route)
+        except _Retryable as exc:
+            raise exc.error from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], route: str
+    ) -> aiohttp.ClientResponse:
+        if not self.breaker.before_request():
+            raise self._circuit_open()
+        started = time.perf_counter()
+        verdict = False
+        try:
+            try:
+                async with asyncio.timeout(self.config.first_byte_timeout):
+                    resp = await self.session.request(method, url, data=body, headers=headers)
+            except aiohttp.ClientConnectionError as exc:
+                # Before TimeoutError: aiohttp's connect timeout is both.
+                self._failed("connect")
+                verdict = True
+                raise _Retryable(
+                    UpstreamUnavailable(_connect_message(self.base_url, exc)), "connect"
+                ) from exc
+            except TimeoutError as exc:
+                self._failed("first_byte_timeout")
+                verdict = True
+                raise UpstreamTimeout(
+                    f"The upstream at {self.base_url} did not answer within "
+                    f"{self.config.first_byte_timeout:g}s (upstream.first_byte_timeout)."
+                ) from exc
+            self.metrics.upstream_seconds.labels(route).observe(time.perf_counter() - started)
+            if resp.status in RETRY_STATUSES:
+                raw = await self._read_error(resp)
+                self._failed(f"status_{resp.status}")
+                verdict = True
+                raise _Retryable(
+                    UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type")),
+                    f"status_{resp.status}",
+                )
+            self.breaker.record_success()
+            verdict = True
+            if resp.status >= 400:
+                raw = await self._read_error(resp)
+                raise UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type"))
+            self._arm_idle_timeout(resp)
+            return resp
+        finally:
+            if not verdict:
+                self.breaker.release_probe()
+
+    def _arm_idle_timeout(self, resp: aiohttp.ClientResponse) -> None:
+        """From now on, each silence longer than idle_timeout fails the body read.
+
+        aiohttp's own per-read timer on the connection does this at no cost per
+        chunk; it is set only now because the wait for the headers has its own,
+        longer limit (first_byte_timeout).
+        """
+        connection = resp.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = self.config.idle_timeout
+            connection.protocol.start_timeout()
+
+    def _circuit_open(self) -> CircuitOpen:
+        wait = self.breaker.retry_after()
+        error = CircuitOpen(
+            f"The upstream at {self.base_url} failed {self.breaker.failure_threshold} times in a "
+            f"row; lmbridge fails fast for {wait:.0f}s more, then tries it again. Check that "
+            "the model server is running (LM Studio: `lms server start`)."
+        )
+        error.retry_after = wait
+        return error
+
+    def _failed(self, reason: str) -> None:
+        self.metrics.upstream_failures.labels(reason).inc()
+        self.breaker.record_failure()
+
+    async def _read_error(self, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            async with asyncio.timeout(self.config.idle_timeout):
+                return await resp.read()
+        except (TimeoutError, aiohttp.ClientError):
+            return b""
+        finally:
+            resp.release()
+
+    # --- bodies -----------------------------------------------------------
+
+    async def read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body of a response from ``open()``."""
+        try:
+            return await resp.read()
+        except aiohttp.ClientError as exc:
+            raise self._body_error(exc) from exc
+        finally:
+            resp.release()
+
+    async def iter_chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive. Stopping early closes the connection, which is
+        what tells the upstream to stop generating."""
+        content = resp.content
+        complete = False
+        try:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except aiohttp.ClientError as exc:
+                    raise self._body_error(exc) from exc
+                if not chunk:
+                    complete = True
+                    return
+                yield chunk
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()
+
+    def _body_error(self, exc: aiohttp.ClientError) -> UpstreamError:
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            self._failed("idle_timeout")
+            return UpstreamTimeout(
+                f"The upstream at {self.base_url} sent nothing for "
+                f"{self.config.idle_timeout:g}s (upstream.idle_timeout)."
+            )
+        self._failed("body")
+        return UpstreamUnavailable(
+            f"The upstream at {self.base_url} broke off its answer: {_exc_text(exc)}"
+        )
+
+    # --- JSON helpers for lmbridge's own calls ----------------------------
+
+    async def get_json(self, path: str, *, route: str = "models") -> Any:
+        resp = await self.open("GET", path, route=route)
+        return self._json(path, await self.read_body(resp))
+
+    async def post_json(
+        self,
+        path: str,
+        payload: Mapping[str, Any],
+        *,
+        route: str = "other",
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        resp = await self.open("POST", path, body=body, route=route, headers=headers)
+        return self._json(path, await self.read_body(resp))
+
+    def _json(self, path: str, raw: bytes) -> Any:
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamError(
+                f"The upstream at {self.base_url} answered {path} with something that is not JSON."
+            ) from exc
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+def _connect_message(url: str, exc: aiohttp.ClientConnectionError) -> str:
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return f"{start_hint(url)} (connection timed out)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return (
+            f"The upstream at {url} closed the connection without answering. "
+            "Check that it is an OpenAI-compatible server and that it is healthy."
+        )
+    return f"{start_hint(url)} ({_exc_text(exc)})"

@@ -1,0 +1,226 @@
+"""A scripted fake upstream: an aiohttp app that answers like a local model server.
+
+Tests queue replies per path with ``add_reply(path, Reply(...))``; unscripted
+requests get a default answer. Every request is recorded (path, headers, JSON
+body) so tests can assert what the upstream received. Replies can stream,
+stall, cut the connection and fail on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    json: Any = None
+    body: bytes | None = None
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    # SSE: each item is a dict (sent as one data event), raw bytes, or a float (a pause).
+    stream: list[Any] | None = None
+    done: bool = True  # end a stream with data: [DONE]
+    delay: float = 0.0  # before the headers
+    cut: bool = False  # after the stream items, drop the connection (no [DONE], no EOF)
+    stall: bool = False  # after the stream items, send nothing more until cancelled
+    drop: bool = False  # close the connection without any answer
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+def chat_completion(content: str = "Hello!", model: str = "test-model", **extra: Any) -> dict:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+    body.update(extra)
+    return body
+
+
+def chunk(
+    content: str | None = None,
+    *,
+    finish: str | None = None,
+    role: str | None = None,
+    model: str = "test-model",
+    tool_calls: list[dict] | None = None,
+    usage: dict | None = None,
+    choices: bool = True,
+) -> dict:
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def text_stream(*parts: str, usage: bool = False) -> list[Any]:
+    events: list[Any] = [chunk(role="assistant", content="")]
+    events += [chunk(p) for p in parts]
+    events.append(chunk(finish="stop"))
+    if usage:
+        events.append(
+            chunk(choices=False, usage={"prompt_tokens": 5, "completion_tokens": len(parts),
+                                        "total_tokens": 5 + len(parts)})
+        )
+    return events
+
+
+class FakeUpstream:
+    def __init__(self, models: list[str] | None = None) -> None:
+        self.models = models if models is not None else ["test-model"]
+        # Set to a dict to answer LM Studio's native lists.
+        self.lmstudio_v1: dict | None = None
+        self.lmstudio_v0: dict | None = None
+        self.replies: dict[str, deque[Reply]] = defaultdict(deque)
+        self.seen: list[Seen] = []
+        self.cancelled = asyncio.Event()  # set when a client went away mid-reply
+        self.url = ""
+
+    # --- scripting --------------------------------------------------------
+
+    def add_reply(self, path: str, reply: Reply, times: int = 1) -> None:
+        for _ in range(times):
+            self.replies[path].append(reply)
+
+    def requests_to(self, path: str) -> list[Seen]:
+        return [s for s in self.seen if s.path == path]
+
+    # --- the app ----------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/api/v0/models", self._lmstudio_v0)
+        app.router.add_get("/api/v1/models", self._lmstudio_v1)
+        app.router.add_post("/v1/{tail:.*}", self._post)
+        return app
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, None)
+        scripted = self.replies.get("/v1/models")
+        if scripted:
+            return await self._answer(request, scripted.popleft())
+        data = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _lmstudio_v0(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, None)
+        if self.lmstudio_v0 is None:
+            return web.json_response({"error": "Unexpected endpoint or method."}, status=404)
+        return web.json_response(self.lmstudio_v0)
+
+    async def _lmstudio_v1(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, None)
+        if self.lmstudio_v1 is None:
+            return web.json_response({"error": "Unexpected endpoint or method."}, status=404)
+        return web.json_response(self.lmstudio_v1)
+
+    def _record(self, request: web.Request, body: Any) -> None:
+        self.seen.append(Seen(request.method, request.path, dict(request.headers), body))
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw
+        self._record(request, body)
+        queue = self.replies.get(request.path)
+        if queue:
+            return await self._answer(request, queue.popleft())
+        if request.path == "/v1/embeddings":
+            return web.json_response({
+                "object": "list", "model": body.get("model"),
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 2, "total_tokens": 2},
+            })  # fmt: skip
+        if request.path == "/v1/completions":
+            return web.json_response({
+                "id": "cmpl-1", "object": "text_completion", "created": 1,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "text": " there", "finish_reason": "stop",
+                             "logprobs": None}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            })  # fmt: skip
+        if isinstance(body, dict) and body.get("stream"):
+            return await self._answer(request, Reply(stream=text_stream("Hel", "lo", "!")))
+        model = body.get("model", "test-model") if isinstance(body, dict) else "test-model"
+        return web.json_response(chat_completion(model=model))
+
+    async def _answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if reply.stream is None:
+            if reply.body is not None:
+                return web.Response(body=reply.body, status=reply.status,
+                                    content_type=reply.content_type, headers=reply.headers)
+            payload = reply.json if reply.json is not None else chat_completion()
+            return web.json_response(payload, status=reply.status, headers=reply.headers)
+        response = web.StreamResponse(
+            status=reply.status, headers={"Content-Type": "text/event-stream", **reply.headers}
+        )
+        await response.prepare(request)
+        try:
+            for item in reply.stream:
+                if isinstance(item, float):
+                    await asyncio.sleep(item)
+                elif isinstance(item, bytes):
+                    await response.write(item)
+                else:
+                    await response.write(b"data: " + json.dumps(item).encode() + b"\n\n")
+            if reply.cut:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if reply.stall:
+                await asyncio.sleep(3600)
+            if reply.done:
+                await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled.set()
+            raise
+        return response
