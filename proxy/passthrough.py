@@ -73,7 +73,7 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
     except json.JSONDecodeError as exc:

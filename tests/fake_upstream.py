@@ -27,7 +27,8 @@ class Reply:
     body: bytes | None = None
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
-    # SSE: each item is a dict (sent as one data event), raw bytes, or a float (a pause).
+    # SSE: each item is a dict (sent as one data event), raw bytes, a float (a pause)
+    # or an asyncio.Event (wait until the test sets it).
     stream: list[Any] | None = None
     done: bool = True  # end a stream with data: [DONE]
     delay: float = 0.0  # before the headers
@@ -98,8 +99,14 @@ def text_stream(*parts: str, usage: bool = False) -> list[Any]:
     events.append(chunk(finish="stop"))
     if usage:
         events.append(
-            chunk(choices=False, usage={"prompt_tokens": 5, "completion_tokens": len(parts),
-                                        "total_tokens": 5 + len(parts)})
+            chunk(
+                choices=False,
+                usage={
+                    "prompt_tokens": 5,
+                    "completion_tokens": len(parts),
+                    "total_tokens": 5 + len(parts),
+                },
+            )
         )
     return events
 
@@ -195,8 +202,12 @@ class FakeUpstream:
             return web.Response()
         if reply.stream is None:
             if reply.body is not None:
-                return web.Response(body=reply.body, status=reply.status,
-                                    content_type=reply.content_type, headers=reply.headers)
+                return web.Response(
+                    body=reply.body,
+                    status=reply.status,
+                    content_type=reply.content_type,
+                    headers=reply.headers,
+                )
             payload = reply.json if reply.json is not None else chat_completion()
             return web.json_response(payload, status=reply.status, headers=reply.headers)
         response = web.StreamResponse(
@@ -207,6 +218,8 @@ class FakeUpstream:
             for item in reply.stream:
                 if isinstance(item, float):
                     await asyncio.sleep(item)
+                elif isinstance(item, asyncio.Event):
+                    await item.wait()
                 elif isinstance(item, bytes):
                     await response.write(item)
                 else:

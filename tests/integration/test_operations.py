@@ -1,0 +1,114 @@
+"""Health, readiness, metrics, request logs and client authentication."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from proxy.logs import JSONFormatter
+from tests.fake_upstream import CHAT
+
+REQUEST = {"model": "test-model", "messages": [{"role": "user", "content": "a secret prompt"}]}
+
+
+async def test_healthz_and_readyz(proxy):
+    """/healthz answers 200; /readyz checks the upstream, the circuit and the storage."""
+    assert (await (await proxy.get("/healthz")).json()) == {"status": "ok"}
+    resp = await proxy.get("/readyz")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["status"] == "ready"
+    assert set(body["checks"]) == {"upstream", "circuit", "storage"}
+    assert body["checks"]["upstream"]["models"] == 1
+
+
+async def test_metrics_are_prometheus_text_from_the_apps_own_registry(make_proxy):
+    """/metrics serves the app's registry; two apps in one process do not share counters."""
+    first = await make_proxy()
+    second = await make_proxy()
+    for _ in range(3):
+        await first.post(CHAT, json=REQUEST)
+    text = await (await first.get("/metrics")).text()
+    assert (
+        'lmbridge_requests_total{model="test-model",route="/v1/chat/completions",status="200"} 3.0'
+    ) in text
+    assert "lmbridge_request_duration_seconds_bucket" in text
+    assert "lmbridge_upstream_duration_seconds_bucket" in text
+    assert "lmbridge_requests_in_flight" in text
+    assert 'lmbridge_tokens_total{direction="in",model="test-model"} 15.0' in text
+    other = await (await second.get("/metrics")).text()
+    assert 'route="/v1/chat/completions"' not in other
+
+
+async def test_unknown_paths_do_not_create_metric_series(proxy):
+    """Random paths are counted under one 'unmatched' label, not one series each."""
+    for i in range(3):
+        await proxy.get(f"/random/{i}")
+    text = await (await proxy.get("/metrics")).text()
+    assert 'route="unmatched"' in text
+    assert "/random/" not in text
+
+
+async def test_one_log_line_per_request_without_secrets_or_bodies(proxy, caplog):
+    """Each request logs id, method, path, model, status and duration, never the
+    Authorization header or the body."""
+    caplog.set_level(logging.INFO, logger="lmbridge.request")
+    await proxy.post(
+        CHAT,
+        json=REQUEST,
+        headers={"Authorization": "Bearer sk-very-secret", "X-Request-ID": "rid-1"},
+    )
+    records = [r for r in caplog.records if r.name == "lmbridge.request"]
+    assert len(records) == 1
+    fields = records[0].fields
+    assert fields["request_id"] == "rid-1"
+    assert fields["method"] == "POST"
+    assert fields["path"] == CHAT
+    assert fields["model"] == "test-model"
+    assert fields["status"] == 200
+    assert fields["duration_ms"] >= 0
+    line = JSONFormatter().format(records[0])
+    assert json.loads(line)["request_id"] == "rid-1"
+    assert "sk-very-secret" not in caplog.text and "a secret prompt" not in caplog.text
+
+
+@pytest.fixture
+async def authed(make_proxy, monkeypatch):
+    monkeypatch.setenv("LMB_TEST_KEY", "key-from-env")
+    return await make_proxy(auth__api_keys=["plain-key", "env:LMB_TEST_KEY"])
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic plain-key", "Bearer "])
+async def test_v1_routes_need_a_valid_key(authed, header):
+    """With api_keys set, /v1 routes answer 401 in the OpenAI shape without a valid key."""
+    headers = {"Authorization": header} if header else {}
+    for method, path in (("GET", "/v1/models"), ("POST", CHAT)):
+        resp = await authed.request(method, path, json=REQUEST, headers=headers)
+        assert resp.status == 401
+        error = (await resp.json())["error"]
+        assert error["code"] == "invalid_api_key"
+
+
+async def test_valid_keys_pass_and_health_stays_open(authed, fake_upstream):
+    """Either configured key (literal or env:) is accepted; /healthz needs none; the client's
+    key is not forwarded upstream."""
+    for key in ("plain-key", "key-from-env"):
+        resp = await authed.post(CHAT, json=REQUEST, headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200
+    assert (await authed.get("/healthz")).status == 200
+    assert "Authorization" not in fake_upstream.requests_to(CHAT)[0].headers
+
+
+async def test_upstream_api_key_is_sent(make_proxy, fake_upstream):
+    """upstream.api_key is sent as a Bearer token, replacing the client's header."""
+    proxy = await make_proxy(upstream__api_key="lm-token")
+    await proxy.post(CHAT, json=REQUEST, headers={"Authorization": "Bearer client"})
+    assert fake_upstream.requests_to(CHAT)[0].headers["Authorization"] == "Bearer lm-token"
+
+
+async def test_client_authorization_is_forwarded_when_lmbridge_has_no_keys(proxy, fake_upstream):
+    """As a transparent proxy, the client's own upstream token passes through."""
+    await proxy.post(CHAT, json=REQUEST, headers={"Authorization": "Bearer upstream-token"})
+    assert fake_upstream.requests_to(CHAT)[0].headers["Authorization"] == "Bearer upstream-token"

@@ -1,0 +1,133 @@
+"""Streamed chat completions: relayed as they arrive, unchanged, and always well-ended."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.fake_upstream import CHAT, Reply, chunk, text_stream
+
+REQUEST = {"model": "test-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def data_lines(raw: bytes) -> list[bytes]:
+    return [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
+async def test_stream_is_relayed_byte_for_byte(proxy, fake_upstream):
+    """Each upstream event reaches the client unchanged, followed by [DONE]."""
+    events = text_stream("Hel", "lo", usage=True)
+    fake_upstream.add_reply(CHAT, Reply(stream=events))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    raw = await resp.read()
+    expected = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    assert raw == expected + b"data: [DONE]\n\n"
+
+
+async def test_events_are_relayed_as_they_arrive(proxy, fake_upstream):
+    """The first event reaches the client while the upstream still holds the rest."""
+    release = asyncio.Event()
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk("first"), release, chunk("second"), chunk(finish="stop")])
+    )
+    resp = await proxy.post(CHAT, json=REQUEST)
+    first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+    assert b'"first"' in first
+    release.set()
+    rest = await resp.read()
+    assert b'"second"' in rest and rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_client_disconnect_cancels_the_upstream_request(proxy, fake_upstream):
+    """When the client goes away mid-stream, the upstream connection is closed at once."""
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("a")], stall=True))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+    resp.close()
+    await asyncio.wait_for(fake_upstream.cancelled.wait(), 5)
+
+
+async def test_stream_cut_before_finish_ends_with_an_error_event(proxy, fake_upstream):
+    """A stream broken off mid-answer ends with an OpenAI-shaped error event, not silence."""
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("partial")], cut=True))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    assert resp.status == 200
+    lines = data_lines(await resp.read())
+    assert b'"partial"' in lines[0]
+    error = json.loads(lines[-1])["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert "interrupted" in error["message"]
+
+
+async def test_stream_cut_after_finish_gets_done(proxy, fake_upstream):
+    """A stream that finished its answer but closed without [DONE] gets one."""
+    fake_upstream.add_reply(CHAT, Reply(stream=text_stream("ok"), done=False))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    raw = await resp.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert b'"error"' not in raw
+
+
+async def test_interrupted_stream_without_finish_reason_is_relayed(proxy, fake_upstream):
+    """llama.cpp's interrupted stream ([DONE] with no finish_reason) passes as it is."""
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk(role="assistant", content=""), chunk("half")])
+    )
+    resp = await proxy.post(CHAT, json=REQUEST)
+    lines = data_lines(await resp.read())
+    assert lines[-1] == b"[DONE]"
+    assert lines.count(b"[DONE]") == 1
+    assert all(b'"error"' not in line for line in lines)
+
+
+async def test_tool_call_deltas_that_repeat_id_and_name_pass_unchanged(proxy, fake_upstream):
+    """llama-cpp-python repeats id, type and name in every tool-call delta: relayed as sent."""
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    deltas = []
+    for piece in ('{"city"', ': "Paris"}'):
+        c = json.loads(json.dumps(call))
+        c["function"]["arguments"] = piece
+        deltas.append(chunk(tool_calls=[c]))
+    events = [chunk(role="assistant"), *deltas, chunk(finish="tool_calls")]
+    fake_upstream.add_reply(CHAT, Reply(stream=events))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    lines = data_lines(await resp.read())
+    assert [json.loads(line) for line in lines[:-1]] == events
+
+
+async def test_crlf_framed_stream_passes_unchanged(proxy, fake_upstream):
+    """Upstreams that frame events with CRLF are relayed unchanged and terminated once."""
+    raw_events = [b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in text_stream("x")]
+    fake_upstream.add_reply(CHAT, Reply(stream=[*raw_events, b"data: [DONE]\r\n\r\n"], done=False))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    raw = await resp.read()
+    assert raw == b"".join(raw_events) + b"data: [DONE]\r\n\r\n"
+
+
+async def test_idle_upstream_stream_times_out(make_proxy, fake_upstream):
+    """An upstream that goes silent mid-stream longer than idle_timeout ends the stream
+    with an upstream_timeout error event."""
+    proxy = await make_proxy(upstream__idle_timeout=0.2)
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("a")], stall=True))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    lines = data_lines(await asyncio.wait_for(resp.read(), 5))
+    assert json.loads(lines[-1])["error"]["code"] == "upstream_timeout"
+    await asyncio.wait_for(fake_upstream.cancelled.wait(), 5)
+
+
+async def test_usage_and_first_token_time_reach_metrics(proxy, fake_upstream):
+    """Token counts from the usage chunk and the time to first token are recorded."""
+    fake_upstream.add_reply(CHAT, Reply(stream=text_stream("a", "b", usage=True)))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    await resp.read()
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_tokens_total{direction="out",model="test-model"} 2.0' in metrics
+    assert 'lmbridge_tokens_total{direction="in",model="test-model"} 5.0' in metrics
+    assert 'lmbridge_time_to_first_token_seconds_count{model="test-model"} 1.0' in metrics
