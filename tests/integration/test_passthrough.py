@@ -14,7 +14,10 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 async def test_chat_body_is_forwarded_unchanged(proxy, fake_upstream):
     """Unknown fields reach the upstream and the original bytes are sent when nothing
     needs rewriting."""
-    raw = b'{"model": "test-model",  "messages": [{"role":"user","content":"hi"}], "x_vendor": {"a": 1}}'
+    raw = (
+        b'{"model": "test-model",  "messages": [{"role":"user","content":"hi"}],'
+        b' "x_vendor": {"a": 1}}'
+    )
     resp = await proxy.post(CHAT, data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == 200
     seen = fake_upstream.requests_to(CHAT)[0]
