@@ -348,8 +348,9 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             continue
-        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
-        context = meta.get("n_ctx_train") or meta.get("n_ctx") or entry.get("max_model_len")
+        meta: dict[str, Any] = entry["meta"] if isinstance(entry.get("meta"), dict) else {}
+        # llama.cpp: the context the server runs with, before the one the model was trained on.
+        context = meta.get("n_ctx") or meta.get("n_ctx_train") or entry.get("max_model_len")
         raw_aliases = entry.get("aliases")
         aliases = (
             tuple(a for a in raw_aliases if isinstance(a, str) and a != entry["id"])

@@ -41,6 +41,13 @@ class EmbeddedError(Exception):
     """The embedded upstream cannot start; the message is one line for the operator."""
 
 
+def has_llamacpp() -> bool:
+    try:
+        return importlib.util.find_spec("xllamacpp") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lmbridge" / "models"
@@ -104,6 +111,18 @@ def _fetch_model(target: Path) -> Path:
     return target
 
 
+def child_argv(config: EmbeddedConfig, model: Path) -> list[str]:
+    """The command line of the child that runs llama.cpp."""
+    return [
+        sys.executable, "-m", "proxy.embedded",
+        "--model", str(model),
+        "--alias", config.alias,
+        "--context-length", str(config.context_length),
+        "--parallel", str(config.parallel),
+        "--threads", str(config.threads or os.cpu_count() or 1),
+    ]  # fmt: skip
+
+
 class EmbeddedUpstream:
     """Start and stop the child; ``url`` is its base URL once started."""
 
@@ -114,7 +133,7 @@ class EmbeddedUpstream:
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> str:
-        if importlib.util.find_spec("xllamacpp") is None:
+        if not has_llamacpp():
             raise EmbeddedError(INSTALL_HINT)
         model = self.config.model
         if model is None:
@@ -122,14 +141,7 @@ class EmbeddedUpstream:
         elif not model.is_file():
             raise EmbeddedError(f"embedded.model: no such file: {model}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        args = [
-            sys.executable, "-m", "proxy.embedded",
-            "--model", str(model),
-            "--alias", self.config.alias,
-            "--context-length", str(self.config.context_length),
-            "--parallel", str(self.config.parallel),
-            "--threads", str(self.config.threads or os.cpu_count() or 1),
-        ]  # fmt: skip
+        args = child_argv(self.config, model)
         with self.log_path.open("ab") as errlog:
             self._process = await asyncio.create_subprocess_exec(
                 *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog

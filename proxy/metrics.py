@@ -81,7 +81,7 @@ class Metrics:
         )
 
     def requests_in_flight(self) -> int:
-        return int(self.in_flight.collect()[0].samples[0].value)
+        return int(next(iter(self.in_flight.collect())).samples[0].value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

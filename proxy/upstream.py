@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiohttp
@@ -267,7 +267,7 @@ class UpstreamClient:
         finally:
             resp.release()
 
-    async def iter_chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def iter_chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         """Body chunks as they arrive. Stopping early closes the connection, which is
         what tells the upstream to stop generating."""
         content = resp.content

@@ -1,0 +1,155 @@
+"""The command line: check-config, models, and the failures an operator can cause."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import clean_env, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+async def run_cli(
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env or clean_env(tmp_path),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "lmbridge.toml"
+    path.write_text(text)
+    return str(path)
+
+
+async def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
+    """Flags beat the environment, which beats the file; secrets never appear."""
+    config = write(
+        tmp_path,
+        '[server]\nport = 2000\n[upstream]\napi_key = "env:LM_TOKEN"\n'
+        '[models]\naliases = { "gpt-4o" = "qwen3" }\n',
+    )
+    env = clean_env(
+        tmp_path,
+        LM_TOKEN="super-secret-token",
+        LMBRIDGE_SERVER_PORT="3000",
+        LMBRIDGE_UPSTREAM_URL="http://127.0.0.1:9999/v1",
+    )
+    code, out, err = await run_cli(
+        tmp_path, "check-config", "--config", config, "--host", "127.0.0.2", env=env
+    )
+    assert code == 0, err
+    effective = tomllib.loads(out)
+    assert effective["server"]["port"] == 3000
+    assert effective["server"]["host"] == "127.0.0.2"
+    assert effective["upstream"]["url"] == "http://127.0.0.1:9999"
+    assert effective["upstream"]["api_key"] == "********"
+    assert effective["models"]["aliases"] == {"gpt-4o": "qwen3"}
+    assert "super-secret-token" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[upstream]\nurll = 'http://x'\n", "upstream.urll: unknown key"),
+        ("[servr]\nport = 1\n", "servr: unknown section"),
+        ("[server]\nport = 'high'\n", "server.port:"),
+        ("[server]\nport = 70000\n", "server.port:"),
+        ("[upstream]\nidle_timeout = 'soon'\n", "upstream.idle_timeout: not a duration"),
+        ("[upstream]\nurl = 'localhost:1234'\n", "upstream.url: must be an http"),
+        ("[upstream]\napi_key = 'env:LMB_NOT_SET_ANYWHERE'\n", "LMB_NOT_SET_ANYWHERE is not set"),
+        ("[server\nport = 1\n", "invalid TOML"),
+    ],
+)
+async def test_bad_config_exits_2_with_one_readable_line(tmp_path, text, fragment):
+    """A typo, a bad value or bad TOML: exit status 2, one line naming the problem."""
+    code, _, err = await run_cli(tmp_path, "check-config", "--config", write(tmp_path, text))
+    assert code == 2
+    assert fragment in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+async def test_unknown_environment_variable_is_an_error(tmp_path):
+    """A misspelt LMBRIDGE_* variable is not silently ignored."""
+    env = clean_env(tmp_path, LMBRIDGE_UPSTREAM_URLL="http://127.0.0.1:1")
+    code, _, err = await run_cli(tmp_path, "check-config", env=env)
+    assert code == 2
+    assert "LMBRIDGE_UPSTREAM_URLL" in err
+
+
+async def test_missing_config_file(tmp_path):
+    """A --config that does not exist is exit 2 with its path."""
+    code, _, err = await run_cli(tmp_path, "check-config", "--config", str(tmp_path / "nope"))
+    assert code == 2
+    assert "no such file" in err
+
+
+async def test_models_prints_a_table(tmp_path, fake_upstream):
+    """`lmbridge models` lists id, type, state and context length from LM Studio's list."""
+    fake_upstream.lmstudio_v0 = {"object": "list", "data": [
+        {"id": "qwen3-4b", "type": "llm", "state": "loaded", "max_context_length": 32768},
+        {"id": "nomic-embed", "type": "embeddings", "state": "not-loaded"},
+    ]}  # fmt: skip
+    code, out, err = await run_cli(tmp_path, "models", "--upstream", fake_upstream.url)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT"]
+    assert lines[1].split() == ["qwen3-4b", "llm", "loaded", "32768"]
+    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-"]
+
+
+async def test_models_with_no_upstream(tmp_path):
+    """`lmbridge models` without an upstream says how to start one, exit 1."""
+    code, _, err = await run_cli(
+        tmp_path, "models", "--upstream", f"http://127.0.0.1:{free_port()}"
+    )
+    assert code == 1
+    assert "lms server start" in err
+    assert "Traceback" not in err
+
+
+async def test_port_in_use_is_one_line(tmp_path):
+    """Serving on a port that is taken fails with one line, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await run_cli(
+            tmp_path, "serve", "--port", str(port), "--db", str(tmp_path / "x.db")
+        )
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+async def test_unusable_database_path_is_one_line(tmp_path):
+    """A database path that cannot be created fails with one line, exit 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = await run_cli(
+        tmp_path, "serve", "--port", str(free_port()), "--db", str(blocker / "sub" / "x.db")
+    )
+    assert code == 1
+    assert "cannot open the database" in err
+    assert "Traceback" not in err

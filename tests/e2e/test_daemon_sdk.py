@@ -1,0 +1,120 @@
+"""The daemon as a process, driven by the official openai SDK, against the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import openai
+import pytest
+
+from tests.fake_upstream import CHAT, Reply, chunk, text_stream
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def daemon(start_daemon, fake_upstream):
+    return await start_daemon("--upstream", fake_upstream.url)
+
+
+@pytest.fixture
+async def client(daemon):
+    async with openai.AsyncOpenAI(
+        base_url=daemon.base_url, api_key="unused", max_retries=0
+    ) as client:
+        yield client
+
+
+async def test_models_list(client, fake_upstream):
+    """client.models.list() returns the upstream's models."""
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["test-model"]
+
+
+async def test_chat_completion(client, fake_upstream):
+    """A chat completion round-trips through the daemon."""
+    completion = await client.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert completion.choices[0].message.content == "Hello!"
+    assert fake_upstream.requests_to(CHAT)[0].body["messages"] == [
+        {"role": "user", "content": "hi"}
+    ]
+
+
+async def test_streamed_chat_completion(client, fake_upstream):
+    """A streamed chat completion arrives chunk by chunk with its usage."""
+    fake_upstream.add_reply(CHAT, Reply(stream=text_stream("Hel", "lo", usage=True)))
+    stream = await client.chat.completions.create(
+        model="test-model",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    async for event in stream:
+        if event.choices:
+            text += event.choices[0].delta.content or ""
+        if event.usage:
+            usage = event.usage
+    assert text == "Hello"
+    assert usage is not None and usage.completion_tokens == 2
+
+
+async def test_completions_and_embeddings(client):
+    """Legacy completions and embeddings work through the SDK."""
+    completion = await client.completions.create(model="test-model", prompt="Hi")
+    assert completion.choices[0].text == " there"
+    embedding = await client.embeddings.create(model="test-model", input="x")
+    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
+
+
+async def test_unknown_model_is_404_model_not_found(client):
+    """The SDK raises NotFoundError with code model_not_found, listing the models."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.code == "model_not_found"
+    assert "test-model" in caught.value.message
+
+
+async def test_malformed_json_is_400(daemon):
+    """Malformed JSON gets 400 in the OpenAI error shape from the real daemon."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            daemon.base_url + "/chat/completions",
+            data=b"{oops",
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in body["error"]["message"]
+
+
+async def test_sigterm_lets_a_running_stream_finish(daemon, fake_upstream):
+    """On SIGTERM the daemon stops accepting, finishes the stream in flight, then exits 0."""
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk("one"), 0.5, chunk("two"), chunk(finish="stop")])
+    )
+    body = {"model": "test-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(daemon.base_url + "/chat/completions", json=body) as resp,
+    ):
+        first = await resp.content.readuntil(b"\n\n")
+        assert b'"one"' in first
+        daemon.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as fresh:
+                await fresh.get(daemon.url + "/healthz")
+        rest = await resp.read()
+    assert b'"two"' in rest and rest.endswith(b"data: [DONE]\n\n")
+    assert await daemon.stop() == 0
+    assert "shutting down" in daemon.log()

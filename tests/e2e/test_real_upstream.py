@@ -1,0 +1,110 @@
+"""A real upstream no one here wrote: llama.cpp's own server (the xllamacpp wheel) with
+SmolLM2-135M, started the way ``lmbridge serve --embedded`` starts it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.config import EmbeddedConfig
+from proxy.embedded import child_argv, find_default_model, has_llamacpp
+
+pytestmark = [
+    pytest.mark.real_upstream,
+    pytest.mark.e2e,
+    pytest.mark.skipif(not has_llamacpp(), reason="needs the 'local' extra (xllamacpp)"),
+]
+
+
+@pytest.fixture(scope="session")
+def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp serving SmolLM2 on 127.0.0.1, shared by the session."""
+    log = tmp_path_factory.mktemp("llama") / "llama.log"
+    argv = child_argv(EmbeddedConfig(), find_default_model())
+    with log.open("wb") as errlog:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog
+        )
+    assert process.stdout is not None and process.stdin is not None
+    line = process.stdout.readline()
+    try:
+        yield json.loads(line)["url"]
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+@pytest.fixture
+async def client(start_daemon, llama_url):
+    daemon = await start_daemon("--upstream", llama_url)
+    async with openai.AsyncOpenAI(
+        base_url=daemon.base_url, api_key="unused", max_retries=0
+    ) as client:
+        yield client
+
+
+async def test_models_and_chat(client):
+    """The daemon lists llama.cpp's model and relays a real completion."""
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["smollm2"]
+    completion = await client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+async def test_default_model_and_stream_with_usage(client):
+    """Without `model` the one loaded model is used; a real stream ends with usage."""
+    stream = await client.chat.completions.create(
+        model="",
+        messages=[{"role": "user", "content": "Count to three."}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    async for event in stream:
+        if event.choices and event.choices[0].delta.content:
+            pieces.append(event.choices[0].delta.content)
+        usage = event.usage or usage
+    assert pieces
+    assert usage is not None and usage.completion_tokens >= 1
+
+
+async def test_completions_embeddings_and_errors(client):
+    """Text completion, embeddings, and an unknown model through the real upstream."""
+    completion = await client.completions.create(model="smollm2", prompt="Once upon", max_tokens=4)
+    assert completion.choices[0].text
+    embedding = await client.embeddings.create(model="smollm2", input="hello")
+    assert len(embedding.data[0].embedding) == 576
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="smollm2", messages="not a list")  # type: ignore[arg-type]
+
+
+async def test_serve_embedded_answers_and_stops_its_child(start_daemon, tmp_path: Path):
+    """`lmbridge serve --embedded` starts llama.cpp itself, answers, and takes it down on exit."""
+    daemon = await start_daemon("--embedded", ready_within=180)
+    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
+        completion = await c.chat.completions.create(
+            messages=[{"role": "user", "content": "Hi"}], model="smollm2", max_tokens=4
+        )
+    assert completion.choices[0].message.content
+    match = re.search(r"embedded llama.cpp serving \S+ at (http://\S+)", daemon.log())
+    assert match, daemon.log()
+    assert await daemon.stop() == 0
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(match.group(1) + "/health")
