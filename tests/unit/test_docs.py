@@ -1,0 +1,65 @@
+"""The docs stay true: every setting documented, the CI command is the README's, every
+metric and error code listed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy import errors
+from proxy.config import SECTIONS
+from proxy.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def section_of(doc: str, section: str) -> str:
+    start = doc.index(f"### [{section}]")
+    end = doc.find("\n### [", start + 1)
+    return doc[start:] if end < 0 else doc[start:end]
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [(s, k) for s, model in SECTIONS.items() for k in model.model_fields],
+)
+def test_every_setting_is_in_the_configuration_reference(section, key):
+    """docs/configuration.md lists every key of every section with its env variable."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    part = section_of(doc, section)
+    assert f"| `{key}` |" in part
+    assert f"`LMBRIDGE_{section.upper()}_{key.upper()}`" in part
+    description = SECTIONS[section].model_fields[key].description
+    assert description and description in part
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs exactly the test command the README gives."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    assert blocks[0] == "pip install . && lmbridge serve"
+    test_command = blocks[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+
+
+def test_every_metric_is_documented():
+    """docs/operations.md names every metric the app exports."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for metric in Metrics().registry.collect():
+        name = metric.name + ("_total" if metric.type == "counter" else "")
+        assert f"`{name}`" in doc, name
+
+
+def test_every_error_code_is_documented():
+    """docs/compatibility.md lists the code of every error class."""
+    doc = (ROOT / "docs" / "compatibility.md").read_text()
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.LMBridgeError)]
+    for cls in classes:
+        if cls in (errors.LMBridgeError, errors.UpstreamError, errors.UpstreamStatus,
+                   errors.NotFound):
+            continue
+        assert f"`{cls.code}`" in doc, cls.__name__
