@@ -12,9 +12,10 @@ from aiohttp import web
 from proxy import health, passthrough
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
-from proxy.keys import API_KEYS, CATALOG, CONFIG, METRICS, STORE, UPSTREAM
+from proxy.keys import API_KEYS, CATALOG, CONFIG, METRICS, REQUEST_LOG, STORE, UPSTREAM
+from proxy.logs import RequestLog
 from proxy.metrics import Metrics
-from proxy.middleware import render_errors, request_context, require_api_key
+from proxy.middleware import handle_request, require_api_key
 from proxy.upstream import UpstreamClient, new_session
 from storage.sqlite import SQLiteStore
 
@@ -24,20 +25,29 @@ def create_app(
     *,
     session: aiohttp.ClientSession | None = None,
     store: SQLiteStore | None = None,
+    request_log: RequestLog | None = None,
 ) -> web.Application:
-    """Build the daemon's app. Tests may hand in their own upstream session or store;
-    what is handed in is not closed by the app."""
+    """Build the daemon's app. Tests may hand in their own upstream session, store or
+    request log; what is handed in is not closed by the app."""
     app = web.Application(
         client_max_size=config.server.max_body_size,
-        middlewares=[request_context, render_errors, require_api_key],
+        middlewares=[handle_request, require_api_key],
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[REQUEST_LOG] = request_log or RequestLog(
+        config.logging.format, enabled=config.logging.level in ("debug", "info")
+    )
+    app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
     app[API_KEYS] = tuple(key.get_secret_value().encode() for key in config.auth.api_keys)
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
     _add_routes(app)
     return app
+
+
+async def _flush(request_log: RequestLog) -> None:
+    request_log.flush()
 
 
 def _add_routes(app: web.Application) -> None:

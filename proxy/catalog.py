@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.config import ModelsConfig
-from proxy.errors import ModelNotFound, ModelRequired, UpstreamError, UpstreamStatus
+from proxy.errors import (
+    CircuitOpen,
+    ModelNotFound,
+    ModelRequired,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger("lmbridge.models")
 
@@ -149,31 +156,42 @@ class ModelCatalog:
 
     async def resolve(self, requested: Any, purpose: Purpose = "chat") -> ModelInfo:
         """The upstream model a request should go to, or a 400/404 error that says why."""
-        if requested is None or requested == "":
-            return self.pick_default(await self.get(), purpose)
-        name = self.config.aliases.get(requested, requested)
         models = await self.get()
-        found = models.by_name.get(name)
-        if found is None and self._clock() - models.fetched_at >= MISS_REFRESH_INTERVAL:
-            # The user may just have downloaded or loaded it.
-            models = await self.refresh()
-            found = models.by_name.get(name)
-        if found is None:
-            raise ModelNotFound(_not_found_message(requested, name, models), param="model")
-        return found
-
-    def pick_default(self, models: ModelList, purpose: Purpose) -> ModelInfo:
+        if requested is not None and requested != "":
+            found, models = await self._lookup(requested, models)
+            if found is None:
+                name = self.config.aliases.get(requested, requested)
+                raise ModelNotFound(_not_found_message(requested, name, models), param="model")
+            return found
         default = self.config.default
         if default is not None:
-            name = self.config.aliases.get(default, default)
-            found = models.by_name.get(name)
+            found, models = await self._lookup(default, models)
             if found is None:
                 raise ModelNotFound(
                     f"The configured default model {default!r} (models.default) is not "
                     f"available upstream. Available models: {_listing(models)}.",
                     param="model",
                 )
-            return found
+            if found.serves(purpose):
+                return found
+            # e.g. an embeddings request while the default is a chat model
+        return self.pick_default(models, purpose)
+
+    async def _lookup(
+        self, requested: str, models: ModelList
+    ) -> tuple[ModelInfo | None, ModelList]:
+        name = self.config.aliases.get(requested, requested)
+        found = models.by_name.get(name)
+        if found is None and self._clock() - models.fetched_at >= MISS_REFRESH_INTERVAL:
+            # The user may just have downloaded or loaded it.
+            models = await self.refresh()
+            found = models.by_name.get(name)
+        return found, models
+
+    @staticmethod
+    def pick_default(models: ModelList, purpose: Purpose) -> ModelInfo:
+        """The model to use when none is named: the one loaded model that can serve the
+        purpose, else the one candidate; otherwise a 400 listing the choices."""
         candidates = [m for m in models.models if m.serves(purpose)]
         loaded = [m for m in candidates if m.state == "loaded"]
         if len(loaded) == 1:
@@ -242,18 +260,23 @@ class ModelListReader:
         for candidate in order:
             try:
                 data = await self._get_json(_DIALECT_PATHS[candidate])
-            except UpstreamStatus as exc:
-                # 404/405/401 on a native path means "not this kind of server".
+            except (UpstreamUnavailable, UpstreamTimeout, CircuitOpen):
+                raise  # the upstream is down: no other path will answer
+            except UpstreamError as exc:
+                # 404/401 or a non-JSON page on a native path: not this kind of server.
                 last_error = exc
                 continue
             parsed = _DIALECT_PARSERS[candidate](data)
             if parsed is None:
+                last_error = UpstreamError(
+                    f"The upstream answered {_DIALECT_PATHS[candidate]} with a model list "
+                    "lmbridge cannot read."
+                )
                 continue
             self.dialect = candidate
             return ModelList.build(parsed, candidate, self._clock())
-        if last_error is not None:
-            raise last_error
-        raise UpstreamError("The upstream's model list could not be read in any known format.")
+        assert last_error is not None
+        raise last_error
 
 
 def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
@@ -264,11 +287,13 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
     for entry in models:
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             continue
-        instances = [i for i in entry.get("loaded_instances") or [] if isinstance(i, dict)]
+        raw_instances = entry.get("loaded_instances")
+        listed = raw_instances if isinstance(raw_instances, list) else []
+        instances = [i for i in listed if isinstance(i, dict)]
         context = entry.get("max_context_length")
         for instance in instances:
             config = instance.get("config")
-            if isinstance(config, dict) and isinstance(config.get("context_length"), int):
+            if isinstance(config, dict) and _int(config.get("context_length")) is not None:
                 context = config["context_length"]  # what the loaded instance really has
                 break
         capabilities = entry.get("capabilities") or {}
@@ -291,7 +316,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 id=entry["key"],
                 type=model_type,
                 state="loaded" if instances else "not-loaded",
-                context_length=context if isinstance(context, int) else None,
+                context_length=_int(context),
                 owned_by=entry.get("publisher")
                 if isinstance(entry.get("publisher"), str)
                 else None,
@@ -328,12 +353,12 @@ def parse_lmstudio_v0(data: Any) -> list[ModelInfo] | None:
                 else "not-loaded"
                 if state == "not-loaded"
                 else "unknown",
-                context_length=context if isinstance(context, int) else None,
+                context_length=_int(context),
                 owned_by=entry.get("publisher")
                 if isinstance(entry.get("publisher"), str)
                 else None,
                 capabilities=tuple(
-                    c for c in entry.get("capabilities") or [] if isinstance(c, str)
+                    c for c in _list(entry.get("capabilities")) if isinstance(c, str)
                 ),
             )
         )
@@ -371,12 +396,20 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
             ModelInfo(
                 id=entry["id"],
                 state=state,
-                context_length=context if isinstance(context, int) else None,
+                context_length=_int(context),
                 owned_by=entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None,
                 aliases=aliases,
             )
         )
     return out
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int and value > 0 else None  # not bool, not junk
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 _DIALECT_PATHS: dict[Dialect, str] = {

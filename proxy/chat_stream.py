@@ -31,11 +31,12 @@ class StreamObserver:
         self.upstream_error: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> int:
-        """Note the events completed by this chunk; returns how many data events it held."""
-        events = self._parser.feed(chunk)
-        for event in events:
+        """Note the events completed by this chunk; returns how many data events (not
+        counting ``[DONE]``) it completed."""
+        before = self.data_events
+        for event in self._parser.feed(chunk):
             self._note(event)
-        return len(events)
+        return self.data_events - before
 
     def finish(self) -> None:
         for event in self._parser.finish():

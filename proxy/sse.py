@@ -89,6 +89,8 @@ def encode_event(payload: Any, event: str | None = None) -> bytes:
         else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     )
     head = f"event: {event}\n".encode() if event else b""
+    if b"\n" in data:  # only raw bytes can hold one; JSON never does
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\ndata: ")
     return head + b"data: " + data + b"\n\n"
 
 

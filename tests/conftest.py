@@ -46,7 +46,9 @@ def make_config(tmp_path: Path, fake_upstream: FakeUpstream) -> MakeConfig:
         }
         for key, value in overrides.items():
             flags[key.replace("__", ".")] = value
-        return load_config(os.devnull, flags=flags, environ={})
+        # The process environment (LMBRIDGE_* removed above) so that env:VAR secrets
+        # set with monkeypatch resolve.
+        return load_config(os.devnull, flags=flags, environ=dict(os.environ))
 
     return make
 

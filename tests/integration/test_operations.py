@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
-import logging
 
 import pytest
 
-from proxy.logs import JSONFormatter
+from proxy.app import create_app
+from proxy.logs import RequestLog
 from tests.fake_upstream import CHAT
 
 REQUEST = {"model": "test-model", "messages": [{"role": "user", "content": "a secret prompt"}]}
@@ -51,27 +53,52 @@ async def test_unknown_paths_do_not_create_metric_series(proxy):
     assert "/random/" not in text
 
 
-async def test_one_log_line_per_request_without_secrets_or_bodies(proxy, caplog):
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_one_log_line_per_request_without_secrets_or_bodies(
+    aiohttp_client, make_config, caplog, fmt
+):
     """Each request logs id, method, path, model, status and duration, never the
     Authorization header or the body."""
-    caplog.set_level(logging.INFO, logger="lmbridge.request")
+    stream = io.StringIO()
+    request_log = RequestLog(fmt, stream)
+    proxy = await aiohttp_client(create_app(make_config(), request_log=request_log))
     await proxy.post(
         CHAT,
         json=REQUEST,
         headers={"Authorization": "Bearer sk-very-secret", "X-Request-ID": "rid-1"},
     )
-    records = [r for r in caplog.records if r.name == "lmbridge.request"]
-    assert len(records) == 1
-    fields = records[0].fields
-    assert fields["request_id"] == "rid-1"
-    assert fields["method"] == "POST"
-    assert fields["path"] == CHAT
-    assert fields["model"] == "test-model"
-    assert fields["status"] == 200
-    assert fields["duration_ms"] >= 0
-    line = JSONFormatter().format(records[0])
-    assert json.loads(line)["request_id"] == "rid-1"
-    assert "sk-very-secret" not in caplog.text and "a secret prompt" not in caplog.text
+    await proxy.get("/healthz")  # health probes are not logged
+    request_log.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    if fmt == "json":
+        entry = json.loads(lines[0])
+        assert {k: entry[k] for k in ("request_id", "method", "path", "model", "status")} == {
+            "request_id": "rid-1",
+            "method": "POST",
+            "path": CHAT,
+            "model": "test-model",
+            "status": 200,
+        }
+        assert entry["duration_ms"] >= 0
+    else:
+        assert (
+            "request_id=rid-1 method=POST path=/v1/chat/completions model=test-model "
+            "status=200 duration_ms=" in lines[0]
+        )
+    everything = stream.getvalue() + caplog.text
+    assert "sk-very-secret" not in everything and "a secret prompt" not in everything
+
+
+async def test_request_log_is_flushed_in_batches(aiohttp_client, make_config):
+    """Lines are written together after a short interval, not one write per request."""
+    stream = io.StringIO()
+    proxy = await aiohttp_client(create_app(make_config(), request_log=RequestLog("text", stream)))
+    for _ in range(3):
+        await proxy.post(CHAT, json=REQUEST)
+    assert stream.getvalue() == ""
+    await asyncio.sleep(0.15)
+    assert len(stream.getvalue().splitlines()) == 3
 
 
 @pytest.fixture

@@ -56,10 +56,17 @@ def test_every_metric_is_documented():
 def test_every_error_code_is_documented():
     """docs/compatibility.md lists the code of every error class."""
     doc = (ROOT / "docs" / "compatibility.md").read_text()
-    classes = [c for c in vars(errors).values()
-               if isinstance(c, type) and issubclass(c, errors.LMBridgeError)]
+    classes = [
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.LMBridgeError)
+    ]
     for cls in classes:
-        if cls in (errors.LMBridgeError, errors.UpstreamError, errors.UpstreamStatus,
-                   errors.NotFound):
+        if cls in (
+            errors.LMBridgeError,
+            errors.UpstreamError,
+            errors.UpstreamStatus,
+            errors.NotFound,
+        ):
             continue
         assert f"`{cls.code}`" in doc, cls.__name__
