@@ -234,11 +234,16 @@ class UpstreamClient:
             connection.protocol.start_timeout()
 
     def _circuit_open(self) -> CircuitOpen:
-        wait = self.breaker.retry_after()
+        if self.breaker.state is CircuitState.HALF_OPEN:
+            wait = 1.0
+            when = "a probe request is checking now whether it is back; try again in a moment"
+        else:
+            wait = self.breaker.retry_after()
+            when = f"lmbridge fails fast for {wait:.0f}s more, then tries it again"
         error = CircuitOpen(
             f"The upstream at {self.base_url} failed {self.breaker.failure_threshold} times in a "
-            f"row; lmbridge fails fast for {wait:.0f}s more, then tries it again. Check that "
-            "the model server is running (LM Studio: `lms server start`)."
+            f"row; {when}. Check that the model server is running (LM Studio: "
+            "`lms server start`)."
         )
         error.retry_after = wait
         return error
