@@ -99,6 +99,11 @@ class UpstreamClient:
             on_change=self._circuit_changed,
         )
         metrics.circuit_state.labels(self.base_url).set(self.breaker.state.value)
+        # The socket read timeout covers the wait for the headers (first byte); once
+        # they are in, _arm_idle_timeout switches the same timer to idle_timeout.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.first_byte_timeout
+        )
         self._base_headers = {"Content-Type": "application/json"}
         if config.api_key is not None:
             self._base_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
@@ -185,21 +190,21 @@ class UpstreamClient:
         verdict = False
         try:
             try:
-                async with asyncio.timeout(self.config.first_byte_timeout):
-                    resp = await self.session.request(method, url, data=body, headers=headers)
-            except aiohttp.ClientConnectionError as exc:
-                # Before TimeoutError: aiohttp's connect timeout is both.
-                self._failed("connect")
-                verdict = True
-                raise _Retryable(
-                    UpstreamUnavailable(_connect_message(self.base_url, exc)), "connect"
-                ) from exc
-            except TimeoutError as exc:
+                resp = await self.session.request(
+                    method, url, data=body, headers=headers, timeout=self._timeout
+                )
+            except aiohttp.SocketTimeoutError as exc:
                 self._failed("first_byte_timeout")
                 verdict = True
                 raise UpstreamTimeout(
                     f"The upstream at {self.base_url} did not answer within "
                     f"{self.config.first_byte_timeout:g}s (upstream.first_byte_timeout)."
+                ) from exc
+            except aiohttp.ClientConnectionError as exc:
+                self._failed("connect")
+                verdict = True
+                raise _Retryable(
+                    UpstreamUnavailable(_connect_message(self.base_url, exc)), "connect"
                 ) from exc
             self.metrics.upstream_seconds.labels(route).observe(time.perf_counter() - started)
             if resp.status in RETRY_STATUSES:
@@ -225,8 +230,7 @@ class UpstreamClient:
         """From now on, each silence longer than idle_timeout fails the body read.
 
         aiohttp's own per-read timer on the connection does this at no cost per
-        chunk; it is set only now because the wait for the headers has its own,
-        longer limit (first_byte_timeout).
+        chunk; until now it held first_byte_timeout, the limit for the headers.
         """
         connection = resp.connection
         if connection is not None and connection.protocol is not None:
