@@ -89,13 +89,19 @@ _MODELS = {"object": "list", "data": [{"id": BENCH_MODEL, "object": "model", "ow
 
 def fast_upstream_app() -> web.Application:
     counter = iter(range(1, 1 << 62))
+    stats = {"model_list_reads": 0, "chat_requests": 0}
 
     async def models(request: web.Request) -> web.Response:
+        stats["model_list_reads"] += 1
         return web.json_response(_MODELS)
+
+    async def read_stats(request: web.Request) -> web.Response:
+        return web.json_response(stats)
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         n = next(counter)
+        stats["chat_requests"] += 1
         if not body.get("stream"):
             return web.json_response(_completion(n))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -109,6 +115,7 @@ def fast_upstream_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/bench/stats", read_stats)
     return app
 
 
@@ -297,6 +304,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                             note=f"added {pq - dq:+.2f} ms",
                         )
                     )
+            async with session.get(upstream_url + "/bench/stats") as resp:
+                upstream_stats = await resp.json()
     finally:
         memory = peak_rss_mb(daemon.pid)
         daemon.terminate()
@@ -315,7 +324,42 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": [r.__dict__ for r in results],
         "proxy_peak_rss_mb": memory,
+        "upstream": upstream_stats,
+        "validation_us": await asyncio.to_thread(validation_cost_us),
     }
+
+
+def validation_cost_us(models: int = 50, calls: int = 200_000) -> float:
+    """CPU cost of resolving a model against a fresh cached list, in microseconds."""
+    from proxy.catalog import ModelCatalog, ModelInfo, ModelList
+    from proxy.config import ModelsConfig
+
+    listing = ModelList.build(
+        [ModelInfo(f"publisher/model-{i}", "llm", "loaded") for i in range(models)],
+        "openai", time.monotonic(),
+    )  # fmt: skip
+
+    reads = 0
+
+    async def fetch() -> ModelList:
+        nonlocal reads
+        reads += 1
+        return listing
+
+    catalog = ModelCatalog(
+        ModelsConfig(cache_ttl=3600, aliases={"alias": "publisher/model-7"}), fetch
+    )
+
+    async def run() -> float:
+        await catalog.get()
+        started = time.perf_counter()
+        for i in range(calls):
+            await catalog.resolve("alias" if i % 2 else "publisher/model-42")
+        elapsed = time.perf_counter() - started
+        assert reads == 1, "the cache is fresh: no further upstream call expected"
+        return elapsed / calls * 1e6
+
+    return asyncio.run(run())
 
 
 def machine_description() -> str:
@@ -341,6 +385,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['name']:<48} {r['direct']:>10.2f} {r['proxy']:>10.2f}  {r['unit']:<6}  {r['note']}"
         )
+    stats = report["upstream"]
+    lines.append(
+        f"\nmodel validation: {report['validation_us']:.2f} us per request against the cached "
+        f"list; the upstream's model list was read {stats['model_list_reads']} time(s) for "
+        f"{stats['chat_requests']} chat requests"
+    )
     if report["proxy_peak_rss_mb"] is not None:
         lines.append(f"\nproxy peak memory (VmHWM): {report['proxy_peak_rss_mb']:.1f} MB")
     return "\n".join(lines) + "\n"
