@@ -64,10 +64,12 @@ def _text(value: Any) -> str:
 
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name("lmbridge")
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == "lmbridge":  # ours from an earlier call; others are left alone
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     # aiohttp's access log is replaced by lmbridge's own request line.
