@@ -12,10 +12,23 @@ from aiohttp import web
 from proxy import health, passthrough
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
-from proxy.keys import API_KEYS, CATALOG, CONFIG, METRICS, REQUEST_LOG, STORE, UPSTREAM
+from proxy.keys import (
+    API_KEYS,
+    CATALOG,
+    CONFIG,
+    METRICS,
+    REQUEST_LOG,
+    RESPONSES,
+    STORE,
+    TASKS,
+    UPSTREAM,
+)
 from proxy.logs import RequestLog
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request, require_api_key
+from proxy.responses import routes as responses_routes
+from proxy.responses.service import ResponsesService, owner_of
+from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient, new_session
 from storage.sqlite import SQLiteStore
 
@@ -39,10 +52,13 @@ def create_app(
         config.logging.format, enabled=config.logging.level in ("debug", "info")
     )
     app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
-    app[API_KEYS] = tuple(key.get_secret_value().encode() for key in config.auth.api_keys)
+    keys = [key.get_secret_value().encode() for key in config.auth.api_keys]
+    app[API_KEYS] = {key: owner_of(key) for key in keys}
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
+    app.cleanup_ctx.append(_responses_ctx)
     _add_routes(app)
+    responses_routes.add_routes(app)
     return app
 
 
@@ -83,6 +99,20 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
                 await session.close()
 
     return ctx
+
+
+async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
+    tasks = BackgroundTasks()
+    app[TASKS] = tasks
+    service = ResponsesService(app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks)
+    app[RESPONSES] = service
+    await service.recover()
+    tasks.spawn(service.purge_forever(), "purge expired responses")
+    try:
+        yield
+    finally:
+        # Running background responses are stored as failed when cancelled here.
+        await tasks.close()
 
 
 def _storage_ctx(given: SQLiteStore | None) -> CleanupCtx:

@@ -51,6 +51,8 @@ class ModelInfo:
     owned_by: str | None = None
     aliases: tuple[str, ...] = ()
     capabilities: tuple[str, ...] = ()
+    # Whether the model reads images: None when the upstream does not say.
+    vision: bool | None = None
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -298,7 +300,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 break
         capabilities = entry.get("capabilities") or {}
         kind = entry.get("type")
-        vision = isinstance(capabilities, dict) and bool(capabilities.get("vision"))
+        vision = isinstance(capabilities, dict) and capabilities.get("vision") is True
         model_type: ModelType = (
             "embeddings"
             if kind in ("embedding", "embeddings")
@@ -324,6 +326,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 capabilities=tuple(k for k, v in capabilities.items() if v is True)
                 if isinstance(capabilities, dict)
                 else (),
+                vision=None if model_type == "unknown" else vision,
             )
         )
     return out
@@ -360,6 +363,7 @@ def parse_lmstudio_v0(data: Any) -> list[ModelInfo] | None:
                 capabilities=tuple(
                     c for c in _list(entry.get("capabilities")) if isinstance(c, str)
                 ),
+                vision={"vlm": True, "llm": False, "embeddings": False}.get(str(kind)),
             )
         )
     return out
@@ -392,6 +396,11 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
             if value == "unloaded"
             else "unknown"
         )
+        # llama.cpp says what the model reads; other servers do not.
+        architecture = entry.get("architecture")
+        modalities = (
+            architecture.get("input_modalities") if isinstance(architecture, dict) else None
+        )
         out.append(
             ModelInfo(
                 id=entry["id"],
@@ -399,6 +408,7 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
                 context_length=_int(context),
                 owned_by=entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None,
                 aliases=aliases,
+                vision=("image" in modalities) if isinstance(modalities, list) else None,
             )
         )
     return out

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=cmd_models)
 
+    gc = commands.add_parser(
+        "gc", help="purge expired responses and conversations from the database now"
+    )
+    _add_config_flags(gc)
+    gc.set_defaults(func=cmd_gc)
+
     bench = commands.add_parser(
         "bench", help="measure the proxy against a fast fake upstream, side by side"
     )
@@ -171,6 +177,35 @@ async def _read_models(config: Config):  # type: ignore[no-untyped-def]
     async with session:
         upstream = UpstreamClient(config.upstream, session, Metrics())
         return await ModelListReader(upstream.get_json).read()
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    import time
+
+    from storage.sqlite import SQLiteStore, StorageError
+
+    config = _load(args)
+    path = config.storage.path
+
+    async def purge() -> int:
+        store = await SQLiteStore.open(path)
+        try:
+            return await store.purge_expired(int(time.time()))
+        finally:
+            await store.close()
+
+    before = path.stat().st_size if path.exists() else 0
+    try:
+        purged = asyncio.run(purge())
+    except StorageError as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    after = path.stat().st_size if path.exists() else 0
+    sys.stdout.write(
+        f"purged {purged} expired object(s) from {path} ({before / 1e6:.1f} MB -> "
+        f"{after / 1e6:.1f} MB)\n"
+    )
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -273,6 +273,22 @@ class EmbeddedConfig(_Section):
     )
 
 
+class ResponsesConfig(_Section):
+    retention: Duration = Field(
+        30 * 86400.0,
+        description="How long stored responses and conversations are kept (a conversation: "
+        "after its last change) before they are purged.",
+    )
+    purge_interval: Duration = Field(
+        3600.0, description="How often expired responses and conversations are purged."
+    )
+    unsupported_tools: Literal["drop", "reject"] = Field(
+        "drop",
+        description="Tool types the upstream cannot serve (web_search, file_search, "
+        "local_shell, ...): drop them with a logged warning, or reject the request with 400.",
+    )
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig, description="Listening socket.")
     upstream: UpstreamConfig = Field(
@@ -286,6 +302,9 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logs.")
     embedded: EmbeddedConfig = Field(
         default_factory=EmbeddedConfig, description="Built-in llama.cpp upstream."
+    )
+    responses: ResponsesConfig = Field(
+        default_factory=ResponsesConfig, description="The Responses and Conversations APIs."
     )
 
 

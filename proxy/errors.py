@@ -8,7 +8,8 @@ Code anywhere below the handlers raises one of these; the error middleware
     │   └── ModelRequired              400 model_required
     ├── Unauthorized                   401 invalid_api_key
     ├── NotFound                       404 not_found
-    │   └── ModelNotFound              404 model_not_found
+    │   ├── ModelNotFound              404 model_not_found
+    │   └── PreviousResponseNotFound   404 previous_response_not_found
     ├── PayloadTooLarge                413 request_too_large
     └── UpstreamError                  502 upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable
@@ -44,6 +45,10 @@ class LMBridgeError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
 
+    def extend_message(self, note: str) -> None:
+        """Append to the message the client will see."""
+        self.message += note
+
 
 class BadRequest(LMBridgeError):
     status = 400
@@ -69,6 +74,10 @@ class NotFound(LMBridgeError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class PreviousResponseNotFound(NotFound):
+    code = "previous_response_not_found"
 
 
 class PayloadTooLarge(LMBridgeError):
@@ -121,6 +130,10 @@ class UpstreamStatus(UpstreamError):
 
     def body(self) -> dict[str, Any]:
         return self._body
+
+    def extend_message(self, note: str) -> None:
+        self.message += note
+        self._body["error"]["message"] = str(self._body["error"].get("message") or "") + note
 
 
 def error_body(

@@ -8,6 +8,8 @@ from proxy.catalog import ModelCatalog
 from proxy.config import Config
 from proxy.logs import RequestLog
 from proxy.metrics import Metrics
+from proxy.responses.service import ResponsesService
+from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from storage.sqlite import SQLiteStore
 
@@ -17,12 +19,17 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 CATALOG = web.AppKey("catalog", ModelCatalog)
 STORE = web.AppKey("store", SQLiteStore)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
-# Client API keys, resolved once; empty means no authentication.
-API_KEYS = web.AppKey("api_keys", tuple)
+TASKS = web.AppKey("tasks", BackgroundTasks)
+RESPONSES = web.AppKey("responses", ResponsesService)
+# Client API keys, resolved once, each with the owner id of what it stores; empty
+# means no authentication.
+API_KEYS = web.AppKey("api_keys", dict)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
 # The upstream model a request was resolved to, for logs and metrics.
 MODEL = web.RequestKey("model", str)
+# Who owns what this request stores: the hash of its API key, "" without keys.
+OWNER = web.RequestKey("owner", str)
 # Set by a stream relay when the client went away before the end.
 CLIENT_GONE = web.RequestKey("client_gone", bool)

@@ -26,6 +26,7 @@ from proxy.keys import (
     CONFIG,
     METRICS,
     MODEL,
+    OWNER,
     REQUEST_ID,
     REQUEST_LOG,
     STARTED,
@@ -131,7 +132,8 @@ def _http_error_body(request: web.Request, exc: web.HTTPException) -> dict[str, 
     if exc.status == 404:
         return NotFound(
             f"Unknown route: {request.method} {request.path}. lmbridge serves /v1/models, "
-            "/v1/chat/completions, /v1/completions and /v1/embeddings.",
+            "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and "
+            "/v1/conversations.",
             code="unknown_route",
         ).body()
     if exc.status == 405:
@@ -154,6 +156,7 @@ def _http_error_body(request: web.Request, exc: web.HTTPException) -> dict[str, 
 @web.middleware
 async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
     keys = request.app[API_KEYS]
+    request[OWNER] = ""
     if keys and request.path.startswith("/v1"):
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -164,10 +167,12 @@ async def require_api_key(request: web.Request, handler: Handler) -> web.StreamR
                 "lmbridge's [auth] api_keys."
             )
         presented = token.encode()
+        owner = None
         # Compare against every key so that timing does not tell which one nearly matched.
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(presented, key)
-        if not matched:
+        for key, key_owner in keys.items():
+            if hmac.compare_digest(presented, key):
+                owner = key_owner
+        if owner is None:
             raise Unauthorized("Incorrect API key provided.")
+        request[OWNER] = owner
     return await handler(request)

@@ -1,6 +1,10 @@
 """Numbered schema migrations. Each runs once, in order, in its own transaction,
 and is recorded in ``schema_migrations``; never edit one that has shipped, add
-the next number instead."""
+the next number instead.
+
+A script is split into statements with ``sqlite3.complete_statement`` (see
+``_run_script`` in storage/sqlite.py), so triggers with ``BEGIN ... END`` work.
+"""
 
 from __future__ import annotations
 
@@ -14,4 +18,67 @@ class Migration:
     sql: str
 
 
-MIGRATIONS: tuple[Migration, ...] = ()
+# Times are unix seconds (INTEGER). Bodies are JSON text, stored and returned as
+# given. Every child table is deleted with its parent (ON DELETE CASCADE), so a
+# purge or a delete is one statement on the parent.
+RESPONSES = """
+CREATE TABLE responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    previous_response_id TEXT,
+    conversation_id TEXT,
+    background INTEGER NOT NULL DEFAULT 0,
+    body TEXT NOT NULL,
+    turn_messages TEXT NOT NULL DEFAULT '[]',
+    turn_tokens INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX responses_expires_at ON responses (expires_at);
+CREATE INDEX responses_unfinished ON responses (status)
+    WHERE status IN ('queued', 'in_progress');
+-- A save is an upsert by id: never let one graft items onto another owner's response.
+CREATE TRIGGER responses_owner_is_fixed
+    BEFORE UPDATE OF owner ON responses
+    WHEN NEW.owner IS NOT OLD.owner
+BEGIN
+    SELECT RAISE(ABORT, 'a response id already used by another owner');
+END;
+CREATE TABLE response_items (
+    response_id TEXT NOT NULL REFERENCES responses (id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('input', 'output')),
+    position INTEGER NOT NULL,
+    item_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (response_id, kind, position)
+);
+CREATE INDEX response_items_item_id ON response_items (item_id);
+CREATE TABLE response_events (
+    response_id TEXT NOT NULL REFERENCES responses (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (response_id, seq)
+);
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX conversations_expires_at ON conversations (expires_at);
+CREATE TABLE conversation_items (
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    item_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (conversation_id, position)
+);
+-- item_id first: find_item looks an id up without knowing its conversation.
+CREATE INDEX conversation_items_item_id ON conversation_items (item_id, conversation_id);
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "responses and conversations", RESPONSES),)

@@ -1,94 +1,443 @@
-"""SQLite storage through aiosqlite: WAL mode, numbered migrations, one writer.
+"""The ``ResponseStore`` on one SQLite file, through aiosqlite.
 
-All writes go through one connection (SQLite allows one writer at a time; a
-single connection serialises them without lock errors). ``synchronous=FULL``
-makes a committed transaction survive a power cut or ``kill -9``.
+Data flow: the Responses service calls these methods; reads run here on a read
+connection, writes are handed to the group-commit writer (storage/writer.py), which
+applies the SQL of storage/writes.py on the one connection that writes. In WAL mode
+readers do not block the writer nor the writer them.
+
+``synchronous=FULL`` makes a committed transaction survive a power cut or kill -9.
+Every read filters by owner and treats a row with ``expires_at <= now`` as absent;
+``now`` comes from the injected clock (unix seconds).
 """
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
+from storage import writes
+from storage.errors import StorageError
 from storage.migrations import MIGRATIONS, Migration
+from storage.records import (
+    Chain,
+    ConversationRecord,
+    Order,
+    Page,
+    ResponseRecord,
+    StoredItem,
+)
+from storage.writer import Writer, WriteStats
+from storage.writes import Ref
+
+__all__ = ["SQLiteStore", "StorageError"]
+
+Clock = Callable[[], float]
+
+# Waiting this long for another process's lock beats failing at once.
+BUSY_TIMEOUT = 5.0
+# After a burst (a large purge), the WAL file is cut back to this size.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# A chain this long is a cycle (a save naming a later response as its previous one);
+# the walk stops there rather than running for ever.
+MAX_CHAIN = 100_000
+
+_CHAIN = """
+WITH RECURSIVE chain (depth, id, previous_response_id, turn_messages, turn_tokens) AS (
+    SELECT 0, id, previous_response_id, turn_messages, turn_tokens
+    FROM responses
+    WHERE id = :id AND owner = :owner AND expires_at > :now
+    UNION ALL
+    SELECT chain.depth + 1, r.id, r.previous_response_id, r.turn_messages, r.turn_tokens
+    FROM chain JOIN responses AS r ON r.id = chain.previous_response_id
+    WHERE r.owner = :owner AND r.expires_at > :now AND chain.depth < :max_depth
+)
+SELECT id, previous_response_id, turn_messages, turn_tokens FROM chain ORDER BY depth DESC
+"""
+
+# A page of children after the cursor item, in one statement: the LEFT JOIN yields
+# one all-NULL row when the parent exists with nothing to list, and no row when the
+# parent is absent. An unknown cursor compares with NULL, which matches nothing. No
+# ORDER BY in the cursor's subquery: without it SQLite finds the id by its index.
+_PAGE = """
+SELECT i.item_id, i.body
+FROM {parent} AS p
+LEFT JOIN {children} AS i ON i.{link} = p.id {kind}
+    AND i.position {cmp} CASE WHEN :after IS NULL THEN {start} ELSE (
+        SELECT position FROM {children}
+        WHERE {link} = p.id {kind} AND item_id = :after
+        LIMIT 1) END
+WHERE p.id = :id AND p.owner = :owner AND p.expires_at > :now
+ORDER BY i.position {direction}
+LIMIT :limit
+"""
 
 
-class StorageError(Exception):
-    """The database could not be opened or used."""
+def _page_queries(parent: str, children: str, link: str, kind: str) -> dict[str, str]:
+    return {
+        order: _PAGE.format(
+            parent=parent,
+            children=children,
+            link=link,
+            kind=kind,
+            cmp=cmp,
+            start=start,
+            direction=order.upper(),
+        )
+        for order, cmp, start in (("asc", ">", -1), ("desc", "<", 2**63 - 1))
+    }
+
+
+_INPUT_ITEMS_PAGE = _page_queries(
+    "responses", "response_items", "response_id", "AND kind = 'input'"
+)
+_CONVERSATION_ITEMS_PAGE = _page_queries(
+    "conversations", "conversation_items", "conversation_id", ""
+)
+
+# Response items first (the newest response wins), then conversation items.
+_FIND_ITEM = """
+SELECT item_id, body FROM (
+    SELECT i.item_id, i.body, 0 AS source, r.created_at, r.rowid AS seq,
+        i.kind = 'output' AS is_output, i.position
+    FROM response_items AS i JOIN responses AS r ON r.id = i.response_id
+    WHERE i.item_id = :item_id AND r.owner = :owner AND r.expires_at > :now
+    UNION ALL
+    SELECT i.item_id, i.body, 1, i.created_at, i.rowid, 0, i.position
+    FROM conversation_items AS i JOIN conversations AS c ON c.id = i.conversation_id
+    WHERE i.item_id = :item_id AND c.owner = :owner AND c.expires_at > :now
+)
+ORDER BY source, created_at DESC, seq DESC, is_output DESC, position DESC
+LIMIT 1
+"""
 
 
 class SQLiteStore:
-    def __init__(self, path: Path, conn: aiosqlite.Connection) -> None:
+    """A ``ResponseStore`` (storage/records.py) on one SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer_conn: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        clock: Clock,
+    ) -> None:
         self.path = path
-        self._conn = conn
+        self._writer_conn = writer_conn
+        self._reader = reader
+        self._clock = clock
+        self._writer = Writer(writer_conn, path)
 
     @classmethod
     async def open(
-        cls, path: Path | str, migrations: tuple[Migration, ...] = MIGRATIONS
+        cls,
+        path: Path | str,
+        migrations: tuple[Migration, ...] = MIGRATIONS,
+        *,
+        clock: Clock = time.time,
+        busy_timeout: float = BUSY_TIMEOUT,
     ) -> SQLiteStore:
+        """Open (creating it if missing) and migrate the database. ``clock`` gives the
+        unix time that decides expiry; ``busy_timeout`` (seconds) is how long to wait
+        for a lock held by another process before failing."""
         path = Path(path)
+        busy_ms = int(busy_timeout * 1000)
+        opened: list[aiosqlite.Connection] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = await aiosqlite.connect(path, isolation_level=None)
-        except (OSError, aiosqlite.Error) as exc:
-            raise StorageError(f"cannot open the database {path}: {exc}") from exc
-        store = cls(path, conn)
-        try:
-            await store._prepare(migrations)
-        except aiosqlite.Error as exc:
-            await conn.close()
-            raise StorageError(f"cannot prepare the database {path}: {exc}") from exc
+            # When a connection fails to open, aiosqlite stops its thread without
+            # waiting, and that thread may then fail on a closed event loop: meet the
+            # usual causes (a directory, no permission) here first.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            opened.append(await aiosqlite.connect(path, isolation_level=None))
+            await _prepare_writer(opened[0], migrations, busy_ms)
+            opened.append(await aiosqlite.connect(path, isolation_level=None))
+            await _prepare_reader(opened[1], busy_ms)
+        except BaseException as exc:
+            for conn in opened:
+                await conn.close()
+            if isinstance(exc, OSError | sqlite3.Error):
+                raise StorageError(f"cannot open the database {path}: {exc}") from exc
+            raise
+        store = cls(path, opened[0], opened[1], clock)
+        store._writer.start()
         return store
 
-    async def _prepare(self, migrations: tuple[Migration, ...]) -> None:
-        conn = self._conn
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=FULL")
-        await conn.execute("PRAGMA foreign_keys=ON")
-        await conn.execute("PRAGMA busy_timeout=5000")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-        )
-        async with conn.execute("SELECT version FROM schema_migrations") as cur:
-            applied = {row[0] for row in await cur.fetchall()}
-        for migration in sorted(migrations, key=lambda m: m.version):
-            if migration.version in applied:
-                continue
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                await _run_script(conn, migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.name, time.time()),
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+    async def close(self) -> None:
+        try:
+            await self._writer.close()
+        finally:
+            await self._reader.close()
+            await self._writer_conn.close()
 
     async def schema_version(self) -> int:
-        async with self._conn.execute("SELECT MAX(version) FROM schema_migrations") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        rows = await self._read("SELECT MAX(version) FROM schema_migrations", ())
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     async def ping(self) -> None:
         """Raise StorageError unless the database answers a query."""
-        try:
-            async with self._conn.execute("SELECT 1") as cur:
-                await cur.fetchone()
-        except (aiosqlite.Error, ValueError) as exc:
-            raise StorageError(f"the database {self.path} does not answer: {exc}") from exc
+        await self._read("SELECT 1 FROM schema_migrations LIMIT 1", ())
 
-    async def close(self) -> None:
-        await self._conn.close()
+    @property
+    def write_stats(self) -> WriteStats:
+        """Writes committed so far and in how many transactions (group commits)."""
+        return self._writer.stats
+
+    async def set_read_trace(self, callback: Callable[[str], object] | None) -> None:
+        """Pass every SQL statement the read connection runs to ``callback`` (tests,
+        debugging); None turns it off."""
+        # sqlite3 accepts None; the hint of aiosqlite omits it.
+        await self._reader.set_trace_callback(callback)  # type: ignore[arg-type]
+
+    # --- responses ---
+
+    async def save_response(self, record: ResponseRecord) -> None:
+        if record.conversation_items and not record.conversation_id:
+            raise ValueError(f"{record.id}: conversation_items without a conversation_id")
+        await self._writer.submit(writes.save_responses, writes.Save(record, self._now()))
+
+    async def get_response(self, response_id: str, owner: str) -> str | None:
+        rows = await self._read(
+            "SELECT body FROM responses WHERE id = ? AND owner = ? AND expires_at > ?",
+            (response_id, owner, self._now()),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def delete_response(self, response_id: str, owner: str) -> bool:
+        return await self._writer.submit(writes.delete_response, self._ref(response_id, owner))
+
+    async def load_chain(self, response_id: str, owner: str) -> Chain | None:
+        rows = await self._read(
+            _CHAIN,
+            {"id": response_id, "owner": owner, "now": self._now(), "max_depth": MAX_CHAIN},
+        )
+        if not rows:
+            return None
+        return Chain(
+            response_ids=tuple(row[0] for row in rows),
+            turn_messages=tuple(row[2] for row in rows),
+            turn_tokens=tuple(row[3] for row in rows),
+            # The oldest turn reached names a previous response the walk could not
+            # reach (deleted, expired, someone else's).
+            broken_at=rows[0][1],
+        )
+
+    async def list_input_items(
+        self, response_id: str, owner: str, *, after: str | None, limit: int, order: Order
+    ) -> Page | None:
+        return await self._page(_INPUT_ITEMS_PAGE[order], response_id, owner, after, limit)
+
+    async def find_item(self, item_id: str, owner: str) -> StoredItem | None:
+        rows = await self._read(
+            _FIND_ITEM, {"item_id": item_id, "owner": owner, "now": self._now()}
+        )
+        return StoredItem(rows[0][0], rows[0][1]) if rows else None
+
+    async def get_events(
+        self, response_id: str, owner: str, *, starting_after: int | None
+    ) -> list[str] | None:
+        rows = await self._read(
+            """
+            SELECT e.body FROM responses AS r
+            LEFT JOIN response_events AS e ON e.response_id = r.id AND e.seq > :after
+            WHERE r.id = :id AND r.owner = :owner AND r.expires_at > :now
+            ORDER BY e.seq
+            """,
+            {
+                "id": response_id,
+                "owner": owner,
+                "now": self._now(),
+                "after": -1 if starting_after is None else starting_after,
+            },
+        )
+        if not rows:
+            return None
+        return [row[0] for row in rows if row[0] is not None]
+
+    async def fail_unfinished(self, now: int, message: str) -> int:
+        return await self._writer.submit(
+            writes.fail_unfinished, writes.FailUnfinished(now, message)
+        )
+
+    async def purge_expired(self, now: int) -> int:
+        deleted = await self._writer.submit(writes.purge_expired, now)
+        await self._writer.submit_alone(writes.give_back_free_pages, None)
+        return deleted
+
+    # --- conversations ---
+
+    async def create_conversation(self, record: ConversationRecord) -> None:
+        await self._writer.submit(writes.create_conversation, record)
+
+    async def get_conversation(self, conversation_id: str, owner: str) -> ConversationRecord | None:
+        rows = await self._read(
+            "SELECT id, owner, created_at, expires_at, metadata FROM conversations"
+            " WHERE id = ? AND owner = ? AND expires_at > ?",
+            (conversation_id, owner, self._now()),
+        )
+        if not rows:
+            return None
+        found_id, found_owner, created_at, expires_at, metadata = rows[0]
+        return ConversationRecord(found_id, found_owner, created_at, expires_at, metadata)
+
+    async def update_conversation(
+        self, conversation_id: str, owner: str, *, metadata: str, expires_at: int
+    ) -> ConversationRecord | None:
+        update = writes.MetadataUpdate(self._ref(conversation_id, owner), metadata, expires_at)
+        return await self._writer.submit(writes.update_conversation, update)
+
+    async def delete_conversation(self, conversation_id: str, owner: str) -> bool:
+        return await self._writer.submit(
+            writes.delete_conversation, self._ref(conversation_id, owner)
+        )
+
+    async def add_conversation_items(
+        self, conversation_id: str, owner: str, items: tuple[StoredItem, ...], expires_at: int
+    ) -> bool:
+        add = writes.AddItems(self._ref(conversation_id, owner), items, expires_at)
+        return await self._writer.submit(writes.add_conversation_items, add)
+
+    async def list_conversation_items(
+        self, conversation_id: str, owner: str, *, after: str | None, limit: int, order: Order
+    ) -> Page | None:
+        query = _CONVERSATION_ITEMS_PAGE[order]
+        return await self._page(query, conversation_id, owner, after, limit)
+
+    async def all_conversation_items(
+        self, conversation_id: str, owner: str
+    ) -> tuple[StoredItem, ...] | None:
+        rows = await self._read(
+            """
+            SELECT i.item_id, i.body FROM conversations AS c
+            LEFT JOIN conversation_items AS i ON i.conversation_id = c.id
+            WHERE c.id = ? AND c.owner = ? AND c.expires_at > ?
+            ORDER BY i.position
+            """,
+            (conversation_id, owner, self._now()),
+        )
+        if not rows:
+            return None
+        return tuple(StoredItem(row[0], row[1]) for row in rows if row[0] is not None)
+
+    async def get_conversation_item(
+        self, conversation_id: str, owner: str, item_id: str
+    ) -> StoredItem | None:
+        rows = await self._read(
+            """
+            SELECT i.item_id, i.body
+            FROM conversation_items AS i JOIN conversations AS c ON c.id = i.conversation_id
+            WHERE i.item_id = ? AND c.id = ? AND c.owner = ? AND c.expires_at > ?
+            ORDER BY i.position DESC LIMIT 1
+            """,
+            (item_id, conversation_id, owner, self._now()),
+        )
+        return StoredItem(rows[0][0], rows[0][1]) if rows else None
+
+    async def delete_conversation_item(
+        self, conversation_id: str, owner: str, item_id: str
+    ) -> bool:
+        delete = writes.ItemDelete(self._ref(conversation_id, owner), item_id)
+        return await self._writer.submit(writes.delete_conversation_item, delete)
+
+    # --- helpers ---
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _ref(self, object_id: str, owner: str) -> Ref:
+        return Ref(object_id, owner, self._now())
+
+    async def _read(
+        self, sql: str, params: Iterable[Any] | Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        try:
+            # execute_fetchall runs the statement to its end in one hop, so the read
+            # transaction ends with it and never holds back a WAL checkpoint.
+            rows = await self._reader.execute_fetchall(sql, params)
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
+            raise StorageError(f"cannot read the database {self.path}: {exc}") from exc
+        return [tuple(row) for row in rows]
+
+    async def _page(
+        self, query: str, parent_id: str, owner: str, after: str | None, limit: int
+    ) -> Page | None:
+        rows = await self._read(
+            query,
+            {
+                "id": parent_id,
+                "owner": owner,
+                "now": self._now(),
+                "after": after,
+                "limit": limit + 1,
+            },
+        )
+        if not rows:
+            return None
+        items = [StoredItem(row[0], row[1]) for row in rows if row[0] is not None]
+        return Page(items=tuple(items[:limit]), has_more=len(items) > limit)
+
+
+async def _prepare_writer(
+    conn: aiosqlite.Connection, migrations: tuple[Migration, ...], busy_ms: int
+) -> None:
+    # auto_vacuum first: it only takes on a database with no page written yet
+    # (switching to WAL writes one), so that purge_expired can give pages back.
+    await conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    rows = list(await conn.execute_fetchall("PRAGMA journal_mode=WAL"))
+    if rows[0][0] != "wal":
+        raise sqlite3.OperationalError(f"WAL mode unavailable (journal_mode is {rows[0][0]})")
+    await conn.execute("PRAGMA synchronous=FULL")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+    await conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+    rows = list(await conn.execute_fetchall("PRAGMA auto_vacuum"))
+    if rows[0][0] != 2:
+        # A file made before auto_vacuum was set (it held only schema_migrations):
+        # VACUUM rebuilds it with the new setting, once.
+        await conn.execute("VACUUM")
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    applied = {
+        row[0] for row in await conn.execute_fetchall("SELECT version FROM schema_migrations")
+    }
+    for migration in sorted(migrations, key=lambda m: m.version):
+        if migration.version in applied:
+            continue
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await _run_script(conn, migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, time.time()),
+            )
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+
+async def _prepare_reader(conn: aiosqlite.Connection, busy_ms: int) -> None:
+    await conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+    # A read path that writes by mistake fails loudly instead of racing the writer.
+    await conn.execute("PRAGMA query_only=ON")
 
 
 async def _run_script(conn: aiosqlite.Connection, script: str) -> None:
-    # executescript() would COMMIT first; run statement by statement to stay
-    # inside the migration's transaction.
-    for statement in script.split(";\n"):
-        if statement.strip():
+    # executescript() would COMMIT first; run statement by statement to stay inside
+    # the migration's transaction. complete_statement() knows that a trigger's
+    # BEGIN ... END holds semicolons.
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
             await conn.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise sqlite3.OperationalError(f"incomplete statement in migration: {statement!r}")

@@ -153,3 +153,23 @@ async def test_unusable_database_path_is_one_line(tmp_path):
     assert code == 1
     assert "cannot open the database" in err
     assert "Traceback" not in err
+
+
+async def test_gc_purges_expired_responses(tmp_path, start_daemon, fake_upstream):
+    """`lmbridge gc` deletes what has expired and says how much."""
+    db = tmp_path / "gc.db"
+    config = "[responses]\nretention = 1\n"
+    daemon = await start_daemon("--upstream", fake_upstream.url, "--db", str(db), config=config)
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(
+                daemon.base_url + "/responses", json={"model": "test-model", "input": "x"}
+            ) as resp:
+                assert resp.status == 200
+    assert await daemon.stop() == 0
+    await asyncio.sleep(1.1)
+    code, out, err = await run_cli(tmp_path, "gc", "--db", str(db))
+    assert code == 0, err
+    assert out.startswith(f"purged 3 expired object(s) from {db}")

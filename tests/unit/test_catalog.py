@@ -100,6 +100,7 @@ LMSTUDIO_V1_MODELS = [
         owned_by="qwen",
         aliases=("qwen/qwen3-4b:2",),
         capabilities=("trained_for_tool_use",),
+        vision=False,
     ),
     ModelInfo(
         id="google/gemma-3-4b",
@@ -108,6 +109,7 @@ LMSTUDIO_V1_MODELS = [
         context_length=131072,
         owned_by="google",
         capabilities=("vision",),
+        vision=True,
     ),
     ModelInfo(
         id="text-embedding-nomic-embed-text-v1.5",
@@ -115,6 +117,7 @@ LMSTUDIO_V1_MODELS = [
         state="not-loaded",
         context_length=2048,
         owned_by="nomic-ai",
+        vision=False,
     ),
 ]
 
@@ -165,6 +168,7 @@ LMSTUDIO_V0_MODELS = [
         state="not-loaded",
         context_length=32768,
         owned_by="mlx-community",
+        vision=True,
     ),
     ModelInfo(
         id="meta-llama-3.1-8b-instruct",
@@ -173,6 +177,7 @@ LMSTUDIO_V0_MODELS = [
         context_length=131072,
         owned_by="lmstudio-community",
         capabilities=("tool_use",),
+        vision=False,
     ),
     ModelInfo(
         id="text-embedding-nomic-embed-text-v1.5",
@@ -180,6 +185,7 @@ LMSTUDIO_V0_MODELS = [
         state="not-loaded",
         context_length=2048,
         owned_by="nomic-ai",
+        vision=False,
     ),
 ]
 
@@ -390,7 +396,7 @@ def test_parse_lmstudio_v1_skips_malformed_entries():
         ]
     }
     assert parse_lmstudio_v1(payload) == [
-        ModelInfo(id="a", type="llm", state="loaded"),
+        ModelInfo(id="a", type="llm", state="loaded", vision=False),
         ModelInfo(
             id="b",
             type="unknown",
@@ -398,8 +404,15 @@ def test_parse_lmstudio_v1_skips_malformed_entries():
             context_length=1024,
             capabilities=("tool_use",),
         ),
-        ModelInfo(id="c", type="llm", state="loaded", context_length=2048, aliases=("c:2",)),
-        ModelInfo(id="d", type="llm", state="not-loaded"),
+        ModelInfo(
+            id="c",
+            type="llm",
+            state="loaded",
+            context_length=2048,
+            aliases=("c:2",),
+            vision=False,
+        ),
+        ModelInfo(id="d", type="llm", state="not-loaded", vision=False),
     ]
 
 
@@ -424,9 +437,9 @@ def test_parse_lmstudio_v0_skips_malformed_entries():
         ]
     }
     assert parse_lmstudio_v0(payload) == [
-        ModelInfo(id="a", type="llm", state="loaded"),
+        ModelInfo(id="a", type="llm", state="loaded", vision=False),
         ModelInfo(id="b", type="unknown", state="unknown", capabilities=("x",)),
-        ModelInfo(id="c", type="embeddings", state="unknown"),
+        ModelInfo(id="c", type="embeddings", state="unknown", vision=False),
     ]
 
 

@@ -1,0 +1,534 @@
+"""Chat completion output -> Responses output items, events and the Response object.
+
+``ResponseBuilder`` is a small state machine: ``feed(chunk)`` takes one chat
+completion chunk (a non-streamed completion is fed as one chunk) and returns
+the Responses streaming events it completes; ``finish()`` closes what is open
+and returns the final events. It does no I/O; the service writes the events
+and stores the result. Event order follows OpenAI's: an item is announced
+(``output_item.added``) before its first delta and closed (``...done``) before
+the next item of another kind begins; one ``sequence_number`` counter from 0.
+
+Upstream quirks absorbed here: tool-call deltas that repeat ``id`` and
+``name`` every time, no usage chunk, no ``finish_reason``, reasoning sent as
+``reasoning_content`` (llama.cpp, LM Studio) or ``reasoning`` (vLLM, Ollama).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.ids import new_id
+from proxy.responses.render import ToolNames
+
+Event = dict[str, Any]
+
+
+def usage_from_chat(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": _int(prompt_details.get("cached_tokens")),
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens": _int(completion_details.get("reasoning_tokens")),
+        },
+        "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
+    }
+
+
+def add_usage(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Usage summed over several upstream calls (tool loops)."""
+    if a is None or b is None:
+        return a or b
+    return {
+        "input_tokens": a["input_tokens"] + b["input_tokens"],
+        "input_tokens_details": {
+            "cached_tokens": a["input_tokens_details"]["cached_tokens"]
+            + b["input_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": a["output_tokens"] + b["output_tokens"],
+        "output_tokens_details": {
+            "reasoning_tokens": a["output_tokens_details"]["reasoning_tokens"]
+            + b["output_tokens_details"]["reasoning_tokens"]
+        },
+        "total_tokens": a["total_tokens"] + b["total_tokens"],
+    }
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+@dataclass
+class _Item:
+    index: int
+    body: dict[str, Any]
+    open: bool = True
+
+
+@dataclass
+class _Call(_Item):
+    flat_name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class ResponseBuilder:
+    def __init__(
+        self,
+        response: dict[str, Any],
+        names: ToolNames,
+        *,
+        ids: Callable[[str], str] = new_id,
+        max_tool_calls: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.response = response
+        self.names = names
+        self._ids = ids
+        self._max_tool_calls = max_tool_calls
+        self._clock = clock
+        self.sequence = 0
+        self.items: list[_Item] = []
+        self._text: _Item | None = None
+        self._reasoning: _Item | None = None
+        self._calls: dict[int, _Call] = {}
+        self._dropped_calls: set[int] = set()
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    # --- events -----------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        event = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return event
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(self.response)
+
+    def start(self, *, queued: bool = False) -> list[Event]:
+        """``response.created`` then ``response.queued`` or ``response.in_progress``."""
+        self.response["status"] = "queued" if queued else "in_progress"
+        events = [self._event("response.created", response=self.snapshot())]
+        kind = "response.queued" if queued else "response.in_progress"
+        events.append(self._event(kind, response=self.snapshot()))
+        return events
+
+    def in_progress(self) -> list[Event]:
+        """A queued background response starts running."""
+        self.response["status"] = "in_progress"
+        return [self._event("response.in_progress", response=self.snapshot())]
+
+    # --- input ------------------------------------------------------------
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage_from_chat(usage)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return events
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            return events
+        delta: dict[str, Any] = {}
+        for key in ("delta", "message"):  # a chunk has a delta, a completion a message
+            if isinstance(choice.get(key), dict):
+                delta = choice[key]
+                break
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            events += self._reasoning_delta(reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            events += self._text_delta(content)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            events += self._text_delta(refusal)
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            for position, call in enumerate(tool_calls):
+                if isinstance(call, dict):
+                    events += self._call_delta(call, position)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:
+            self.finish_reason = finish
+        return events
+
+    def feed_completion(self, completion: dict[str, Any]) -> list[Event]:
+        """A whole (non-streamed) chat completion, as one chunk."""
+        return self.feed(completion)
+
+    def _add_item(self, body: dict[str, Any], item: _Item | None = None) -> tuple[_Item, Event]:
+        item = item or _Item(len(self.items), body)
+        item.index = len(self.items)
+        self.items.append(item)
+        return item, self._event(
+            "response.output_item.added", output_index=item.index, item=copy.deepcopy(body)
+        )
+
+    def _reasoning_delta(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        if self._reasoning is None or not self._reasoning.open:
+            events += self._close_text()
+            body: dict[str, Any] = {"id": self._ids("rs"), "type": "reasoning", "summary": [],
+                                    "content": [], "status": "in_progress"}  # fmt: skip
+            self._reasoning, added = self._add_item(body)
+            events.append(added)
+            body["content"].append({"type": "reasoning_text", "text": ""})
+            events.append(self._event(
+                "response.content_part.added", item_id=body["id"],
+                output_index=self._reasoning.index, content_index=0,
+                part={"type": "reasoning_text", "text": ""},
+            ))  # fmt: skip
+        item = self._reasoning
+        item.body["content"][0]["text"] += text
+        events.append(self._event(
+            "response.reasoning_text.delta", item_id=item.body["id"], output_index=item.index,
+            content_index=0, delta=text,
+        ))  # fmt: skip
+        return events
+
+    def _text_delta(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        if self._text is None or not self._text.open:
+            events += self._close_reasoning()
+            body: dict[str, Any] = {"id": self._ids("msg"), "type": "message",
+                                    "status": "in_progress", "role": "assistant",
+                                    "content": []}  # fmt: skip
+            self._text, added = self._add_item(body)
+            events.append(added)
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            body["content"].append(copy.deepcopy(part))
+            events.append(self._event(
+                "response.content_part.added", item_id=body["id"], output_index=self._text.index,
+                content_index=0, part=part,
+            ))  # fmt: skip
+        item = self._text
+        item.body["content"][0]["text"] += text
+        events.append(self._event(
+            "response.output_text.delta", item_id=item.body["id"], output_index=item.index,
+            content_index=0, delta=text, logprobs=[],
+        ))  # fmt: skip
+        return events
+
+    def _call_delta(self, delta: dict[str, Any], position: int) -> list[Event]:
+        index = delta.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = position
+        if index in self._dropped_calls:
+            return []
+        function: dict[str, Any] = (
+            delta["function"] if isinstance(delta.get("function"), dict) else {}
+        )
+        name: str = function["name"] if isinstance(function.get("name"), str) else ""
+        arguments = function.get("arguments")
+        events: list[Event] = []
+        call = self._calls.get(index)
+        if call is None:
+            if self._max_tool_calls is not None and len(self._calls) >= self._max_tool_calls:
+                self._dropped_calls.add(index)
+                return []
+            events += self._close_reasoning() + self._close_text()
+            given_id = delta.get("id")
+            call_id = given_id if isinstance(given_id, str) and given_id else self._ids("call")
+            body = {"id": self._ids("fc"), "type": "function_call", "status": "in_progress",
+                    "call_id": call_id, "name": "", "arguments": ""}  # fmt: skip
+            call = _Call(0, body)
+            self._calls[index] = call
+            self._set_name(call, name)
+            _, added = self._add_item(body, call)
+            events.append(added)
+        elif name and name != call.flat_name:
+            # llama-cpp-python repeats the whole name in every delta; a few servers
+            # stream it in pieces.
+            self._set_name(call, call.flat_name + name)
+        if isinstance(arguments, dict):  # a server that sends parsed arguments
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        if isinstance(arguments, str) and arguments:
+            call.arguments.append(arguments)
+            events.append(self._event(
+                "response.function_call_arguments.delta", item_id=call.body["id"],
+                output_index=call.index, delta=arguments,
+            ))  # fmt: skip
+        return events
+
+    def _set_name(self, call: _Call, flat: str) -> None:
+        call.flat_name = flat
+        namespace, name = self.names.split(flat)
+        call.body["name"] = name
+        if namespace is not None:
+            call.body["namespace"] = namespace
+
+    # --- closing ----------------------------------------------------------
+
+    def _close_text(self, status: str = "completed") -> list[Event]:
+        item = self._text
+        if item is None or not item.open:
+            return []
+        item.open = False
+        body = item.body
+        part = body["content"][0]
+        body["status"] = status
+        return [
+            self._event("response.output_text.done", item_id=body["id"], output_index=item.index,
+                        content_index=0, text=part["text"], logprobs=[]),
+            self._event("response.content_part.done", item_id=body["id"],
+                        output_index=item.index, content_index=0, part=copy.deepcopy(part)),
+            self._event("response.output_item.done", output_index=item.index,
+                        item=copy.deepcopy(body)),
+        ]  # fmt: skip
+
+    def _close_reasoning(self, status: str = "completed") -> list[Event]:
+        item = self._reasoning
+        if item is None or not item.open:
+            return []
+        item.open = False
+        body = item.body
+        part = body["content"][0]
+        body["status"] = status
+        return [
+            self._event("response.reasoning_text.done", item_id=body["id"],
+                        output_index=item.index, content_index=0, text=part["text"]),
+            self._event("response.content_part.done", item_id=body["id"],
+                        output_index=item.index, content_index=0, part=copy.deepcopy(part)),
+            self._event("response.output_item.done", output_index=item.index,
+                        item=copy.deepcopy(body)),
+        ]  # fmt: skip
+
+    def _close_calls(self, status: str = "completed") -> list[Event]:
+        events: list[Event] = []
+        for call in sorted(self._calls.values(), key=lambda c: c.index):
+            if not call.open:
+                continue
+            call.open = False
+            body = call.body
+            body["arguments"] = "".join(call.arguments)
+            body["status"] = status
+            events.append(self._event(
+                "response.function_call_arguments.done", item_id=body["id"],
+                output_index=call.index, name=body["name"], arguments=body["arguments"],
+            ))  # fmt: skip
+            events.append(
+                self._event(
+                    "response.output_item.done", output_index=call.index, item=copy.deepcopy(body)
+                )
+            )
+        return events
+
+    def _close_all(self, status: str) -> list[Event]:
+        # In output order, so that done events arrive as the items were added.
+        closers = {
+            id(self._reasoning): self._close_reasoning,
+            id(self._text): self._close_text,
+        }
+        events: list[Event] = []
+        for item in self.items:
+            if not item.open:
+                continue
+            closer = closers.get(id(item))
+            if closer is not None:
+                events += closer(status)
+            else:
+                events += self._close_calls(status)
+        return events
+
+    @property
+    def output(self) -> list[dict[str, Any]]:
+        return [item.body for item in self.items]
+
+    def function_calls(self) -> list[dict[str, Any]]:
+        return [item.body for item in self.items if item.body["type"] == "function_call"]
+
+    def finish(self) -> list[Event]:
+        """Close every open item and end with completed or incomplete."""
+        if self.finish_reason == "length":
+            status, details = "incomplete", {"reason": "max_output_tokens"}
+        elif self.finish_reason == "content_filter":
+            status, details = "incomplete", {"reason": "content_filter"}
+        else:
+            status, details = "completed", None
+        events = self._close_all("incomplete" if status == "incomplete" else "completed")
+        self._settle(status, incomplete_details=details)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        events.append(self._event(kind, response=self.snapshot()))
+        return events
+
+    def fail(self, code: str, message: str) -> list[Event]:
+        events = self._close_all("incomplete")
+        self._settle("failed", error={"code": code, "message": message})
+        events.append(self._event("response.failed", response=self.snapshot()))
+        return events
+
+    def cancel(self) -> list[Event]:
+        events = self._close_all("incomplete")
+        self._settle("cancelled")
+        # OpenAI has no response.cancelled event; a cancelled stream ends with the
+        # response in its final state.
+        events.append(self._event("response.incomplete", response=self.snapshot()))
+        return events
+
+    def _settle(
+        self,
+        status: str,
+        *,
+        error: dict[str, Any] | None = None,
+        incomplete_details: dict[str, Any] | None = None,
+    ) -> None:
+        response = self.response
+        response["status"] = status
+        response["output"] = copy.deepcopy(self.output)
+        response["error"] = error
+        response["incomplete_details"] = incomplete_details
+        response["usage"] = self.usage
+        response["completed_at"] = int(self._clock()) if status == "completed" else None
+
+
+def replay_events(response: dict[str, Any]) -> list[Event]:
+    """The event sequence of a finished response, rebuilt from the stored object (for
+    ``GET /v1/responses/{id}?stream=true`` of a response whose events were not kept)."""
+    sequence = 0
+
+    def event(kind: str, **fields: Any) -> Event:
+        nonlocal sequence
+        out = {"type": kind, "sequence_number": sequence, **fields}
+        sequence += 1
+        return out
+
+    start = copy.deepcopy(response)
+    start.update(status="in_progress", output=[], usage=None, error=None,
+                 incomplete_details=None, completed_at=None)  # fmt: skip
+    events = [
+        event("response.created", response=start),
+        event("response.in_progress", response=copy.deepcopy(start)),
+    ]
+    for index, item in enumerate(response.get("output") or []):
+        added = copy.deepcopy(item)
+        kind = item.get("type")
+        if kind in ("message", "reasoning"):
+            added["content"] = []
+        if kind == "function_call":
+            added["arguments"] = ""
+        if "status" in added:
+            added["status"] = "in_progress"
+        events.append(event("response.output_item.added", output_index=index, item=added))
+        if kind == "message":
+            for part_index, part in enumerate(item.get("content") or []):
+                empty = {**part, "text": ""} if "text" in part else part
+                events.append(
+                    event(
+                        "response.content_part.added",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=part_index,
+                        part=empty,
+                    )
+                )
+                if part.get("type") == "output_text":
+                    events.append(
+                        event(
+                            "response.output_text.delta",
+                            item_id=item["id"],
+                            output_index=index,
+                            content_index=part_index,
+                            delta=part["text"],
+                            logprobs=[],
+                        )
+                    )
+                    events.append(
+                        event(
+                            "response.output_text.done",
+                            item_id=item["id"],
+                            output_index=index,
+                            content_index=part_index,
+                            text=part["text"],
+                            logprobs=[],
+                        )
+                    )
+                events.append(
+                    event(
+                        "response.content_part.done",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=part_index,
+                        part=part,
+                    )
+                )
+        elif kind == "reasoning":
+            for part_index, part in enumerate(item.get("content") or []):
+                events.append(
+                    event(
+                        "response.content_part.added",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=part_index,
+                        part={**part, "text": ""},
+                    )
+                )
+                events.append(
+                    event(
+                        "response.reasoning_text.delta",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=part_index,
+                        delta=part.get("text", ""),
+                    )
+                )
+                events.append(
+                    event(
+                        "response.reasoning_text.done",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=part_index,
+                        text=part.get("text", ""),
+                    )
+                )
+                events.append(
+                    event(
+                        "response.content_part.done",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=part_index,
+                        part=part,
+                    )
+                )
+        elif kind == "function_call":
+            events.append(
+                event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    delta=item["arguments"],
+                )
+            )
+            events.append(
+                event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
+        events.append(event("response.output_item.done", output_index=index, item=item))
+    final = {
+        "completed": "response.completed",
+        "failed": "response.failed",
+    }.get(response.get("status", ""), "response.incomplete")
+    events.append(event(final, response=response))
+    return events

@@ -1,0 +1,450 @@
+"""A ``POST /v1/responses`` body, checked and normalised. Pure: no I/O.
+
+``parse_create`` turns the JSON body into a ``CreateRequest`` or raises
+``BadRequest`` with the offending ``param`` (``input[2].content``,
+``tools[0].name``, ...). Input items come out normalised the way the API lists
+them back: every item has an ``id`` and a ``type``, and message content is a
+list of parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.errors import BadRequest
+from proxy.ids import new_id
+
+MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+INPUT_PART_TYPES = ("input_text", "input_image", "input_file", "output_text", "refusal")
+ITEM_TYPES = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "reasoning",
+    "item_reference",
+    "compaction",
+    "mcp_approval_response",
+    "mcp_list_tools",
+    "mcp_call",
+    "mcp_approval_request",
+)
+ITEM_PREFIX = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+    "compaction": "cmp",
+    "mcp_approval_response": "mcpr",
+    "mcp_list_tools": "mcpl",
+    "mcp_call": "mcp",
+    "mcp_approval_request": "mcpr",
+}
+TRUNCATION = ("auto", "disabled")
+
+
+@dataclass
+class CreateRequest:
+    """The settings of one ``POST /v1/responses``; ``raw`` keeps the body as sent."""
+
+    raw: dict[str, Any]
+    model: str | None
+    input: list[dict[str, Any]]
+    instructions: str | None
+    previous_response_id: str | None
+    conversation_id: str | None
+    store: bool
+    background: bool
+    stream: bool
+    tools: list[dict[str, Any]]
+    tool_choice: Any
+    parallel_tool_calls: bool
+    max_tool_calls: int | None
+    max_output_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    top_logprobs: int | None
+    text: dict[str, Any]
+    reasoning: dict[str, Any] | None
+    truncation: str
+    metadata: dict[str, str]
+    user: str | None
+    safety_identifier: str | None
+    prompt_cache_key: str | None
+    service_tier: str | None
+    include: list[str] = field(default_factory=list)
+
+
+def parse_create(body: Mapping[str, Any], ids: Callable[[str], str] = new_id) -> CreateRequest:
+    """Check a create body; raise BadRequest naming the parameter that is wrong."""
+    check = _Checker(body)
+    model = check.optional_str("model")
+    conversation = body.get("conversation")
+    conversation_id: str | None
+    if conversation is None or isinstance(conversation, str):
+        conversation_id = conversation
+    elif isinstance(conversation, dict) and isinstance(conversation.get("id"), str):
+        conversation_id = conversation["id"]
+    else:
+        raise BadRequest(
+            "'conversation' must be a conversation id or an object with an 'id'.",
+            param="conversation",
+        )
+    previous = check.optional_str("previous_response_id")
+    if previous is not None and conversation_id is not None:
+        raise BadRequest(
+            "'previous_response_id' and 'conversation' cannot be used together: a response "
+            "continues either a chain of responses or a conversation.",
+            param="previous_response_id",
+        )
+    if body.get("prompt") is not None:
+        raise BadRequest(
+            "Prompt templates ('prompt') are not supported by lmbridge; send 'input' and "
+            "'instructions' instead.",
+            param="prompt",
+        )
+    instructions = body.get("instructions")
+    if isinstance(instructions, list):
+        instructions = _instructions_from_items(instructions)
+    elif instructions is not None and not isinstance(instructions, str):
+        raise BadRequest("'instructions' must be a string.", param="instructions")
+
+    store = check.bool("store", True)
+    background = check.bool("background", False)
+    if background and not store:
+        raise BadRequest(
+            "A background response must be stored: 'background': true needs 'store': true "
+            "(the default).",
+            param="background",
+        )
+    truncation = body.get("truncation") or "disabled"
+    if truncation not in TRUNCATION:
+        raise BadRequest("'truncation' must be 'auto' or 'disabled'.", param="truncation")
+    text = body.get("text") or {}
+    if not isinstance(text, dict):
+        raise BadRequest("'text' must be an object.", param="text")
+    _check_text_format(text)
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise BadRequest("'reasoning' must be an object.", param="reasoning")
+    metadata = body.get("metadata") or {}
+    _check_metadata(metadata)
+    include = body.get("include") or []
+    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+        raise BadRequest("'include' must be an array of strings.", param="include")
+
+    tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be an array.", param="tools")
+    for index, tool in enumerate(tools):
+        _check_tool(tool, f"tools[{index}]")
+
+    return CreateRequest(
+        raw=dict(body),
+        model=model or None,
+        input=normalize_input(body.get("input"), ids),
+        instructions=instructions,
+        previous_response_id=previous,
+        conversation_id=conversation_id,
+        store=store,
+        background=background,
+        stream=check.bool("stream", False),
+        tools=tools,
+        tool_choice=_tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=check.bool("parallel_tool_calls", True),
+        max_tool_calls=check.optional_int("max_tool_calls", minimum=1),
+        max_output_tokens=check.optional_int("max_output_tokens", minimum=1),
+        temperature=check.optional_number("temperature", 0, 2),
+        top_p=check.optional_number("top_p", 0, 1),
+        presence_penalty=check.optional_number("presence_penalty", -2, 2),
+        frequency_penalty=check.optional_number("frequency_penalty", -2, 2),
+        top_logprobs=check.optional_int("top_logprobs", minimum=0, maximum=20),
+        text=text,
+        reasoning=reasoning,
+        truncation=truncation,
+        metadata=metadata,
+        user=check.optional_str("user"),
+        safety_identifier=check.optional_str("safety_identifier"),
+        prompt_cache_key=check.optional_str("prompt_cache_key"),
+        service_tier=check.optional_str("service_tier"),
+        include=include,
+    )
+
+
+class _Checker:
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.body = body
+
+    def optional_str(self, name: str) -> str | None:
+        value = self.body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"'{name}' must be a string.", param=name)
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise BadRequest(f"'{name}' must be a boolean.", param=name)
+        return value
+
+    def optional_int(
+        self, name: str, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadRequest(f"'{name}' must be an integer.", param=name)
+        if minimum is not None and value < minimum:
+            raise BadRequest(f"'{name}' must be at least {minimum}.", param=name)
+        if maximum is not None and value > maximum:
+            raise BadRequest(f"'{name}' must be at most {maximum}.", param=name)
+        return value
+
+    def optional_number(self, name: str, low: float, high: float) -> float | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise BadRequest(f"'{name}' must be a number.", param=name)
+        if not low <= value <= high:
+            raise BadRequest(f"'{name}' must be between {low:g} and {high:g}.", param=name)
+        return float(value)
+
+
+def _check_metadata(metadata: Any) -> None:
+    if not isinstance(metadata, dict):
+        raise BadRequest("'metadata' must be an object of strings.", param="metadata")
+    if len(metadata) > 16:
+        raise BadRequest("'metadata' may hold at most 16 keys.", param="metadata")
+    for key, value in metadata.items():
+        if not isinstance(value, str) or len(key) > 64 or len(value) > 512:
+            raise BadRequest(
+                "'metadata' values must be strings (keys up to 64 characters, values up to 512).",
+                param=f"metadata.{key}",
+            )
+
+
+def _check_text_format(text: Mapping[str, Any]) -> None:
+    fmt = text.get("format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest(
+            "'text.format.type' must be 'text', 'json_object' or 'json_schema'.",
+            param="text.format.type",
+        )
+    if fmt["type"] == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+            raise BadRequest(
+                "'text.format.name' is required for json_schema.", param="text.format.name"
+            )
+        if not isinstance(fmt.get("schema"), dict):
+            raise BadRequest(
+                "'text.format.schema' must be a JSON schema object.", param="text.format.schema"
+            )
+
+
+def _check_tool(tool: Any, where: str) -> None:
+    if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+        raise BadRequest("Each tool must be an object with a 'type'.", param=f"{where}.type")
+    kind = tool["type"]
+    if kind == "function":
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise BadRequest("A function tool needs a 'name'.", param=f"{where}.name")
+        parameters = tool.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise BadRequest(
+                "'parameters' must be a JSON schema object.", param=f"{where}.parameters"
+            )
+    elif kind == "namespace":
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise BadRequest("A namespace tool needs a 'name'.", param=f"{where}.name")
+        inner = tool.get("tools")
+        if not isinstance(inner, list):
+            raise BadRequest("A namespace tool needs a 'tools' array.", param=f"{where}.tools")
+        for index, member in enumerate(inner):
+            if not isinstance(member, dict) or member.get("type", "function") != "function":
+                raise BadRequest(
+                    "A namespace holds function tools only.", param=f"{where}.tools[{index}].type"
+                )
+            _check_tool({**member, "type": "function"}, f"{where}.tools[{index}]")
+
+
+def _tool_choice(value: Any) -> Any:
+    if value is None:
+        return "auto"
+    if value in ("auto", "none", "required"):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        return value
+    raise BadRequest(
+        "'tool_choice' must be 'auto', 'none', 'required' or an object naming a tool.",
+        param="tool_choice",
+    )
+
+
+def _instructions_from_items(items: list[Any]) -> str:
+    """Instructions given as input items: their text, joined."""
+    texts: list[str] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(
+                "Each instruction item must be an object.", param=f"instructions[{index}]"
+            )
+        content = item.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p.get("text", "") for p in content if isinstance(p, dict)]
+    return "\n\n".join(t for t in texts if t)
+
+
+# --- input items -----------------------------------------------------------
+
+
+def normalize_input(value: Any, ids: Callable[[str], str] = new_id) -> list[dict[str, Any]]:
+    """The request's ``input`` as a list of complete items (ids assigned, content as parts)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [_message({"role": "user", "content": value}, "input[0]", ids)]
+    if not isinstance(value, list):
+        raise BadRequest("'input' must be a string or an array of items.", param="input")
+    return [normalize_item(item, f"input[{i}]", ids) for i, item in enumerate(value)]
+
+
+def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise BadRequest("Each input item must be an object.", param=where)
+    kind = item.get("type")
+    if kind is None and "role" in item:
+        kind = "message"
+    if kind not in ITEM_TYPES:
+        raise BadRequest(
+            f"Unknown input item type {kind!r}; lmbridge accepts {', '.join(ITEM_TYPES)}.",
+            param=f"{where}.type",
+        )
+    if kind == "message":
+        return _message(item, where, ids)
+    out = dict(item)
+    out["type"] = kind
+    if kind == "item_reference":
+        if not isinstance(item.get("id"), str):
+            raise BadRequest(
+                "An item_reference needs the 'id' of a stored item.", param=f"{where}.id"
+            )
+        return out
+    if kind == "function_call":
+        for name in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(name), str):
+                raise BadRequest(
+                    f"A function_call item needs a string '{name}'.", param=f"{where}.{name}"
+                )
+        out.setdefault("status", "completed")
+    elif kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise BadRequest(
+                "A function_call_output item needs the 'call_id' it answers.",
+                param=f"{where}.call_id",
+            )
+        output = item.get("output")
+        if not isinstance(output, str | list):
+            raise BadRequest(
+                "'output' must be a string or an array of content parts.", param=f"{where}.output"
+            )
+        out.setdefault("status", "completed")
+    elif kind == "compaction":
+        if not isinstance(item.get("encrypted_content"), str):
+            raise BadRequest(
+                "A compaction item needs its 'encrypted_content'.",
+                param=f"{where}.encrypted_content",
+            )
+    elif kind == "reasoning":
+        summary = item.get("summary")
+        if summary is not None and not isinstance(summary, list):
+            raise BadRequest("'summary' must be an array.", param=f"{where}.summary")
+        out.setdefault("summary", [])
+    if not isinstance(out.get("id"), str) or not out["id"]:
+        out["id"] = ids(ITEM_PREFIX.get(kind, "item"))
+    return out
+
+
+def _message(item: dict[str, Any], where: str, ids: Callable[[str], str]) -> dict[str, Any]:
+    role = item.get("role")
+    if role not in MESSAGE_ROLES:
+        raise BadRequest(
+            f"A message's 'role' must be one of {', '.join(MESSAGE_ROLES)}.",
+            param=f"{where}.role",
+        )
+    content = item.get("content")
+    text_type = "output_text" if role == "assistant" else "input_text"
+    parts: list[dict[str, Any]]
+    if isinstance(content, str):
+        parts = [{"type": text_type, "text": content}]
+        if role == "assistant":
+            parts[0]["annotations"] = []
+    elif isinstance(content, list):
+        parts = [_part(p, f"{where}.content[{i}]") for i, p in enumerate(content)]
+    else:
+        raise BadRequest(
+            "A message's 'content' must be a string or an array of parts.", param=f"{where}.content"
+        )
+    out: dict[str, Any] = {
+        "type": "message",
+        "id": item["id"] if isinstance(item.get("id"), str) and item["id"] else ids("msg"),
+        "role": role,
+        "content": parts,
+        "status": item.get("status") or "completed",
+    }
+    if role == "assistant" and item.get("phase") is not None:
+        if item["phase"] not in ("commentary", "final_answer"):
+            raise BadRequest(
+                "'phase' must be 'commentary' or 'final_answer'.", param=f"{where}.phase"
+            )
+        out["phase"] = item["phase"]
+    return out
+
+
+def _part(part: Any, where: str) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"type": "input_text", "text": part}
+    if not isinstance(part, dict) or part.get("type") not in INPUT_PART_TYPES:
+        raise BadRequest(
+            f"A content part's 'type' must be one of {', '.join(INPUT_PART_TYPES)}.",
+            param=f"{where}.type",
+        )
+    kind = part["type"]
+    if kind in ("input_text", "output_text") and not isinstance(part.get("text"), str):
+        raise BadRequest(f"An {kind} part needs a string 'text'.", param=f"{where}.text")
+    if kind == "refusal" and not isinstance(part.get("refusal"), str):
+        raise BadRequest("A refusal part needs a string 'refusal'.", param=f"{where}.refusal")
+    if kind == "input_image":
+        if part.get("file_id"):
+            raise BadRequest(
+                "lmbridge has no file store: send images as 'image_url' (a data: URL or an "
+                "http(s) URL the upstream can read).",
+                param=f"{where}.file_id",
+            )
+        if not isinstance(part.get("image_url"), str):
+            raise BadRequest(
+                "An input_image part needs an 'image_url'.", param=f"{where}.image_url"
+            )
+    if kind == "input_file":
+        if part.get("file_id") or part.get("file_url"):
+            raise BadRequest(
+                "lmbridge has no file store and does not fetch URLs: send the file inline as "
+                "'file_data' (base64) with a 'filename'.",
+                param=f"{where}.file_id" if part.get("file_id") else f"{where}.file_url",
+            )
+        if not isinstance(part.get("file_data"), str):
+            raise BadRequest("An input_file part needs 'file_data'.", param=f"{where}.file_data")
+    out = dict(part)
+    if kind == "output_text":
+        out.setdefault("annotations", [])
+    return out

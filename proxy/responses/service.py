@@ -1,0 +1,646 @@
+"""The Responses service: one function per endpoint, the data flow top to bottom.
+
+create: validate -> resolve the model -> load the chain or conversation ->
+render to a chat request -> upstream (streamed or not) -> ResponseBuilder ->
+store -> respond. The transport is not known here: ``execute`` hands events to
+a sink (an SSE writer, a background response's event log, or nothing), so the
+WebSocket mode can reuse it as it is.
+
+Durability: a response is written (and committed) before the client sees its
+final state: before the JSON reply, before ``response.completed``, and before
+a background response is acknowledged as queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.catalog import ModelCatalog, ModelInfo
+from proxy.config import Config
+from proxy.errors import (
+    BadRequest,
+    LMBridgeError,
+    NotFound,
+    PreviousResponseNotFound,
+    UpstreamError,
+    UpstreamStatus,
+)
+from proxy.ids import new_id
+from proxy.responses import render
+from proxy.responses.builder import Event, ResponseBuilder, replay_events, usage_from_chat
+from proxy.responses.objects import list_page, response_object
+from proxy.responses.render import ChatTools, ToolNames
+from proxy.responses.request import CreateRequest, normalize_item, parse_create
+from proxy.sse import SSEParser
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+from storage.records import ResponseRecord, ResponseStore, StoredItem
+
+log = logging.getLogger("lmbridge.responses")
+
+CHAT_PATH = "/v1/chat/completions"
+ROUTE = "/v1/responses"
+Sink = Callable[[list[Event]], Awaitable[None]]
+
+_CONTEXT_ERROR = re.compile(
+    r"context (length|size|window)|exceeds? (the )?(available )?context|n_ctx|"
+    r"too many tokens|maximum context|prompt is too long",
+    re.IGNORECASE,
+)
+
+
+def owner_of(api_key: bytes | None) -> str:
+    """Stored objects belong to the hash of the key that created them ("" without keys)."""
+    return hashlib.sha256(api_key).hexdigest()[:32] if api_key else ""
+
+
+async def _discard(events: list[Event]) -> None:
+    return None
+
+
+@dataclass
+class Prepared:
+    """Everything the upstream call needs, loaded and rendered."""
+
+    request: CreateRequest
+    model: ModelInfo
+    tools: ChatTools
+    settings: dict[str, Any]
+    system: list[dict[str, Any]]
+    history: list[str]  # JSON array texts, oldest turn first
+    history_tokens: list[int]
+    input_items: list[dict[str, Any]]
+    new_messages: list[dict[str, Any]]
+    owner: str
+
+
+@dataclass
+class ResponseRun:
+    """One response being produced."""
+
+    id: str
+    prepared: Prepared
+    builder: ResponseBuilder
+    created_at: int
+    events: list[Event] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    finished: bool = False
+    task: asyncio.Task[Any] | None = None
+    cancel_requested: bool = False
+
+    @property
+    def request(self) -> CreateRequest:
+        return self.prepared.request
+
+    @property
+    def response(self) -> dict[str, Any]:
+        return self.builder.response
+
+    async def record(self, events: list[Event]) -> None:
+        """The sink of a background response: keep the events, wake the readers."""
+        if not events:
+            return
+        async with self.changed:
+            self.events.extend(events)
+            self.changed.notify_all()
+
+    async def follow(self, starting_after: int | None) -> AsyncIterator[Event]:
+        """Events so far (after ``starting_after``), then live ones until the end."""
+        position = 0
+        while True:
+            async with self.changed:
+                while position >= len(self.events) and not self.finished:
+                    await self.changed.wait()
+                batch = self.events[position:]
+                position = len(self.events)
+                done = self.finished
+            for event in batch:
+                if starting_after is None or event["sequence_number"] > starting_after:
+                    yield event
+            if done and position >= len(self.events):
+                return
+
+
+class ResponsesService:
+    def __init__(
+        self,
+        config: Config,
+        store: ResponseStore,
+        upstream: UpstreamClient,
+        catalog: ModelCatalog,
+        tasks: BackgroundTasks,
+        *,
+        clock: Callable[[], float] = time.time,
+        ids: Callable[[str], str] = new_id,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.catalog = catalog
+        self.tasks = tasks
+        self.clock = clock
+        self.ids = ids
+        self.running: dict[str, ResponseRun] = {}
+
+    # --- create -----------------------------------------------------------
+
+    async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
+        request = parse_create(body, self.ids)
+        prepared = await self.prepare(request, owner)
+        created_at = int(self.clock())
+        response_id = self.ids("resp")
+        response = response_object(
+            request, response_id=response_id, model=prepared.model.id, created_at=created_at
+        )
+        builder = ResponseBuilder(
+            response, prepared.tools.names, ids=self.ids,
+            max_tool_calls=request.max_tool_calls, clock=self.clock,
+        )  # fmt: skip
+        run = ResponseRun(response_id, prepared, builder, created_at)
+        if request.background:
+            await run.record(builder.start(queued=True))
+            await self._save(run)  # acknowledged as queued only once it is durable
+            self.running[run.id] = run
+            run.task = self.tasks.spawn(self._run_background(run), f"response {run.id}")
+        return run
+
+    async def prepare(self, request: CreateRequest, owner: str) -> Prepared:
+        model = await self.catalog.resolve(request.model, "chat")
+        tools = render.convert_tools(
+            request, reject_unsupported=self.config.responses.unsupported_tools == "reject"
+        )
+        history: list[str] = []
+        history_tokens: list[int] = []
+        if request.previous_response_id is not None:
+            chain = await self.store.load_chain(request.previous_response_id, owner)
+            if chain is None:
+                raise PreviousResponseNotFound(
+                    f"Previous response with id '{request.previous_response_id}' not found.",
+                    param="previous_response_id",
+                )
+            if chain.broken_at is not None:
+                raise PreviousResponseNotFound(
+                    f"Previous response '{request.previous_response_id}' cannot be continued: "
+                    f"an earlier response of its chain ('{chain.broken_at}') was deleted or "
+                    "has expired.",
+                    param="previous_response_id",
+                )
+            history = list(chain.turn_messages)
+            history_tokens = list(chain.turn_tokens)
+        elif request.conversation_id is not None:
+            items = await self.store.all_conversation_items(request.conversation_id, owner)
+            if items is None:
+                raise NotFound(
+                    f"Conversation with id '{request.conversation_id}' not found.",
+                    param="conversation",
+                    code="conversation_not_found",
+                )
+            if items:
+                rendered = render.dumps(render.render_items(
+                    [json.loads(i.json) for i in items], tools.names,
+                    images=model.vision is not False,
+                ))  # fmt: skip
+                history, history_tokens = [rendered], [render.estimate_tokens(rendered)]
+        input_items = await self._resolve_references(request.input, owner)
+        return Prepared(
+            request=request,
+            model=model,
+            tools=tools,
+            settings=render.chat_settings(request, model.id, tools),
+            system=render.system_messages(request),
+            history=history,
+            history_tokens=history_tokens,
+            input_items=input_items,
+            new_messages=render.render_items(
+                input_items, tools.names, images=model.vision is not False
+            ),
+            owner=owner,
+        )
+
+    async def _resolve_references(
+        self, items: list[dict[str, Any]], owner: str
+    ) -> list[dict[str, Any]]:
+        resolved = []
+        for index, item in enumerate(items):
+            if item["type"] != "item_reference":
+                resolved.append(item)
+                continue
+            stored = await self.store.find_item(item["id"], owner)
+            if stored is None:
+                raise NotFound(
+                    f"Item with id '{item['id']}' not found.", param=f"input[{index}].id",
+                    code="item_not_found",
+                )  # fmt: skip
+            resolved.append(json.loads(stored.json))
+        return resolved
+
+    # --- running ----------------------------------------------------------
+
+    async def execute(self, run: ResponseRun, sink: Sink = _discard) -> dict[str, Any]:
+        """Produce the response, handing events to ``sink``; store it; return it.
+
+        Foreground requests run this in their handler; when the client goes away
+        the task is cancelled and the partial response is stored as cancelled.
+        """
+        builder = run.builder
+        request = run.request
+        streamed = request.stream or request.background
+        try:
+            if not request.background:
+                await sink(builder.start())
+            else:
+                await sink(builder.in_progress())
+                await self._save(run)
+            if streamed:
+                async for chunk in self._stream_chat(run.prepared):
+                    await sink(builder.feed(chunk))
+            else:
+                completion = await self._complete_chat(run.prepared)
+                builder.feed_completion(completion)
+            final = builder.finish()
+        except asyncio.CancelledError:
+            if request.background and not run.cancel_requested:
+                final = builder.fail("server_error", "The daemon stopped while this response ran.")
+            else:
+                final = builder.cancel()  # cancelled by the client, or the client went away
+            await asyncio.shield(self._save(run, final))
+            await _deliver(sink, final)
+            raise
+        except UpstreamError as exc:
+            code = _failure_code(exc)
+            final = builder.fail(code, exc.message)
+            await self._save(run, final)
+            await sink(final)
+            if not streamed:
+                raise _client_error(exc, code, run.id) from exc
+            return builder.response
+        await self._save(run, final)
+        await sink(final)
+        return builder.response
+
+    async def _run_background(self, run: ResponseRun) -> None:
+        try:
+            await self.execute(run, run.record)
+        finally:
+            async with run.changed:
+                run.finished = True
+                run.changed.notify_all()
+            self.running.pop(run.id, None)
+
+    def _chat_body(self, prepared: Prepared, history: list[str], *, stream: bool) -> bytes:
+        messages = render.join_message_arrays(
+            [render.dumps(prepared.system), *history, render.dumps(prepared.new_messages)]
+        )
+        return render.chat_body_bytes(prepared.settings, messages, stream=stream)
+
+    async def _open_chat(self, prepared: Prepared, *, stream: bool) -> Any:
+        """Send the chat request, dropping the oldest turns while the upstream says the
+        context is exceeded (``truncation: "auto"`` only)."""
+        history = self._fit_history(prepared)
+        while True:
+            body = self._chat_body(prepared, history, stream=stream)
+            try:
+                return await self.upstream.open("POST", CHAT_PATH, body=body, route=ROUTE)
+            except UpstreamStatus as exc:
+                if not (_is_context_error(exc) and prepared.request.truncation == "auto"
+                        and history):  # fmt: skip
+                    raise
+                history = history[len(history) // 2 + (len(history) % 2) :]
+
+    def _fit_history(self, prepared: Prepared) -> list[str]:
+        history = prepared.history
+        context = prepared.model.context_length
+        if prepared.request.truncation != "auto" or context is None or not history:
+            return history
+        fixed = render.estimate_tokens(render.dumps(prepared.system + prepared.new_messages))
+        budget = context - (prepared.request.max_output_tokens or min(1024, context // 4)) - fixed
+        tokens = list(prepared.history_tokens)
+        start = 0
+        while start < len(history) and sum(tokens[start:]) > budget:
+            start += 1
+        if start:
+            log.info("truncation: dropped the %d oldest turn(s) to fit %d tokens", start, context)
+        return history[start:]
+
+    async def _complete_chat(self, prepared: Prepared) -> dict[str, Any]:
+        resp = await self._open_chat(prepared, stream=False)
+        raw = await self.upstream.read_body(resp)
+        try:
+            completion = json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamError("The upstream answered with something that is not JSON.") from exc
+        if not isinstance(completion, dict):
+            raise UpstreamError("The upstream answered with something that is not an object.")
+        return completion
+
+    async def _stream_chat(self, prepared: Prepared) -> AsyncGenerator[dict[str, Any], None]:
+        resp = await self._open_chat(prepared, stream=True)
+        if resp.content_type != "text/event-stream":  # an upstream that ignored "stream"
+            raw = await self.upstream.read_body(resp)
+            with contextlib.suppress(ValueError):
+                data = json.loads(raw)
+                if isinstance(data, dict):
+                    yield data
+            return
+        parser = SSEParser()
+        async with contextlib.aclosing(self.upstream.iter_chunks(resp)) as chunks:
+            async for raw in chunks:
+                for event in parser.feed(raw):
+                    if event.is_done:
+                        return
+                    chunk = _chunk_json(event.data)
+                    if chunk is not None:
+                        yield chunk
+        for event in parser.finish():
+            chunk = _chunk_json(event.data)
+            if chunk is not None and not event.is_done:
+                yield chunk
+
+    # --- storing ----------------------------------------------------------
+
+    async def _save(self, run: ResponseRun, pending: Sequence[Event] = ()) -> None:
+        """Store the response; ``pending`` are its events not yet handed to the sink
+        (they are stored with it, then sent: nothing is sent before it is durable)."""
+        request = run.request
+        if not request.store:
+            return
+        response = run.builder.response
+        output = response["output"]
+        turn = render.dumps(render.render_items(
+            [*run.prepared.input_items, *output], run.prepared.tools.names,
+            images=run.prepared.model.vision is not False,
+        ))  # fmt: skip
+        finished = response["status"] not in ("queued", "in_progress")
+        conversation_items: tuple[StoredItem, ...] = ()
+        if request.conversation_id is not None and finished:
+            conversation_items = tuple(
+                _stored(item) for item in [*run.prepared.input_items, *output]
+            )
+        record = ResponseRecord(
+            id=run.id,
+            owner=run.prepared.owner,
+            created_at=run.created_at,
+            expires_at=run.created_at + int(self.config.responses.retention),
+            status=response["status"],
+            body=render.dumps(response),
+            previous_response_id=request.previous_response_id,
+            conversation_id=request.conversation_id,
+            background=request.background,
+            input_items=tuple(_stored(item) for item in run.prepared.input_items),
+            output_items=tuple(_stored(item) for item in output),
+            turn_messages=turn,
+            turn_tokens=render.estimate_tokens(turn),
+            events=tuple(render.dumps(e) for e in [*run.events, *pending])
+            if request.background
+            else (),
+            conversation_items=conversation_items,
+        )
+        await self.store.save_response(record)
+
+    # --- reading ----------------------------------------------------------
+
+    async def get(self, response_id: str, owner: str) -> str:
+        stored = await self.store.get_response(response_id, owner)
+        if stored is None:
+            raise _response_not_found(response_id)
+        return stored
+
+    async def events(
+        self, response_id: str, owner: str, starting_after: int | None
+    ) -> AsyncIterator[Event]:
+        """A stored or running response's events, after ``starting_after``."""
+        stored = await self.get(response_id, owner)
+        run = self.running.get(response_id)
+        if run is not None and run.prepared.owner == owner:
+            async for event in run.follow(starting_after):
+                yield event
+            return
+        kept = await self.store.get_events(response_id, owner, starting_after=starting_after)
+        if kept:
+            for text in kept:
+                yield json.loads(text)
+            return
+        for event in replay_events(json.loads(stored)):
+            if starting_after is None or event["sequence_number"] > starting_after:
+                yield event
+
+    async def delete(self, response_id: str, owner: str) -> None:
+        run = self.running.get(response_id)
+        if run is not None and run.prepared.owner == owner and run.task is not None:
+            run.cancel_requested = True
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await run.task
+        if not await self.store.delete_response(response_id, owner):
+            raise _response_not_found(response_id)
+
+    async def cancel(self, response_id: str, owner: str) -> str:
+        stored = await self.get(response_id, owner)
+        body = json.loads(stored)
+        if not body.get("background"):
+            raise BadRequest(
+                "Only responses created with 'background': true can be cancelled.",
+                param="response_id",
+            )
+        run = self.running.get(response_id)
+        if run is not None and run.task is not None and not run.task.done():
+            run.cancel_requested = True
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run.task
+            return await self.get(response_id, owner)
+        return stored
+
+    async def input_items(
+        self, response_id: str, owner: str, *, after: str | None, limit: int, order: str
+    ) -> dict[str, Any]:
+        page = await self.store.list_input_items(
+            response_id,
+            owner,
+            after=after,
+            limit=limit,
+            order=order,  # type: ignore[arg-type]
+        )
+        if page is None:
+            raise _response_not_found(response_id)
+        return list_page([json.loads(i.json) for i in page.items], page.has_more)
+
+    # --- counting and compacting ------------------------------------------
+
+    async def input_tokens(self, body: dict[str, Any], owner: str) -> int:
+        """What the next turn's input would cost: the upstream tokenises the rendered
+        prompt (one token generated), so the count is the upstream's own."""
+        body = {**body, "stream": False, "background": False, "store": False}
+        prepared = await self.prepare(parse_create(body, self.ids), owner)
+        settings = {**prepared.settings, "max_tokens": 1, "temperature": 0}
+        messages = render.join_message_arrays(
+            [render.dumps(prepared.system), *self._fit_history(prepared),
+             render.dumps(prepared.new_messages)]
+        )  # fmt: skip
+        resp = await self.upstream.open(
+            "POST", CHAT_PATH, body=render.chat_body_bytes(settings, messages, stream=False),
+            route=ROUTE,
+        )  # fmt: skip
+        completion = json.loads(await self.upstream.read_body(resp) or b"{}")
+        usage = usage_from_chat(completion.get("usage") if isinstance(completion, dict) else None)
+        if usage and usage["input_tokens"]:
+            return int(usage["input_tokens"])
+        return render.estimate_tokens(messages)
+
+    async def compact(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Summarise the conversation so far into one compaction item."""
+        if not body.get("model"):
+            raise BadRequest("Missing required parameter: 'model'.", param="model")
+        body = {**body, "stream": False, "background": False, "store": False, "tools": []}
+        prepared = await self.prepare(parse_create(body, self.ids), owner)
+        transcript = render.join_message_arrays(
+            [*self._fit_history(prepared), render.dumps(prepared.new_messages)]
+        )
+        instruction = {
+            "role": "system",
+            "content": "Summarise the conversation below so that it can be continued from "
+            "the summary alone: keep the user's goals, decisions, facts, names, open "
+            "questions and the state of any task. Write the summary only.",
+        }
+        request_messages = [instruction, {"role": "user", "content": _transcript(transcript)}]
+        settings = {
+            k: v
+            for k, v in prepared.settings.items()
+            if k not in ("tools", "tool_choice", "response_format")
+        }
+        resp = await self.upstream.open(
+            "POST", CHAT_PATH,
+            body=render.chat_body_bytes(settings, render.dumps(request_messages), stream=False),
+            route=ROUTE,
+        )  # fmt: skip
+        completion = json.loads(await self.upstream.read_body(resp))
+        names = ToolNames()
+        builder = ResponseBuilder({}, names, ids=self.ids, clock=self.clock)
+        builder.feed_completion(completion)
+        summary = "".join(
+            part.get("text", "")
+            for item in builder.output if item["type"] == "message"
+            for part in item["content"]
+        )  # fmt: skip
+        return {
+            "id": self.ids("cmp"),
+            "object": "response.compaction",
+            "created_at": int(self.clock()),
+            "output": [
+                {
+                    "id": self.ids("cmp"),
+                    "type": "compaction",
+                    "encrypted_content": render.encode_compaction(summary.strip()),
+                }
+            ],
+            "usage": builder.usage or usage_from_chat({}),
+        }
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a restart nothing is running: what was left unfinished has failed."""
+        count = await self.store.fail_unfinished(
+            int(self.clock()), "The daemon restarted before this response finished."
+        )
+        if count:
+            log.warning("marked %d unfinished background response(s) failed", count)
+
+    async def purge_forever(self) -> None:
+        interval = self.config.responses.purge_interval
+        while True:
+            try:
+                purged = await self.store.purge_expired(int(self.clock()))
+                if purged:
+                    log.info("purged %d expired response(s) and conversation(s)", purged)
+            except Exception:
+                log.exception("purging expired responses failed")
+            await asyncio.sleep(interval)
+
+
+def _stored(item: dict[str, Any]) -> StoredItem:
+    return StoredItem(item["id"], render.dumps(item))
+
+
+def _chunk_json(data: bytes) -> dict[str, Any] | None:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(chunk, dict):
+        return None
+    if chunk.get("error"):
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise UpstreamError(f"The upstream stream reported an error: {message}")
+    return chunk
+
+
+def _transcript(messages_json: str) -> str:
+    lines = []
+    for message in json.loads(messages_json):
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if message.get("tool_calls"):
+            calls = ", ".join(
+                f"{c['function']['name']}({c['function']['arguments']})"
+                for c in message["tool_calls"]
+            )
+            content = f"{content or ''} [called {calls}]".strip()
+        lines.append(f"{message.get('role')}: {content or ''}")
+    return "\n".join(lines)
+
+
+def _is_context_error(exc: UpstreamStatus) -> bool:
+    error = exc.body().get("error", {})
+    if error.get("code") == "context_length_exceeded" or error.get("type") in (
+        "exceed_context_size_error",
+    ):
+        return True
+    return exc.status in (400, 413) and bool(_CONTEXT_ERROR.search(exc.message))
+
+
+def _failure_code(exc: UpstreamError) -> str:
+    if isinstance(exc, UpstreamStatus) and _is_context_error(exc):
+        return "context_length_exceeded"
+    return exc.code or "upstream_error"
+
+
+def _client_error(exc: UpstreamError, code: str, response_id: str) -> LMBridgeError:
+    """What a non-streamed create answers when the upstream failed: the request's own
+    fault (context too long) is a 400, anything else keeps the upstream's status."""
+    note = f" (response {response_id} was stored with status 'failed')"
+    if code == "context_length_exceeded":
+        return BadRequest(exc.message + note, param="input", code=code)
+    if isinstance(exc, UpstreamStatus) and exc.status < 500:
+        return BadRequest(exc.message + note, code=code)
+    exc.extend_message(note)
+    return exc
+
+
+def _response_not_found(response_id: str) -> NotFound:
+    return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+
+
+async def _deliver(sink: Sink, events: list[Event]) -> None:
+    """Best effort for the last events of a cancelled run (the client may be gone)."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(sink(events))
+
+
+def normalize_conversation_items(items: Any, ids: Callable[[str], str]) -> list[dict[str, Any]]:
+    if not isinstance(items, list):
+        raise BadRequest("'items' must be an array of items.", param="items")
+    if len(items) > 20:
+        raise BadRequest("At most 20 items can be added at a time.", param="items")
+    return [normalize_item(item, f"items[{i}]", ids) for i, item in enumerate(items)]

@@ -1,0 +1,15 @@
+"""The one exception the storage package raises.
+
+    StorageError   the database could not be opened, read or written (disk full,
+                   locked by another process, corrupt, closed)
+
+sqlite3/aiosqlite errors are converted where the I/O happens (storage/sqlite.py
+for opening and reads, storage/writer.py for writes); the service maps
+StorageError to a 503/500 error.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """The database could not be opened or used."""

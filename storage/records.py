@@ -1,0 +1,167 @@
+"""What the Responses service stores and reads back, independent of the backend.
+
+The service never writes SQL: it hands a ``ResponseRecord`` to ``save_response``
+and asks for "the chain before response X" (``load_chain``) or a page of items.
+Item and response bodies travel as JSON text so that what was stored is what is
+returned, byte for byte, and so that a turn's chat messages are sent upstream
+exactly as they were the first time (the upstream's prompt cache depends on it).
+
+``owner`` scopes every read and write: the hash of the client API key that
+created the object, or ``""`` when the daemon has no client keys. An object
+owned by someone else is reported as absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Order = Literal["asc", "desc"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """One item (a message, function call, ...) with its id and JSON text."""
+
+    id: str
+    json: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRecord:
+    id: str
+    owner: str
+    created_at: int
+    expires_at: int
+    status: str
+    # The Response object as returned to clients (JSON text).
+    body: str
+    previous_response_id: str | None = None
+    conversation_id: str | None = None
+    background: bool = False
+    # This request's input items, in order. Written once; later saves of the same
+    # response (status updates of a background response) may pass them again.
+    input_items: tuple[StoredItem, ...] = ()
+    # The output items (also inside ``body``), indexed for item_reference lookups.
+    output_items: tuple[StoredItem, ...] = ()
+    # The chat messages this turn adds to the conversation (rendered input, then the
+    # assistant's output), as a JSON array text; instructions are not part of it.
+    turn_messages: str = "[]"
+    # Estimated tokens of ``turn_messages`` (for truncation).
+    turn_tokens: int = 0
+    # Streaming events of a background response, JSON text each, in order, for
+    # ``GET /v1/responses/{id}?stream=true`` replay.
+    events: tuple[str, ...] = ()
+    # When set, the items to append to that conversation in the same transaction.
+    conversation_items: tuple[StoredItem, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """The turns before (and including) a response, oldest first."""
+
+    response_ids: tuple[str, ...]
+    turn_messages: tuple[str, ...]
+    turn_tokens: tuple[int, ...]
+    # Set when an ancestor is missing (deleted or expired): the chain cannot be
+    # continued faithfully. The id is the missing one.
+    broken_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: tuple[StoredItem, ...]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    id: str
+    owner: str
+    created_at: int
+    expires_at: int
+    metadata: str = "{}"  # JSON object text
+    items: tuple[StoredItem, ...] = field(default=())
+
+
+class ResponseStore(Protocol):
+    # --- responses ---
+    async def save_response(self, record: ResponseRecord) -> None:
+        """Insert or update (by id) a response, its items, events, and conversation items,
+        in one transaction that is durable when this returns."""
+        ...
+
+    async def get_response(self, response_id: str, owner: str) -> str | None:
+        """The stored Response JSON text, or None (absent, expired, another owner's)."""
+        ...
+
+    async def delete_response(self, response_id: str, owner: str) -> bool: ...
+
+    async def load_chain(self, response_id: str, owner: str) -> Chain | None:
+        """The chain ending at ``response_id`` in a bounded number of queries; None when
+        ``response_id`` itself is absent."""
+        ...
+
+    async def list_input_items(
+        self, response_id: str, owner: str, *, after: str | None, limit: int, order: Order
+    ) -> Page | None:
+        """A page of a response's input items; None when the response is absent.
+        ``after`` is an item id (exclusive cursor) in the given order."""
+        ...
+
+    async def find_item(self, item_id: str, owner: str) -> StoredItem | None:
+        """An input or output item of any stored response, or a conversation item."""
+        ...
+
+    async def get_events(
+        self, response_id: str, owner: str, *, starting_after: int | None
+    ) -> list[str] | None:
+        """Stored streaming events with sequence_number > starting_after; None when absent."""
+        ...
+
+    async def fail_unfinished(self, now: int, message: str) -> int:
+        """Mark responses left queued or in_progress (by a daemon that stopped) failed,
+        with an error carrying ``message``; returns how many."""
+        ...
+
+    async def purge_expired(self, now: int) -> int:
+        """Delete expired responses and conversations with their items; returns how many
+        objects were deleted, and gives the freed pages back to the file system."""
+        ...
+
+    # --- conversations ---
+    async def create_conversation(self, record: ConversationRecord) -> None: ...
+
+    async def get_conversation(self, conversation_id: str, owner: str) -> ConversationRecord | None:
+        """Without its items."""
+        ...
+
+    async def update_conversation(
+        self, conversation_id: str, owner: str, *, metadata: str, expires_at: int
+    ) -> ConversationRecord | None: ...
+
+    async def delete_conversation(self, conversation_id: str, owner: str) -> bool: ...
+
+    async def add_conversation_items(
+        self, conversation_id: str, owner: str, items: tuple[StoredItem, ...], expires_at: int
+    ) -> bool:
+        """Append items (and push the conversation's expiry); False when it is absent."""
+        ...
+
+    async def list_conversation_items(
+        self, conversation_id: str, owner: str, *, after: str | None, limit: int, order: Order
+    ) -> Page | None: ...
+
+    async def all_conversation_items(
+        self, conversation_id: str, owner: str
+    ) -> tuple[StoredItem, ...] | None:
+        """Every item, oldest first (what a response in this conversation sees)."""
+        ...
+
+    async def get_conversation_item(
+        self, conversation_id: str, owner: str, item_id: str
+    ) -> StoredItem | None: ...
+
+    async def delete_conversation_item(
+        self, conversation_id: str, owner: str, item_id: str
+    ) -> bool: ...

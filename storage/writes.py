@@ -1,0 +1,328 @@
+"""What each write does, in SQL: the functions the group-commit writer
+(storage/writer.py) applies inside its transaction.
+
+``SQLiteStore`` (storage/sqlite.py) picks the function and builds its argument;
+nothing here begins or commits a transaction. ``save_responses`` handles a whole
+batch of saves with one ``executemany`` per statement; the other writes are rare
+and run one after the other (``each``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from storage.records import ConversationRecord, ResponseRecord, StoredItem
+from storage.writer import each
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """An object of one owner, as seen at ``now`` (an expired one is absent)."""
+
+    id: str
+    owner: str
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class Save:
+    record: ResponseRecord
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddItems:
+    conversation: Ref
+    items: tuple[StoredItem, ...]
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataUpdate:
+    conversation: Ref
+    metadata: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ItemDelete:
+    conversation: Ref
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailUnfinished:
+    now: int
+    message: str
+
+
+# --- responses ---
+
+UPSERT_RESPONSE = """
+INSERT INTO responses (id, owner, created_at, expires_at, status, previous_response_id,
+    conversation_id, background, body, turn_messages, turn_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    owner = excluded.owner,
+    expires_at = excluded.expires_at,
+    status = excluded.status,
+    body = excluded.body,
+    turn_messages = excluded.turn_messages,
+    turn_tokens = excluded.turn_tokens
+"""
+INSERT_INPUT_ITEM = """
+INSERT OR IGNORE INTO response_items (response_id, kind, position, item_id, body)
+VALUES (?, 'input', ?, ?, ?)
+"""
+DELETE_OUTPUT_ITEMS = "DELETE FROM response_items WHERE response_id = ? AND kind = 'output'"
+INSERT_OUTPUT_ITEM = """
+INSERT INTO response_items (response_id, kind, position, item_id, body)
+VALUES (?, 'output', ?, ?, ?)
+"""
+DELETE_EVENTS = "DELETE FROM response_events WHERE response_id = ?"
+INSERT_EVENT = "INSERT INTO response_events (response_id, seq, body) VALUES (?, ?, ?)"
+
+# --- conversation items, appended by a save or by add_conversation_items ---
+
+# Appends after the last position; a conversation that is absent, expired or someone
+# else's selects no row, so nothing is appended.
+APPEND_CONVERSATION_ITEM = """
+INSERT INTO conversation_items (conversation_id, position, item_id, body, created_at)
+SELECT c.id,
+    1 + COALESCE((SELECT MAX(position) FROM conversation_items WHERE conversation_id = c.id), -1),
+    :item_id, :body, :now
+FROM conversations AS c
+WHERE c.id = :conversation_id AND c.owner = :owner AND c.expires_at > :now
+"""
+# The expiry only moves forward: adding items never shortens a conversation's life.
+TOUCH_CONVERSATION = """
+UPDATE conversations SET updated_at = :now, expires_at = MAX(expires_at, :expires_at)
+WHERE id = :conversation_id AND owner = :owner AND expires_at > :now
+"""
+
+
+async def save_responses(conn: aiosqlite.Connection, saves: Sequence[Save]) -> list[None]:
+    """Upsert a batch of responses with their items, events and conversation items."""
+    records = [save.record for save in saves]
+    await conn.executemany(UPSERT_RESPONSE, [_response_row(r) for r in records])
+    inputs = [
+        (r.id, position, item.id, item.json)
+        for r in records
+        for position, item in enumerate(r.input_items)
+    ]
+    if inputs:
+        await conn.executemany(INSERT_INPUT_ITEM, inputs)
+
+    # The last save of a response in the batch decides its outputs and events, exactly
+    # as if the saves had been committed one after the other.
+    latest = {r.id: r for r in records}
+    ids = [(response_id,) for response_id in latest]
+    await conn.executemany(DELETE_OUTPUT_ITEMS, ids)
+    outputs = [
+        (r.id, position, item.id, item.json)
+        for r in latest.values()
+        for position, item in enumerate(r.output_items)
+    ]
+    if outputs:
+        await conn.executemany(INSERT_OUTPUT_ITEM, outputs)
+    await conn.executemany(DELETE_EVENTS, ids)
+    events = [(r.id, seq, body) for r in latest.values() for seq, body in enumerate(r.events)]
+    if events:
+        await conn.executemany(INSERT_EVENT, events)
+
+    appending = [
+        (r.conversation_id, r, save.now)
+        for save in saves
+        if (r := save.record).conversation_id and r.conversation_items
+    ]
+    if appending:
+        await conn.executemany(
+            APPEND_CONVERSATION_ITEM,
+            [
+                _append_row(conversation_id, r.owner, item, now)
+                for conversation_id, r, now in appending
+                for item in r.conversation_items
+            ],
+        )
+        await conn.executemany(
+            TOUCH_CONVERSATION,
+            [
+                _touch_row(conversation_id, r.owner, r.expires_at, now)
+                for conversation_id, r, now in appending
+            ],
+        )
+    return [None] * len(saves)
+
+
+@each
+async def delete_response(conn: aiosqlite.Connection, ref: Ref) -> bool:
+    cursor = await conn.execute(
+        "DELETE FROM responses WHERE id = ? AND owner = ? AND expires_at > ?",
+        (ref.id, ref.owner, ref.now),
+    )
+    return bool(cursor.rowcount)
+
+
+@each
+async def fail_unfinished(conn: aiosqlite.Connection, fail: FailUnfinished) -> int:
+    # json_valid: a body that is not JSON still gets its status column fixed rather
+    # than failing the whole statement.
+    cursor = await conn.execute(
+        """
+        UPDATE responses SET
+            status = 'failed',
+            body = CASE WHEN json_valid(body) THEN json_set(body,
+                '$.status', 'failed',
+                '$.error', json_object('code', 'server_error', 'message', :message))
+                ELSE body END
+        WHERE status IN ('queued', 'in_progress') AND expires_at > :now
+        """,
+        {"message": fail.message, "now": fail.now},
+    )
+    return cursor.rowcount
+
+
+@each
+async def purge_expired(conn: aiosqlite.Connection, now: int) -> int:
+    # Items and events go with their parent (ON DELETE CASCADE).
+    deleted = 0
+    for table in ("responses", "conversations"):
+        cursor = await conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+        deleted += cursor.rowcount
+    return deleted
+
+
+@each
+async def give_back_free_pages(conn: aiosqlite.Connection, _: None) -> None:
+    # incremental_vacuum frees one page per step, and Python's execute() steps a
+    # statement that returns no columns only once; executescript() steps each to the
+    # end. It commits any open transaction first, hence ``Writer.submit_alone``.
+    # The vacuum moves the free pages to the end and cuts them off in the WAL; the
+    # checkpoint then shrinks the database file itself. PASSIVE never waits for a
+    # reader: if one is busy, the next automatic checkpoint finishes the work.
+    await conn.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
+
+
+# --- conversations ---
+
+
+@each
+async def create_conversation(conn: aiosqlite.Connection, record: ConversationRecord) -> None:
+    await conn.execute(
+        "INSERT INTO conversations (id, owner, created_at, updated_at, expires_at, metadata)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            record.id,
+            record.owner,
+            record.created_at,
+            record.created_at,
+            record.expires_at,
+            record.metadata,
+        ),
+    )
+    if record.items:
+        await conn.executemany(
+            "INSERT INTO conversation_items (conversation_id, position, item_id, body, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [
+                (record.id, position, item.id, item.json, record.created_at)
+                for position, item in enumerate(record.items)
+            ],
+        )
+
+
+@each
+async def update_conversation(
+    conn: aiosqlite.Connection, update: MetadataUpdate
+) -> ConversationRecord | None:
+    ref = update.conversation
+    rows = list(
+        await conn.execute_fetchall(
+            "UPDATE conversations SET metadata = ?, expires_at = ?, updated_at = ?"
+            " WHERE id = ? AND owner = ? AND expires_at > ?"
+            " RETURNING id, owner, created_at, expires_at, metadata",
+            (update.metadata, update.expires_at, ref.now, ref.id, ref.owner, ref.now),
+        )
+    )
+    if not rows:
+        return None
+    conversation_id, owner, created_at, expires_at, metadata = rows[0]
+    return ConversationRecord(conversation_id, owner, created_at, expires_at, metadata)
+
+
+@each
+async def delete_conversation(conn: aiosqlite.Connection, ref: Ref) -> bool:
+    cursor = await conn.execute(
+        "DELETE FROM conversations WHERE id = ? AND owner = ? AND expires_at > ?",
+        (ref.id, ref.owner, ref.now),
+    )
+    return bool(cursor.rowcount)
+
+
+@each
+async def add_conversation_items(conn: aiosqlite.Connection, add: AddItems) -> bool:
+    ref = add.conversation
+    cursor = await conn.execute(
+        TOUCH_CONVERSATION, _touch_row(ref.id, ref.owner, add.expires_at, ref.now)
+    )
+    if not cursor.rowcount:
+        return False
+    if add.items:
+        await conn.executemany(
+            APPEND_CONVERSATION_ITEM,
+            [_append_row(ref.id, ref.owner, item, ref.now) for item in add.items],
+        )
+    return True
+
+
+@each
+async def delete_conversation_item(conn: aiosqlite.Connection, delete: ItemDelete) -> bool:
+    ref = delete.conversation
+    cursor = await conn.execute(
+        """
+        DELETE FROM conversation_items
+        WHERE item_id = ? AND conversation_id = (
+            SELECT id FROM conversations WHERE id = ? AND owner = ? AND expires_at > ?)
+        """,
+        (delete.item_id, ref.id, ref.owner, ref.now),
+    )
+    return bool(cursor.rowcount)
+
+
+def _response_row(r: ResponseRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.owner,
+        r.created_at,
+        r.expires_at,
+        r.status,
+        r.previous_response_id,
+        r.conversation_id,
+        int(r.background),
+        r.body,
+        r.turn_messages,
+        r.turn_tokens,
+    )
+
+
+def _append_row(conversation_id: str, owner: str, item: StoredItem, now: int) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "owner": owner,
+        "item_id": item.id,
+        "body": item.json,
+        "now": now,
+    }
+
+
+def _touch_row(conversation_id: str, owner: str, expires_at: int, now: int) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "owner": owner,
+        "expires_at": expires_at,
+        "now": now,
+    }

@@ -1,0 +1,244 @@
+"""The group-commit writer behind SQLiteStore: batching, failure isolation, order,
+durability across kill -9, locks, a full disk, and closing, on real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from storage.records import ConversationRecord, ResponseRecord, StoredItem
+from storage.sqlite import SQLiteStore, StorageError
+
+NOW = 1_700_000_000
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = await SQLiteStore.open(tmp_path / "lmbridge.db", clock=lambda: NOW)
+    yield store
+    await store.close()
+
+
+def response(response_id: str, **fields: Any) -> ResponseRecord:
+    values: dict[str, Any] = {
+        "owner": "alice",
+        "created_at": NOW,
+        "expires_at": NOW + 3600,
+        "status": "completed",
+        "body": f'{{"id": "{response_id}"}}',
+        "input_items": (StoredItem(f"in_{response_id}", "{}"),),
+        "output_items": (StoredItem(f"out_{response_id}", "{}"),),
+    }
+    values.update(fields)
+    return ResponseRecord(id=response_id, **values)
+
+
+async def test_concurrent_saves_share_one_commit(store):
+    """32 saves issued together are committed in one transaction, and all are readable."""
+    await asyncio.gather(*(store.save_response(response(f"resp_{n}")) for n in range(32)))
+    assert store.write_stats.writes == 32
+    assert store.write_stats.batches == 1
+    for n in range(32):
+        assert await store.get_response(f"resp_{n}", "alice") == f'{{"id": "resp_{n}"}}'
+
+
+async def test_one_faulty_write_fails_alone(store):
+    """A batch with failing writes is re-run one by one: only the faulty ones fail."""
+    await store.create_conversation(ConversationRecord("conv_1", "alice", NOW, NOW + 60))
+    await store.save_response(response("resp_taken", owner="bob"))
+    before = store.write_stats.batches
+
+    results = await asyncio.gather(
+        *(store.save_response(response(f"resp_{n}")) for n in range(5)),
+        store.create_conversation(ConversationRecord("conv_1", "alice", NOW, NOW + 60)),
+        store.save_response(response("resp_taken")),  # the id is bob's
+        store.save_response(response("resp_bad", body=object())),  # cannot be bound
+        *(store.save_response(response(f"resp_{n}")) for n in range(5, 10)),
+        return_exceptions=True,
+    )
+
+    failed = [n for n, result in enumerate(results) if result is not None]
+    assert failed == [5, 6, 7]
+    assert all(isinstance(results[n], StorageError) for n in failed)
+    assert "UNIQUE constraint failed: conversations.id" in str(results[5])
+    assert "another owner" in str(results[6])
+    for n in range(10):
+        assert await store.get_response(f"resp_{n}", "alice") is not None
+    assert await store.get_response("resp_taken", "alice") is None
+    assert await store.get_response("resp_bad", "alice") is None
+    # One failed batch, then one transaction per write.
+    assert store.write_stats.batches - before == 10
+
+
+async def test_a_bug_in_a_write_surfaces_as_itself(store):
+    """An error that is not the database's (a caller bug) reaches its caller unchanged."""
+    bad = response("resp_bad", input_items=("not a StoredItem",))
+    results = await asyncio.gather(
+        store.save_response(response("resp_ok")),
+        store.save_response(bad),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert isinstance(results[1], AttributeError)
+    assert await store.get_response("resp_ok", "alice") is not None
+
+
+async def test_writes_in_one_batch_keep_their_call_order(store):
+    """Writes of different kinds issued together take effect in the order of the calls."""
+    await store.create_conversation(ConversationRecord("conv_1", "alice", NOW, NOW + 60))
+
+    def appending(response_id: str, item_id: str) -> ResponseRecord:
+        return response(
+            response_id,
+            conversation_id="conv_1",
+            conversation_items=(StoredItem(item_id, "{}"),),
+        )
+
+    results = await asyncio.gather(
+        store.save_response(appending("resp_1", "x")),
+        store.delete_conversation_item("conv_1", "alice", "x"),
+        store.save_response(appending("resp_2", "y")),
+        store.delete_response("resp_1", "alice"),
+        store.save_response(appending("resp_3", "z")),
+    )
+    assert results == [None, True, None, True, None]
+    assert store.write_stats.batches == 2  # the create, then everything else
+    assert await store.all_conversation_items("conv_1", "alice") == (
+        StoredItem("y", "{}"),
+        StoredItem("z", "{}"),
+    )
+    assert await store.get_response("resp_1", "alice") is None
+
+
+async def test_cancelled_caller_still_has_its_write_committed(store):
+    """A write handed over is committed even if its caller stops waiting."""
+    task = asyncio.create_task(store.save_response(response("resp_1")))
+    await asyncio.sleep(0)  # let it queue the write
+    task.cancel()
+    await store.save_response(response("resp_2"))
+    assert task.cancelled()
+    assert await store.get_response("resp_1", "alice") is not None
+
+
+async def test_close_commits_the_writes_already_queued(tmp_path):
+    """close() waits for queued writes to commit; a write after close raises StorageError."""
+    path = tmp_path / "lmbridge.db"
+    store = await SQLiteStore.open(path, clock=lambda: NOW)
+    saves = [asyncio.create_task(store.save_response(response(f"resp_{n}"))) for n in range(20)]
+    await asyncio.sleep(0)  # let them queue their writes
+    await store.close()
+    assert all(save.done() and save.exception() is None for save in saves)
+    with pytest.raises(StorageError, match="closed"):
+        await store.save_response(response("resp_late"))
+    with pytest.raises(StorageError, match="cannot read"):
+        await store.get_response("resp_0", "alice")
+
+    reopened = await SQLiteStore.open(path, clock=lambda: NOW)
+    try:
+        for n in range(20):
+            assert await reopened.get_response(f"resp_{n}", "alice") is not None
+    finally:
+        await reopened.close()
+
+
+CHILD = """
+import asyncio, sys
+from storage.records import ResponseRecord
+from storage.sqlite import SQLiteStore
+
+async def main():
+    store = await SQLiteStore.open(sys.argv[1])
+    async def save(n):
+        await store.save_response(ResponseRecord(
+            id=f"resp_{n}", owner="alice", created_at=0, expires_at=2**40,
+            status="completed", body="{}"))
+        print(n, flush=True)
+    await asyncio.gather(*(save(n) for n in range(2000)))
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_acknowledged_saves_survive_kill_9(tmp_path):
+    """Every save that returned in a process killed with SIGKILL mid-stream is in the file."""
+    path = tmp_path / "lmbridge.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert child.stdout is not None
+    first = await child.stdout.readline()
+    child.kill()
+    rest = await child.stdout.read()
+    await child.wait()
+    acknowledged = [int(line) for line in (first + rest).split()]
+    assert acknowledged
+
+    store = await SQLiteStore.open(path)
+    try:
+        for n in acknowledged:
+            assert await store.get_response(f"resp_{n}", "alice") == "{}"
+    finally:
+        await store.close()
+
+
+async def test_locked_database_fails_the_batch_at_once(tmp_path):
+    """While another process holds the write lock, a batch fails after one busy timeout
+    with a readable StorageError (not once per write), and reads still answer."""
+    path = tmp_path / "lmbridge.db"
+    store = await SQLiteStore.open(path, clock=lambda: NOW, busy_timeout=0.2)
+    await store.save_response(response("resp_0"))
+    other = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(store.save_response(response(f"resp_{n}")) for n in range(1, 21)),
+            return_exceptions=True,
+        )
+        elapsed = time.monotonic() - started
+        assert all(isinstance(r, StorageError) for r in results)
+        assert "database is locked" in str(results[0])
+        assert elapsed < 20 * 0.2 / 2
+        assert await store.get_response("resp_0", "alice") is not None
+        await other.execute("ROLLBACK")
+        await store.save_response(response("resp_1"))
+        assert await store.get_response("resp_1", "alice") is not None
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_full_disk_fails_only_the_write_that_does_not_fit(store):
+    """When the disk fills, the write that does not fit fails with a StorageError and the
+    small writes of the same batch are committed."""
+    # Fault injection: past max_page_count SQLite reports SQLITE_FULL, as on a full disk.
+    conn = store._writer_conn
+    rows = await conn.execute_fetchall("PRAGMA page_count")
+    await conn.execute(f"PRAGMA max_page_count={next(iter(rows))[0] + 30}")
+
+    results = await asyncio.gather(
+        *(store.save_response(response(f"resp_{n}")) for n in range(5)),
+        store.save_response(response("resp_huge", body="x" * 1_000_000)),
+        return_exceptions=True,
+    )
+    assert results[:5] == [None] * 5
+    assert isinstance(results[5], StorageError)
+    assert "full" in str(results[5])
+    assert await store.get_response("resp_4", "alice") is not None
+    assert await store.get_response("resp_huge", "alice") is None
