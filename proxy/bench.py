@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-BENCH_MODEL = "bench-model"
-STREAM_CHUNKS = 20
+from proxy.bench_upstream import BENCH_MODEL, REPLY_TEXT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,86 +48,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests per latency round at concurrency 1 (default 1000)",
     )
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--chain-turns",
+        type=int,
+        default=1000,
+        help="length of the chain whose last turn is timed (default 1000)",
+    )
+    parser.add_argument(
+        "--chain-samples", type=int, default=20, help="timed continuations per round (default 20)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["passthrough", "responses"],
+        default=["passthrough", "responses"],
+        help="what to measure",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--log-level",
         default="info",
         help="the daemon's log level during the run (default info; its log goes to /dev/null)",
     )
-
-
-# --- the fast fake upstream -----------------------------------------------
-# Like a real server it parses each request and serialises each reply (with
-# a fresh id), but it generates nothing: what is left is HTTP and JSON work.
-
-
-def _completion(n: int) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-bench{n}", "object": "chat.completion", "created": int(time.time()),
-        "model": BENCH_MODEL,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": "Hello from the bench."}}],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
-    }  # fmt: skip
-
-
-def _chunk(n: int, i: int) -> bytes:
-    delta: dict[str, Any] = {"content": f"tok{i} "}
-    if i == 0:
-        delta["role"] = "assistant"
-    finish = "stop" if i == STREAM_CHUNKS - 1 else None
-    body = {"id": f"chatcmpl-bench{n}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": BENCH_MODEL,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-_MODELS = {"object": "list", "data": [{"id": BENCH_MODEL, "object": "model", "owned_by": "bench"}]}
-
-
-def fast_upstream_app() -> web.Application:
-    counter = iter(range(1, 1 << 62))
-    stats = {"model_list_reads": 0, "chat_requests": 0}
-
-    async def models(request: web.Request) -> web.Response:
-        stats["model_list_reads"] += 1
-        return web.json_response(_MODELS)
-
-    async def read_stats(request: web.Request) -> web.Response:
-        return web.json_response(stats)
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        n = next(counter)
-        stats["chat_requests"] += 1
-        if not body.get("stream"):
-            return web.json_response(_completion(n))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i in range(STREAM_CHUNKS):
-            await response.write(_chunk(n, i))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/bench/stats", read_stats)
-    return app
-
-
-async def _serve_fake() -> None:
-    runner = web.AppRunner(fast_upstream_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    sys.stdout.write(json.dumps({"url": f"http://{host}:{port}"}) + "\n")
-    sys.stdout.flush()
-    # Runs until the parent closes our stdin (or dies).
-    await asyncio.to_thread(sys.stdin.buffer.read)
-    await runner.cleanup()
 
 
 # --- load generation ------------------------------------------------------
@@ -245,10 +185,113 @@ async def _alternate(
     return direct, proxied
 
 
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    session: aiohttp.ClientSession
+    upstream_url: str
+    proxy_url: str
+
+
+async def measure_passthrough(setup: Setup) -> list[Result]:
+    """Chat completions direct and through the daemon: throughput at concurrency 32 and
+    latency at concurrency 1, plain and streamed."""
+    args, session = setup.args, setup.session
+    chat = "/v1/chat/completions"
+    results: list[Result] = []
+    for label, body in (("plain", PLAIN_BODY), ("stream (20 chunks)", STREAM_BODY)):
+
+        async def rps(base: str, body: bytes = body) -> float:
+            return await throughput(session, base + chat, body, args.concurrency, args.duration)
+
+        d, p = await _alternate(args.rounds, rps, setup.upstream_url, setup.proxy_url)
+        results.append(Result(
+            f"{label}: requests/s at concurrency {args.concurrency}",
+            statistics.median(d), statistics.median(p), "req/s",
+            note=f"proxy/direct = {statistics.median(p) / statistics.median(d):.0%}",
+        ))  # fmt: skip
+        lat_d: list[float] = []
+        lat_p: list[float] = []
+        for _ in range(args.rounds):
+            n = args.latency_requests // args.rounds
+            lat_d += await latencies(session, setup.upstream_url + chat, body, n)
+            lat_p += await latencies(session, setup.proxy_url + chat, body, n)
+        for q in (50, 99):
+            dq, pq = percentile(lat_d, q) * 1000, percentile(lat_p, q) * 1000
+            results.append(
+                Result(
+                    f"{label}: p{q} latency at concurrency 1",
+                    dq,
+                    pq,
+                    "ms",
+                    note=f"added {pq - dq:+.2f} ms",
+                )
+            )
+    return results
+
+
+RESPONSES_BODY = json.dumps({"model": BENCH_MODEL, "input": "Say hello.", "store": True}).encode()
+
+
+async def measure_responses(setup: Setup) -> list[Result]:
+    """POST /v1/responses (stored) against chat pass-through, both through the daemon; and
+    continuing turn N of one chain against a chat completion carrying the same history
+    straight to the upstream."""
+    args, session = setup.args, setup.session
+    base = setup.proxy_url
+
+    async def rps(path: str) -> float:
+        body = RESPONSES_BODY if path == "/v1/responses" else PLAIN_BODY
+        return await throughput(session, base + path, body, args.concurrency, args.duration)
+
+    await rps("/v1/responses")  # warm up
+    chat, responses = await _alternate(args.rounds, rps, "/v1/chat/completions", "/v1/responses")
+    results = [Result(
+        f"/v1/responses (store) vs chat pass-through, req/s at concurrency {args.concurrency}",
+        statistics.median(chat), statistics.median(responses), "req/s",
+        note=f"responses/chat = {statistics.median(responses) / statistics.median(chat):.0%}",
+    )]  # fmt: skip
+
+    turns = args.chain_turns
+    previous: str | None = None
+    for i in range(turns - 1):
+        body: dict[str, Any] = {"model": BENCH_MODEL, "input": f"Turn {i}: say hello."}
+        if previous is not None:
+            body["previous_response_id"] = previous
+        async with session.post(base + "/v1/responses", json=body) as resp:
+            previous = (await resp.json())["id"]
+    last = f"Turn {turns - 1}: say hello."
+    continue_body = json.dumps(
+        {"model": BENCH_MODEL, "input": last, "previous_response_id": previous}
+    ).encode()
+    history: list[dict[str, str]] = []
+    for i in range(turns - 1):
+        history += [
+            {"role": "user", "content": f"Turn {i}: say hello."},
+            {"role": "assistant", "content": REPLY_TEXT},
+        ]
+    direct_body = json.dumps(
+        {"model": BENCH_MODEL, "messages": [*history, {"role": "user", "content": last}]}
+    ).encode()
+    samples = max(5, args.chain_samples)
+    direct, proxied = [], []
+    for _ in range(args.rounds):
+        direct += await latencies(
+            session, setup.upstream_url + "/v1/chat/completions", direct_body, samples
+        )
+        proxied += await latencies(session, base + "/v1/responses", continue_body, samples)
+    d, p = statistics.median(direct) * 1000, statistics.median(proxied) * 1000
+    results.append(Result(
+        f"turn {turns} of one chain vs the same history sent directly (p50)", d, p, "ms",
+        note=f"lmbridge/direct = {p / d:.1f}x ({len(direct_body) / 1e3:.0f} kB of history)",
+    ))  # fmt: skip
+    return results
+
+
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="lmbridge-bench-")
     fake, upstream_url = await _start_child(
-        [sys.executable, "-m", "proxy.bench", "--serve-fake"], subprocess.DEVNULL
+        [sys.executable, "-m", "proxy.bench_upstream"], subprocess.DEVNULL
     )
     port = _free_port()
     daemon = await asyncio.create_subprocess_exec(
@@ -268,42 +311,11 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             for url in (upstream_url, proxy_url):  # warm both paths
                 await throughput(session, url + chat, PLAIN_BODY, args.concurrency, 1.0)
                 await throughput(session, url + chat, STREAM_BODY, args.concurrency, 0.5)
-
-            for label, body in (("plain", PLAIN_BODY), ("stream (20 chunks)", STREAM_BODY)):
-
-                async def rps(base: str, body: bytes = body) -> float:
-                    return await throughput(
-                        session, base + chat, body, args.concurrency, args.duration
-                    )
-
-                d, p = await _alternate(args.rounds, rps, upstream_url, proxy_url)
-                results.append(
-                    Result(
-                        f"{label}: requests/s at concurrency {args.concurrency}",
-                        statistics.median(d),
-                        statistics.median(p),
-                        "req/s",
-                        note=f"proxy/direct = {statistics.median(p) / statistics.median(d):.0%}",
-                    )
-                )
-
-                lat_d: list[float] = []
-                lat_p: list[float] = []
-                for _ in range(args.rounds):
-                    n = args.latency_requests // args.rounds
-                    lat_d += await latencies(session, upstream_url + chat, body, n)
-                    lat_p += await latencies(session, proxy_url + chat, body, n)
-                for q in (50, 99):
-                    dq, pq = percentile(lat_d, q) * 1000, percentile(lat_p, q) * 1000
-                    results.append(
-                        Result(
-                            f"{label}: p{q} latency at concurrency 1",
-                            dq,
-                            pq,
-                            "ms",
-                            note=f"added {pq - dq:+.2f} ms",
-                        )
-                    )
+            setup = Setup(args, session, upstream_url, proxy_url)
+            if "passthrough" in args.only:
+                results += await measure_passthrough(setup)
+            if "responses" in args.only:
+                results += await measure_responses(setup)
             async with session.get(upstream_url + "/bench/stats") as resp:
                 upstream_stats = await resp.json()
     finally:
@@ -320,6 +332,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "latency_requests": args.latency_requests,
             "concurrency": args.concurrency,
+            "chain_turns": args.chain_turns,
             "daemon_log_level": args.log_level,
         },
         "results": [r.__dict__ for r in results],
@@ -402,8 +415,3 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve-fake"]:
-        asyncio.run(_serve_fake())

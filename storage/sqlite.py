@@ -43,8 +43,8 @@ Clock = Callable[[], float]
 BUSY_TIMEOUT = 5.0
 # After a burst (a large purge), the WAL file is cut back to this size.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
-# A chain this long is a cycle (a save naming a later response as its previous one);
-# the walk stops there rather than running for ever.
+# No real conversation is this long; only a cycle (a save naming a later response as
+# its previous one) is, and the walk stops here rather than running for ever.
 MAX_CHAIN = 100_000
 
 _CHAIN = """

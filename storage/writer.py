@@ -135,7 +135,8 @@ class Writer:
                 await self._process(taken)
                 taken = []
         finally:
-            # Only reached early if the task is cancelled: nobody must wait for ever.
+            # Reached with writes left only if the task was cancelled or crashed: fail
+            # them, so that no caller waits for ever.
             self._closing = True
             while not self._queue.empty():
                 job = self._queue.get_nowait()

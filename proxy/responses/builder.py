@@ -230,7 +230,7 @@ class ResponseBuilder:
     def _call_delta(self, delta: dict[str, Any], position: int) -> list[Event]:
         index = delta.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
-            index = position
+            index = self._index_without_index(delta, position)
         if index in self._dropped_calls:
             return []
         function: dict[str, Any] = (
@@ -267,6 +267,19 @@ class ResponseBuilder:
                 output_index=call.index, delta=arguments,
             ))  # fmt: skip
         return events
+
+    def _index_without_index(self, delta: dict[str, Any], position: int) -> int:
+        """Some servers omit ``index``: a delta with a known id continues that call, a new
+        id starts a new call, and a delta with neither continues the latest one."""
+        given = delta.get("id")
+        if isinstance(given, str) and given:
+            for index, call in self._calls.items():
+                if call.body["call_id"] == given:
+                    return index
+            return max([*self._calls, *self._dropped_calls, -1]) + 1
+        if self._calls:
+            return max(self._calls)
+        return position
 
     def _set_name(self, call: _Call, flat: str) -> None:
         call.flat_name = flat
@@ -369,9 +382,12 @@ class ResponseBuilder:
         events.append(self._event(kind, response=self.snapshot()))
         return events
 
-    def fail(self, code: str, message: str) -> list[Event]:
+    def fail(self, code: str, message: str, *, kind: str | None = None) -> list[Event]:
         events = self._close_all("incomplete")
-        self._settle("failed", error={"code": code, "message": message})
+        error: dict[str, Any] = {"code": code, "message": message}
+        if kind is not None:
+            error["type"] = kind
+        self._settle("failed", error=error)
         events.append(self._event("response.failed", response=self.snapshot()))
         return events
 

@@ -20,6 +20,17 @@ def tools_echo(request: CreateRequest) -> list[dict[str, Any]]:
                 "parameters": tool.get("parameters"),
                 "strict": tool.get("strict"),
             })  # fmt: skip
+        elif tool.get("type") == "namespace":
+            out.append({
+                "type": "namespace",
+                "name": tool["name"],
+                "description": tool.get("description") or "",
+                "tools": [
+                    {"type": "function", "name": m["name"], "description": m.get("description"),
+                     "parameters": m.get("parameters"), "strict": m.get("strict")}
+                    for m in tool["tools"]
+                ],
+            })  # fmt: skip
         else:
             out.append(dict(tool))
     return out

@@ -202,8 +202,7 @@ def _render_message(item: Mapping[str, Any], images: bool) -> dict[str, Any] | N
     parts = item.get("content") or []
     if role == "assistant":
         text = "".join(
-            p.get("text", "") if p.get("type") == "output_text" else p.get("refusal", "")
-            for p in parts
+            p.get("refusal", "") if p.get("type") == "refusal" else p.get("text", "") for p in parts
         )
         return {"role": "assistant", "content": text}
     chat_role = "system" if role == "developer" else role
@@ -222,7 +221,9 @@ def _render_message(item: Mapping[str, Any], images: bool) -> dict[str, Any] | N
         elif kind == "input_file":
             rendered.append({"type": "text", "text": _file_text(part)})
     if all(p["type"] == "text" for p in rendered):
-        return {"role": chat_role, "content": "".join(p["text"] for p in rendered)}
+        # Separate parts are separate paragraphs (Codex sends its context and the
+        # request as two parts); glued together they would run words into each other.
+        return {"role": chat_role, "content": "\n".join(p["text"] for p in rendered)}
     return {"role": chat_role, "content": rendered}
 
 
@@ -339,8 +340,10 @@ def chat_body_bytes(settings: Mapping[str, Any], messages_json: str, *, stream: 
     if stream:
         head["stream"] = True
         head["stream_options"] = {"include_usage": True}
+    head["messages"] = None  # a placeholder keeps the splice below valid for any settings
     text = dumps(head)
-    return (text[:-1] + ',"messages":' + messages_json + "}").encode()
+    assert text.endswith('"messages":null}')
+    return (text[: -len("null}")] + messages_json + "}").encode()
 
 
 def estimate_tokens(text: str) -> int:

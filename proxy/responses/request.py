@@ -42,6 +42,11 @@ ITEM_PREFIX = {
     "mcp_approval_request": "mcpr",
 }
 TRUNCATION = ("auto", "disabled")
+# The closed sets of the API (and of the SDK's Response model, which echoes them).
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast", "ultrafast")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
+VERBOSITIES = ("low", "medium", "high")
 
 
 @dataclass
@@ -130,6 +135,11 @@ def parse_create(body: Mapping[str, Any], ids: Callable[[str], str] = new_id) ->
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise BadRequest("'reasoning' must be an object.", param="reasoning")
+    if reasoning:
+        _check_choice(reasoning.get("effort"), REASONING_EFFORTS, "reasoning.effort")
+        _check_choice(reasoning.get("summary"), REASONING_SUMMARIES, "reasoning.summary")
+    _check_choice(text.get("verbosity"), VERBOSITIES, "text.verbosity")
+    _check_choice(body.get("service_tier"), SERVICE_TIERS, "service_tier")
     metadata = body.get("metadata") or {}
     _check_metadata(metadata)
     include = body.get("include") or []
@@ -215,6 +225,11 @@ class _Checker:
         if not low <= value <= high:
             raise BadRequest(f"'{name}' must be between {low:g} and {high:g}.", param=name)
         return float(value)
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], param: str) -> None:
+    if value is not None and value not in choices:
+        raise BadRequest(f"'{param}' must be one of {', '.join(choices)}.", param=param)
 
 
 def _check_metadata(metadata: Any) -> None:
@@ -325,6 +340,8 @@ def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) ->
     kind = item.get("type")
     if kind is None and "role" in item:
         kind = "message"
+    elif kind is None and isinstance(item.get("id"), str) and set(item) <= {"id", "type"}:
+        kind = "item_reference"  # the API takes a bare {"id": ...} as a reference
     if kind not in ITEM_TYPES:
         raise BadRequest(
             f"Unknown input item type {kind!r}; lmbridge accepts {', '.join(ITEM_TYPES)}.",

@@ -277,7 +277,7 @@ class ResponsesService:
             raise
         except UpstreamError as exc:
             code = _failure_code(exc)
-            final = builder.fail(code, exc.message)
+            final = builder.fail(_response_error_code(exc, code), exc.message, kind=code)
             await self._save(run, final)
             await sink(final)
             if not streamed:
@@ -614,6 +614,17 @@ def _failure_code(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamStatus) and _is_context_error(exc):
         return "context_length_exceeded"
     return exc.code or "upstream_error"
+
+
+def _response_error_code(exc: UpstreamError, code: str) -> str:
+    """The Response's ``error.code``: one of the API's codes (the SDK's models accept no
+    other); lmbridge's own, finer code goes in ``error.type``. The context error keeps
+    its well-known code, which clients test for."""
+    if code == "context_length_exceeded":
+        return code
+    if isinstance(exc, UpstreamStatus) and exc.status < 500:
+        return "rate_limit_exceeded" if exc.status == 429 else "invalid_prompt"
+    return "server_error"
 
 
 def _client_error(exc: UpstreamError, code: str, response_id: str) -> LMBridgeError:

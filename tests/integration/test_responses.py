@@ -441,7 +441,8 @@ async def test_stream_failure_ends_with_response_failed(proxy, fake_upstream):
     events = sse_events(await resp.read())
     assert events[-1]["type"] == "response.failed"
     failed = events[-1]["response"]
-    assert failed["error"]["code"] == "upstream_unavailable"
+    assert failed["error"]["code"] == "server_error"
+    assert failed["error"]["type"] == "upstream_unavailable"
     stored = await (await proxy.get(f"{R}/{failed['id']}")).json()
     assert stored["status"] == "failed"
 

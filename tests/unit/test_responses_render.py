@@ -13,6 +13,7 @@ import pytest
 from proxy.errors import BadRequest
 from proxy.responses.render import (
     COMPACTION_PREFIX,
+    IMAGE_PLACEHOLDER,
     ChatTools,
     ToolNames,
     chat_body_bytes,
@@ -88,8 +89,7 @@ def tools_for(body: dict[str, Any], **kwargs: Any) -> ChatTools:
 
 
 def test_function_and_namespace_tools() -> None:
-    """Function tools become chat functions; namespace members are flattened to
-    <namespace>__<name> and inherit the namespace's description."""
+    """Function tools become chat functions; namespace members become <namespace>__<name>."""
     tools = tools_for({"tools": [WEATHER, FILES]})
     assert tools.tools == [CHAT_WEATHER, CHAT_READ, CHAT_WRITE]
     assert tools.tool_choice == "auto"
@@ -205,7 +205,10 @@ TOOL_CHOICES: list[tuple[str, Any, Any, list[str]]] = [
     ),
     (
         "allowed-tools-default-mode",
-        {"type": "allowed_tools", "tools": [{"type": "function", "name": "read", "namespace": "fs"}]},
+        {
+            "type": "allowed_tools",
+            "tools": [{"type": "function", "name": "read", "namespace": "fs"}],
+        },
         "auto",
         ["fs__read"],
     ),
@@ -280,7 +283,11 @@ SETTINGS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("zero-temperature-kept", {"temperature": 0}, {"model": "m", "temperature": 0.0}),
     ("top-logprobs", {"top_logprobs": 5}, {"model": "m", "logprobs": True, "top_logprobs": 5}),
     ("top-logprobs-zero", {"top_logprobs": 0}, {"model": "m"}),
-    ("reasoning-effort", {"reasoning": {"effort": "high"}}, {"model": "m", "reasoning_effort": "high"}),
+    (
+        "reasoning-effort",
+        {"reasoning": {"effort": "high"}},
+        {"model": "m", "reasoning_effort": "high"},
+    ),
     ("reasoning-summary-only", {"reasoning": {"summary": "auto"}}, {"model": "m"}),
     ("text-format-text", {"text": {"format": {"type": "text"}}}, {"model": "m"}),
     (
@@ -374,7 +381,13 @@ def test_chat_settings(body: dict[str, Any], expected: dict[str, Any]) -> None:
 
 
 def fc(call_id: str, name: str, arguments: str = "{}", **extra: Any) -> dict[str, Any]:
-    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments, **extra}
+    return {
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        **extra,
+    }
 
 
 def fco(call_id: str, output: Any) -> dict[str, Any]:
@@ -409,7 +422,7 @@ RENDER: list[tuple[str, list[Any], list[dict[str, Any]]]] = [
                 ],
             }
         ],
-        [{"role": "user", "content": "Hello, world"}],
+        [{"role": "user", "content": "Hello, \nworld"}],
     ),
     (
         "image-makes-a-part-list",
@@ -447,7 +460,7 @@ RENDER: list[tuple[str, list[Any], list[dict[str, Any]]]] = [
                 ],
             }
         ],
-        [{"role": "user", "content": 'Summarise:\n<file name="notes.txt">\nhéllo\n</file>'}],
+        [{"role": "user", "content": 'Summarise:\n\n<file name="notes.txt">\nhéllo\n</file>'}],
     ),
     (
         "file-data-url-without-name",
@@ -523,14 +536,24 @@ RENDER: list[tuple[str, list[Any], list[dict[str, Any]]]] = [
     (
         "empty-assistant-then-call-content-none",
         [{"role": "assistant", "content": ""}, fc("call_a", "get_weather")],
-        [{"role": "assistant", "content": None, "tool_calls": [tool_call("call_a", "get_weather")]}],
+        [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [tool_call("call_a", "get_weather")],
+            }
+        ],
     ),
     (
         "call-alone",
         [{"role": "user", "content": "go"}, fc("call_a", "get_weather")],
         [
             {"role": "user", "content": "go"},
-            {"role": "assistant", "content": None, "tool_calls": [tool_call("call_a", "get_weather")]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [tool_call("call_a", "get_weather")],
+            },
         ],
     ),
     (
@@ -543,9 +566,17 @@ RENDER: list[tuple[str, list[Any], list[dict[str, Any]]]] = [
             {"role": "assistant", "content": "Sunny, then rain."},
         ],
         [
-            {"role": "assistant", "content": None, "tool_calls": [tool_call("call_a", "get_weather")]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [tool_call("call_a", "get_weather")],
+            },
             {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
-            {"role": "assistant", "content": None, "tool_calls": [tool_call("call_b", "get_weather")]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [tool_call("call_b", "get_weather")],
+            },
             {"role": "tool", "tool_call_id": "call_b", "content": "rain"},
             {"role": "assistant", "content": "Sunny, then rain."},
         ],
@@ -617,6 +648,28 @@ def test_render_items(items: list[Any], expected: list[dict[str, Any]]) -> None:
     json.dumps(messages)  # always serialisable: it is stored and sent again
 
 
+def test_images_off_become_a_note() -> None:
+    """With images=False each image becomes a short text note and content stays a string."""
+    request = parse(
+        {
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "what is this? "},
+                        {"type": "input_image", "image_url": IMAGE_URL, "detail": "high"},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "input_image", "image_url": IMAGE_URL}]},
+            ]
+        }
+    )
+    assert render_items(request.input, ToolNames(), images=False) == [
+        {"role": "user", "content": "what is this? \n" + IMAGE_PLACEHOLDER},
+        {"role": "user", "content": IMAGE_PLACEHOLDER},
+    ]
+
+
 def test_render_items_uses_flat_name_from_tool_names() -> None:
     """A call's flat name comes from the ToolNames of the request when known."""
     names = ToolNames()
@@ -678,12 +731,6 @@ def test_foreign_compaction_refused(content: str) -> None:
         render_items([{**item, "id": "cmp_1"}], ToolNames())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: render.py:196-201 renders an assistant message from output_text/refusal parts "
-    "only; input_text parts (valid in an EasyInputMessage, and what a bare string part "
-    "normalises to) are silently dropped, giving content ''",
-)
 @pytest.mark.parametrize(
     "content",
     [[{"type": "input_text", "text": "Earlier answer."}], ["Earlier answer."]],
@@ -738,8 +785,7 @@ MESSAGES_JSON = '[{"role":"system","content":"s"},{"role" : "user", "content": "
     ids=["model-only", "with-tools"],
 )
 def test_chat_body_bytes(settings: dict[str, Any], stream: bool) -> None:
-    """The body is valid JSON: the settings, the messages text verbatim, and the stream
-    options when streaming."""
+    """The body is valid JSON: settings, messages verbatim, stream options when streaming."""
     before = json.loads(json.dumps(settings))
     body = chat_body_bytes(settings, MESSAGES_JSON, stream=stream)
     assert isinstance(body, bytes)
@@ -764,7 +810,10 @@ def test_chat_body_bytes_end_to_end() -> None:
     )
     tools = convert_tools(request)
     messages = join_message_arrays(
-        ['[{"role":"system","content":"sys"}]', json.dumps(render_items(request.input, tools.names))]
+        [
+            '[{"role":"system","content":"sys"}]',
+            json.dumps(render_items(request.input, tools.names)),
+        ]
     )
     data = json.loads(chat_body_bytes(chat_settings(request, "m", tools), messages, stream=True))
     assert data == {
@@ -781,11 +830,6 @@ def test_chat_body_bytes_end_to_end() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: render.py:333-334 splices ',\"messages\":' after '{' when the settings are "
-    "empty, producing '{,\"messages\":[]}' (latent: chat_settings always sets model)",
-)
 def test_chat_body_bytes_empty_settings() -> None:
     """Empty settings still give valid JSON with only the messages."""
     assert json.loads(chat_body_bytes({}, "[]", stream=False)) == {"messages": []}

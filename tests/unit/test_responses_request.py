@@ -222,7 +222,9 @@ ITEM_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(("item", "expected"), [c[1:] for c in ITEM_CASES], ids=[c[0] for c in ITEM_CASES])
+@pytest.mark.parametrize(
+    ("item", "expected"), [c[1:] for c in ITEM_CASES], ids=[c[0] for c in ITEM_CASES]
+)
 def test_input_item_normalised(item: dict[str, Any], expected: dict[str, Any]) -> None:
     """Each accepted input item comes out complete: type, id, status, content as parts."""
     assert parse({"input": [item]}).input == [expected]
@@ -328,8 +330,7 @@ def test_defaults() -> None:
 
 
 def test_settings_kept() -> None:
-    """Valid settings come through with their values (numbers as floats where the API says
-    number)."""
+    """Valid settings come through with their values (numbers as floats)."""
     body = {
         "model": "qwen",
         "instructions": "Be brief.",
@@ -630,7 +631,11 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "namespace-member-not-function",
-        {"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "c"}]}]},
+        {
+            "tools": [
+                {"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "c"}]}
+            ]
+        },
         "tools[0].tools[0].type",
     ),
     (
@@ -684,23 +689,12 @@ def test_boundary_values_accepted(body: dict[str, Any]) -> None:
     parse(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: request.py:325-332 refuses an item_reference without 'type'; the API and the "
-    "SDK (ItemReference.type is Optional) accept {'id': ...} alone",
-)
 @pytest.mark.parametrize("item", [{"id": "msg_old"}, {"type": None, "id": "msg_old"}])
 def test_item_reference_type_optional(item: dict[str, Any]) -> None:
     """An input item with only an 'id' is an item_reference."""
     assert parse({"input": [item]}).input == [{"type": "item_reference", "id": "msg_old"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: request.py accepts any string for service_tier, reasoning.effort, "
-    "reasoning.summary and text.verbosity; they are echoed into a Response the SDK's "
-    "Response model rejects (closed Literal sets), where OpenAI answers 400",
-)
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -148,8 +148,7 @@ async def test_adding_items_pushes_the_expiry_forward_only(store, clock):
 
 
 async def test_concurrent_additions_keep_every_item(store):
-    """Many add_conversation_items at once (one group commit) lose no item and keep each
-    call's items together."""
+    """Concurrent additions (one group commit) lose no item and keep each call's items together."""
     await store.create_conversation(conversation())
     await asyncio.gather(
         *(
@@ -215,8 +214,7 @@ async def test_conversation_items_page(store, after, limit, order, expected, has
 
 
 async def test_saved_response_appends_its_conversation_items(store):
-    """save_response appends conversation_items to its conversation and pushes the
-    conversation's expiry to the response's."""
+    """A save appends its conversation_items and pushes the conversation's expiry to its own."""
     await store.create_conversation(conversation(items=items("a"), expires_at=NOW + 100))
     await store.save_response(response_in("conv_1", "in_1", "out_1", expires_at=NOW + 7200))
     assert await ids_in(store) == ["a", "in_1", "out_1"]
@@ -243,8 +241,7 @@ async def test_save_without_conversation_items_leaves_the_conversation_alone(sto
 
 @pytest.mark.parametrize("how", ["deleted", "other_owner", "expired"])
 async def test_save_into_an_unusable_conversation_keeps_the_response(store, clock, how):
-    """When the conversation is gone, someone else's or expired, the response is still
-    saved and no item lands anywhere."""
+    """A conversation gone, foreign or expired gets no items; the response is still saved."""
     await store.create_conversation(
         conversation(owner="bob" if how == "other_owner" else "alice", expires_at=NOW + 10)
     )
@@ -279,8 +276,7 @@ async def test_another_owners_conversation_is_absent(store):
 
 
 async def test_expired_conversation_is_absent(store, clock):
-    """Once expires_at <= now the conversation and its items read as absent and cannot be
-    changed, before any purge."""
+    """An expired conversation and its items are absent to reads and changes, before a purge."""
     await store.create_conversation(conversation(items=items("a"), expires_at=NOW + 60))
     clock.now = NOW + 60
     assert await store.get_conversation("conv_1", "alice") is None

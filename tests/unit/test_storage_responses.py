@@ -97,8 +97,7 @@ async def test_later_save_updates_status_body_and_turn(store):
 
 
 async def test_input_items_are_written_once(store):
-    """Input items of the first save stay; a later save passing them again (or others)
-    does not change them."""
+    """Input items of the first save stay; later saves cannot change them."""
     await store.save_response(response(status="queued", input_items=items("in_a", "in_b")))
     await store.save_response(response(status="completed", input_items=items("in_x", "in_y")))
     page = await store.list_input_items("resp_1", "alice", after=None, limit=10, order="asc")
@@ -119,8 +118,7 @@ async def test_output_items_and_events_are_replaced_by_the_latest_save(store):
 
 
 async def test_saves_of_one_response_in_one_batch_end_as_the_last_one(store):
-    """queued, in_progress and completed saves of one response committed together leave
-    the completed state, as if committed one after the other."""
+    """Three saves of a response in one batch end as the last, as if committed one by one."""
     await asyncio.gather(
         store.save_response(response(status="queued", input_items=items("in_a"))),
         store.save_response(
@@ -166,8 +164,7 @@ async def test_chain_from_the_middle_ignores_later_turns(store):
 
 @pytest.mark.parametrize("how", ["deleted", "expired", "other_owner", "never_saved"])
 async def test_chain_reports_the_first_missing_ancestor(store, clock, how):
-    """An ancestor that is deleted, expired, someone else's or was never saved breaks the
-    chain: broken_at names it and the turns after it are returned."""
+    """A missing ancestor ends the chain: broken_at names it, the later turns are returned."""
     records = chain_of(4)
     if how == "expired":
         records[1] = response(

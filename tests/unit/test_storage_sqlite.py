@@ -102,8 +102,7 @@ async def test_reopening_keeps_data_and_runs_no_migration_twice(store, path):
 
 
 async def test_database_made_before_auto_vacuum_is_converted(path):
-    """A file created by the first release (WAL, no auto-vacuum, only schema_migrations)
-    is rebuilt once with incremental auto-vacuum and migrated."""
+    """A file made without auto-vacuum (first release) is rebuilt with it once, and migrated."""
     path.parent.mkdir()
     async with aiosqlite.connect(path, isolation_level=None) as conn:
         await conn.execute("PRAGMA journal_mode=WAL")
@@ -119,8 +118,7 @@ async def test_database_made_before_auto_vacuum_is_converted(path):
 
 
 async def test_migration_script_may_hold_triggers_and_comments(path):
-    """A migration is split into whole statements: a trigger's BEGIN ... END and
-    semicolons inside comments and strings stay in one statement."""
+    """Migration statements are split whole: trigger bodies and quoted semicolons survive."""
     extra = Migration(
         2,
         "audit",
@@ -183,8 +181,7 @@ async def test_ping_answers_until_closed(path):
 
 
 async def test_purge_deletes_expired_objects_with_their_children(store, clock, path):
-    """purge_expired deletes responses and conversations whose expires_at <= now, with
-    their items and events, counts them, and keeps the rest."""
+    """purge_expired deletes and counts expired objects with their children, keeps the rest."""
     await store.save_response(
         response(
             "resp_old",
@@ -213,8 +210,7 @@ async def test_purge_deletes_expired_objects_with_their_children(store, clock, p
 
 
 async def test_purge_gives_the_space_back(store, clock, path):
-    """After a purge the freed pages are returned: no free page is left, and the file is
-    back to the pages of the empty schema."""
+    """After a purge no page is free and the file is back to the size of the empty schema."""
     empty_pages = await pragma(path, "page_count")
     body = json.dumps({"text": "x" * 2000})
     await asyncio.gather(
@@ -232,8 +228,7 @@ async def test_purge_gives_the_space_back(store, clock, path):
 
 
 async def test_file_stops_growing_under_steady_load(store, clock, path):
-    """Rounds of saving and purging the same amount leave the database and its WAL no
-    larger than the first rounds did."""
+    """Rounds of saving and purging as much leave the file and its WAL no larger than before."""
 
     async def one_round(n: int) -> int:
         body = json.dumps({"text": "x" * 400})
@@ -260,8 +255,7 @@ async def test_file_stops_growing_under_steady_load(store, clock, path):
 
 
 async def test_fail_unfinished_marks_queued_and_in_progress_failed(store):
-    """Queued and in-progress responses become failed, with status and a server_error in
-    their body; finished ones are left alone; the count is returned."""
+    """Queued and in-progress responses become failed with a server_error; others are kept."""
     for status in ("queued", "in_progress", "completed", "failed", "incomplete"):
         await store.save_response(response(f"resp_{status}", status=status, background=True))
 
@@ -281,8 +275,7 @@ async def test_fail_unfinished_marks_queued_and_in_progress_failed(store):
 
 
 async def test_fail_unfinished_leaves_expired_and_non_json_bodies_readable(store, clock):
-    """An expired response is not counted; a body that is not JSON keeps its text while
-    its status is fixed."""
+    """An expired response is not counted; a body that is not JSON keeps its text."""
     await store.save_response(response("resp_gone", status="queued", expires_at=NOW + 1))
     await store.save_response(response("resp_odd", status="in_progress", body="not json"))
     clock.now = NOW + 1

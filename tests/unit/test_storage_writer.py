@@ -198,8 +198,7 @@ async def test_acknowledged_saves_survive_kill_9(tmp_path):
 
 
 async def test_locked_database_fails_the_batch_at_once(tmp_path):
-    """While another process holds the write lock, a batch fails after one busy timeout
-    with a readable StorageError (not once per write), and reads still answer."""
+    """Under another process's write lock a batch fails once, readably; reads still answer."""
     path = tmp_path / "lmbridge.db"
     store = await SQLiteStore.open(path, clock=lambda: NOW, busy_timeout=0.2)
     await store.save_response(response("resp_0"))
@@ -225,8 +224,7 @@ async def test_locked_database_fails_the_batch_at_once(tmp_path):
 
 
 async def test_full_disk_fails_only_the_write_that_does_not_fit(store):
-    """When the disk fills, the write that does not fit fails with a StorageError and the
-    small writes of the same batch are committed."""
+    """On a full disk only the write that does not fit fails; the small ones commit."""
     # Fault injection: past max_page_count SQLite reports SQLITE_FULL, as on a full disk.
     conn = store._writer_conn
     rows = await conn.execute_fetchall("PRAGMA page_count")
