@@ -73,6 +73,10 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 @dataclass
 class _Item:
     index: int
@@ -95,6 +99,7 @@ class ResponseBuilder:
         ids: Callable[[str], str] = new_id,
         max_tool_calls: int | None = None,
         clock: Callable[[], float] = time.time,
+        emit: bool = True,
     ) -> None:
         self.response = response
         self.names = names
@@ -109,6 +114,8 @@ class ResponseBuilder:
         self._dropped_calls: set[int] = set()
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        # Without a stream to feed, events are thrown away: skip copying into them.
+        self._copy: Callable[[Any], Any] = copy.deepcopy if emit else _same
 
     # --- events -----------------------------------------------------------
 
@@ -118,7 +125,8 @@ class ResponseBuilder:
         return event
 
     def snapshot(self) -> dict[str, Any]:
-        return copy.deepcopy(self.response)
+        snapshot: dict[str, Any] = self._copy(self.response)
+        return snapshot
 
     def start(self, *, queued: bool = False) -> list[Event]:
         """``response.created`` then ``response.queued`` or ``response.in_progress``."""
@@ -179,7 +187,7 @@ class ResponseBuilder:
         item.index = len(self.items)
         self.items.append(item)
         return item, self._event(
-            "response.output_item.added", output_index=item.index, item=copy.deepcopy(body)
+            "response.output_item.added", output_index=item.index, item=self._copy(body)
         )
 
     def _reasoning_delta(self, text: str) -> list[Event]:
@@ -214,7 +222,7 @@ class ResponseBuilder:
             self._text, added = self._add_item(body)
             events.append(added)
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            body["content"].append(copy.deepcopy(part))
+            body["content"].append(self._copy(part))
             events.append(self._event(
                 "response.content_part.added", item_id=body["id"], output_index=self._text.index,
                 content_index=0, part=part,
@@ -302,9 +310,9 @@ class ResponseBuilder:
             self._event("response.output_text.done", item_id=body["id"], output_index=item.index,
                         content_index=0, text=part["text"], logprobs=[]),
             self._event("response.content_part.done", item_id=body["id"],
-                        output_index=item.index, content_index=0, part=copy.deepcopy(part)),
+                        output_index=item.index, content_index=0, part=self._copy(part)),
             self._event("response.output_item.done", output_index=item.index,
-                        item=copy.deepcopy(body)),
+                        item=self._copy(body)),
         ]  # fmt: skip
 
     def _close_reasoning(self, status: str = "completed") -> list[Event]:
@@ -319,9 +327,9 @@ class ResponseBuilder:
             self._event("response.reasoning_text.done", item_id=body["id"],
                         output_index=item.index, content_index=0, text=part["text"]),
             self._event("response.content_part.done", item_id=body["id"],
-                        output_index=item.index, content_index=0, part=copy.deepcopy(part)),
+                        output_index=item.index, content_index=0, part=self._copy(part)),
             self._event("response.output_item.done", output_index=item.index,
-                        item=copy.deepcopy(body)),
+                        item=self._copy(body)),
         ]  # fmt: skip
 
     def _close_calls(self, status: str = "completed") -> list[Event]:
@@ -339,7 +347,7 @@ class ResponseBuilder:
             ))  # fmt: skip
             events.append(
                 self._event(
-                    "response.output_item.done", output_index=call.index, item=copy.deepcopy(body)
+                    "response.output_item.done", output_index=call.index, item=self._copy(body)
                 )
             )
         return events
@@ -408,7 +416,7 @@ class ResponseBuilder:
     ) -> None:
         response = self.response
         response["status"] = status
-        response["output"] = copy.deepcopy(self.output)
+        response["output"] = self._copy(self.output)
         response["error"] = error
         response["incomplete_details"] = incomplete_details
         response["usage"] = self.usage

@@ -98,7 +98,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return await _stream(request, run.follow(None))
         return _json(run.response)
     if not run.request.stream:
-        return _json(await service.execute(run))
+        final = await service.execute(run)
+        return _json_text(run.stored_json) if run.stored_json else _json(final)
     response = await _open_sse(request)
 
     async def sink(events: list[Event]) -> None:

@@ -96,6 +96,9 @@ class ResponseRun:
     finished: bool = False
     task: asyncio.Task[Any] | None = None
     cancel_requested: bool = False
+    # The Response as last stored (JSON text), so that the reply need not serialise
+    # it a second time.
+    stored_json: str | None = None
 
     @property
     def request(self) -> CreateRequest:
@@ -164,6 +167,7 @@ class ResponsesService:
         builder = ResponseBuilder(
             response, prepared.tools.names, ids=self.ids,
             max_tool_calls=request.max_tool_calls, clock=self.clock,
+            emit=request.stream or request.background,
         )  # fmt: skip
         run = ResponseRun(response_id, prepared, builder, created_at)
         if request.background:
@@ -385,13 +389,14 @@ class ResponsesService:
             conversation_items = tuple(
                 _stored(item) for item in [*run.prepared.input_items, *output]
             )
+        body = render.dumps(response)
         record = ResponseRecord(
             id=run.id,
             owner=run.prepared.owner,
             created_at=run.created_at,
             expires_at=run.created_at + int(self.config.responses.retention),
             status=response["status"],
-            body=render.dumps(response),
+            body=body,
             previous_response_id=request.previous_response_id,
             conversation_id=request.conversation_id,
             background=request.background,
@@ -405,6 +410,7 @@ class ResponsesService:
             conversation_items=conversation_items,
         )
         await self.store.save_response(record)
+        run.stored_json = body
 
     # --- reading ----------------------------------------------------------
 

@@ -174,8 +174,10 @@ async def test_unusable_path_is_a_storage_error(tmp_path, what):
 async def test_ping_answers_until_closed(path):
     """ping() passes on an open store and raises StorageError once it is closed."""
     store = await SQLiteStore.open(path)
-    await store.ping()
-    await store.close()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
     with pytest.raises(StorageError, match="cannot read"):
         await store.ping()
 
