@@ -119,6 +119,12 @@ def _storage_ctx(given: SQLiteStore | None) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = given or await SQLiteStore.open(app[CONFIG].storage.path)
         app[STORE] = store
+
+        def stats() -> tuple[int, int]:
+            current = store.write_stats
+            return current.writes, current.batches
+
+        app[METRICS].watch_storage(stats)
         try:
             yield
         finally:

@@ -7,10 +7,13 @@ not the raw path, and ``model`` is a model the upstream actually listed or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -83,6 +86,24 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def watch_storage(self, stats: Callable[[], tuple[int, int]]) -> None:
+        """Export the store's group-commit counters, read at scrape time."""
+        registry = self.registry
+
+        class StorageCollector(Collector):
+            def collect(self) -> Iterable[Metric]:
+                writes, transactions = stats()
+                yield CounterMetricFamily(
+                    "lmbridge_storage_writes", "Writes committed to the database.", writes
+                )
+                yield CounterMetricFamily(
+                    "lmbridge_storage_transactions",
+                    "Transactions (group commits) that committed them.",
+                    transactions,
+                )
+
+        registry.register(StorageCollector())
 
     def count_request(self, route: str, model: str, status: int, seconds: float) -> None:
         # Label lookups cost microseconds each; the children are cached per label set.

@@ -2,18 +2,19 @@
 (storage/writer.py) applies inside its transaction.
 
 ``SQLiteStore`` (storage/sqlite.py) picks the function and builds its argument;
-nothing here begins or commits a transaction. ``save_responses`` handles a whole
-batch of saves with one ``executemany`` per statement; the other writes are rare
-and run one after the other (``each``).
+nothing here begins or commits a transaction. The functions are synchronous: the
+writer runs a whole batch in the connection's own thread, in one call.
+``save_responses`` handles a whole batch of saves with one ``executemany`` per
+statement; the other writes are rare and run one after the other (``each``).
 """
 
 from __future__ import annotations
 
+import re
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import aiosqlite
 
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.writer import each
@@ -78,12 +79,12 @@ INSERT_INPUT_ITEM = """
 INSERT OR IGNORE INTO response_items (response_id, kind, position, item_id, body)
 VALUES (?, 'input', ?, ?, ?)
 """
-DELETE_OUTPUT_ITEMS = "DELETE FROM response_items WHERE response_id = ? AND kind = 'output'"
+DELETE_OUTPUT_ITEMS = "DELETE FROM response_items WHERE kind = 'output' AND response_id IN (?)"
 INSERT_OUTPUT_ITEM = """
 INSERT INTO response_items (response_id, kind, position, item_id, body)
 VALUES (?, 'output', ?, ?, ?)
 """
-DELETE_EVENTS = "DELETE FROM response_events WHERE response_id = ?"
+DELETE_EVENTS = "DELETE FROM response_events WHERE response_id IN (?)"
 INSERT_EVENT = "INSERT INTO response_events (response_id, seq, body) VALUES (?, ?, ?)"
 
 # --- conversation items, appended by a save or by add_conversation_items ---
@@ -105,34 +106,36 @@ WHERE id = :conversation_id AND owner = :owner AND expires_at > :now
 """
 
 
-async def save_responses(conn: aiosqlite.Connection, saves: Sequence[Save]) -> list[None]:
-    """Upsert a batch of responses with their items, events and conversation items."""
+def save_responses(conn: sqlite3.Connection, saves: Sequence[Save]) -> list[None]:
+    """Upsert a batch of responses with their items, events and conversation items.
+
+    Rows go in as multi-row statements (a few statements per batch, not a few per
+    response): each statement releases and takes back the GIL, which the event loop
+    thread wants too."""
     records = [save.record for save in saves]
-    await conn.executemany(UPSERT_RESPONSE, [_response_row(r) for r in records])
+    _insert_rows(conn, UPSERT_RESPONSE, [_response_row(r) for r in records])
     inputs = [
         (r.id, position, item.id, item.json)
         for r in records
         for position, item in enumerate(r.input_items)
     ]
-    if inputs:
-        await conn.executemany(INSERT_INPUT_ITEM, inputs)
+    _insert_rows(conn, INSERT_INPUT_ITEM, inputs)
 
     # The last save of a response in the batch decides its outputs and events, exactly
     # as if the saves had been committed one after the other.
     latest = {r.id: r for r in records}
-    ids = [(response_id,) for response_id in latest]
-    await conn.executemany(DELETE_OUTPUT_ITEMS, ids)
+    _delete_for(conn, DELETE_OUTPUT_ITEMS, list(latest))
     outputs = [
         (r.id, position, item.id, item.json)
         for r in latest.values()
         for position, item in enumerate(r.output_items)
     ]
-    if outputs:
-        await conn.executemany(INSERT_OUTPUT_ITEM, outputs)
-    await conn.executemany(DELETE_EVENTS, ids)
+    _insert_rows(conn, INSERT_OUTPUT_ITEM, outputs)
+    # Only background responses keep events; others never had any to replace.
+    with_events = [r.id for r in latest.values() if r.background or r.events]
+    _delete_for(conn, DELETE_EVENTS, with_events)
     events = [(r.id, seq, body) for r in latest.values() for seq, body in enumerate(r.events)]
-    if events:
-        await conn.executemany(INSERT_EVENT, events)
+    _insert_rows(conn, INSERT_EVENT, events)
 
     appending = [
         (r.conversation_id, r, save.now)
@@ -140,7 +143,7 @@ async def save_responses(conn: aiosqlite.Connection, saves: Sequence[Save]) -> l
         if (r := save.record).conversation_id and r.conversation_items
     ]
     if appending:
-        await conn.executemany(
+        conn.executemany(
             APPEND_CONVERSATION_ITEM,
             [
                 _append_row(conversation_id, r.owner, item, now)
@@ -148,7 +151,7 @@ async def save_responses(conn: aiosqlite.Connection, saves: Sequence[Save]) -> l
                 for item in r.conversation_items
             ],
         )
-        await conn.executemany(
+        conn.executemany(
             TOUCH_CONVERSATION,
             [
                 _touch_row(conversation_id, r.owner, r.expires_at, now)
@@ -158,9 +161,42 @@ async def save_responses(conn: aiosqlite.Connection, saves: Sequence[Save]) -> l
     return [None] * len(saves)
 
 
+# SQLite accepts 32766 parameters per statement (since 3.32); stay well below.
+_MAX_PARAMETERS = 30000
+_VALUES = re.compile(r"VALUES\s*(\([^)]*\))")
+_statements: dict[tuple[str, int], str] = {}
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Run an ``INSERT ... VALUES (?, ...)`` for many rows in as few statements as fit."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per_statement = max(1, _MAX_PARAMETERS // width)
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        key = (sql, len(chunk))
+        statement = _statements.get(key)
+        if statement is None:
+            match = _VALUES.search(sql)
+            assert match is not None, sql
+            values = ", ".join([match.group(1)] * len(chunk))
+            statement = sql[: match.start(1)] + values + sql[match.end(1) :]
+            if len(_statements) < 4096:
+                _statements[key] = statement
+        conn.execute(statement, [value for row in chunk for value in row])
+
+
+def _delete_for(conn: sqlite3.Connection, sql: str, response_ids: list[str]) -> None:
+    """Run a ``... WHERE response_id IN (?)`` statement for many responses at once."""
+    for start in range(0, len(response_ids), _MAX_PARAMETERS):
+        chunk = response_ids[start : start + _MAX_PARAMETERS]
+        conn.execute(sql.replace("IN (?)", "IN (" + ", ".join("?" * len(chunk)) + ")"), chunk)
+
+
 @each
-async def delete_response(conn: aiosqlite.Connection, ref: Ref) -> bool:
-    cursor = await conn.execute(
+def delete_response(conn: sqlite3.Connection, ref: Ref) -> bool:
+    cursor = conn.execute(
         "DELETE FROM responses WHERE id = ? AND owner = ? AND expires_at > ?",
         (ref.id, ref.owner, ref.now),
     )
@@ -168,10 +204,10 @@ async def delete_response(conn: aiosqlite.Connection, ref: Ref) -> bool:
 
 
 @each
-async def fail_unfinished(conn: aiosqlite.Connection, fail: FailUnfinished) -> int:
+def fail_unfinished(conn: sqlite3.Connection, fail: FailUnfinished) -> int:
     # json_valid: a body that is not JSON still gets its status column fixed rather
     # than failing the whole statement.
-    cursor = await conn.execute(
+    cursor = conn.execute(
         """
         UPDATE responses SET
             status = 'failed',
@@ -187,32 +223,32 @@ async def fail_unfinished(conn: aiosqlite.Connection, fail: FailUnfinished) -> i
 
 
 @each
-async def purge_expired(conn: aiosqlite.Connection, now: int) -> int:
+def purge_expired(conn: sqlite3.Connection, now: int) -> int:
     # Items and events go with their parent (ON DELETE CASCADE).
     deleted = 0
     for table in ("responses", "conversations"):
-        cursor = await conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+        cursor = conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
         deleted += cursor.rowcount
     return deleted
 
 
 @each
-async def give_back_free_pages(conn: aiosqlite.Connection, _: None) -> None:
+def give_back_free_pages(conn: sqlite3.Connection, _: None) -> None:
     # incremental_vacuum frees one page per step, and Python's execute() steps a
     # statement that returns no columns only once; executescript() steps each to the
     # end. It commits any open transaction first, hence ``Writer.submit_alone``.
     # The vacuum moves the free pages to the end and cuts them off in the WAL; the
     # checkpoint then shrinks the database file itself. PASSIVE never waits for a
     # reader: if one is busy, the next automatic checkpoint finishes the work.
-    await conn.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
+    conn.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
 
 
 # --- conversations ---
 
 
 @each
-async def create_conversation(conn: aiosqlite.Connection, record: ConversationRecord) -> None:
-    await conn.execute(
+def create_conversation(conn: sqlite3.Connection, record: ConversationRecord) -> None:
+    conn.execute(
         "INSERT INTO conversations (id, owner, created_at, updated_at, expires_at, metadata)"
         " VALUES (?, ?, ?, ?, ?, ?)",
         (
@@ -225,7 +261,7 @@ async def create_conversation(conn: aiosqlite.Connection, record: ConversationRe
         ),
     )
     if record.items:
-        await conn.executemany(
+        conn.executemany(
             "INSERT INTO conversation_items (conversation_id, position, item_id, body, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
             [
@@ -236,12 +272,13 @@ async def create_conversation(conn: aiosqlite.Connection, record: ConversationRe
 
 
 @each
-async def update_conversation(
-    conn: aiosqlite.Connection, update: MetadataUpdate
+def update_conversation(
+    conn: sqlite3.Connection, update: MetadataUpdate
 ) -> ConversationRecord | None:
     ref = update.conversation
     rows = list(
-        await conn.execute_fetchall(
+        _fetchall(
+            conn,
             "UPDATE conversations SET metadata = ?, expires_at = ?, updated_at = ?"
             " WHERE id = ? AND owner = ? AND expires_at > ?"
             " RETURNING id, owner, created_at, expires_at, metadata",
@@ -255,8 +292,8 @@ async def update_conversation(
 
 
 @each
-async def delete_conversation(conn: aiosqlite.Connection, ref: Ref) -> bool:
-    cursor = await conn.execute(
+def delete_conversation(conn: sqlite3.Connection, ref: Ref) -> bool:
+    cursor = conn.execute(
         "DELETE FROM conversations WHERE id = ? AND owner = ? AND expires_at > ?",
         (ref.id, ref.owner, ref.now),
     )
@@ -264,15 +301,15 @@ async def delete_conversation(conn: aiosqlite.Connection, ref: Ref) -> bool:
 
 
 @each
-async def add_conversation_items(conn: aiosqlite.Connection, add: AddItems) -> bool:
+def add_conversation_items(conn: sqlite3.Connection, add: AddItems) -> bool:
     ref = add.conversation
-    cursor = await conn.execute(
+    cursor = conn.execute(
         TOUCH_CONVERSATION, _touch_row(ref.id, ref.owner, add.expires_at, ref.now)
     )
     if not cursor.rowcount:
         return False
     if add.items:
-        await conn.executemany(
+        conn.executemany(
             APPEND_CONVERSATION_ITEM,
             [_append_row(ref.id, ref.owner, item, ref.now) for item in add.items],
         )
@@ -280,9 +317,9 @@ async def add_conversation_items(conn: aiosqlite.Connection, add: AddItems) -> b
 
 
 @each
-async def delete_conversation_item(conn: aiosqlite.Connection, delete: ItemDelete) -> bool:
+def delete_conversation_item(conn: sqlite3.Connection, delete: ItemDelete) -> bool:
     ref = delete.conversation
-    cursor = await conn.execute(
+    cursor = conn.execute(
         """
         DELETE FROM conversation_items
         WHERE item_id = ? AND conversation_id = (
@@ -326,3 +363,7 @@ def _touch_row(conversation_id: str, owner: str, expires_at: int, now: int) -> d
         "expires_at": expires_at,
         "now": now,
     }
+
+
+def _fetchall(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
+    return conn.execute(sql, params).fetchall()

@@ -92,13 +92,20 @@ class ResponseRun:
     builder: ResponseBuilder
     created_at: int
     events: list[Event] = field(default_factory=list)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     finished: bool = False
     task: asyncio.Task[Any] | None = None
     cancel_requested: bool = False
     # The Response as last stored (JSON text), so that the reply need not serialise
     # it a second time.
     stored_json: str | None = None
+    _changed: asyncio.Condition | None = None
+
+    @property
+    def changed(self) -> asyncio.Condition:
+        """Wakes readers of a background response (made only for those)."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
 
     @property
     def request(self) -> CreateRequest:
@@ -379,17 +386,17 @@ class ResponsesService:
             return
         response = run.builder.response
         output = response["output"]
+        output_items = tuple(_stored(item) for item in output)
         turn = render.dumps(render.render_items(
             [*run.prepared.input_items, *output], run.prepared.tools.names,
             images=run.prepared.model.vision is not False,
         ))  # fmt: skip
         finished = response["status"] not in ("queued", "in_progress")
+        input_items = tuple(_stored(item) for item in run.prepared.input_items)
         conversation_items: tuple[StoredItem, ...] = ()
         if request.conversation_id is not None and finished:
-            conversation_items = tuple(
-                _stored(item) for item in [*run.prepared.input_items, *output]
-            )
-        body = render.dumps(response)
+            conversation_items = input_items + output_items
+        body = _response_json(response, output_items)
         record = ResponseRecord(
             id=run.id,
             owner=run.prepared.owner,
@@ -400,8 +407,8 @@ class ResponsesService:
             previous_response_id=request.previous_response_id,
             conversation_id=request.conversation_id,
             background=request.background,
-            input_items=tuple(_stored(item) for item in run.prepared.input_items),
-            output_items=tuple(_stored(item) for item in output),
+            input_items=input_items,
+            output_items=output_items,
             turn_messages=turn,
             turn_tokens=render.estimate_tokens(turn),
             events=tuple(render.dumps(e) for e in [*run.events, *pending])
@@ -575,6 +582,13 @@ class ResponsesService:
 
 def _stored(item: dict[str, Any]) -> StoredItem:
     return StoredItem(item["id"], render.dumps(item))
+
+
+def _response_json(response: dict[str, Any], output: tuple[StoredItem, ...]) -> str:
+    """The Response as JSON, its output spliced in from the items' own JSON (serialised
+    once, for the item rows)."""
+    rest = render.dumps({k: v for k, v in response.items() if k != "output"})
+    return rest[:-1] + ',"output":[' + ",".join(i.json for i in output) + "]}"
 
 
 def _chunk_json(data: bytes) -> dict[str, Any] | None:
