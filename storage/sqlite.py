@@ -22,6 +22,7 @@ from typing import Any
 import aiosqlite
 
 from storage import writes
+from storage.chain_cache import ChainCache
 from storage.errors import StorageError
 from storage.migrations import MIGRATIONS, Migration
 from storage.records import (
@@ -48,16 +49,19 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 MAX_CHAIN = 100_000
 
 _CHAIN = """
-WITH RECURSIVE chain (depth, id, previous_response_id, turn_messages, turn_tokens) AS (
-    SELECT 0, id, previous_response_id, turn_messages, turn_tokens
+WITH RECURSIVE chain (depth, id, previous_response_id, turn_messages, turn_tokens,
+                      expires_at) AS (
+    SELECT 0, id, previous_response_id, turn_messages, turn_tokens, expires_at
     FROM responses
     WHERE id = :id AND owner = :owner AND expires_at > :now
     UNION ALL
-    SELECT chain.depth + 1, r.id, r.previous_response_id, r.turn_messages, r.turn_tokens
+    SELECT chain.depth + 1, r.id, r.previous_response_id, r.turn_messages, r.turn_tokens,
+        r.expires_at
     FROM chain JOIN responses AS r ON r.id = chain.previous_response_id
     WHERE r.owner = :owner AND r.expires_at > :now AND chain.depth < :max_depth
 )
-SELECT id, previous_response_id, turn_messages, turn_tokens FROM chain ORDER BY depth DESC
+SELECT id, previous_response_id, turn_messages, turn_tokens, expires_at
+FROM chain ORDER BY depth DESC
 """
 
 # A page of children after the cursor item, in one statement: the LEFT JOIN yields
@@ -132,6 +136,7 @@ class SQLiteStore:
         self._reader = reader
         self._clock = clock
         self._writer = Writer(writer_conn, path)
+        self.chains = ChainCache()
 
     @classmethod
     async def open(
@@ -200,6 +205,7 @@ class SQLiteStore:
         if record.conversation_items and not record.conversation_id:
             raise ValueError(f"{record.id}: conversation_items without a conversation_id")
         await self._writer.submit(writes.save_responses, writes.Save(record, self._now()))
+        self.chains.saved(record)
 
     async def get_response(self, response_id: str, owner: str) -> str | None:
         rows = await self._read(
@@ -209,16 +215,27 @@ class SQLiteStore:
         return str(rows[0][0]) if rows else None
 
     async def delete_response(self, response_id: str, owner: str) -> bool:
-        return await self._writer.submit(writes.delete_response, self._ref(response_id, owner))
+        # Chains through the deleted response are broken now, wherever they are cached;
+        # cleared again once committed, for reads that ran meanwhile.
+        self.chains.clear()
+        try:
+            return await self._writer.submit(writes.delete_response, self._ref(response_id, owner))
+        finally:
+            self.chains.clear()
 
     async def load_chain(self, response_id: str, owner: str) -> Chain | None:
+        now = self._now()
+        cached = self.chains.get(response_id, owner, now)
+        if cached is not None:
+            return cached
+        generation = self.chains.generation
         rows = await self._read(
             _CHAIN,
-            {"id": response_id, "owner": owner, "now": self._now(), "max_depth": MAX_CHAIN},
+            {"id": response_id, "owner": owner, "now": now, "max_depth": MAX_CHAIN},
         )
         if not rows:
             return None
-        return Chain(
+        chain = Chain(
             response_ids=tuple(row[0] for row in rows),
             turn_messages=tuple(row[2] for row in rows),
             turn_tokens=tuple(row[3] for row in rows),
@@ -226,6 +243,8 @@ class SQLiteStore:
             # reach (deleted, expired, someone else's).
             broken_at=rows[0][1],
         )
+        self.chains.put(response_id, owner, chain, min(row[4] for row in rows), generation)
+        return chain
 
     async def list_input_items(
         self, response_id: str, owner: str, *, after: str | None, limit: int, order: Order

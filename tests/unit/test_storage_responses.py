@@ -187,6 +187,7 @@ async def test_chain_reports_the_first_missing_ancestor(store, clock, how):
 async def test_chain_of_1000_turns_is_one_statement(store):
     """A 1,000-turn chain loads complete with the same single SQL statement as a 2-turn one."""
     await save_all(store, chain_of(1000) + chain_of(2, prefix="short_"))
+    store.chains.clear()  # read from the database, not from the cache of recent chains
     statements: list[str] = []
     await store.set_read_trace(statements.append)
 
@@ -202,6 +203,35 @@ async def test_chain_of_1000_turns_is_one_statement(store):
     assert len(short.response_ids) == 2
     assert for_long == 1
     assert len(statements) == 2
+
+
+async def test_the_next_turn_of_a_chain_is_read_from_memory(store):
+    """Saving a turn whose parent chain is known caches its chain: continuing it reads
+    no SQL, and the chain is the same as the database's."""
+    for record in chain_of(50):
+        await store.save_response(record)
+    statements: list[str] = []
+    await store.set_read_trace(statements.append)
+    cached = await store.load_chain("resp_49", "alice")
+    await store.set_read_trace(None)
+    assert statements == []
+    store.chains.clear()
+    assert await store.load_chain("resp_49", "alice") == cached
+
+
+async def test_cached_chains_respect_owner_delete_and_expiry(store, clock):
+    """A cached chain is not served to another owner, after a delete in it, or once its
+    oldest turn has expired."""
+    for record in chain_of(3):
+        await store.save_response(record)
+    assert await store.load_chain("resp_2", "bob") is None
+    assert await store.delete_response("resp_0", "alice")
+    assert (await store.load_chain("resp_2", "alice")).broken_at == "resp_0"
+    for record in chain_of(2, prefix="new_"):
+        await store.save_response(record)
+    assert (await store.load_chain("new_1", "alice")) is not None
+    clock.now = NOW + 3600
+    assert await store.load_chain("new_1", "alice") is None
 
 
 async def test_another_owners_response_is_absent(store):
