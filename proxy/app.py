@@ -25,7 +25,7 @@ from proxy.keys import (
 )
 from proxy.logs import RequestLog
 from proxy.metrics import Metrics
-from proxy.middleware import handle_request, require_api_key
+from proxy.middleware import handle_request
 from proxy.responses import routes as responses_routes
 from proxy.responses.service import ResponsesService, owner_of
 from proxy.tasks import BackgroundTasks
@@ -44,7 +44,7 @@ def create_app(
     request log; what is handed in is not closed by the app."""
     app = web.Application(
         client_max_size=config.server.max_body_size,
-        middlewares=[handle_request, require_api_key],
+        middlewares=[handle_request],
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()

@@ -16,6 +16,26 @@ from typing import Any
 from proxy.sse import SSEEvent, SSEParser
 
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+def usage_counts(body: bytes) -> tuple[int, int]:
+    """Prompt and completion tokens of a chat or completions body, without parsing it.
+
+    The keys are looked for after the last ``"usage"``; inside JSON strings quotes are
+    escaped, so generated text cannot imitate them."""
+    start = body.rfind(b'"usage"')
+    if start < 0:
+        return 0, 0
+    prompt = _PROMPT_TOKENS.search(body, start)
+    completion = _COMPLETION_TOKENS.search(body, start)
+    return (
+        int(prompt.group(1)) if prompt else 0,
+        int(completion.group(1)) if completion else 0,
+    )
+
+
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 

@@ -79,6 +79,7 @@ class Metrics:
             registry=r,
         )
         self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._duration_children: dict[str, Any] = {}
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
@@ -128,7 +129,24 @@ class Metrics:
             return
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
-        if isinstance(prompt, int) and prompt > 0:
-            self.tokens.labels(model, "in").inc(prompt)
-        if isinstance(completion, int) and completion > 0:
-            self.tokens.labels(model, "out").inc(completion)
+        self.record_tokens(
+            model,
+            prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0,
+        )
+
+    def record_tokens(self, model: str, prompt: int, completion: int) -> None:
+        if prompt > 0:
+            self._child(self.tokens, (model, "in")).inc(prompt)
+        if completion > 0:
+            self._child(self.tokens, (model, "out")).inc(completion)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        self._child(self.upstream_seconds, (route,)).observe(seconds)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child

@@ -1,5 +1,5 @@
-"""Middlewares, outermost first: request context (id, log line, metrics),
-error rendering (the only place exceptions become HTTP errors), client auth."""
+"""The middleware: request context (id, log line, metrics), client authentication,
+and error rendering (the only place exceptions become HTTP errors)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def _route_label(request: web.Request) -> str:
 
 @web.middleware
 async def handle_request(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, in-flight gauge, the one place errors become responses, metrics and
-    the request log line. One middleware rather than three: each costs a coroutine
-    frame on every request."""
+    """Request id, client authentication, in-flight gauge, the one place errors become
+    responses, metrics and the request log line. One middleware rather than three: each
+    costs a coroutine frame on every request."""
     started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID_HEADER)
     if incoming and len(incoming) <= 128 and incoming.isprintable():
@@ -73,6 +73,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     status = 500
     try:
         try:
+            authenticate(request)
             response = await handler(request)
         except LMBridgeError as exc:
             response = _error_response(exc.status, exc.body(), exc)
@@ -153,26 +154,27 @@ def _http_error_body(request: web.Request, exc: web.HTTPException) -> dict[str, 
     return error_body(exc.reason or "request failed", "invalid_request_error", None, None)
 
 
-@web.middleware
-async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+def authenticate(request: web.Request) -> None:
+    """With client keys configured, every /v1 route needs one; sets who owns what this
+    request stores."""
     keys = request.app[API_KEYS]
     request[OWNER] = ""
-    if keys and request.path.startswith("/v1"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized(
-                "Missing API key: send 'Authorization: Bearer <key>' with one of the keys in "
-                "lmbridge's [auth] api_keys."
-            )
-        presented = token.encode()
-        owner = None
-        # Compare against every key so that timing does not tell which one nearly matched.
-        for key, key_owner in keys.items():
-            if hmac.compare_digest(presented, key):
-                owner = key_owner
-        if owner is None:
-            raise Unauthorized("Incorrect API key provided.")
-        request[OWNER] = owner
-    return await handler(request)
+    if not keys or not request.path.startswith("/v1"):
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>' with one of the keys in "
+            "lmbridge's [auth] api_keys."
+        )
+    presented = token.encode()
+    owner = None
+    # Compare against every key so that timing does not tell which one nearly matched.
+    for key, key_owner in keys.items():
+        if hmac.compare_digest(presented, key):
+            owner = key_owner
+    if owner is None:
+        raise Unauthorized("Incorrect API key provided.")
+    request[OWNER] = owner

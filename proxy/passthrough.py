@@ -19,14 +19,14 @@ import aiohttp
 from aiohttp import web
 
 from proxy.catalog import Purpose
-from proxy.chat_stream import StreamObserver
+from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.errors import BadRequest, UpstreamError
 from proxy.keys import API_KEYS, CATALOG, CLIENT_GONE, METRICS, MODEL, REQUEST_ID, STARTED, UPSTREAM
 from proxy.middleware import REQUEST_ID_HEADER
 from proxy.sse import DONE_EVENT, encode_event
 
 # Upstream response headers worth passing back to the client.
-_PASS_HEADERS = ("Content-Type", "Retry-After", "OpenAI-Processing-Ms")
+_PASS_HEADERS = frozenset({"content-type", "retry-after", "openai-processing-ms"})
 _PASS_PREFIXES = ("x-ratelimit-",)
 
 
@@ -128,11 +128,7 @@ async def forward(
     if resp.content_type == "text/event-stream":
         return await relay_stream(request, resp, model.id)
     content = await upstream.read_body(resp)
-    if b'"usage"' in content:
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(content)
-            if isinstance(parsed, dict):
-                request.app[METRICS].record_usage(model.id, parsed.get("usage"))
+    request.app[METRICS].record_tokens(model.id, *usage_counts(content))
     return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
 
 
@@ -207,12 +203,9 @@ def _upstream_headers(request: web.Request) -> dict[str, str]:
 
 def _client_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
     headers = {}
-    for name in _PASS_HEADERS:
-        value = resp.headers.get(name)
-        if value is not None:
-            headers[name] = value
     for name, value in resp.headers.items():
-        if name.lower().startswith(_PASS_PREFIXES):
+        lower = name.lower()
+        if lower in _PASS_HEADERS or lower.startswith(_PASS_PREFIXES):
             headers[name] = value
     return headers
 

@@ -206,7 +206,7 @@ class UpstreamClient:
                 raise _Retryable(
                     UpstreamUnavailable(_connect_message(self.base_url, exc)), "connect"
                 ) from exc
-            self.metrics.upstream_seconds.labels(route).observe(time.perf_counter() - started)
+            self.metrics.observe_upstream(route, time.perf_counter() - started)
             if resp.status in RETRY_STATUSES:
                 raw = await self._read_error(resp)
                 self._failed(f"status_{resp.status}")
