@@ -34,6 +34,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["text", "json"])
     parser.add_argument(
+        "--mcp-config",
+        metavar="FILE",
+        action="append",
+        help="an mcp.json file of MCP servers (repeatable; later files override earlier names)",
+    )
+    parser.add_argument(
         "--embedded",
         action="store_true",
         default=None,
@@ -50,6 +56,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "logging.level": args.log_level,
         "logging.format": args.log_format,
         "embedded.enabled": args.embedded,
+        "mcp.config_files": args.mcp_config,
     }
 
 

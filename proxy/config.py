@@ -289,6 +289,103 @@ class ResponsesConfig(_Section):
     )
 
 
+class MCPServerConfig(_Section):
+    """One MCP server: a command (stdio) or a URL (streamable HTTP or SSE), and how
+    lmbridge uses it. Servers come from mcp.json files and from [mcp.servers.NAME]."""
+
+    command: str | None = Field(None, description="Program to start (stdio transport).")
+    args: list[str] = Field(default_factory=list, description="Its arguments.")
+    env: dict[str, Secret] = Field(
+        default_factory=dict,
+        description="Environment variables for the program (values may be env:VAR).",
+    )
+    cwd: Path | None = Field(None, description="Working directory of the program.")
+    url: str | None = Field(None, description="URL of a remote server (streamable HTTP or SSE).")
+    headers: dict[str, Secret] = Field(
+        default_factory=dict, description="HTTP headers for a URL server (values may be env:VAR)."
+    )
+    transport: Literal["auto", "stdio", "http", "sse"] = Field(
+        "auto",
+        description="auto: stdio with a command; with a URL, sse when it ends in /sse, else "
+        "streamable HTTP.",
+    )
+    disabled: bool = Field(False, description="Skip this server.")
+    allowed_tools: list[str] | None = Field(
+        None, description="Only these tools are offered to the model (unset: all)."
+    )
+    denied_tools: list[str] = Field(
+        default_factory=list, description="These tools are never offered to the model."
+    )
+    timeout: Duration = Field(60.0, description="Longest a tool call may take.")
+    require_approval: bool = Field(
+        False,
+        description="Calls need the client's approval (only /v1/responses can ask for it; on "
+        "/v1/chat/completions such a server's tools are not offered).",
+    )
+    start: Literal["eager", "lazy"] = Field(
+        "eager", description="eager: connect when the daemon starts; lazy: on first use."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _mcp_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {_redact(value)!r}")
+        return value
+
+
+class MCPConfig(_Section):
+    config_files: list[Path] = Field(
+        default_factory=list,
+        description="mcp.json files to read (the shape LM Studio, Claude and Cursor use); "
+        "later files override servers of the same name. --mcp-config adds to this list.",
+    )
+    servers: dict[str, MCPServerConfig] = Field(
+        default_factory=dict,
+        description="Servers and per-server options, as [mcp.servers.NAME] tables; they "
+        "override the mcp.json entry of the same name key by key.",
+    )
+    default_servers: Literal["none", "all"] | list[str] = Field(
+        "none",
+        description="Which servers a request gets when it names none: none, all, or a list "
+        "of names.",
+    )
+    max_rounds: Count = Field(
+        10, ge=1, description="Model -> tools -> model rounds before a final answer is forced."
+    )
+    max_tool_calls: Count = Field(
+        32, ge=1, description="Tool calls per request before a final answer is forced."
+    )
+    result_max_chars: Count = Field(
+        20000, ge=100, description="Longer tool results are cut, with a marker, to this size."
+    )
+    text_tool_calls: bool = Field(
+        False,
+        description="Also recognise tool calls small models write as text (<tool_call>{...}"
+        '</tool_call> or a bare {"name": ..., "arguments": ...}), for offered tools only.',
+    )
+    remote_servers: list[str] = Field(
+        default_factory=list,
+        description="URL patterns (shell-style, e.g. http://127.0.0.1:*/mcp) a request may "
+        "name as server_url of an mcp tool; anything else is refused.",
+    )
+    restart_backoff_max: Duration = Field(
+        60.0, description="Longest wait between two restarts of a server that keeps failing."
+    )
+
+    @field_validator("servers")
+    @classmethod
+    def _names(cls, value: dict[str, MCPServerConfig]) -> dict[str, MCPServerConfig]:
+        for name, server in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(
+                    f"server name {name!r} must be 1-64 letters, digits, '_', '-' or '.'"
+                )
+            if not server.disabled and (server.command is None) == (server.url is None):
+                raise ValueError(f"server {name!r} needs either a command or a url")
+        return value
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig, description="Listening socket.")
     upstream: UpstreamConfig = Field(
@@ -306,6 +403,7 @@ class Config(_Section):
     responses: ResponsesConfig = Field(
         default_factory=ResponsesConfig, description="The Responses and Conversations APIs."
     )
+    mcp: MCPConfig = Field(default_factory=MCPConfig, description="MCP servers and the tool loop.")
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -345,14 +443,71 @@ def load_config(
         sources[dotted] = var
 
     for dotted, value in (flags or {}).items():
-        if value is not None:
-            _put(merged, dotted, value)
-            sources[dotted] = "command line"
+        if value is None:
+            continue
+        if dotted == "mcp.config_files":  # --mcp-config adds to the files of the config
+            value = [*(merged.get("mcp", {}).get("config_files") or []), *value]
+        _put(merged, dotted, value)
+        sources[dotted] = "command line"
+
+    _merge_mcp_json(merged, file_path)
 
     try:
         return Config.model_validate(merged, context={"environ": environ})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, sources)) from None
+
+
+def _merge_mcp_json(merged: dict[str, Any], config_path: Path | None) -> None:
+    """Servers of the mcp.json files, under [mcp.servers], overridden key by key by what
+    the configuration itself says about a server of the same name."""
+    mcp = merged.get("mcp")
+    if not isinstance(mcp, dict) or not isinstance(mcp.get("config_files"), list):
+        return
+    from_files: dict[str, dict[str, Any]] = {}
+    for entry in mcp["config_files"]:
+        path = Path(str(entry)).expanduser()
+        if not path.is_absolute() and config_path is not None:
+            path = config_path.parent / path
+        for name, server in _read_mcp_json(path).items():
+            from_files[name] = server
+    own = mcp.get("servers")
+    own = own if isinstance(own, dict) else {}
+    servers: dict[str, Any] = dict(from_files)
+    for name, options in own.items():
+        base = from_files.get(name, {})
+        servers[name] = {**base, **options} if isinstance(options, dict) else options
+    mcp["servers"] = servers
+
+
+_MCP_JSON_KEYS = {"command", "args", "env", "cwd", "url", "headers", "disabled"}
+
+
+def _read_mcp_json(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"mcp.config_files: {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"mcp.config_files: {path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"mcp.config_files: {path}: invalid JSON: {exc}") from None
+    servers = data.get("mcpServers") if isinstance(data, dict) else None
+    if not isinstance(servers, dict):
+        raise ConfigError(f'mcp.config_files: {path}: no "mcpServers" object')
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in servers.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"mcp.config_files: {path}: server {name!r} is not an object")
+        # Other tools add their own keys (type, timeout, autoApprove, ...): take ours.
+        server = {k: v for k, v in entry.items() if k in _MCP_JSON_KEYS}
+        kind = entry.get("type") or entry.get("transport")
+        if kind in ("sse", "stdio", "http", "streamable-http", "streamableHttp"):
+            server["transport"] = {"streamable-http": "http", "streamableHttp": "http"}.get(
+                kind, kind
+            )
+        out[str(name)] = server
+    return out
 
 
 def _pick_config_file(path: Path | str | None, environ: Mapping[str, str]) -> Path | None:
@@ -461,7 +616,7 @@ def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
     key2 = ".".join(loc[:2])
     if error["type"] == "extra_forbidden":
         problem = "unknown key" if len(loc) > 1 else "unknown section"
-        if len(loc) > 1 and loc[0] in SECTIONS:
+        if len(loc) == 2 and loc[0] in SECTIONS:
             known = ", ".join(SECTIONS[loc[0]].model_fields)
             problem += f" (known keys of [{loc[0]}]: {known})"
         elif len(loc) == 1:
@@ -497,16 +652,31 @@ def render_toml(config: Config) -> str:
     """The effective configuration as TOML, secrets masked."""
     lines: list[str] = []
     for section in SECTIONS:
-        lines.append(f"[{section}]")
-        values = getattr(config, section)
-        for key in type(values).model_fields:
-            value = getattr(values, key)
-            if value is None:
-                lines.append(f"# {key} is not set")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
+        lines += _toml_table(section, getattr(config, section))
     return "\n".join(lines)
+
+
+def _toml_table(name: str, values: BaseModel) -> list[str]:
+    lines = [f"[{name}]"]
+    tables: list[str] = []
+    for key in type(values).model_fields:
+        value = getattr(values, key)
+        if value is None:
+            lines.append(f"# {key} is not set")
+        elif (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(v, BaseModel) for v in value.values())
+        ):
+            for sub, model in value.items():  # e.g. [mcp.servers.NAME]
+                tables += _toml_table(f"{name}.{key}.{_toml_key(sub)}", model)
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return [*lines, "", *tables]
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
 
 
 def _toml_value(value: Any) -> str:

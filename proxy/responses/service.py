@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy import chat_upstream
 from proxy.catalog import ModelCatalog, ModelInfo
 from proxy.config import Config
 from proxy.errors import (
@@ -40,14 +41,13 @@ from proxy.responses.builder import Event, ResponseBuilder, replay_events, usage
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.render import ChatTools, ToolNames
 from proxy.responses.request import CreateRequest, normalize_item, parse_create
-from proxy.sse import SSEParser
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from storage.records import ResponseRecord, ResponseStore, StoredItem
 
 log = logging.getLogger("lmbridge.responses")
 
-CHAT_PATH = "/v1/chat/completions"
+CHAT_PATH = chat_upstream.CHAT_PATH
 ROUTE = "/v1/responses"
 Sink = Callable[[list[Event]], Awaitable[None]]
 
@@ -344,36 +344,12 @@ class ResponsesService:
 
     async def _complete_chat(self, prepared: Prepared) -> dict[str, Any]:
         resp = await self._open_chat(prepared, stream=False)
-        raw = await self.upstream.read_body(resp)
-        try:
-            completion = json.loads(raw)
-        except ValueError as exc:
-            raise UpstreamError("The upstream answered with something that is not JSON.") from exc
-        if not isinstance(completion, dict):
-            raise UpstreamError("The upstream answered with something that is not an object.")
-        return completion
+        return await chat_upstream.read_completion(self.upstream, resp)
 
     async def _stream_chat(self, prepared: Prepared) -> AsyncGenerator[dict[str, Any], None]:
         resp = await self._open_chat(prepared, stream=True)
-        if resp.content_type != "text/event-stream":  # an upstream that ignored "stream"
-            raw = await self.upstream.read_body(resp)
-            with contextlib.suppress(ValueError):
-                data = json.loads(raw)
-                if isinstance(data, dict):
-                    yield data
-            return
-        parser = SSEParser()
-        async with contextlib.aclosing(self.upstream.iter_chunks(resp)) as chunks:
-            async for raw in chunks:
-                for event in parser.feed(raw):
-                    if event.is_done:
-                        return
-                    chunk = _chunk_json(event.data)
-                    if chunk is not None:
-                        yield chunk
-        for event in parser.finish():
-            chunk = _chunk_json(event.data)
-            if chunk is not None and not event.is_done:
+        async with contextlib.aclosing(chat_upstream.read_chunks(self.upstream, resp)) as chunks:
+            async for chunk in chunks:
                 yield chunk
 
     # --- storing ----------------------------------------------------------
@@ -589,20 +565,6 @@ def _response_json(response: dict[str, Any], output: tuple[StoredItem, ...]) -> 
     once, for the item rows)."""
     rest = render.dumps({k: v for k, v in response.items() if k != "output"})
     return rest[:-1] + ',"output":[' + ",".join(i.json for i in output) + "]}"
-
-
-def _chunk_json(data: bytes) -> dict[str, Any] | None:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(chunk, dict):
-        return None
-    if chunk.get("error"):
-        error = chunk["error"]
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        raise UpstreamError(f"The upstream stream reported an error: {message}")
-    return chunk
 
 
 def _transcript(messages_json: str) -> str:

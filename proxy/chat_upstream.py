@@ -1,0 +1,98 @@
+"""Reading chat completions from the upstream as data, for lmbridge's own use
+(the Responses service and tool loops): a whole completion, or the chunks of a
+stream as dicts. The pass-through routes relay bytes instead (proxy/passthrough.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+
+from proxy.errors import UpstreamError
+from proxy.sse import SSEParser
+from proxy.upstream import UpstreamClient
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+async def read_completion(upstream: UpstreamClient, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    raw = await upstream.read_body(resp)
+    try:
+        completion = json.loads(raw)
+    except ValueError as exc:
+        raise UpstreamError("The upstream answered with something that is not JSON.") from exc
+    if not isinstance(completion, dict):
+        raise UpstreamError("The upstream answered with something that is not an object.")
+    return completion
+
+
+async def read_chunks(
+    upstream: UpstreamClient, resp: aiohttp.ClientResponse
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The chunks of a streamed reply; a reply that is not a stream (an upstream that
+    ignored ``stream``) comes as one chunk."""
+    if resp.content_type != "text/event-stream":
+        raw = await upstream.read_body(resp)
+        with contextlib.suppress(ValueError):
+            data = json.loads(raw)
+            if isinstance(data, dict):
+                yield data
+        return
+    parser = SSEParser()
+    async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
+        async for raw in chunks:
+            for event in parser.feed(raw):
+                if event.is_done:
+                    return
+                chunk = chunk_json(event.data)
+                if chunk is not None:
+                    yield chunk
+    for event in parser.finish():
+        chunk = chunk_json(event.data)
+        if chunk is not None and not event.is_done:
+            yield chunk
+
+
+def chunk_json(data: bytes) -> dict[str, Any] | None:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(chunk, dict):
+        return None
+    if chunk.get("error"):
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise UpstreamError(f"The upstream stream reported an error: {message}")
+    return chunk
+
+
+def request_bytes(body: dict[str, Any], *, stream: bool) -> bytes:
+    payload = dict(body)
+    if stream:
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+    else:
+        payload.pop("stream", None)
+        payload.pop("stream_options", None)
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def complete(upstream: UpstreamClient, body: dict[str, Any], route: str) -> dict[str, Any]:
+    resp = await upstream.open("POST", CHAT_PATH, body=request_bytes(body, stream=False),
+                               route=route)  # fmt: skip
+    return await read_completion(upstream, resp)
+
+
+async def stream(
+    upstream: UpstreamClient, body: dict[str, Any], route: str
+) -> AsyncGenerator[dict[str, Any], None]:
+    resp = await upstream.open("POST", CHAT_PATH, body=request_bytes(body, stream=True),
+                               route=route)  # fmt: skip
+    async with contextlib.aclosing(read_chunks(upstream, resp)) as chunks:
+        async for chunk in chunks:
+            yield chunk

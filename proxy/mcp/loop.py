@@ -1,0 +1,235 @@
+"""The tool loop on chat completions: model -> MCP tools -> model, until an answer.
+
+After each upstream reply the MCP calls it holds run (in parallel), their results
+go back as ``tool`` messages with the real call ids, and the upstream is asked
+again, until a reply holds no MCP call. Bounded by ``mcp.max_rounds`` and
+``mcp.max_tool_calls``: at the limit, one last call with ``tool_choice: "none"``
+asks for the answer. A call identical to an earlier one (same tool, same
+arguments) gets the earlier result with a note instead of running again. Calls to
+the client's own tools end the loop and go back to the client (after the MCP calls
+of the same turn ran). Usage is summed over all rounds.
+
+The transport is a parameter: ``emit`` receives the chunks a streaming client should
+see (content of every round as it arrives, one finish_reason, one usage chunk);
+without it the loop returns one chat completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.mcp.names import ToolDirectory, ToolRef
+from proxy.mcp.results import ToolOutput, error_output
+from proxy.mcp.rounds import Call, Round, chat_usage, sum_usage
+
+log = logging.getLogger("lmbridge.mcp")
+
+# Runs one MCP call: (server, tool, arguments) -> the model's view of the result.
+CallTool = Callable[[ToolRef, dict[str, Any]], Awaitable[ToolOutput]]
+# One upstream chat call: streamed chunks (dicts) of the reply.
+StreamChat = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+# One upstream chat call, not streamed: the completion.
+CompleteChat = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Emit = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+LIMIT_NOTE = (
+    "The tool-call limit of this request is reached: answer now with what you have, "
+    "without calling more tools."
+)
+
+
+@dataclass
+class ToolTrace:
+    """One MCP call as it ran: for logs, metrics, the Responses items, delegate's trace."""
+
+    call_id: str
+    ref: ToolRef
+    name: str
+    arguments: str
+    output: ToolOutput
+    seconds: float
+    repeated: bool = False
+
+
+@dataclass
+class LoopResult:
+    completion: dict[str, Any]  # the final chat completion (usage summed)
+    traces: list[ToolTrace] = field(default_factory=list)
+    rounds: int = 0
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the whole conversation
+
+
+class ToolLoop:
+    def __init__(
+        self,
+        directory: ToolDirectory,
+        call_tool: CallTool,
+        *,
+        max_rounds: int,
+        max_tool_calls: int,
+        text_tool_calls: bool = False,
+        images: bool = False,
+    ) -> None:
+        self.directory = directory
+        self.call_tool = call_tool
+        self.max_rounds = max_rounds
+        self.max_tool_calls = max_tool_calls
+        self.text_tool_calls = text_tool_calls
+        self.images = images
+        self.traces: list[ToolTrace] = []
+        self._seen: dict[tuple[str, str], ToolOutput] = {}
+
+    async def run(
+        self,
+        body: dict[str, Any],
+        *,
+        complete: CompleteChat | None = None,
+        stream: StreamChat | None = None,
+        emit: Emit | None = None,
+    ) -> LoopResult:
+        messages = list(body["messages"])
+        usage: dict[str, Any] | None = None
+        stream_id: str | None = None
+        last: Round | None = None
+        rounds = 0
+        forced_final = False
+        while True:
+            rounds += 1
+            request = {**body, "messages": messages}
+            if forced_final:
+                request["tool_choice"] = "none"
+            reply = Round(self.directory, stream_id=stream_id,
+                          text_tool_calls=self.text_tool_calls, number=rounds)  # fmt: skip
+            if stream is not None:
+                async for chunk in stream(request):
+                    relayed = reply.feed(chunk)
+                    if stream_id is None and reply.first_id:
+                        stream_id = reply.stream_id = reply.first_id
+                        for out in relayed:
+                            out["id"] = stream_id
+                    if relayed and emit is not None:
+                        await emit(relayed)
+            else:
+                assert complete is not None
+                reply.feed_completion(await complete(request))
+            reply.finish()
+            usage = sum_usage(usage, reply.usage)
+            last = reply
+            calls = reply.mcp_calls
+            if not calls or forced_final:
+                break
+            messages.append(reply.assistant_message(include_client_calls=False))
+            outputs = await self._run_calls(calls)
+            images: list[dict[str, Any]] = []
+            for call, output in zip(calls, outputs, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": output.text})
+                image_message = output.image_message(call.name) if self.images else None
+                if image_message is not None:
+                    images.append(image_message)
+            messages += images
+            if reply.client_calls:
+                break  # the client's tools: its turn now (MCP calls of this turn are done)
+            if rounds >= self.max_rounds or len(self.traces) >= self.max_tool_calls:
+                log.info(
+                    "tool loop limit reached after %d round(s), %d call(s): asking for the"
+                    " final answer",
+                    rounds,
+                    len(self.traces),
+                )
+                messages.append({"role": "user", "content": LIMIT_NOTE})
+                forced_final = True
+        assert last is not None
+        completion = self._final_completion(last, usage, body)
+        return LoopResult(completion, self.traces, rounds, messages)
+
+    async def _run_calls(self, calls: Sequence[Call]) -> list[ToolOutput]:
+        budget = self.max_tool_calls - len(self.traces)
+        runs = []
+        for position, call in enumerate(calls):
+            if position >= budget:
+                runs.append(self._skipped(call))
+            else:
+                runs.append(self._run_one(call))
+        return list(await asyncio.gather(*runs))
+
+    async def _skipped(self, call: Call) -> ToolOutput:
+        return error_output("not run: the tool-call limit of this request is reached")
+
+    async def _run_one(self, call: Call) -> ToolOutput:
+        ref = self.directory.route(call.name)
+        assert ref is not None  # only MCP calls come here
+        started = time.perf_counter()
+        repeated = False
+        try:
+            arguments = json.loads(call.arguments_text or "{}")
+        except json.JSONDecodeError as exc:
+            output = error_output(
+                f"the arguments are not valid JSON ({exc.msg}); send a JSON "
+                "object that matches the tool's schema"
+            )
+        else:
+            if not isinstance(arguments, dict):
+                output = error_output("the arguments must be a JSON object")
+            else:
+                key = (call.name, json.dumps(arguments, sort_keys=True))
+                earlier = self._seen.get(key)
+                if earlier is not None:
+                    repeated = True
+                    output = ToolOutput(
+                        f"{earlier.text}\n[lmbridge: same call with the same arguments as "
+                        "before in this request; this is that call's result, not run again]",
+                        earlier.is_error,
+                        earlier.images,
+                    )
+                else:
+                    output = await self.call_tool(ref, arguments)
+                    self._seen[key] = output
+        self.traces.append(ToolTrace(call.id, ref, call.name, call.arguments_text, output,
+                                     time.perf_counter() - started, repeated))  # fmt: skip
+        return output
+
+    def _final_completion(
+        self, last: Round, usage: dict[str, Any] | None, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        message = last.assistant_message(include_client_calls=True)
+        message["tool_calls"] = [c.as_chat() for c in last.client_calls]
+        if not message["tool_calls"]:
+            del message["tool_calls"]
+        reasoning = "".join(last.reasoning)
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        finish = (
+            "tool_calls"
+            if last.client_calls
+            else (last.finish_reason if last.finish_reason not in (None, "tool_calls") else "stop")
+        )
+        completion: dict[str, Any] = {
+            "id": last.first_id or "chatcmpl-lmbridge",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        }
+        if usage is not None:
+            completion["usage"] = chat_usage(usage)
+        return completion
+
+    @staticmethod
+    def closing_chunks(
+        result: LoopResult, stream_id: str, model: Any, include_usage: bool
+    ) -> list[dict[str, Any]]:
+        """What ends a streamed loop: one finish_reason, then the summed usage if asked."""
+        choice = result.completion["choices"][0]
+        base = {"id": stream_id, "object": "chat.completion.chunk",
+                "created": result.completion["created"], "model": model}  # fmt: skip
+        chunks = [{**base, "choices": [{"index": 0, "delta": {},
+                                        "finish_reason": choice["finish_reason"]}]}]  # fmt: skip
+        if include_usage and "usage" in result.completion:
+            chunks.append({**base, "choices": [], "usage": result.completion["usage"]})
+        return chunks
