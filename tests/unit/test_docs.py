@@ -70,3 +70,14 @@ def test_every_error_code_is_documented():
         ):
             continue
         assert f"`{cls.code}`" in doc, cls.__name__
+
+
+def test_every_mcp_server_setting_is_documented():
+    """docs/configuration.md lists every key of an [mcp.servers.NAME] table."""
+    from proxy.config import MCPServerConfig
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    part = doc[doc.index("### [mcp.servers.NAME]") :]
+    for key, info in MCPServerConfig.model_fields.items():
+        assert f"| `{key}` |" in part
+        assert info.description and info.description in part
