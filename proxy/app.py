@@ -16,6 +16,7 @@ from proxy.keys import (
     API_KEYS,
     CATALOG,
     CONFIG,
+    MCP,
     METRICS,
     REQUEST_LOG,
     RESPONSES,
@@ -24,6 +25,7 @@ from proxy.keys import (
     UPSTREAM,
 )
 from proxy.logs import RequestLog
+from proxy.mcp.servers import MCPServers
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
 from proxy.responses import routes as responses_routes
@@ -56,6 +58,7 @@ def create_app(
     app[API_KEYS] = {key: owner_of(key) for key in keys}
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
+    app.cleanup_ctx.append(_mcp_ctx)
     app.cleanup_ctx.append(_responses_ctx)
     _add_routes(app)
     responses_routes.add_routes(app)
@@ -99,6 +102,17 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
                 await session.close()
 
     return ctx
+
+
+async def _mcp_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    servers = MCPServers(config.mcp, app[METRICS], log_dir=config.storage.path.parent)
+    app[MCP] = servers
+    servers.start()
+    try:
+        yield
+    finally:
+        await servers.close()
 
 
 async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:

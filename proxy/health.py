@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.breaker import CircuitState
 from proxy.errors import LMBridgeError
-from proxy.keys import CATALOG, METRICS, STORE, UPSTREAM
+from proxy.keys import CATALOG, MCP, METRICS, STORE, UPSTREAM
 from storage.sqlite import StorageError
 
 # /readyz may be polled every second; the model list proves the upstream
@@ -58,8 +58,11 @@ async def readyz(request: web.Request) -> web.Response:
         checks["storage"] = {"ok": False, "path": str(app[STORE].path), "error": str(exc)}
 
     ready = all(check["ok"] for check in checks.values())
+    # MCP servers are reported, not required: the daemon serves without them.
+    mcp = app[MCP].status()
     failing = [name for name, check in checks.items() if not check["ok"]]
-    body = {"status": "ready" if ready else "not_ready", "failing": failing, "checks": checks}
+    body = {"status": "ready" if ready else "not_ready", "failing": failing, "checks": checks,
+            "mcp_servers": mcp}  # fmt: skip
     return web.json_response(body, status=200 if ready else 503)
 
 

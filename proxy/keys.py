@@ -7,6 +7,7 @@ from aiohttp import web
 from proxy.catalog import ModelCatalog
 from proxy.config import Config
 from proxy.logs import RequestLog
+from proxy.mcp.servers import MCPServers
 from proxy.metrics import Metrics
 from proxy.responses.service import ResponsesService
 from proxy.tasks import BackgroundTasks
@@ -20,6 +21,7 @@ CATALOG = web.AppKey("catalog", ModelCatalog)
 STORE = web.AppKey("store", SQLiteStore)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 TASKS = web.AppKey("tasks", BackgroundTasks)
+MCP = web.AppKey("mcp", MCPServers)
 RESPONSES = web.AppKey("responses", ResponsesService)
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -78,6 +78,26 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.mcp_calls = Counter(
+            "lmbridge_mcp_tool_calls",
+            "MCP tool calls, by server, tool and outcome (ok, tool_error, timeout, "
+            "unavailable, error).",
+            ["server", "tool", "outcome"],
+            registry=r,
+        )
+        self.mcp_call_seconds = Histogram(
+            "lmbridge_mcp_tool_call_duration_seconds",
+            "Duration of MCP tool calls.",
+            ["server"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.mcp_restarts = Counter(
+            "lmbridge_mcp_server_restarts",
+            "Times an MCP server's connection was lost or failed and was started again.",
+            ["server"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._duration_children: dict[str, Any] = {}
@@ -105,6 +125,22 @@ class Metrics:
                 )
 
         registry.register(StorageCollector())
+
+    def watch_mcp(self, states: Callable[[], dict[str, bool]]) -> None:
+        """Export whether each MCP server is connected, read at scrape time."""
+
+        class MCPCollector(Collector):
+            def collect(self) -> Iterable[Metric]:
+                family = GaugeMetricFamily(
+                    "lmbridge_mcp_server_up",
+                    "1 when the MCP server is connected, 0 otherwise.",
+                    labels=["server"],
+                )
+                for name, up in states().items():
+                    family.add_metric([name], 1.0 if up else 0.0)
+                yield family
+
+        self.registry.register(MCPCollector())
 
     def count_request(self, route: str, model: str, status: int, seconds: float) -> None:
         # Label lookups cost microseconds each; the children are cached per label set.

@@ -21,7 +21,18 @@ from aiohttp import web
 from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import API_KEYS, CATALOG, CLIENT_GONE, METRICS, MODEL, REQUEST_ID, STARTED, UPSTREAM
+from proxy.keys import (
+    API_KEYS,
+    CATALOG,
+    CLIENT_GONE,
+    MCP,
+    METRICS,
+    MODEL,
+    REQUEST_ID,
+    STARTED,
+    UPSTREAM,
+)
+from proxy.mcp.chat import chat_with_tools
 from proxy.middleware import REQUEST_ID_HEADER
 from proxy.sse import DONE_EVENT, encode_event
 
@@ -49,6 +60,9 @@ async def get_model(request: web.Request) -> web.Response:
     if requested != model.id:
         entry.update(id=requested, alias_for=model.id)
     return web.json_response(entry)
+
+
+CHAT_PATH = "/v1/chat/completions"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -117,7 +131,16 @@ async def forward(
 
     model = await request.app[CATALOG].resolve(body.get("model"), purpose)
     request[MODEL] = model.id
-    if body.get("model") != model.id:
+    if path == CHAT_PATH:
+        # mcp_servers is lmbridge's own field: it never goes upstream.
+        requested = body.pop("mcp_servers", None)
+        selection = request.app[MCP].select(requested, request.headers.get("X-MCP-Servers"))
+        if selection:
+            body["model"] = model.id
+            return await chat_with_tools(request, body, model, selection)
+        if requested is not None:
+            raw = b""  # the field was removed: serialise again below
+    if body.get("model") != model.id or not raw:
         body["model"] = model.id
         raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 

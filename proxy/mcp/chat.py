@@ -1,0 +1,119 @@
+"""/v1/chat/completions with MCP servers: the tool loop behind one request.
+
+The request names its servers (``mcp_servers`` in the body, the ``X-MCP-Servers``
+header, or ``mcp.default_servers``); their tools join the client's own, and
+``ToolLoop`` runs model -> MCP tools -> model. Plain requests get one final chat
+completion; streamed ones get one stream: the content of every round as it
+arrives, one ``finish_reason``, one usage chunk (when asked), one ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from proxy import chat_upstream
+from proxy.catalog import ModelInfo
+from proxy.errors import BadRequest, UpstreamError
+from proxy.keys import CONFIG, MCP, METRICS, REQUEST_ID, UPSTREAM
+from proxy.mcp.loop import LoopResult, ToolLoop
+from proxy.mcp.names import ToolRef
+from proxy.mcp.results import ToolOutput
+from proxy.middleware import REQUEST_ID_HEADER
+from proxy.sse import DONE_EVENT, encode_event
+
+ROUTE = "/v1/chat/completions"
+
+
+async def chat_with_tools(
+    request: web.Request, body: dict[str, Any], model: ModelInfo, selection: list[str]
+) -> web.StreamResponse:
+    servers = request.app[MCP]
+    upstream = request.app[UPSTREAM]
+    config = request.app[CONFIG].mcp
+    offer = await servers.offer(selection)
+    client_tools = body.get("tools") or []
+    if not isinstance(client_tools, list):
+        raise BadRequest("'tools' must be an array.", param="tools")
+    clash = sorted(
+        {t.get("function", {}).get("name") for t in client_tools if isinstance(t, dict)}
+        & set(offer.directory.by_name)
+    )  # fmt: skip
+    if clash:
+        raise BadRequest(
+            f"The client tool name(s) {', '.join(map(str, clash))} clash with MCP tools of "
+            "this request; rename them or leave those servers out.",
+            param="tools",
+        )
+    if offer.tools:
+        body["tools"] = [*client_tools, *offer.tools]
+    images = model.vision is True
+
+    async def call_tool(ref: ToolRef, arguments: dict[str, Any]) -> ToolOutput:
+        return await servers.call(ref, arguments, images=images)
+
+    loop = ToolLoop(
+        offer.directory,
+        call_tool,
+        max_rounds=config.max_rounds,
+        max_tool_calls=config.max_tool_calls,
+        text_tool_calls=config.text_tool_calls,
+        images=images,
+    )
+    if not body.get("stream"):
+        result = await loop.run(body, complete=lambda b: chat_upstream.complete(upstream, b, ROUTE))
+        _count_usage(request, model.id, result)
+        return web.json_response(result.completion)
+    return await _stream(request, body, loop, model.id)
+
+
+async def _stream(
+    request: web.Request, body: dict[str, Any], loop: ToolLoop, model: str
+) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    options = body.get("stream_options") or {}
+    include_usage = bool(options.get("include_usage"))
+    response: web.StreamResponse | None = None
+    stream_id = "chatcmpl-lmbridge"
+
+    async def open_stream() -> web.StreamResponse:
+        nonlocal response
+        if response is None:
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no", REQUEST_ID_HEADER: request[REQUEST_ID],
+            })  # fmt: skip
+            await response.prepare(request)
+        return response
+
+    async def emit(chunks: list[dict[str, Any]]) -> None:
+        nonlocal stream_id
+        stream_id = chunks[0].get("id", stream_id)
+        sse = await open_stream()
+        await sse.write(b"".join(encode_event(chunk) for chunk in chunks))
+
+    try:
+        result = await loop.run(
+            body, stream=lambda b: chat_upstream.stream(upstream, b, ROUTE), emit=emit
+        )
+    except UpstreamError as exc:
+        if response is None:
+            raise  # nothing sent yet: a plain HTTP error
+        await response.write(encode_event({"error": {
+            "message": f"The upstream stream was interrupted: {exc.message}",
+            "type": exc.error_type, "param": None, "code": exc.code,
+        }}))  # fmt: skip
+        await response.write_eof()
+        return response
+    sse = await open_stream()
+    closing = ToolLoop.closing_chunks(result, stream_id, body.get("model"), include_usage)
+    await sse.write(b"".join(encode_event(chunk) for chunk in closing) + DONE_EVENT)
+    await sse.write_eof()
+    _count_usage(request, model, result)
+    return sse
+
+
+def _count_usage(request: web.Request, model: str, result: LoopResult) -> None:
+    usage = result.completion.get("usage")
+    request.app[METRICS].record_usage(model, usage)

@@ -1,0 +1,471 @@
+"""One MCP server, supervised: a task that owns its session, runs its calls, restarts it.
+
+The SDK's ``Client`` must be entered and left in the same task, so callers never
+touch it: ``call()`` hands the call to the supervisor task through a queue and
+waits for its future. The task connects, lists the tools, then serves calls
+(several at once on the one session) until the connection is lost: the server
+process exited, the stream ended, or a call failed with "connection closed".
+Then the calls in flight fail (the tool may or may not have run: never retried),
+and the task reconnects, at once after a long-lived connection, with exponential
+backoff and jitter after quick failures, up to ``mcp.restart_backoff_max``.
+
+Tool-list changes are picked up on both protocol eras: the older handshake sends a
+``notifications/tools/list_changed`` message; the 2026 stateless protocol needs a
+``listen`` subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import mcp.types as types
+from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.sse import sse_client
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from proxy.config import MCPServerConfig
+
+log = logging.getLogger("lmbridge.mcp")
+
+CONNECTION_CLOSED = -32000
+REQUEST_TIMEOUT = -32001
+# Errors about the call itself (bad params, unknown method, timeout): the session is fine.
+CALL_LEVEL_CODES = frozenset({-32602, -32601, REQUEST_TIMEOUT})
+CONNECT_TIMEOUT = 60.0  # npx may download a package on first start
+STABLE_AFTER = 10.0
+
+
+class MCPUnavailable(Exception):
+    """The server is not connected (starting, restarting or stopped): nothing was sent."""
+
+
+class ConnectionLost(Exception):
+    """The connection died during the call: the tool may or may not have run."""
+
+
+class CallTimedOut(Exception):
+    """The call took longer than the server's timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolInfo:
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    read_only: bool | None
+    annotations: dict[str, Any] | None
+
+    @classmethod
+    def from_sdk(cls, tool: types.Tool) -> ToolInfo:
+        data = tool.model_dump(by_alias=True, mode="json", exclude_none=True)
+        annotations = data.get("annotations")
+        read_only = annotations.get("readOnlyHint") if isinstance(annotations, dict) else None
+        return cls(
+            name=tool.name,
+            description=tool.description or "",
+            input_schema=data.get("inputSchema") or {"type": "object", "properties": {}},
+            read_only=read_only if isinstance(read_only, bool) else None,
+            annotations=annotations if isinstance(annotations, dict) else None,
+        )
+
+
+@dataclass(eq=False)
+class _Call:
+    tool: str
+    arguments: dict[str, Any]
+    timeout: float
+    future: asyncio.Future[dict[str, Any]]
+
+
+_STOP = object()
+
+
+class _Lost(Exception):
+    """Leaves the session block to reconnect."""
+
+
+@dataclass
+class Supervisor:
+    name: str
+    config: MCPServerConfig
+    log_dir: Path
+    backoff_max: float = 60.0
+    on_restart: Callable[[str], None] | None = None
+    on_tools: Callable[[str, list[ToolInfo]], None] | None = None
+
+    state: str = "stopped"  # stopped | connecting | ready | backoff
+    tools: list[ToolInfo] = field(default_factory=list)
+    last_error: str | None = None
+    connects: int = 0
+    _queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _task: asyncio.Task[None] | None = None
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+    _inflight: set[_Call] = field(default_factory=set)
+    _connect_scope: anyio.CancelScope | None = None
+
+    # --- used by request handlers ------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self.state = "connecting"
+            self._task = asyncio.create_task(self._run(), name=f"mcp server {self.name}")
+
+    async def ready(self, within: float) -> bool:
+        """Start if needed and wait (bounded) for the tools to be known."""
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._ready.wait()
+        return self._ready.is_set()
+
+    async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The call's result in its JSON form (content, structuredContent, isError)."""
+        if self._stopping:
+            raise MCPUnavailable(f"the MCP server {self.name!r} is stopped")
+        if self.state != "ready":
+            raise MCPUnavailable(
+                f"the MCP server {self.name!r} is not connected ({self.state}"
+                + (f": {self.last_error}" if self.last_error else "")
+                + ")"
+            )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Call(tool, arguments, self.config.timeout, future))
+        return await future
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._queue.put_nowait(_STOP)
+        if self._connect_scope is not None:
+            self._connect_scope.cancel()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._task)
+        self._task = None
+        self.state = "stopped"
+
+    # --- the supervisor task ----------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            self.state = "connecting"
+            lost = anyio.Event()
+            started = time.monotonic()
+            connected = False
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    transport = await self._transport(stack, lost)
+                    # The connect deadline is an anyio scope around the session block (the
+                    # SDK's own shutdown of a stdio child must not be cut by asyncio).
+                    deadline = anyio.current_time() + CONNECT_TIMEOUT
+                    with anyio.CancelScope(deadline=deadline) as scope:
+                        self._connect_scope = scope
+                        async with Client(
+                            transport, mode="auto", message_handler=self._on_message
+                        ) as client:
+                            scope.deadline = math.inf
+                            self._connect_scope = None
+                            connected = True
+                            await self._serve(client, lost, started)
+                    self._connect_scope = None
+                    if scope.cancelled_caught and not connected and not self._stopping:
+                        raise TimeoutError(f"no answer within {CONNECT_TIMEOUT:g}s")
+            except Exception as exc:  # every way a server can fail ends here
+                leaf = _leaf(exc)
+                if not self._stopping:
+                    self.last_error = f"{type(leaf).__name__}: {leaf}".strip()
+                    log.warning("MCP server %s: connection %s: %s", self.name,
+                                "lost" if connected else "failed", self.last_error)  # fmt: skip
+            finally:
+                self._ready.clear()
+                self._fail_inflight(
+                    ConnectionLost(
+                        f"the connection to the MCP server {self.name!r} was lost during the call"
+                    )
+                )
+            if self._stopping:
+                break
+            if self.on_restart is not None:
+                self.on_restart(self.name)
+            if connected and time.monotonic() - started >= STABLE_AFTER:
+                attempt = 0
+                continue  # a long-lived connection: reconnect at once
+            attempt += 1
+            delay = min(self.backoff_max, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            self.state = "backoff"
+            self._fail_queued(MCPUnavailable(f"the MCP server {self.name!r} is restarting"))
+            log.info("MCP server %s: restarting in %.1fs", self.name, delay)
+            await self._sleep_unless_stopped(delay)
+        self.state = "stopped"
+        self._fail_queued(MCPUnavailable(f"the MCP server {self.name!r} is stopped"))
+
+    async def _transport(self, stack: contextlib.AsyncExitStack, lost: anyio.Event) -> Any:
+        """A new transport (not yet entered) for one connection attempt; what it needs
+        around it (the log file, the HTTP client) is closed with ``stack``."""
+        config = self.config
+        kind = config.transport
+        if kind == "auto":
+            if config.command is not None:
+                kind = "stdio"
+            else:
+                kind = "sse" if (config.url or "").rstrip("/").endswith("/sse") else "http"
+        headers = {k: v.get_secret_value() for k, v in config.headers.items()}
+        if kind == "stdio":
+            assert config.command is not None
+            params = StdioServerParameters(
+                command=config.command,
+                args=config.args,
+                env={k: v.get_secret_value() for k, v in config.env.items()} or None,
+                cwd=config.cwd,
+            )
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            errlog = stack.enter_context((self.log_dir / f"mcp-{self.name}.log").open("a"))
+            return _watched(stdio_client(params, errlog=errlog), lost.set)
+        assert config.url is not None
+        if kind == "sse":
+            return _watched(sse_client(config.url, headers=headers), lost.set)
+        # Headers go through an httpx2 client of our own, which the stack closes.
+        http = await stack.enter_async_context(httpx2.AsyncClient(
+            headers=headers, timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout))
+        ))  # fmt: skip
+        return _watched(streamable_http_client(config.url, http_client=http), lost.set)
+
+    async def _serve(self, client: Client, lost: anyio.Event, started: float) -> None:
+        self._tools_dirty = anyio.Event()
+        self.tools = await _all_tools(client)
+        self.connects += 1
+        self.last_error = None
+        self.state = "ready"
+        self._ready.set()
+        log.info("MCP server %s: connected in %.0f ms (protocol %s), %d tools", self.name,
+                 (time.monotonic() - started) * 1000, client.protocol_version,
+                 len(self.tools))  # fmt: skip
+        if self.on_tools is not None:
+            self.on_tools(self.name, self.tools)
+        async with anyio.create_task_group() as group:
+
+            async def watchdog() -> None:
+                await lost.wait()
+                self.state = "connecting"
+                raise _Lost("connection lost")
+
+            group.start_soon(watchdog)
+            group.start_soon(self._refresh_tools, client)
+            capabilities = client.server_capabilities.tools
+            if (client.protocol_version in MODERN_PROTOCOL_VERSIONS
+                    and capabilities is not None and capabilities.list_changed):  # fmt: skip
+                group.start_soon(self._listen, client, lost)
+            while True:
+                item = await self._queue.get()
+                if item is _STOP:
+                    group.cancel_scope.cancel()
+                    return
+                group.start_soon(self._run_call, client, item, lost)
+
+    async def _run_call(self, client: Client, call: _Call, lost: anyio.Event) -> None:
+        if call.future.done():  # the caller gave up while it waited
+            return
+        self._inflight.add(call)
+        try:
+            result = await client.call_tool(call.tool, call.arguments,
+                                            read_timeout_seconds=call.timeout)  # fmt: skip
+        except MCPError as exc:
+            if exc.code == CONNECTION_CLOSED:
+                _settle(
+                    call.future,
+                    ConnectionLost(
+                        f"the connection to the MCP server {self.name!r} closed during the call"
+                    ),
+                )
+                lost.set()
+            elif exc.code == REQUEST_TIMEOUT:
+                _settle(
+                    call.future,
+                    CallTimedOut(
+                        f"no result within {call.timeout:g}s (mcp.servers.{self.name}.timeout)"
+                    ),
+                )
+            else:
+                _settle(call.future, exc)
+                if exc.code not in CALL_LEVEL_CODES:
+                    await self._probe(client, lost)
+        except Exception as exc:
+            _settle(call.future, exc)
+        except BaseException:
+            _settle(
+                call.future,
+                ConnectionLost(
+                    f"the connection to the MCP server {self.name!r} was lost during the call"
+                ),
+            )
+            raise
+        else:
+            _settle(call.future, result.model_dump(by_alias=True, mode="json", exclude_none=True))
+        finally:
+            self._inflight.discard(call)
+
+    async def _probe(self, client: Client, lost: anyio.Event) -> None:
+        if lost.is_set():
+            return
+        try:
+            with anyio.fail_after(5):
+                await client.list_tools(cache_mode="bypass")
+        except Exception as exc:
+            log.warning("MCP server %s: health check failed (%s): reconnecting", self.name,
+                        _leaf(exc))  # fmt: skip
+            lost.set()
+
+    # --- tool-list changes ----------------------------------------------------
+
+    async def _on_message(self, message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            dirty = getattr(self, "_tools_dirty", None)
+            if dirty is not None:
+                dirty.set()
+
+    async def _refresh_tools(self, client: Client) -> None:
+        while True:
+            await self._tools_dirty.wait()
+            self._tools_dirty = anyio.Event()
+            await anyio.sleep(0.05)  # one refresh for a burst of notifications
+            self.tools = await _all_tools(client, refresh=True)
+            log.info("MCP server %s: tool list changed, %d tools", self.name, len(self.tools))
+            if self.on_tools is not None:
+                self.on_tools(self.name, self.tools)
+
+    async def _listen(self, client: Client, lost: anyio.Event) -> None:
+        while True:
+            try:
+                async with client.listen(tools_list_changed=True) as subscription:
+                    async for _ in subscription:
+                        self._tools_dirty.set()
+                return
+            except ListenNotSupportedError:
+                return
+            except SubscriptionLost:
+                # An idle HTTP listen stream ends at the read timeout: listen again, and
+                # read the list in case a change was missed meanwhile.
+                await self._probe(client, lost)
+                self._tools_dirty.set()
+                await anyio.sleep(0.5)
+
+    # --- helpers ------------------------------------------------------------
+
+    def _fail_inflight(self, exc: Exception) -> None:
+        for call in list(self._inflight):
+            _settle(call.future, exc)
+        self._inflight.clear()
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is _STOP:
+                self._stopping = True
+            else:
+                _settle(item.future, exc)
+
+    async def _sleep_unless_stopped(self, delay: float) -> None:
+        deadline = time.monotonic() + delay
+        while not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    item = await self._queue.get()
+            except TimeoutError:
+                return
+            if item is _STOP:
+                self._stopping = True
+            else:
+                _settle(item.future, MCPUnavailable(f"the MCP server {self.name!r} is restarting"))
+
+
+async def _all_tools(client: Client, refresh: bool = False) -> list[ToolInfo]:
+    tools: list[ToolInfo] = []
+    cursor: str | None = None
+    for _ in range(100):  # pages
+        page = await client.list_tools(cursor=cursor, cache_mode="refresh" if refresh else "use")
+        tools += [ToolInfo.from_sdk(tool) for tool in page.tools]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return tools
+
+
+class _WatchedReadStream:
+    """The transport's read stream, noticing its end (the server went away) even when
+    no call is running."""
+
+    def __init__(self, inner: Any, on_end: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_end = on_end
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> Any:
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_end()
+            raise
+
+    def __aiter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _WatchedReadStream:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        result: bool | None = await self._inner.__aexit__(*exc)
+        return result
+
+
+@asynccontextmanager
+async def _watched(transport: Any, on_end: Callable[[], None]) -> AsyncIterator[Any]:
+    async with transport as (read_stream, write_stream):
+        yield _WatchedReadStream(read_stream, on_end), write_stream
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
