@@ -47,6 +47,7 @@ REQUEST_TIMEOUT = -32001
 # Errors about the call itself (bad params, unknown method, timeout): the session is fine.
 CALL_LEVEL_CODES = frozenset({-32602, -32601, REQUEST_TIMEOUT})
 CONNECT_TIMEOUT = 60.0  # npx may download a package on first start
+RECONNECT_WAIT = 10.0
 STABLE_AFTER = 10.0
 
 
@@ -139,6 +140,9 @@ class Supervisor:
         """The call's result in its JSON form (content, structuredContent, isError)."""
         if self._stopping:
             raise MCPUnavailable(f"the MCP server {self.name!r} is stopped")
+        if self.state == "connecting":
+            # Reconnecting after a lost connection: worth a short wait, not a failure.
+            await self.ready(min(self.config.timeout, RECONNECT_WAIT))
         if self.state != "ready":
             raise MCPUnavailable(
                 f"the MCP server {self.name!r} is not connected ({self.state}"
@@ -237,15 +241,17 @@ class Supervisor:
             )
             self.log_dir.mkdir(parents=True, exist_ok=True)
             errlog = stack.enter_context((self.log_dir / f"mcp-{self.name}.log").open("a"))
-            return _watched(stdio_client(params, errlog=errlog), lost.set)
+            return _watched(stdio_client(params, errlog=errlog), lambda: self._lost(lost))
         assert config.url is not None
         if kind == "sse":
-            return _watched(sse_client(config.url, headers=headers), lost.set)
+            return _watched(sse_client(config.url, headers=headers), lambda: self._lost(lost))
         # Headers go through an httpx2 client of our own, which the stack closes.
         http = await stack.enter_async_context(httpx2.AsyncClient(
             headers=headers, timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout))
         ))  # fmt: skip
-        return _watched(streamable_http_client(config.url, http_client=http), lost.set)
+        return _watched(
+            streamable_http_client(config.url, http_client=http), lambda: self._lost(lost)
+        )
 
     async def _serve(self, client: Client, lost: anyio.Event, started: float) -> None:
         self._tools_dirty = anyio.Event()
@@ -330,7 +336,7 @@ class Supervisor:
         except Exception as exc:
             log.warning("MCP server %s: health check failed (%s): reconnecting", self.name,
                         _leaf(exc))  # fmt: skip
-            lost.set()
+            self._lost(lost)
 
     # --- tool-list changes ----------------------------------------------------
 
@@ -367,6 +373,13 @@ class Supervisor:
                 await anyio.sleep(0.5)
 
     # --- helpers ------------------------------------------------------------
+
+    def _lost(self, lost: anyio.Event) -> None:
+        """The connection is gone: no new call may take it from now on."""
+        self._ready.clear()
+        if not self._stopping:
+            self.state = "connecting"
+        lost.set()
 
     def _fail_inflight(self, exc: Exception) -> None:
         for call in list(self._inflight):

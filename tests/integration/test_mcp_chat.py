@@ -1,0 +1,275 @@
+"""Tool loops on /v1/chat/completions with a real MCP server (tests/mcp_servers/calc.py
+over stdio) and the scripted fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
+
+CALC = str(Path(__file__).resolve().parents[1] / "mcp_servers" / "calc.py")
+CALC_SERVER = {"command": sys.executable, "args": [CALC]}
+ASK = {"model": "test-model", "messages": [{"role": "user", "content": "What is 2+3?"}]}
+
+
+def tool_calls(*calls: tuple[str, str, str], content: str | None = None,
+               finish: str = "tool_calls") -> dict:  # fmt: skip
+    body = chat_completion()
+    message = body["choices"][0]["message"]
+    message["content"] = content
+    message["tool_calls"] = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+        for call_id, name, args in calls
+    ]
+    body["choices"][0]["finish_reason"] = finish
+    return body
+
+
+@pytest.fixture
+async def proxy(make_proxy):
+    return await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all")
+
+
+def sent(fake_upstream, n: int = -1) -> dict:
+    return fake_upstream.requests_to(CHAT)[n].body
+
+
+async def test_two_round_loop(proxy, fake_upstream):
+    """The model calls an MCP tool; lmbridge runs it, sends the result back with the call
+    id, and the client gets the final answer with usage summed over both rounds."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("call_1", "calc__add",
+                                                         '{"a": 2, "b": 3}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2 + 3 = 5")))
+    resp = await proxy.post(CHAT, json=ASK)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["choices"][0]["message"]["content"] == "2 + 3 = 5"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == 14  # 7 per round
+    first, second = sent(fake_upstream, 0), sent(fake_upstream, 1)
+    assert "calc__add" in [t["function"]["name"] for t in first["tools"]]
+    assert second["messages"][-2]["tool_calls"][0]["id"] == "call_1"
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": "5"}
+    assert "mcp_servers" not in first
+
+
+async def test_streamed_loop_is_one_stream(proxy, fake_upstream):
+    """Streamed: content of both rounds arrives, MCP tool-call deltas are held back, and
+    the client sees one finish_reason, one usage chunk and one [DONE]."""
+    call = {"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "calc__add", "arguments": ""}}  # fmt: skip
+    args = {"index": 0, "function": {"arguments": '{"a": 2, "b": 3}'}}
+    fake_upstream.add_reply(CHAT, Reply(stream=[
+        chunk(role="assistant", content="Let me add. "), chunk(tool_calls=[call]),
+        chunk(tool_calls=[args]), chunk(finish="stop"),  # stop WITH tool calls: the calls decide
+        chunk(choices=False, usage={"prompt_tokens": 5, "completion_tokens": 3,
+                                    "total_tokens": 8}),
+    ]))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(stream=[
+        chunk(role="assistant", content="It is 5."), chunk(finish="stop"),
+        chunk(choices=False, usage={"prompt_tokens": 9, "completion_tokens": 2,
+                                    "total_tokens": 11}),
+    ]))  # fmt: skip
+    resp = await proxy.post(
+        CHAT, json={**ASK, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    raw = await resp.read()
+    events = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Let me add. It is 5."
+    assert not any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks
+                if c["choices"] and c["choices"][0]["finish_reason"]]  # fmt: skip
+    assert finishes == ["stop"]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert usage == [{"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19,
+                      "prompt_tokens_details": {"cached_tokens": 0},
+                      "completion_tokens_details": {"reasoning_tokens": 0}}]  # fmt: skip
+    assert len({c["id"] for c in chunks}) == 1
+    assert sent(fake_upstream, 1)["messages"][-1]["content"] == "5"
+
+
+async def test_parallel_calls_run_together(proxy, fake_upstream):
+    """Several MCP calls of one reply run in parallel; each result keeps its call id."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__overlap", '{"seconds": 0.3}'), ("c2", "calc__overlap", '{"seconds": 0.3}'),
+        ("c3", "calc__add", '{"a": 1, "b": 1}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("done")))
+    assert (await proxy.post(CHAT, json=ASK)).status == 200
+    tools = [m for m in sent(fake_upstream)["messages"] if m["role"] == "tool"]
+    # Both overlap calls were running at the same time: each saw two in flight.
+    assert [(m["tool_call_id"], m["content"]) for m in tools] == [
+        ("c1", "2"),
+        ("c2", "2"),
+        ("c3", "2"),
+    ]
+
+
+async def test_round_limit_forces_a_final_answer(make_proxy, fake_upstream):
+    """At mcp.max_rounds, one last call with tool_choice none asks for the answer."""
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all",
+                             mcp__max_rounds=2)  # fmt: skip
+    for n in range(2):
+        fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+            (f"c{n}", "calc__add", f'{{"a": {n}, "b": 1}}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("final")))
+    body = await (await proxy.post(CHAT, json=ASK)).json()
+    assert body["choices"][0]["message"]["content"] == "final"
+    requests = fake_upstream.requests_to(CHAT)
+    assert len(requests) == 3
+    assert requests[2].body["tool_choice"] == "none"
+    assert "limit" in requests[2].body["messages"][-1]["content"]
+
+
+async def test_repeated_identical_call_is_not_run_again(proxy, fake_upstream):
+    """The same tool with the same arguments gets the earlier result and a note."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__pid", "{}"))))
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c2", "calc__pid", "{ }"))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("ok")))
+    await proxy.post(CHAT, json=ASK)
+    tools = [m for m in sent(fake_upstream)["messages"] if m["role"] == "tool"]
+    assert tools[1]["content"].startswith(tools[0]["content"])
+    assert "not run again" in tools[1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (("calc__fail", '{"reason": "broken"}'), "The tool reported an error"),
+        (("calc__add", "{not json"), "not valid JSON"),
+        (("calc__add", '{"a": "x"}'), "error"),
+        (("calc__add", "[1, 2]"), "must be a JSON object"),
+    ],
+)
+async def test_tool_errors_become_results(proxy, fake_upstream, call, fragment):
+    """A tool that raises, bad arguments: the model is told, the request succeeds."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", *call))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("sorry")))
+    resp = await proxy.post(CHAT, json=ASK)
+    assert resp.status == 200
+    assert fragment in sent(fake_upstream)["messages"][-1]["content"]
+
+
+async def test_hanging_tool_times_out(make_proxy, fake_upstream):
+    """A tool slower than its server's timeout gives the model a timeout result."""
+    proxy = await make_proxy(mcp__servers={"calc": {**CALC_SERVER, "timeout": 0.5}},
+                             mcp__default_servers="all")  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__slow",
+                                                         '{"seconds": 30}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("too slow")))
+    resp = await asyncio.wait_for(proxy.post(CHAT, json=ASK), 10)
+    assert resp.status == 200
+    assert "no result within 0.5s" in sent(fake_upstream)["messages"][-1]["content"]
+
+
+async def test_killed_server_is_restarted(proxy, fake_upstream):
+    """A server that dies mid-loop: the call in flight fails, the server comes back."""
+    from proxy.keys import MCP
+
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__die", "{}"))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("it died")))
+    resp = await proxy.post(CHAT, json=ASK)
+    assert resp.status == 200
+    assert "connection" in sent(fake_upstream)["messages"][-1]["content"]
+    supervisor = proxy.app[MCP].supervisors["calc"]
+    assert await supervisor.ready(15)
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c2", "calc__add", '{"a": 1, "b": 2}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("3")))
+    await proxy.post(CHAT, json=ASK)
+    assert sent(fake_upstream)["messages"][-1]["content"] == "3"
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_mcp_server_restarts_total{server="calc"} 1.0' in metrics
+
+
+async def test_client_tools_pass_through_beside_mcp_tools(proxy, fake_upstream):
+    """A client tool call returns to the client after the MCP calls of the same turn ran."""
+    client_tool = {"type": "function", "function": {"name": "ask_user", "parameters": {
+        "type": "object", "properties": {}}}}  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("m1", "calc__add", '{"a": 1, "b": 1}'), ("u1", "ask_user", "{}"))))  # fmt: skip
+    body = await (await proxy.post(CHAT, json={**ASK, "tools": [client_tool]})).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["ask_user"]
+    assert len(fake_upstream.requests_to(CHAT)) == 1
+    from proxy.keys import METRICS
+
+    text = proxy.app[METRICS].render().decode()
+    assert 'lmbridge_mcp_tool_calls_total{outcome="ok",server="calc",tool="add"} 1.0' in text
+
+
+async def test_servers_are_chosen_per_request(make_proxy, fake_upstream):
+    """mcp_servers in the body or X-MCP-Servers picks servers; unknown names are a 400;
+    without either, the default (none) sends no MCP tools."""
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER})
+    await proxy.post(CHAT, json=ASK)
+    assert "tools" not in sent(fake_upstream)
+    await proxy.post(CHAT, json={**ASK, "mcp_servers": ["calc"]})
+    assert "calc__add" in [t["function"]["name"] for t in sent(fake_upstream)["tools"]]
+    assert "mcp_servers" not in sent(fake_upstream)
+    await proxy.post(CHAT, json=ASK, headers={"X-MCP-Servers": "calc"})
+    assert "tools" in sent(fake_upstream)
+    resp = await proxy.post(CHAT, json={**ASK, "mcp_servers": ["nope"]})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == "mcp_servers" and "nope" in error["message"]
+    await proxy.post(CHAT, json={**ASK, "mcp_servers": []})
+    assert "tools" not in sent(fake_upstream)
+
+
+async def test_allowed_tools_and_long_results(make_proxy, fake_upstream):
+    """allowed_tools limits what is offered; long results are cut with a marker."""
+    proxy = await make_proxy(mcp__servers={"calc": {**CALC_SERVER, "allowed_tools": ["big"]}},
+                             mcp__default_servers="all", mcp__result_max_chars=100)  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__big",
+                                                         '{"chars": 5000}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("long")))
+    await proxy.post(CHAT, json=ASK)
+    assert [t["function"]["name"] for t in sent(fake_upstream, 0)["tools"]] == ["calc__big"]
+    result = sent(fake_upstream)["messages"][-1]["content"]
+    assert result.startswith("x" * 100) and "4900 more characters cut" in result
+
+
+async def test_image_results_for_text_models_are_a_note(proxy, fake_upstream):
+    """An image result becomes a note for a model not known to read images."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__picture", "{}"))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("a dot")))
+    await proxy.post(CHAT, json=ASK)
+    result = sent(fake_upstream)["messages"][-1]["content"]
+    assert "a red dot" in result and "not shown" in result
+
+
+async def test_text_tool_calls_when_enabled(make_proxy, fake_upstream):
+    """With mcp.text_tool_calls, a <tool_call> block in the text is run as a call."""
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all",
+                             mcp__text_tool_calls=True)  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            json=chat_completion(
+                '<tool_call>{"name": "calc__add", "arguments": {"a": 4, "b": 4}}</tool_call>'
+            )
+        ),
+    )
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("8")))
+    await proxy.post(CHAT, json=ASK)
+    assert sent(fake_upstream)["messages"][-1]["content"] == "8"
+
+
+async def test_readyz_and_metrics_show_server_state(proxy):
+    """/readyz's body lists the MCP servers; /metrics says whether each is up."""
+    from proxy.keys import MCP
+
+    assert await proxy.app[MCP].supervisors["calc"].ready(15)
+    body = await (await proxy.get("/readyz")).json()
+    assert body["mcp_servers"]["calc"]["state"] == "ready"
+    assert body["mcp_servers"]["calc"]["tools"] == 9
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_mcp_server_up{server="calc"} 1.0' in metrics
