@@ -80,7 +80,8 @@ class ChainCache:
             self._drop(record.id)  # it will change again
             return
         if record.previous_response_id is None:
-            chain = Chain((record.id,), (record.turn_messages,), (record.turn_tokens,))
+            chain = Chain((record.id,), (record.turn_messages,), (record.turn_tokens,),
+                          mcp_listed=record.mcp_listed)  # fmt: skip
             self.put(record.id, record.owner, chain, record.expires_at)
             return
         parent = self._entries.get(record.previous_response_id)
@@ -90,6 +91,7 @@ class ChainCache:
             (*parent.chain.response_ids, record.id),
             (*parent.chain.turn_messages, record.turn_messages),
             (*parent.chain.turn_tokens, record.turn_tokens),
+            mcp_listed=record.mcp_listed,
         )
         self.put(record.id, record.owner, chain, min(parent.expires_at, record.expires_at))
 

@@ -81,4 +81,13 @@ CREATE TABLE conversation_items (
 CREATE INDEX conversation_items_item_id ON conversation_items (item_id, conversation_id);
 """
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "responses and conversations", RESPONSES),)
+# The MCP servers whose tools a chain has listed so far (mcp_list_tools is sent once per
+# server per conversation): a JSON array, cumulative along the chain.
+MCP_LISTED = """
+ALTER TABLE responses ADD COLUMN mcp_listed TEXT NOT NULL DEFAULT '[]';
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "responses and conversations", RESPONSES),
+    Migration(2, "MCP servers listed along a chain", MCP_LISTED),
+)

@@ -54,6 +54,8 @@ class ResponseRecord:
     events: tuple[str, ...] = ()
     # When set, the items to append to that conversation in the same transaction.
     conversation_items: tuple[StoredItem, ...] = ()
+    # The MCP servers whose tools this chain has listed, this response included.
+    mcp_listed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,8 @@ class Chain:
     # Set when an ancestor is missing (deleted or expired): the chain cannot be
     # continued faithfully. The id is the missing one.
     broken_at: str | None = None
+    # The MCP servers listed along the chain (mcp_list_tools comes once per server).
+    mcp_listed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

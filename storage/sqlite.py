@@ -12,6 +12,7 @@ Every read filters by owner and treats a row with ``expires_at <= now`` as absen
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -50,17 +51,17 @@ MAX_CHAIN = 100_000
 
 _CHAIN = """
 WITH RECURSIVE chain (depth, id, previous_response_id, turn_messages, turn_tokens,
-                      expires_at) AS (
-    SELECT 0, id, previous_response_id, turn_messages, turn_tokens, expires_at
+                      expires_at, mcp_listed) AS (
+    SELECT 0, id, previous_response_id, turn_messages, turn_tokens, expires_at, mcp_listed
     FROM responses
     WHERE id = :id AND owner = :owner AND expires_at > :now
     UNION ALL
     SELECT chain.depth + 1, r.id, r.previous_response_id, r.turn_messages, r.turn_tokens,
-        r.expires_at
+        r.expires_at, NULL
     FROM chain JOIN responses AS r ON r.id = chain.previous_response_id
     WHERE r.owner = :owner AND r.expires_at > :now AND chain.depth < :max_depth
 )
-SELECT id, previous_response_id, turn_messages, turn_tokens, expires_at
+SELECT id, previous_response_id, turn_messages, turn_tokens, expires_at, mcp_listed
 FROM chain ORDER BY depth DESC
 """
 
@@ -242,6 +243,7 @@ class SQLiteStore:
             # The oldest turn reached names a previous response the walk could not
             # reach (deleted, expired, someone else's).
             broken_at=rows[0][1],
+            mcp_listed=tuple(json.loads(rows[-1][5] or "[]")),  # the tip's, cumulative
         )
         self.chains.put(response_id, owner, chain, min(row[4] for row in rows), generation)
         return chain

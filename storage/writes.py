@@ -10,6 +10,7 @@ statement; the other writes are rare and run one after the other (``each``).
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Sequence
@@ -65,15 +66,16 @@ class FailUnfinished:
 
 UPSERT_RESPONSE = """
 INSERT INTO responses (id, owner, created_at, expires_at, status, previous_response_id,
-    conversation_id, background, body, turn_messages, turn_tokens)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    conversation_id, background, body, turn_messages, turn_tokens, mcp_listed)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     owner = excluded.owner,
     expires_at = excluded.expires_at,
     status = excluded.status,
     body = excluded.body,
     turn_messages = excluded.turn_messages,
-    turn_tokens = excluded.turn_tokens
+    turn_tokens = excluded.turn_tokens,
+    mcp_listed = excluded.mcp_listed
 """
 INSERT_INPUT_ITEM = """
 INSERT OR IGNORE INTO response_items (response_id, kind, position, item_id, body)
@@ -343,6 +345,7 @@ def _response_row(r: ResponseRecord) -> tuple[Any, ...]:
         r.body,
         r.turn_messages,
         r.turn_tokens,
+        json.dumps(list(r.mcp_listed)),
     )
 
 

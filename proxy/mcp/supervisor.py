@@ -300,7 +300,7 @@ class Supervisor:
                         f"the connection to the MCP server {self.name!r} closed during the call"
                     ),
                 )
-                lost.set()
+                self._lost(lost)
             elif exc.code == REQUEST_TIMEOUT:
                 _settle(
                     call.future,

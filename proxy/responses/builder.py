@@ -88,6 +88,28 @@ class _Item:
 class _Call(_Item):
     flat_name: str = ""
     arguments: list[str] = field(default_factory=list)
+    kind: str = "function"  # "function" (the client's), "mcp" (lmbridge runs it), "approval"
+    call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class McpTarget:
+    """What a flat tool name means when it is an MCP tool of this response."""
+
+    label: str  # the server_label
+    tool: str
+    approval: bool = False  # a call becomes an mcp_approval_request instead
+
+
+@dataclass
+class PendingMcpCall:
+    """An MCP call of the model, to be run (or, for an approval request, asked)."""
+
+    item: dict[str, Any]
+    output_index: int
+    flat_name: str
+    arguments: str
+    call: _Call
 
 
 class ResponseBuilder:
@@ -100,6 +122,7 @@ class ResponseBuilder:
         max_tool_calls: int | None = None,
         clock: Callable[[], float] = time.time,
         emit: bool = True,
+        mcp: dict[str, McpTarget] | None = None,
     ) -> None:
         self.response = response
         self.names = names
@@ -114,6 +137,8 @@ class ResponseBuilder:
         self._dropped_calls: set[int] = set()
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.mcp = mcp or {}
+        self._earlier_usage: dict[str, Any] | None = None  # of the rounds before this one
         # Without a stream to feed, events are thrown away: skip copying into them.
         self._copy: Callable[[Any], Any] = copy.deepcopy if emit else _same
 
@@ -147,7 +172,7 @@ class ResponseBuilder:
         events: list[Event] = []
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage_from_chat(usage)
+            self.usage = add_usage(self._earlier_usage, usage_from_chat(usage))
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
             return events
@@ -255,14 +280,27 @@ class ResponseBuilder:
             events += self._close_reasoning() + self._close_text()
             given_id = delta.get("id")
             call_id = given_id if isinstance(given_id, str) and given_id else self._ids("call")
-            body = {"id": self._ids("fc"), "type": "function_call", "status": "in_progress",
-                    "call_id": call_id, "name": "", "arguments": ""}  # fmt: skip
-            call = _Call(0, body)
+            target = self.mcp.get(name)
+            body: dict[str, Any]
+            if target is None:
+                body = {"id": self._ids("fc"), "type": "function_call", "status": "in_progress",
+                        "call_id": call_id, "name": "", "arguments": ""}  # fmt: skip
+                call = _Call(0, body, call_id=call_id)
+                self._set_name(call, name)
+            elif target.approval:
+                body = {"id": self._ids("mcpr"), "type": "mcp_approval_request",
+                        "server_label": target.label, "name": target.tool,
+                        "arguments": ""}  # fmt: skip
+                call = _Call(0, body, flat_name=name, kind="approval", call_id=call_id)
+            else:
+                body = {"id": self._ids("mcp"), "type": "mcp_call", "server_label": target.label,
+                        "name": target.tool, "arguments": "", "status": "in_progress",
+                        "output": None, "error": None, "approval_request_id": None}  # fmt: skip
+                call = _Call(0, body, flat_name=name, kind="mcp", call_id=call_id)
             self._calls[index] = call
-            self._set_name(call, name)
             _, added = self._add_item(body, call)
             events.append(added)
-        elif name and name != call.flat_name:
+        elif name and name != call.flat_name and call.kind == "function":
             # llama-cpp-python repeats the whole name in every delta; a few servers
             # stream it in pieces.
             self._set_name(call, call.flat_name + name)
@@ -270,10 +308,12 @@ class ResponseBuilder:
             arguments = json.dumps(arguments, ensure_ascii=False)
         if isinstance(arguments, str) and arguments:
             call.arguments.append(arguments)
-            events.append(self._event(
-                "response.function_call_arguments.delta", item_id=call.body["id"],
-                output_index=call.index, delta=arguments,
-            ))  # fmt: skip
+            kind = {"function": "response.function_call_arguments.delta",
+                    "mcp": "response.mcp_call_arguments.delta"}.get(call.kind)  # fmt: skip
+            if kind is not None:
+                events.append(self._event(
+                    kind, item_id=call.body["id"], output_index=call.index, delta=arguments,
+                ))  # fmt: skip
         return events
 
     def _index_without_index(self, delta: dict[str, Any], position: int) -> int:
@@ -282,7 +322,7 @@ class ResponseBuilder:
         given = delta.get("id")
         if isinstance(given, str) and given:
             for index, call in self._calls.items():
-                if call.body["call_id"] == given:
+                if call.call_id == given:
                     return index
             return max([*self._calls, *self._dropped_calls, -1]) + 1
         if self._calls:
@@ -337,6 +377,9 @@ class ResponseBuilder:
         for call in sorted(self._calls.values(), key=lambda c: c.index):
             if not call.open:
                 continue
+            if call.kind != "function":
+                events += self._close_mcp(call, status)
+                continue
             call.open = False
             body = call.body
             body["arguments"] = "".join(call.arguments)
@@ -368,6 +411,112 @@ class ResponseBuilder:
             else:
                 events += self._close_calls(status)
         return events
+
+    def _close_mcp(self, call: _Call, status: str) -> list[Event]:
+        """An MCP item left open when the response ends (a forced final round)."""
+        call.open = False
+        body = call.body
+        body["arguments"] = "".join(call.arguments)
+        if call.kind == "mcp":
+            body["status"] = "incomplete" if status == "completed" else status
+        return [self._event("response.output_item.done", output_index=call.index,
+                            item=self._copy(body))]  # fmt: skip
+
+    # --- tool loops (MCP) -------------------------------------------------
+
+    def list_tools(
+        self, label: str, tools: list[dict[str, Any]], error: str | None = None
+    ) -> list[Event]:
+        """An mcp_list_tools item: the tools of one server, once per conversation."""
+        body: dict[str, Any] = {"id": self._ids("mcpl"), "type": "mcp_list_tools",
+                                "server_label": label, "tools": [], "error": None}  # fmt: skip
+        item, added = self._add_item(body)
+        item.open = False
+        events = [added, self._event("response.mcp_list_tools.in_progress",
+                                     item_id=body["id"], output_index=item.index)]  # fmt: skip
+        body["tools"] = tools
+        body["error"] = error
+        kind = "failed" if error else "completed"
+        events.append(self._event(f"response.mcp_list_tools.{kind}", item_id=body["id"],
+                                  output_index=item.index))  # fmt: skip
+        events.append(self._event("response.output_item.done", output_index=item.index,
+                                  item=self._copy(body)))  # fmt: skip
+        return events
+
+    def finish_round(self) -> tuple[list[Event], list[PendingMcpCall]]:
+        """End of one upstream reply: close its text, and hand over its MCP calls (to run)
+        and approval requests (to ask). Function calls of the client stay open for
+        ``finish()``."""
+        events = self._close_reasoning() + self._close_text()
+        pending: list[PendingMcpCall] = []
+        for call in sorted(self._calls.values(), key=lambda c: c.index):
+            if call.kind == "function" or not call.open:
+                continue
+            body = call.body
+            body["arguments"] = "".join(call.arguments)
+            if call.kind == "approval":
+                call.open = False
+                events.append(self._event("response.output_item.done", output_index=call.index,
+                                          item=self._copy(body)))  # fmt: skip
+            else:
+                events.append(self._event(
+                    "response.mcp_call_arguments.done", item_id=body["id"],
+                    output_index=call.index, arguments=body["arguments"],
+                ))  # fmt: skip
+                events.append(self._event("response.mcp_call.in_progress", item_id=body["id"],
+                                          output_index=call.index))  # fmt: skip
+            pending.append(PendingMcpCall(body, call.index, call.flat_name, body["arguments"],
+                                          call))  # fmt: skip
+        return events, pending
+
+    def complete_mcp(
+        self, pending: PendingMcpCall, output: str | None, error: dict[str, Any] | None
+    ) -> list[Event]:
+        call = pending.call
+        call.open = False
+        body = call.body
+        body["output"] = output
+        body["error"] = error
+        body["status"] = "failed" if error else "completed"
+        kind = "failed" if error else "completed"
+        return [
+            self._event(f"response.mcp_call.{kind}", item_id=body["id"],
+                        output_index=call.index),
+            self._event("response.output_item.done", output_index=call.index,
+                        item=self._copy(body)),
+        ]  # fmt: skip
+
+    def add_mcp_call(
+        self, label: str, tool: str, arguments: str, approval_request_id: str
+    ) -> PendingMcpCall:
+        """An approved call, run at the start of the next response (no model reply made it)."""
+        body: dict[str, Any] = {"id": self._ids("mcp"), "type": "mcp_call", "server_label": label,
+                                "name": tool, "arguments": arguments, "status": "in_progress",
+                                "output": None, "error": None,
+                                "approval_request_id": approval_request_id}  # fmt: skip
+        call = _Call(0, body, kind="mcp", call_id=approval_request_id)
+        self._add_item(body, call)
+        return PendingMcpCall(body, call.index, "", arguments, call)
+
+    def added_events(self, pending: PendingMcpCall) -> list[Event]:
+        """The opening events of a call made by ``add_mcp_call``."""
+        body = pending.call.body
+        return [
+            self._event("response.output_item.added", output_index=pending.call.index,
+                        item=self._copy({**body, "status": "in_progress"})),
+            self._event("response.mcp_call_arguments.done", item_id=body["id"],
+                        output_index=pending.call.index, arguments=body["arguments"]),
+            self._event("response.mcp_call.in_progress", item_id=body["id"],
+                        output_index=pending.call.index),
+        ]  # fmt: skip
+
+    def new_round(self) -> None:
+        """Before the next upstream reply of a tool loop: calls are numbered anew, usage
+        adds up."""
+        self._calls = {}
+        self._dropped_calls = set()
+        self.finish_reason = None
+        self._earlier_usage = self.usage
 
     @property
     def output(self) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import BadRequest
+from proxy.mcp.names import exposed_name
 from proxy.responses.request import CreateRequest
 
 log = logging.getLogger("lmbridge.responses")
@@ -162,39 +163,76 @@ def render_items(
     ``images=False`` (a model known to read text only) images become a short note, so
     that the upstream does not fail the whole request."""
     messages: list[dict[str, Any]] = []
+    # Results of MCP calls wait until every call of the same assistant turn is in it.
+    results: list[dict[str, Any]] = []
     for item in items:
         kind = item.get("type")
-        if kind == "message":
-            message = _render_message(item, images)
-            if message is not None:
-                messages.append(message)
-        elif kind == "function_call":
-            call = {
-                "id": item["call_id"],
-                "type": "function",
-                "function": {
-                    "name": names.flat(item.get("namespace"), item["name"]),
-                    "arguments": item["arguments"],
-                },
-            }
+        call = _as_call(item, names)
+        if call is not None:
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
                 if last.get("content") == "":
                     last["content"] = None
             else:
+                messages += results
+                results.clear()
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if kind == "mcp_call":
+                results.append({"role": "tool", "tool_call_id": item["id"],
+                                "content": mcp_call_text(item)})  # fmt: skip
+            continue
+        messages += results
+        results.clear()
+        if kind == "message":
+            message = _render_message(item, images)
+            if message is not None:
+                messages.append(message)
         elif kind == "function_call_output":
             messages.append(
                 {"role": "tool", "tool_call_id": item["call_id"],
                  "content": _tool_output_text(item["output"])}
             )  # fmt: skip
+        elif kind == "mcp_call":  # an approved call: its request was the assistant's call
+            messages.append({"role": "tool", "tool_call_id": item["approval_request_id"],
+                             "content": mcp_call_text(item)})  # fmt: skip
+        elif kind == "mcp_approval_response" and not item.get("approve"):
+            reason = f" Reason: {item['reason']}" if item.get("reason") else ""
+            messages.append({"role": "tool", "tool_call_id": item["approval_request_id"],
+                             "content": f"The user denied this tool call.{reason}"})  # fmt: skip
         elif kind == "compaction":
             messages.append(
                 {"role": "user", "content": COMPACTION_PREFIX + decode_compaction(item)}
             )
-        # reasoning, MCP bookkeeping items: kept in state, not sent upstream.
+        # reasoning, mcp_list_tools, an approval given: kept in state, not sent upstream.
+    messages += results
     return messages
+
+
+def _as_call(item: Mapping[str, Any], names: ToolNames) -> dict[str, Any] | None:
+    """The assistant tool call an item stands for, if it is one."""
+    kind = item.get("type")
+    if kind == "function_call":
+        name, call_id = names.flat(item.get("namespace"), item["name"]), item["call_id"]
+    elif kind == "mcp_approval_request" or (
+        kind == "mcp_call" and not item.get("approval_request_id")
+    ):
+        name, call_id = exposed_name(item["server_label"], item["name"]), item["id"]
+    else:
+        return None
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": item.get("arguments") or "{}"}}  # fmt: skip
+
+
+def mcp_call_text(item: Mapping[str, Any]) -> str:
+    """What the model read back from an MCP call."""
+    if isinstance(item.get("output"), str):
+        return str(item["output"])
+    error = item.get("error")
+    if isinstance(error, dict):
+        detail = error.get("message") or json.dumps(error.get("content"), ensure_ascii=False)
+        return f"The tool call failed: {detail}"
+    return f"The tool call failed: {error}" if error else "(no result)"
 
 
 def _render_message(item: Mapping[str, Any], images: bool) -> dict[str, Any] | None:

@@ -16,6 +16,8 @@ from storage.migrations import MIGRATIONS, Migration
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError
 
+LATEST = max(m.version for m in MIGRATIONS)
+
 NOW = 1_700_000_000
 
 
@@ -76,7 +78,7 @@ async def test_new_database_is_wal_with_incremental_vacuum(store, path):
     """A new file gets WAL and incremental auto-vacuum, and migration 1's tables."""
     assert await pragma(path, "journal_mode") == "wal"
     assert await pragma(path, "auto_vacuum") == 2  # INCREMENTAL
-    assert await store.schema_version() == 1
+    assert await store.schema_version() == LATEST
     assert {
         "responses",
         "response_items",
@@ -92,13 +94,13 @@ async def test_reopening_keeps_data_and_runs_no_migration_twice(store, path):
     await store.close()
     reopened = await SQLiteStore.open(path, clock=lambda: NOW)
     try:
-        assert await reopened.schema_version() == 1
+        assert await reopened.schema_version() == LATEST
         assert await reopened.get_response("resp_1", "alice") is not None
     finally:
         await reopened.close()
     async with aiosqlite.connect(path) as conn:
         rows = list(await conn.execute_fetchall("SELECT version, name FROM schema_migrations"))
-    assert rows == [(1, "responses and conversations")]
+    assert rows == [(m.version, m.name) for m in MIGRATIONS]
 
 
 async def test_database_made_before_auto_vacuum_is_converted(path):
@@ -120,7 +122,7 @@ async def test_database_made_before_auto_vacuum_is_converted(path):
 async def test_migration_script_may_hold_triggers_and_comments(path):
     """Migration statements are split whole: trigger bodies and quoted semicolons survive."""
     extra = Migration(
-        2,
+        LATEST + 1,
         "audit",
         """
         CREATE TABLE audit (note TEXT);
@@ -133,7 +135,7 @@ async def test_migration_script_may_hold_triggers_and_comments(path):
     )
     store = await SQLiteStore.open(path, (*MIGRATIONS, extra), clock=lambda: NOW)
     try:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == LATEST + 1
         await store.save_response(response("resp_1"))
         assert await store.delete_response("resp_1", "alice") is True
     finally:
@@ -145,13 +147,13 @@ async def test_migration_script_may_hold_triggers_and_comments(path):
 
 async def test_failing_migration_is_rolled_back_and_reported(path):
     """A migration that fails leaves nothing of itself and open() raises StorageError."""
-    bad = Migration(2, "bad", "CREATE TABLE half (x);\nCREATE TABLE half (y);\n")
+    bad = Migration(LATEST + 1, "bad", "CREATE TABLE half (x);\nCREATE TABLE half (y);\n")
     with pytest.raises(StorageError, match=r"cannot open the database .*already exists"):
         await SQLiteStore.open(path, (*MIGRATIONS, bad))
     assert "half" not in await table_names(path)
     store = await SQLiteStore.open(path)
     try:
-        assert await store.schema_version() == 1
+        assert await store.schema_version() == LATEST
     finally:
         await store.close()
 
