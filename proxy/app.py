@@ -118,7 +118,9 @@ async def _mcp_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
-    service = ResponsesService(app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks)
+    service = ResponsesService(
+        app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks, app[MCP]
+    )
     app[RESPONSES] = service
     await service.recover()
     tasks.spawn(service.purge_forever(), "purge expired responses")

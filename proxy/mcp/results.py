@@ -22,6 +22,8 @@ class ToolOutput:
     text: str
     is_error: bool = False
     images: list[dict[str, Any]] = field(default_factory=list)
+    # "tool": the server said the tool failed; "protocol": lmbridge could not run it.
+    kind: str = "tool"
 
     def image_message(self, label: str) -> dict[str, Any] | None:
         if not self.images:
@@ -96,4 +98,4 @@ def cut(text: str, max_chars: int) -> str:
 def error_output(message: str) -> ToolOutput:
     """A failure lmbridge met running the call (timeout, bad arguments, server down):
     told to the model as the tool's result, so that it can recover."""
-    return ToolOutput(f"The tool call failed: {message}", is_error=True)
+    return ToolOutput(f"The tool call failed: {message}", is_error=True, kind="protocol")

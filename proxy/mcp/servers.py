@@ -166,12 +166,21 @@ class MCPServers:
 
     # --- calls ----------------------------------------------------------------
 
-    async def call(self, ref: ToolRef, arguments: dict[str, Any], *, images: bool) -> ToolOutput:
-        """Run one call; every failure becomes a result that tells the model what happened."""
+    async def call(
+        self,
+        ref: ToolRef,
+        arguments: dict[str, Any],
+        *,
+        images: bool,
+        supervisor: Supervisor | None = None,
+    ) -> ToolOutput:
+        """Run one call (on ``supervisor``, a server of one request, when given); every
+        failure becomes a result that tells the model what happened."""
         started = time.perf_counter()
         outcome = "ok"
+        server = supervisor or self.supervisors[ref.server]
         try:
-            result = await self.supervisors[ref.server].call(ref.tool, arguments)
+            result = await server.call(ref.tool, arguments)
             output = render_result(result, images=images, max_chars=self.config.result_max_chars)
             if output.is_error:
                 outcome = "tool_error"

@@ -66,7 +66,7 @@ class ChatTools:
 
 def convert_tools(request: CreateRequest, *, reject_unsupported: bool = False) -> ChatTools:
     """Function and namespace tools become chat tools; hosted tools are dropped (logged)
-    or rejected; ``mcp`` tools are refused until lmbridge runs MCP itself."""
+    or rejected; ``mcp`` tools are left to the service, which connects their servers."""
     names = ToolNames()
     tools: list[dict[str, Any]] = []
     dropped: list[str] = []
@@ -80,10 +80,7 @@ def convert_tools(request: CreateRequest, *, reject_unsupported: bool = False) -
                 flat = names.add(tool["name"], member["name"])
                 tools.append(_chat_function({**member, "description": description}, flat))
         elif kind == "mcp":
-            raise BadRequest(
-                "Tools of type 'mcp' are not supported by this lmbridge version yet.",
-                param=f"tools[{index}].type",
-            )
+            continue  # the service connects the servers (proxy/responses/mcp_tools.py)
         elif reject_unsupported or kind not in HOSTED_TOOL_TYPES:
             raise BadRequest(
                 f"Tool type {kind!r} cannot be served by a chat completions upstream; "
@@ -141,10 +138,7 @@ def _chat_tool_choice(choice: Any, names: ToolNames, tools: list[dict[str, Any]]
             )
         return (allowed, mode)
     if kind == "mcp":
-        raise BadRequest(
-            "'tool_choice' of type 'mcp' is not supported by this lmbridge version yet.",
-            param="tool_choice.type",
-        )
+        return "auto"  # set by the service once it knows the server's tools
     # A hosted tool was chosen but cannot run here: let the model decide.
     return "auto"
 
@@ -230,8 +224,11 @@ def mcp_call_text(item: Mapping[str, Any]) -> str:
         return str(item["output"])
     error = item.get("error")
     if isinstance(error, dict):
-        detail = error.get("message") or json.dumps(error.get("content"), ensure_ascii=False)
-        return f"The tool call failed: {detail}"
+        content = error.get("content")
+        texts = [b.get("text", "") for b in content if isinstance(b, dict)] if isinstance(
+            content, list) else []  # fmt: skip
+        detail = error.get("message") or "\n".join(texts) or json.dumps(content)
+        return str(detail) if texts else f"The tool call failed: {detail}"
     return f"The tool call failed: {error}" if error else "(no result)"
 
 

@@ -9,6 +9,7 @@ list of parts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,7 +270,9 @@ def _check_tool(tool: Any, where: str) -> None:
     if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
         raise BadRequest("Each tool must be an object with a 'type'.", param=f"{where}.type")
     kind = tool["type"]
-    if kind == "function":
+    if kind == "mcp":
+        _check_mcp_tool(tool, where)
+    elif kind == "function":
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise BadRequest("A function tool needs a 'name'.", param=f"{where}.name")
         parameters = tool.get("parameters")
@@ -289,6 +292,63 @@ def _check_tool(tool: Any, where: str) -> None:
                     "A namespace holds function tools only.", param=f"{where}.tools[{index}].type"
                 )
             _check_tool({**member, "type": "function"}, f"{where}.tools[{index}]")
+
+
+def _check_mcp_tool(tool: dict[str, Any], where: str) -> None:
+    label = tool.get("server_label")
+    if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", label):
+        raise BadRequest(
+            "An mcp tool needs a 'server_label' of 1-64 letters, digits, '_', '-' or '.'.",
+            param=f"{where}.server_label",
+        )
+    if tool.get("connector_id") is not None:
+        raise BadRequest("OpenAI's connectors are not available through lmbridge; use "
+                         "'server_url' or a server of lmbridge's configuration.",
+                         param=f"{where}.connector_id")  # fmt: skip
+    url = tool.get("server_url")
+    if url is not None and (not isinstance(url, str) or not re.match(r"^https?://", url)):
+        raise BadRequest("'server_url' must be an http:// or https:// URL.",
+                         param=f"{where}.server_url")  # fmt: skip
+    headers = tool.get("headers")
+    if headers is not None and (not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    )):  # fmt: skip
+        raise BadRequest("'headers' must be an object of strings.", param=f"{where}.headers")
+    if tool.get("authorization") is not None and not isinstance(tool["authorization"], str):
+        raise BadRequest("'authorization' must be a string.", param=f"{where}.authorization")
+    allowed = tool.get("allowed_tools")
+    if allowed is not None and not (
+        (isinstance(allowed, list) and all(isinstance(n, str) for n in allowed))
+        or (isinstance(allowed, dict) and _is_tool_filter(allowed))
+    ):
+        raise BadRequest(
+            "'allowed_tools' must be a list of tool names or an object with 'tool_names' "
+            "and/or 'read_only'.",
+            param=f"{where}.allowed_tools",
+        )
+    approval = tool.get("require_approval")
+    if (
+        approval is not None
+        and approval not in ("always", "never")
+        and not (
+            isinstance(approval, dict)
+            and set(approval) <= {"always", "never"}
+            and all(isinstance(v, dict) and _is_tool_filter(v) for v in approval.values())
+        )
+    ):
+        raise BadRequest("'require_approval' must be 'always', 'never' or an object with "
+                         "'always' and/or 'never' tool filters.",
+                         param=f"{where}.require_approval")  # fmt: skip
+
+
+def _is_tool_filter(value: dict[str, Any]) -> bool:
+    names = value.get("tool_names")
+    read_only = value.get("read_only")
+    return (
+        set(value) <= {"tool_names", "read_only"}
+        and (names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names)))
+        and (read_only is None or isinstance(read_only, bool))
+    )
 
 
 def _tool_choice(value: Any) -> Any:
@@ -382,6 +442,12 @@ def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) ->
                 "A compaction item needs its 'encrypted_content'.",
                 param=f"{where}.encrypted_content",
             )
+    elif kind == "mcp_approval_response":
+        if not isinstance(item.get("approval_request_id"), str):
+            raise BadRequest("An mcp_approval_response needs the 'approval_request_id' it "
+                             "answers.", param=f"{where}.approval_request_id")  # fmt: skip
+        if not isinstance(item.get("approve"), bool):
+            raise BadRequest("'approve' must be true or false.", param=f"{where}.approve")
     elif kind == "reasoning":
         summary = item.get("summary")
         if summary is not None and not isinstance(summary, list):

@@ -36,8 +36,19 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.ids import new_id
+from proxy.mcp.loop import LIMIT_NOTE
+from proxy.mcp.results import error_output
+from proxy.mcp.servers import MCPServers
 from proxy.responses import render
-from proxy.responses.builder import Event, ResponseBuilder, replay_events, usage_from_chat
+from proxy.responses.builder import (
+    Event,
+    McpTarget,
+    PendingMcpCall,
+    ResponseBuilder,
+    replay_events,
+    usage_from_chat,
+)
+from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.render import ChatTools, ToolNames
 from proxy.responses.request import CreateRequest, normalize_item, parse_create
@@ -81,6 +92,10 @@ class Prepared:
     input_items: list[dict[str, Any]]
     new_messages: list[dict[str, Any]]
     owner: str
+    mcp: McpSetup | None = None
+    # Calls the client approved (mcp_approval_response): the request item and its target.
+    approved: list[tuple[dict[str, Any], McpTarget]] = field(default_factory=list)
+    mcp_listed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -148,6 +163,7 @@ class ResponsesService:
         upstream: UpstreamClient,
         catalog: ModelCatalog,
         tasks: BackgroundTasks,
+        mcp: MCPServers,
         *,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
@@ -160,6 +176,7 @@ class ResponsesService:
         self.clock = clock
         self.ids = ids
         self.running: dict[str, ResponseRun] = {}
+        self.mcp = mcp
 
     # --- create -----------------------------------------------------------
 
@@ -175,6 +192,7 @@ class ResponsesService:
             response, prepared.tools.names, ids=self.ids,
             max_tool_calls=request.max_tool_calls, clock=self.clock,
             emit=request.stream or request.background,
+            mcp=prepared.mcp.targets if prepared.mcp is not None else None,
         )  # fmt: skip
         run = ResponseRun(response_id, prepared, builder, created_at)
         if request.background:
@@ -191,6 +209,7 @@ class ResponsesService:
         )
         history: list[str] = []
         history_tokens: list[int] = []
+        listed_before: set[str] = set()
         if request.previous_response_id is not None:
             chain = await self.store.load_chain(request.previous_response_id, owner)
             if chain is None:
@@ -207,6 +226,7 @@ class ResponsesService:
                 )
             history = list(chain.turn_messages)
             history_tokens = list(chain.turn_tokens)
+            listed_before = set(chain.mcp_listed)
         elif request.conversation_id is not None:
             items = await self.store.all_conversation_items(request.conversation_id, owner)
             if items is None:
@@ -216,17 +236,35 @@ class ResponsesService:
                     code="conversation_not_found",
                 )
             if items:
+                parsed = [json.loads(i.json) for i in items]
                 rendered = render.dumps(render.render_items(
-                    [json.loads(i.json) for i in items], tools.names,
-                    images=model.vision is not False,
+                    parsed, tools.names, images=model.vision is not False,
                 ))  # fmt: skip
                 history, history_tokens = [rendered], [render.estimate_tokens(rendered)]
+                listed_before = {i["server_label"] for i in parsed
+                                 if i.get("type") == "mcp_list_tools"}  # fmt: skip
         input_items = await self._resolve_references(request.input, owner)
+        settings = render.chat_settings(request, model.id, tools)
+        setup = None
+        if any(tool.get("type") == "mcp" for tool in request.tools):
+            setup = await setup_mcp(request.tools, request.tool_choice, self.mcp, self.config.mcp,
+                                    listed_before, self.config.storage.path.parent)  # fmt: skip
+        try:
+            approved = await self._approvals(input_items, owner, setup)
+        except BaseException:
+            if setup is not None:
+                await setup.close()
+            raise
+        if setup is not None and setup.chat_tools:
+            settings["tools"] = [*settings.get("tools", []), *setup.chat_tools]
+            choice = setup.tool_choice or request.tool_choice
+            if isinstance(choice, str) or setup.tool_choice is not None:
+                settings["tool_choice"] = choice
         return Prepared(
             request=request,
             model=model,
             tools=tools,
-            settings=render.chat_settings(request, model.id, tools),
+            settings=settings,
             system=render.system_messages(request),
             history=history,
             history_tokens=history_tokens,
@@ -235,7 +273,41 @@ class ResponsesService:
                 input_items, tools.names, images=model.vision is not False
             ),
             owner=owner,
+            mcp=setup,
+            approved=approved,
+            mcp_listed=setup.listed if setup is not None else tuple(sorted(listed_before)),
         )
+
+    async def _approvals(
+        self, items: list[dict[str, Any]], owner: str, setup: McpSetup | None
+    ) -> list[tuple[dict[str, Any], McpTarget]]:
+        """The calls approved by mcp_approval_response items, with what they call."""
+        approved: list[tuple[dict[str, Any], McpTarget]] = []
+        for index, item in enumerate(items):
+            if item["type"] != "mcp_approval_response":
+                continue
+            stored = await self.store.find_item(item["approval_request_id"], owner)
+            request_item = json.loads(stored.json) if stored is not None else None
+            if request_item is None or request_item.get("type") != "mcp_approval_request":
+                raise NotFound(
+                    f"Approval request '{item['approval_request_id']}' not found.",
+                    param=f"input[{index}].approval_request_id", code="item_not_found",
+                )  # fmt: skip
+            if not item["approve"]:
+                continue
+            target = None
+            if setup is not None:
+                target = next((t for t in setup.targets.values()
+                               if t.label == request_item["server_label"]
+                               and t.tool == request_item["name"]), None)  # fmt: skip
+            if target is None:
+                raise BadRequest(
+                    f"The approved call to {request_item['name']!r} of the MCP server "
+                    f"{request_item['server_label']!r} needs that server's mcp tool in 'tools'.",
+                    param=f"input[{index}]",
+                )
+            approved.append((request_item, target))
+        return approved
 
     async def _resolve_references(
         self, items: list[dict[str, Any]], owner: str
@@ -271,12 +343,7 @@ class ResponsesService:
             else:
                 await sink(builder.in_progress())
                 await self._save(run)
-            if streamed:
-                async for chunk in self._stream_chat(run.prepared):
-                    await sink(builder.feed(chunk))
-            else:
-                completion = await self._complete_chat(run.prepared)
-                builder.feed_completion(completion)
+            await self._rounds(run, sink, streamed)
             final = builder.finish()
         except asyncio.CancelledError:
             if request.background and not run.cancel_requested:
@@ -294,9 +361,95 @@ class ResponsesService:
             if not streamed:
                 raise _client_error(exc, code, run.id) from exc
             return builder.response
+        finally:
+            if run.prepared.mcp is not None:
+                await asyncio.shield(run.prepared.mcp.close())
         await self._save(run, final)
         await sink(final)
         return builder.response
+
+    async def _rounds(self, run: ResponseRun, sink: Sink, streamed: bool) -> None:
+        """One upstream reply, or, with MCP tools, the loop model -> tools -> model."""
+        builder = run.builder
+        prepared = run.prepared
+        setup = prepared.mcp
+        limits = self.config.mcp
+        max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
+        extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
+        if setup is not None:
+            for label, tools, error in setup.to_list:
+                await sink(builder.list_tools(label, tools, error))
+            for request_item, target in prepared.approved:
+                pending = builder.add_mcp_call(target.label, target.tool,
+                                               request_item.get("arguments") or "{}",
+                                               request_item["id"])  # fmt: skip
+                await sink(builder.added_events(pending))
+                await self._run_mcp(setup, pending, target, builder, sink)
+                extra += render.render_items([pending.item], prepared.tools.names)
+        calls_made = 0
+        rounds = 0
+        forced = False
+        while True:
+            rounds += 1
+            first_item = len(builder.items)
+            overrides = {"tool_choice": "none"} if forced else None
+            if streamed:
+                async for chunk in self._stream_chat(prepared, extra, overrides):
+                    await sink(builder.feed(chunk))
+            else:
+                builder.feed_completion(await self._complete_chat(prepared, extra, overrides))
+            if setup is None:
+                return
+            events, pending_calls = builder.finish_round()
+            await sink(events)
+            runnable = [p for p in pending_calls if p.call.kind == "mcp"]
+            if not forced:
+                # Also when the client's own tools or an approval end the loop below: the
+                # MCP calls of the same turn run first.
+                await asyncio.gather(*(
+                    self._run_mcp(setup, p, setup.targets[p.flat_name], builder, sink)
+                    for p in runnable
+                ))  # fmt: skip
+            calls_made += len(runnable)
+            waits_for_client = any(p.call.kind == "approval" for p in pending_calls) or any(
+                call["status"] == "in_progress" for call in builder.function_calls()
+            )
+            if forced or not runnable or waits_for_client:
+                return
+            extra += render.render_items(builder.output[first_item:], prepared.tools.names)
+            if rounds >= limits.max_rounds or calls_made >= max_calls:
+                log.info("tool loop limit reached after %d round(s), %d call(s): asking for "
+                         "the final answer", rounds, calls_made)  # fmt: skip
+                extra.append({"role": "user", "content": LIMIT_NOTE})
+                forced = True
+            builder.new_round()
+
+    async def _run_mcp(
+        self,
+        setup: McpSetup,
+        pending: PendingMcpCall,
+        target: McpTarget,
+        builder: ResponseBuilder,
+        sink: Sink,
+    ) -> None:
+        try:
+            arguments = json.loads(pending.arguments or "{}")
+        except ValueError as exc:
+            output = error_output(f"the arguments are not valid JSON ({exc})")
+        else:
+            if not isinstance(arguments, dict):
+                output = error_output("the arguments must be a JSON object")
+            else:
+                output = await run_mcp_call(setup, self.mcp, target, arguments)
+        error: dict[str, Any] | None = None
+        if output.is_error:
+            error = (
+                {"type": "mcp_tool_execution_error",
+                 "content": [{"type": "text", "text": output.text}]}
+                if output.kind == "tool"
+                else {"type": "mcp_protocol_error", "code": -32000, "message": output.text}
+            )  # fmt: skip
+        await sink(builder.complete_mcp(pending, None if error else output.text, error))
 
     async def _run_background(self, run: ResponseRun) -> None:
         try:
@@ -307,18 +460,36 @@ class ResponsesService:
                 run.changed.notify_all()
             self.running.pop(run.id, None)
 
-    def _chat_body(self, prepared: Prepared, history: list[str], *, stream: bool) -> bytes:
-        messages = render.join_message_arrays(
-            [render.dumps(prepared.system), *history, render.dumps(prepared.new_messages)]
-        )
-        return render.chat_body_bytes(prepared.settings, messages, stream=stream)
+    def _chat_body(
+        self,
+        prepared: Prepared,
+        history: list[str],
+        *,
+        stream: bool,
+        extra: list[dict[str, Any]] | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> bytes:
+        messages = render.join_message_arrays([
+            render.dumps(prepared.system), *history,
+            render.dumps([*prepared.new_messages, *(extra or ())]),
+        ])  # fmt: skip
+        settings = {**prepared.settings, **overrides} if overrides else prepared.settings
+        return render.chat_body_bytes(settings, messages, stream=stream)
 
-    async def _open_chat(self, prepared: Prepared, *, stream: bool) -> Any:
+    async def _open_chat(
+        self,
+        prepared: Prepared,
+        *,
+        stream: bool,
+        extra: list[dict[str, Any]] | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> Any:
         """Send the chat request, dropping the oldest turns while the upstream says the
         context is exceeded (``truncation: "auto"`` only)."""
         history = self._fit_history(prepared)
         while True:
-            body = self._chat_body(prepared, history, stream=stream)
+            body = self._chat_body(prepared, history, stream=stream, extra=extra,
+                                   overrides=overrides)  # fmt: skip
             try:
                 return await self.upstream.open("POST", CHAT_PATH, body=body, route=ROUTE)
             except UpstreamStatus as exc:
@@ -342,12 +513,22 @@ class ResponsesService:
             log.info("truncation: dropped the %d oldest turn(s) to fit %d tokens", start, context)
         return history[start:]
 
-    async def _complete_chat(self, prepared: Prepared) -> dict[str, Any]:
-        resp = await self._open_chat(prepared, stream=False)
+    async def _complete_chat(
+        self,
+        prepared: Prepared,
+        extra: list[dict[str, Any]] | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        resp = await self._open_chat(prepared, stream=False, extra=extra, overrides=overrides)
         return await chat_upstream.read_completion(self.upstream, resp)
 
-    async def _stream_chat(self, prepared: Prepared) -> AsyncGenerator[dict[str, Any], None]:
-        resp = await self._open_chat(prepared, stream=True)
+    async def _stream_chat(
+        self,
+        prepared: Prepared,
+        extra: list[dict[str, Any]] | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        resp = await self._open_chat(prepared, stream=True, extra=extra, overrides=overrides)
         async with contextlib.aclosing(chat_upstream.read_chunks(self.upstream, resp)) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -391,6 +572,7 @@ class ResponsesService:
             if request.background
             else (),
             conversation_items=conversation_items,
+            mcp_listed=run.prepared.mcp_listed,
         )
         await self.store.save_response(record)
         run.stored_json = body

@@ -293,7 +293,8 @@ async def test_namespace_tools_are_flattened_and_mapped_back(proxy, fake_upstrea
 
 
 async def test_hosted_tools_are_dropped_and_mcp_refused(proxy, fake_upstream):
-    """web_search and friends are dropped (Codex sends them always); mcp is a clear 400."""
+    """web_search and friends are dropped (Codex sends them always); an mcp tool for a
+    server lmbridge does not have is a clear 400."""
     body = await create(
         proxy,
         input="x",
@@ -306,7 +307,7 @@ async def test_hosted_tools_are_dropped_and_mcp_refused(proxy, fake_upstream):
         json={"model": "test-model", "input": "x", "tools": [{"type": "mcp", "server_label": "x"}]},
     )
     assert resp.status == 400
-    assert (await resp.json())["error"]["param"] == "tools[0].type"
+    assert (await resp.json())["error"]["param"] == "tools[0].server_label"
 
 
 async def test_rejecting_unsupported_tools_when_configured(make_proxy):

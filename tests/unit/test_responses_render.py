@@ -161,14 +161,17 @@ def test_hosted_tools_rejected_when_asked(hosted: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("reject", [False, True])
-@pytest.mark.parametrize(
-    "tool", [{"type": "mcp", "server_label": "x"}, {"type": "bogus_tool"}], ids=["mcp", "unknown"]
-)
-def test_mcp_and_unknown_tools_refused(tool: dict[str, Any], reject: bool) -> None:
-    """An 'mcp' tool or an unknown tool type is a 400 on tools[i].type in either mode."""
+def test_unknown_tools_refused(reject: bool) -> None:
+    """An unknown tool type is a 400 on tools[i].type in either mode."""
     with pytest.raises(BadRequest) as info:
-        tools_for({"tools": [WEATHER, FILES, tool]}, reject_unsupported=reject)
+        tools_for({"tools": [WEATHER, FILES, {"type": "bogus_tool"}]}, reject_unsupported=reject)
     assert info.value.param == "tools[2].type"
+
+
+def test_mcp_tools_are_left_to_the_service() -> None:
+    """An 'mcp' tool becomes no chat tool here: the service connects its server."""
+    tools = tools_for({"tools": [WEATHER, {"type": "mcp", "server_label": "x"}]})
+    assert [t["function"]["name"] for t in tools.tools] == ["get_weather"]
 
 
 # (name, tool_choice, chat tool_choice, chat tool names left)
@@ -246,7 +249,6 @@ def test_tool_choice_mapping(choice: Any, expected: Any, names: list[str]) -> No
         ({"type": "function", "name": "read"}, "tool_choice.name"),
         ({"type": "function", "name": "read", "namespace": "other"}, "tool_choice.name"),
         ({"type": "allowed_tools", "mode": "none", "tools": []}, "tool_choice.mode"),
-        ({"type": "mcp", "server_label": "x"}, "tool_choice.type"),
     ],
 )
 def test_tool_choice_errors(choice: Any, param: str) -> None:

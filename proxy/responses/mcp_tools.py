@@ -1,0 +1,183 @@
+"""The ``mcp`` tool of the Responses API: which servers one response may use.
+
+``{"type": "mcp", "server_label": "X"}`` means lmbridge's configured server X.
+With ``server_url`` lmbridge connects to that server for this response only, and
+only if the URL matches ``mcp.remote_servers`` (deny by default: a request must
+never make the daemon reach an address its operator did not allow). For each
+server: its tools after ``allowed_tools`` (names, or ``read_only`` from the
+tools' ``readOnlyHint``), which of them ``require_approval``, and whether its
+tool list must be shown (``mcp_list_tools``, once per server per conversation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.config import MCPConfig, MCPServerConfig
+from proxy.errors import BadRequest
+from proxy.mcp.names import ToolDirectory, ToolRef, exposed_name
+from proxy.mcp.results import ToolOutput
+from proxy.mcp.servers import READY_WAIT, MCPServers
+from proxy.mcp.supervisor import Supervisor, ToolInfo
+from proxy.responses.builder import McpTarget
+
+
+@dataclass
+class McpSetup:
+    targets: dict[str, McpTarget] = field(default_factory=dict)  # exposed name -> target
+    chat_tools: list[dict[str, Any]] = field(default_factory=list)
+    to_list: list[tuple[str, list[dict[str, Any]], str | None]] = field(default_factory=list)
+    listed: tuple[str, ...] = ()
+    tool_choice: Any = None  # a tool_choice of type mcp, as a chat tool_choice
+    remote: dict[str, Supervisor] = field(default_factory=dict)  # by label, for this response
+    by_label: dict[str, str] = field(default_factory=dict)  # label -> configured server name
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.remote.values()))
+
+
+async def setup_mcp(
+    tools: list[dict[str, Any]],
+    tool_choice: Any,
+    servers: MCPServers,
+    config: MCPConfig,
+    listed_before: set[str],
+    log_dir: Path,
+) -> McpSetup | None:
+    mcp_tools = [(i, t) for i, t in enumerate(tools) if t.get("type") == "mcp"]
+    if not mcp_tools:
+        return None
+    setup = McpSetup()
+    directory = ToolDirectory()
+    listed = set(listed_before)
+    try:
+        for index, tool in mcp_tools:
+            label = tool["server_label"]
+            where = f"tools[{index}]"
+            if label in setup.by_label or label in setup.remote:
+                raise BadRequest(f"The server_label {label!r} is used twice.",
+                                 param=f"{where}.server_label")  # fmt: skip
+            if tool.get("server_url"):
+                supervisor = _remote(tool, label, config, log_dir, where)
+                setup.remote[label] = supervisor
+                ready = await supervisor.ready(READY_WAIT)
+                available = supervisor.tools if ready else []
+                default_approval = True  # as OpenAI: a remote server's calls need approval
+            else:
+                if label not in servers.supervisors:
+                    known = ", ".join(servers.supervisors) or "none configured"
+                    raise BadRequest(
+                        f"No MCP server {label!r} is configured in lmbridge (configured: "
+                        f"{known}); give a server_url or use one of those.",
+                        param=f"{where}.server_label",
+                    )
+                supervisor = servers.supervisors[label]
+                setup.by_label[label] = label
+                ready = await supervisor.ready(READY_WAIT)
+                available = servers.tools_of(label) if ready else []
+                default_approval = supervisor.config.require_approval
+            chosen = [t for t in available if _allowed(tool.get("allowed_tools"), t)]
+            for info in chosen:
+                name = directory.add(label, info.name)
+                approval = _needs_approval(tool.get("require_approval"), info, default_approval)
+                setup.targets[name] = McpTarget(label, info.name, approval)
+                setup.chat_tools.append({"type": "function", "function": {
+                    "name": name,
+                    "description": info.description or f"{info.name} (MCP server {label})",
+                    "parameters": info.input_schema,
+                }})  # fmt: skip
+            if label not in listed:
+                error = None if ready else (supervisor.last_error or "the server is not connected")
+                setup.to_list.append((label, [_tool_json(t) for t in chosen], error))
+                if ready:
+                    listed.add(label)
+        setup.listed = tuple(sorted(listed))
+        setup.tool_choice = _tool_choice(tool_choice, setup)
+    except BaseException:
+        await setup.close()
+        raise
+    return setup
+
+
+def _remote(
+    tool: Mapping[str, Any], label: str, config: MCPConfig, log_dir: Path, where: str
+) -> Supervisor:
+    url = str(tool["server_url"])
+    if not any(fnmatch.fnmatchcase(url, pattern) for pattern in config.remote_servers):
+        raise BadRequest(
+            f"The server_url {url!r} is not allowed: lmbridge only connects to MCP servers "
+            "its operator allows (mcp.remote_servers), and this URL matches none of them.",
+            param=f"{where}.server_url",
+        )
+    headers = dict(tool.get("headers") or {})
+    if tool.get("authorization"):
+        headers["Authorization"] = f"Bearer {tool['authorization']}"
+    server = MCPServerConfig.model_validate({"url": url, "headers": headers})
+    return Supervisor(label, server, log_dir, backoff_max=config.restart_backoff_max)
+
+
+def _allowed(allowed: Any, tool: ToolInfo) -> bool:
+    if allowed is None:
+        return True
+    if isinstance(allowed, list):
+        return tool.name in allowed
+    return _matches(allowed, tool)
+
+
+def _matches(tool_filter: Mapping[str, Any], tool: ToolInfo) -> bool:
+    names = tool_filter.get("tool_names")
+    if names is not None and tool.name not in names:
+        return False
+    read_only = tool_filter.get("read_only")
+    return read_only is None or tool.read_only is read_only
+
+
+def _needs_approval(setting: Any, tool: ToolInfo, default: bool) -> bool:
+    if setting == "always":
+        return True
+    if setting == "never":
+        return False
+    if isinstance(setting, dict):
+        if "never" in setting and _matches(setting["never"], tool):
+            return False
+        if "always" in setting and _matches(setting["always"], tool):
+            return True
+    return default
+
+
+def _tool_json(tool: ToolInfo) -> dict[str, Any]:
+    return {"name": tool.name, "input_schema": tool.input_schema,
+            "description": tool.description or None, "annotations": tool.annotations}  # fmt: skip
+
+
+def _tool_choice(choice: Any, setup: McpSetup) -> Any:
+    if not isinstance(choice, dict) or choice.get("type") != "mcp":
+        return None
+    label = choice.get("server_label")
+    names = [n for n, t in setup.targets.items() if t.label == label]
+    if not names:
+        raise BadRequest(f"'tool_choice' names the MCP server {label!r}, which has no tools "
+                         "in this request.", param="tool_choice.server_label")  # fmt: skip
+    if choice.get("name"):
+        name = exposed_name(str(label), str(choice["name"]))
+        if name not in setup.targets:
+            raise BadRequest(
+                f"'tool_choice' names the tool {choice['name']!r}, which the server "
+                f"{label!r} does not offer here.",
+                param="tool_choice.name",
+            )
+        return {"type": "function", "function": {"name": name}}
+    return "required"
+
+
+async def run_mcp_call(
+    setup: McpSetup, servers: MCPServers, target: McpTarget, arguments: dict[str, Any]
+) -> ToolOutput:
+    ref = ToolRef(target.label, target.tool)
+    remote = setup.remote.get(target.label)
+    return await servers.call(ref, arguments, images=False, supervisor=remote)
