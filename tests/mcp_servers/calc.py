@@ -13,7 +13,7 @@ import os
 import sys
 
 from mcp.server import MCPServer
-from mcp.types import ImageContent, TextContent
+from mcp.types import ImageContent, TextContent, ToolAnnotations
 
 server = MCPServer("calc")
 TINY_PNG = base64.b64encode(
@@ -24,7 +24,7 @@ TINY_PNG = base64.b64encode(
 ).decode()
 
 
-@server.tool()
+@server.tool(annotations=ToolAnnotations(readOnlyHint=True))
 def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b

@@ -1,0 +1,236 @@
+"""The mcp tool of /v1/responses with a real MCP server (tests/mcp_servers/calc.py) and
+the scripted fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.fake_upstream import CHAT, Reply, chat_completion
+from tests.integration.test_mcp_chat import CALC, CALC_SERVER, tool_calls
+from tests.integration.test_responses import sse_events
+
+R = "/v1/responses"
+CALC_TOOL = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
+
+
+@pytest.fixture
+async def proxy(make_proxy):
+    return await make_proxy(mcp__servers={"calc": CALC_SERVER})
+
+
+async def create(proxy, **body) -> dict:
+    body.setdefault("model", "test-model")
+    resp = await proxy.post(R, json=body)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+def sent(fake_upstream, n: int = -1) -> dict:
+    return fake_upstream.requests_to(CHAT)[n].body
+
+
+async def test_mcp_loop_lists_calls_and_answers(proxy, fake_upstream):
+    """An mcp tool: its tools are listed once, the model's call runs, the answer follows;
+    the turn continues with the MCP steps in the chain."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__add", '{"a": 2, "b": 3}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2 + 3 = 5")))
+    body = await create(proxy, input="What is 2+3?", tools=[CALC_TOOL])
+    kinds = [item["type"] for item in body["output"]]
+    assert kinds == ["mcp_list_tools", "mcp_call", "message"]
+    listing, call, message = body["output"]
+    assert listing["server_label"] == "calc" and listing["id"].startswith("mcpl_")
+    assert {t["name"] for t in listing["tools"]} >= {"add", "echo"}
+    add = next(t for t in listing["tools"] if t["name"] == "add")
+    assert add["input_schema"]["properties"]["a"]["type"] == "integer"
+    assert (call["name"], call["server_label"], call["output"], call["status"]) == (
+        "add",
+        "calc",
+        "5",
+        "completed",
+    )
+    assert call["id"].startswith("mcp_") and json.loads(call["arguments"]) == {"a": 2, "b": 3}
+    assert message["content"][0]["text"] == "2 + 3 = 5"
+    second = sent(fake_upstream)["messages"]
+    assert second[-2]["tool_calls"][0] == {"id": call["id"], "type": "function", "function": {
+        "name": "calc__add", "arguments": call["arguments"]}}  # fmt: skip
+    assert second[-1] == {"role": "tool", "tool_call_id": call["id"], "content": "5"}
+    assert body["usage"]["total_tokens"] == 14
+
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Still 5.")))
+    follow = await create(proxy, input="And again?", tools=[CALC_TOOL],
+                          previous_response_id=body["id"])  # fmt: skip
+    assert [i["type"] for i in follow["output"]] == ["message"]  # listed once per conversation
+    history = sent(fake_upstream)["messages"]
+    assert {"role": "tool", "tool_call_id": call["id"], "content": "5"} in history
+
+
+async def test_streamed_mcp_events(proxy, fake_upstream):
+    """Streamed: the list and call events arrive in order, with the items' output indexes,
+    in the same stream as the text."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__add", '{"a": 1, "b": 1}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2")))
+    resp = await proxy.post(R, json={"model": "test-model", "input": "1+1", "stream": True,
+                                     "tools": [CALC_TOOL]})  # fmt: skip
+    events = sse_events(await resp.read())
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[2:6] == [
+        "response.output_item.added",
+        "response.mcp_list_tools.in_progress",
+        "response.mcp_list_tools.completed",
+        "response.output_item.done",
+    ]
+    call_events = [e for e in events if e["type"].startswith("response.mcp_call")]
+    assert [e["type"] for e in call_events] == [
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+    ]
+    assert {e["output_index"] for e in call_events} == {1}
+    assert types[-1] == "response.completed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert [i["type"] for i in final["output"]] == ["mcp_list_tools", "mcp_call", "message"]
+
+
+async def test_approval_asked_then_approved(proxy, fake_upstream):
+    """require_approval always: the call waits as an mcp_approval_request; approving it runs
+    the call and the model continues with its result."""
+    tool = {**CALC_TOOL, "require_approval": "always"}
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__add", '{"a": 4, "b": 5}'))))
+    first = await create(proxy, input="4+5?", tools=[tool])
+    request_item = first["output"][-1]
+    assert request_item["type"] == "mcp_approval_request"
+    assert (request_item["name"], request_item["server_label"]) == ("add", "calc")
+    assert len(fake_upstream.requests_to(CHAT)) == 1
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("9")))
+    second = await create(proxy, tools=[tool], previous_response_id=first["id"], input=[
+        {"type": "mcp_approval_response", "approval_request_id": request_item["id"],
+         "approve": True}])  # fmt: skip
+    call = second["output"][0]
+    assert call["type"] == "mcp_call" and call["approval_request_id"] == request_item["id"]
+    assert call["output"] == "9"
+    messages = sent(fake_upstream)["messages"]
+    assert messages[-2]["tool_calls"][0]["id"] == request_item["id"]
+    assert messages[-1] == {"role": "tool", "tool_call_id": request_item["id"], "content": "9"}
+    assert second["output"][-1]["content"][0]["text"] == "9"
+
+
+async def test_approval_denied(proxy, fake_upstream):
+    """Denying an approval request tells the model; nothing runs."""
+    tool = {**CALC_TOOL, "require_approval": "always"}
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__pid", "{}"))))
+    first = await create(proxy, input="pid?", tools=[tool])
+    request_id = first["output"][-1]["id"]
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("OK, I won't.")))
+    second = await create(proxy, tools=[tool], previous_response_id=first["id"], input=[
+        {"type": "mcp_approval_response", "approval_request_id": request_id, "approve": False,
+         "reason": "not now"}])  # fmt: skip
+    assert [i["type"] for i in second["output"]] == ["message"]
+    assert sent(fake_upstream)["messages"][-1] == {
+        "role": "tool", "tool_call_id": request_id,
+        "content": "The user denied this tool call. Reason: not now"}  # fmt: skip
+
+
+async def test_allowed_tools_and_read_only(proxy, fake_upstream):
+    """allowed_tools as names or as {read_only: true} (readOnlyHint) limits the tools."""
+    await create(proxy, input="x", tools=[{**CALC_TOOL, "allowed_tools": ["echo", "pid"]}])
+    assert sorted(t["function"]["name"] for t in sent(fake_upstream)["tools"]) == [
+        "calc__echo",
+        "calc__pid",
+    ]
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("x")))
+    await create(proxy, input="x", tools=[{**CALC_TOOL, "allowed_tools": {"read_only": True}}])
+    assert [t["function"]["name"] for t in sent(fake_upstream)["tools"]] == ["calc__add"]
+
+
+async def test_tool_choice_mcp(proxy, fake_upstream):
+    """tool_choice {type: mcp, server_label, name} forces that tool upstream."""
+    await create(proxy, input="x", tools=[CALC_TOOL],
+                 tool_choice={"type": "mcp", "server_label": "calc", "name": "echo"})  # fmt: skip
+    assert sent(fake_upstream)["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "calc__echo"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("tool", "param"),
+    [
+        ({"type": "mcp", "server_label": "nope"}, "tools[0].server_label"),
+        (
+            {"type": "mcp", "server_label": "far", "server_url": "http://203.0.113.9/mcp"},
+            "tools[0].server_url",
+        ),
+        ({"type": "mcp", "server_label": "x y"}, "tools[0].server_label"),
+        (
+            {"type": "mcp", "server_label": "c", "connector_id": "connector_gmail"},
+            "tools[0].connector_id",
+        ),
+        (
+            {"type": "mcp", "server_label": "calc", "require_approval": "sometimes"},
+            "tools[0].require_approval",
+        ),
+    ],
+)
+async def test_bad_mcp_tools_are_400(proxy, fake_upstream, tool, param):
+    """Unknown servers, URLs outside the allow-list and bad settings are refused; a
+    refused URL is never contacted."""
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x", "tools": [tool]})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == param
+    assert fake_upstream.requests_to(CHAT) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def remote_calc():
+    """calc served over streamable HTTP on 127.0.0.1."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, CALC, "http", str(port),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/mcp"
+    process.terminate()
+    await asyncio.wait_for(process.wait(), 10)
+
+
+async def test_allowed_remote_server_url(make_proxy, fake_upstream, remote_calc):
+    """A server_url on the allow-list is connected for the response (streamable HTTP)."""
+    proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
+    tool = {"type": "mcp", "server_label": "far", "server_url": remote_calc,
+            "require_approval": "never", "headers": {"X-Test": "1"}}  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 20, "b": 1}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("21")))
+    body = await create(proxy, input="20+1", tools=[tool])
+    assert [i["type"] for i in body["output"]] == ["mcp_list_tools", "mcp_call", "message"]
+    assert body["output"][1]["output"] == "21"
+
+
+async def test_remote_server_needs_approval_by_default(make_proxy, fake_upstream, remote_calc):
+    """As on OpenAI, a server_url's calls need approval unless require_approval says never."""
+    proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
+    tool = {"type": "mcp", "server_label": "far", "server_url": remote_calc}
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 1, "b": 1}'))))
+    body = await create(proxy, input="1+1", tools=[tool])
+    assert body["output"][-1]["type"] == "mcp_approval_request"
