@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=cmd_models)
 
+    mcp_list = commands.add_parser(
+        "mcp-list", help="connect to the configured MCP servers and print their tools"
+    )
+    _add_config_flags(mcp_list)
+    mcp_list.add_argument("--json", action="store_true", help="print JSON instead of text")
+    mcp_list.set_defaults(func=cmd_mcp_list)
+
     gc = commands.add_parser(
         "gc", help="purge expired responses and conversations from the database now"
     )
@@ -184,6 +191,50 @@ async def _read_models(config: Config):  # type: ignore[no-untyped-def]
     async with session:
         upstream = UpstreamClient(config.upstream, session, Metrics())
         return await ModelListReader(upstream.get_json).read()
+
+
+def cmd_mcp_list(args: argparse.Namespace) -> int:
+    from proxy.logs import configure_logging
+
+    config = _load(args)
+    configure_logging("error", "text")
+    servers = asyncio.run(_list_mcp(config))
+    if args.json:
+        sys.stdout.write(json.dumps(servers, indent=2) + "\n")
+    else:
+        if not servers:
+            sys.stdout.write("no MCP servers configured (mcp.config_files, [mcp.servers])\n")
+        for name, server in servers.items():
+            state = server["state"] + (f": {server['error']}" if server.get("error") else "")
+            sys.stdout.write(f"{name}  ({state})\n")
+            for tool in server["tools"]:
+                line = (tool["description"] or "").strip().splitlines()
+                sys.stdout.write(f"  {tool['name']}" + (f"  {line[0][:80]}" if line else "") + "\n")
+    return 0 if all(s["state"] == "ready" for s in servers.values()) else EXIT_FAILURE
+
+
+async def _list_mcp(config: Config) -> dict[str, Any]:
+    from proxy.mcp.servers import READY_WAIT, MCPServers
+    from proxy.metrics import Metrics
+
+    servers = MCPServers(config.mcp, Metrics(), config.storage.path.parent)
+    try:
+        await asyncio.gather(*(s.ready(READY_WAIT * 3) for s in servers.supervisors.values()))
+        out: dict[str, Any] = {}
+        for name, supervisor in servers.supervisors.items():
+            out[name] = {
+                "state": supervisor.state,
+                "error": supervisor.last_error,
+                "tools": [
+                    {"name": t.name, "description": t.description} for t in servers.tools_of(name)
+                ],
+            }
+        disabled = [n for n, s in config.mcp.servers.items() if s.disabled]
+        for name in disabled:
+            out[name] = {"state": "disabled", "error": None, "tools": []}
+        return out
+    finally:
+        await servers.close()
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

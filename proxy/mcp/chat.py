@@ -24,6 +24,8 @@ from proxy.middleware import REQUEST_ID_HEADER
 from proxy.sse import DONE_EVENT, encode_event
 
 ROUTE = "/v1/chat/completions"
+# Names the requested servers that were not connected (their tools were not offered).
+UNAVAILABLE_HEADER = "X-MCP-Unavailable"
 
 
 async def chat_with_tools(
@@ -49,6 +51,7 @@ async def chat_with_tools(
     if offer.tools:
         body["tools"] = [*client_tools, *offer.tools]
     images = model.vision is True
+    headers = {UNAVAILABLE_HEADER: ", ".join(offer.missing)} if offer.missing else {}
 
     async def call_tool(ref: ToolRef, arguments: dict[str, Any]) -> ToolOutput:
         return await servers.call(ref, arguments, images=images)
@@ -64,12 +67,16 @@ async def chat_with_tools(
     if not body.get("stream"):
         result = await loop.run(body, complete=lambda b: chat_upstream.complete(upstream, b, ROUTE))
         _count_usage(request, model.id, result)
-        return web.json_response(result.completion)
-    return await _stream(request, body, loop, model.id)
+        return web.json_response(result.completion, headers=headers)
+    return await _stream(request, body, loop, model.id, headers)
 
 
 async def _stream(
-    request: web.Request, body: dict[str, Any], loop: ToolLoop, model: str
+    request: web.Request,
+    body: dict[str, Any],
+    loop: ToolLoop,
+    model: str,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
     options = body.get("stream_options") or {}
@@ -82,7 +89,7 @@ async def _stream(
         if response is None:
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no", REQUEST_ID_HEADER: request[REQUEST_ID],
+                "X-Accel-Buffering": "no", REQUEST_ID_HEADER: request[REQUEST_ID], **headers,
             })  # fmt: skip
             await response.prepare(request)
         return response

@@ -48,6 +48,8 @@ REQUEST_TIMEOUT = -32001
 CALL_LEVEL_CODES = frozenset({-32602, -32601, REQUEST_TIMEOUT})
 CONNECT_TIMEOUT = 60.0  # npx may download a package on first start
 RECONNECT_WAIT = 10.0
+# A request waits for a server's retry only when it is due this soon (seconds).
+BACKOFF_WAIT = 2.0
 STABLE_AFTER = 10.0
 
 
@@ -116,6 +118,10 @@ class Supervisor:
     _queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set (and replaced) at each connection attempt's outcome (ready, failed, stopped), so
+    # that a caller waiting on a broken server learns it at once, not at its deadline.
+    _outcome: asyncio.Event = field(default_factory=asyncio.Event)
+    _retry_at: float = 0.0
     _stopping: bool = False
     _inflight: set[_Call] = field(default_factory=set)
     _connect_scope: anyio.CancelScope | None = None
@@ -129,11 +135,17 @@ class Supervisor:
             self._task = asyncio.create_task(self._run(), name=f"mcp server {self.name}")
 
     async def ready(self, within: float) -> bool:
-        """Start if needed and wait (bounded) for the tools to be known."""
+        """Start if needed and wait (bounded) for the outcome of the connection attempt
+        under way, or of the next one when it is due within BACKOFF_WAIT."""
         self.start()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
-                await self._ready.wait()
+                while not self._ready.is_set():
+                    if self.state == "backoff" and (
+                        self._retry_at - time.monotonic() > BACKOFF_WAIT
+                    ):
+                        break
+                    await self._outcome.wait()
         return self._ready.is_set()
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +226,13 @@ class Supervisor:
             attempt += 1
             delay = min(self.backoff_max, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
             self.state = "backoff"
+            self._retry_at = time.monotonic() + delay
+            self._settle_attempt()
             self._fail_queued(MCPUnavailable(f"the MCP server {self.name!r} is restarting"))
             log.info("MCP server %s: restarting in %.1fs", self.name, delay)
             await self._sleep_unless_stopped(delay)
         self.state = "stopped"
+        self._settle_attempt()
         self._fail_queued(MCPUnavailable(f"the MCP server {self.name!r} is stopped"))
 
     async def _transport(self, stack: contextlib.AsyncExitStack, lost: anyio.Event) -> Any:
@@ -260,6 +275,7 @@ class Supervisor:
         self.last_error = None
         self.state = "ready"
         self._ready.set()
+        self._settle_attempt()
         log.info("MCP server %s: connected in %.0f ms (protocol %s), %d tools", self.name,
                  (time.monotonic() - started) * 1000, client.protocol_version,
                  len(self.tools))  # fmt: skip
@@ -380,6 +396,10 @@ class Supervisor:
         if not self._stopping:
             self.state = "connecting"
         lost.set()
+
+    def _settle_attempt(self) -> None:
+        event, self._outcome = self._outcome, asyncio.Event()
+        event.set()
 
     def _fail_inflight(self, exc: Exception) -> None:
         for call in list(self._inflight):

@@ -273,3 +273,23 @@ async def test_readyz_and_metrics_show_server_state(proxy):
     assert body["mcp_servers"]["calc"]["tools"] == 9
     metrics = await (await proxy.get("/metrics")).text()
     assert 'lmbridge_mcp_server_up{server="calc"} 1.0' in metrics
+
+
+async def test_a_server_that_cannot_start_is_named_and_left_out(make_proxy, fake_upstream):
+    """A requested server that fails to start: the request is served at once with the
+    other servers' tools, and X-MCP-Unavailable names the missing one (plain and streamed)."""
+    broken = {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER, "broken": broken},
+                             mcp__default_servers="all")  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("hello")))
+    resp = await proxy.post(CHAT, json=ASK)
+    assert resp.status == 200
+    assert resp.headers["X-MCP-Unavailable"] == "broken"
+    offered = [t["function"]["name"] for t in sent(fake_upstream)["tools"]]
+    assert offered and all(name.startswith("calc__") for name in offered)
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk(content="hi"), chunk(finish="stop")]))
+    resp = await proxy.post(CHAT, json={**ASK, "stream": True})
+    assert resp.headers["X-MCP-Unavailable"] == "broken"
+    assert "[DONE]" in await resp.text()
+    health = await (await proxy.get("/readyz")).json()
+    assert health["mcp_servers"]["broken"]["state"] == "backoff"
