@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
+from tests.mcp_servers.network import served_calc
 
 CALC = str(Path(__file__).resolve().parents[1] / "mcp_servers" / "calc.py")
 CALC_SERVER = {"command": sys.executable, "args": [CALC]}
@@ -167,6 +168,8 @@ async def test_hanging_tool_times_out(make_proxy, fake_upstream):
     resp = await asyncio.wait_for(proxy.post(CHAT, json=ASK), 10)
     assert resp.status == 200
     assert "no result within 0.5s" in sent(fake_upstream)["messages"][-1]["content"]
+    text = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_mcp_tool_calls_total{outcome="timeout",server="calc",tool="slow"} 1.0' in text
 
 
 async def test_killed_server_is_restarted(proxy, fake_upstream):
@@ -203,6 +206,7 @@ async def test_client_tools_pass_through_beside_mcp_tools(proxy, fake_upstream):
 
     text = proxy.app[METRICS].render().decode()
     assert 'lmbridge_mcp_tool_calls_total{outcome="ok",server="calc",tool="add"} 1.0' in text
+    assert 'lmbridge_mcp_tool_call_duration_seconds_count{server="calc"} 1.0' in text
 
 
 async def test_servers_are_chosen_per_request(make_proxy, fake_upstream):
@@ -293,3 +297,47 @@ async def test_a_server_that_cannot_start_is_named_and_left_out(make_proxy, fake
     assert "[DONE]" in await resp.text()
     health = await (await proxy.get("/readyz")).json()
     assert health["mcp_servers"]["broken"]["state"] == "backoff"
+
+
+@pytest.mark.parametrize("transport", ["http", "sse"])
+async def test_configured_network_servers(make_proxy, fake_upstream, transport):
+    """A configured server reached by URL: streamable HTTP (/mcp) and legacy SSE (/sse),
+    the transport told by the URL as in mcp.json files."""
+    async with served_calc(transport) as url:
+        proxy = await make_proxy(mcp__servers={"net": {"url": url}}, mcp__default_servers="all")
+        fake_upstream.add_reply(
+            CHAT, Reply(json=tool_calls(("c1", "net__add", '{"a": 4, "b": 5}')))
+        )
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion("9")))
+        resp = await proxy.post(CHAT, json=ASK)
+        assert (await resp.json())["choices"][0]["message"]["content"] == "9"
+        assert sent(fake_upstream)["messages"][-1]["content"] == "9"
+        await proxy.close()  # ends the session before the server stops
+
+
+async def test_each_call_is_logged_without_its_arguments(proxy, fake_upstream, caplog):
+    """One log record per call names server, tool, outcome and duration; the arguments
+    appear only with debug logging."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lmbridge")
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__echo", '{"text": "top-secret-argument"}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("ok")))
+    await proxy.post(CHAT, json=ASK)
+    [record] = [r for r in caplog.records if r.getMessage() == "mcp call"]
+    fields = record.fields
+    assert {k: fields[k] for k in ("server", "tool", "outcome")} == {
+        "server": "calc", "tool": "echo", "outcome": "ok"}  # fmt: skip
+    assert fields["duration_ms"] >= 0
+    assert "top-secret-argument" not in caplog.text
+    assert all("top-secret-argument" not in str(getattr(r, "fields", "")) for r in caplog.records)
+
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="lmbridge")
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__echo", '{"text": "debug-visible"}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("ok")))
+    await proxy.post(CHAT, json=ASK)
+    [debug] = [r for r in caplog.records if r.getMessage() == "mcp call arguments"]
+    assert debug.fields["arguments"] == {"text": "debug-visible"}

@@ -3,17 +3,14 @@ the scripted fake upstream."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 
 from tests.fake_upstream import CHAT, Reply, chat_completion
-from tests.integration.test_mcp_chat import CALC, CALC_SERVER, tool_calls
+from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
 from tests.integration.test_responses import sse_events
+from tests.mcp_servers.network import served_calc
 
 R = "/v1/responses"
 CALC_TOOL = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
@@ -189,30 +186,10 @@ async def test_bad_mcp_tools_are_400(proxy, fake_upstream, tool, param):
     assert fake_upstream.requests_to(CHAT) == []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def remote_calc():
-    """calc served over streamable HTTP on 127.0.0.1."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, CALC, "http", str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/mcp"
-    process.terminate()
-    await asyncio.wait_for(process.wait(), 10)
+    async with served_calc("http") as url:
+        yield url
 
 
 async def test_allowed_remote_server_url(make_proxy, fake_upstream, remote_calc):

@@ -1,8 +1,9 @@
 """A small MCP server for the tests, written with the SDK.
 
-Run over stdio (``python calc.py``) or streamable HTTP (``python calc.py http PORT``,
-served at /mcp). Its tools cover what a tool loop meets: plain results, structured
-results, images, errors, slowness, long output, and a way to die.
+Run over stdio (``python calc.py``), streamable HTTP (``python calc.py http PORT``,
+served at /mcp) or legacy SSE (``python calc.py sse PORT``, served at /sse). Its tools
+cover what a tool loop meets: plain results, structured results, images, errors,
+slowness, long output, and a way to die.
 """
 
 from __future__ import annotations
@@ -95,5 +96,7 @@ def pid() -> int:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "http":
         server.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "sse":
+        server.run(transport="sse", host="127.0.0.1", port=int(sys.argv[2]))
     else:
         server.run()

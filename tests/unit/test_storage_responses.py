@@ -219,6 +219,22 @@ async def test_the_next_turn_of_a_chain_is_read_from_memory(store):
     assert await store.load_chain("resp_49", "alice") == cached
 
 
+async def test_chain_carries_the_mcp_servers_listed_at_its_tip(store):
+    """mcp_listed (cumulative, saved with each response) comes back with the chain,
+    from the cache and from the database alike."""
+    records = chain_of(3)
+    records[1] = response("resp_1", previous_response_id="resp_0", mcp_listed=("calc",))
+    records[2] = response("resp_2", previous_response_id="resp_1", mcp_listed=("calc", "time"))
+    for record in records:
+        await store.save_response(record)
+    cached = await store.load_chain("resp_2", "alice")
+    store.chains.clear()
+    assert (await store.load_chain("resp_2", "alice")).mcp_listed == ("calc", "time")
+    assert cached.mcp_listed == ("calc", "time")
+    assert (await store.load_chain("resp_1", "alice")).mcp_listed == ("calc",)
+    assert (await store.load_chain("resp_0", "alice")).mcp_listed == ()
+
+
 async def test_cached_chains_respect_owner_delete_and_expiry(store, clock):
     """A cached chain is not served to another owner, after a delete in it, or once its
     oldest turn has expired."""
