@@ -166,3 +166,65 @@ async def test_mcp_list_reports_a_broken_server_and_fails(tmp_path):
 async def test_mcp_list_without_servers(tmp_path):
     code, out, _ = await run_cli(tmp_path, "mcp-list")
     assert code == 0 and "no MCP servers configured" in out
+
+
+async def test_streamed_responses_events_through_the_sdk(client, fake_upstream):
+    """client.responses.stream with an mcp tool: the SDK parses every event; the MCP events
+    and the text share one stream with consistent output indexes."""
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "time__get_current_time", '{"timezone": "UTC"}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is now.")))
+    tool = {"type": "mcp", "server_label": "time", "require_approval": "never"}
+    async with client.responses.stream(
+        model="test-model",
+        input="Time?",
+        tools=[tool],  # type: ignore[list-item]
+    ) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    types = [e.type for e in events]
+    for expected in (
+        "response.mcp_list_tools.in_progress", "response.mcp_list_tools.completed",
+        "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress", "response.mcp_call.completed",
+        "response.output_text.delta", "response.completed",
+    ):  # fmt: skip
+        assert expected in types, (expected, types)
+    assert types.index("response.mcp_call.completed") < types.index("response.output_text.delta")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [item.type for item in final.output] == ["mcp_list_tools", "mcp_call", "message"]
+    call_events = [e for e in events if e.type.startswith("response.mcp_call.")]
+    assert {e.output_index for e in call_events} == {1}
+    assert {e.item_id for e in call_events} == {final.output[1].id}
+    assert json.loads(final.output[1].output)["timezone"] == "UTC"
+    assert final.output_text == "It is now."
+
+
+async def test_agents_sdk_hosted_mcp_tool_with_approval(daemon, fake_upstream):
+    """The OpenAI Agents SDK's HostedMCPTool against the configured time server: the run
+    stops at the approval request, the SDK's callback approves, lmbridge runs the call."""
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "time__get_current_time", '{"timezone": "UTC"}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is now, in UTC.")))
+    asked = []
+
+    def approve(request):  # type: ignore[no-untyped-def]
+        asked.append(request.data.name)
+        return {"approve": True}
+
+    tool = agents.HostedMCPTool(
+        tool_config={"type": "mcp", "server_label": "time", "require_approval": "always"},
+        on_approval_request=approve,
+    )
+    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
+        model = agents.OpenAIResponsesModel(model="test-model", openai_client=c)
+        agent = agents.Agent(name="clock", instructions="Tell the time.", model=model,
+                             tools=[tool])  # fmt: skip
+        result = await agents.Runner.run(agent, "What time is it?")
+    assert asked == ["get_current_time"]
+    assert result.final_output == "It is now, in UTC."
+    [result_message] = [m for m in fake_upstream.requests_to(CHAT)[-1].body["messages"]
+                        if m["role"] == "tool"]  # fmt: skip
+    assert json.loads(result_message["content"])["timezone"] == "UTC"
