@@ -63,12 +63,25 @@ async def chat_with_tools(
         max_tool_calls=config.max_tool_calls,
         text_tool_calls=config.text_tool_calls,
         images=images,
+        client_tools=_names(client_tools),
     )
     if not body.get("stream"):
         result = await loop.run(body, complete=lambda b: chat_upstream.complete(upstream, b, ROUTE))
         _count_usage(request, model.id, result)
         return web.json_response(result.completion, headers=headers)
     return await _stream(request, body, loop, model.id, headers)
+
+
+def _names(tools: list[Any]) -> frozenset[str]:
+    """The names of the client's own tools (function tools and custom ones)."""
+    names = set()
+    for tool in tools:
+        if isinstance(tool, dict):
+            function = tool.get("function")
+            name = function.get("name") if isinstance(function, dict) else tool.get("name")
+            if isinstance(name, str):
+                names.add(name)
+    return frozenset(names)
 
 
 async def _stream(

@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ class ToolTrace:
     """One MCP call as it ran: for logs, metrics, the Responses items, delegate's trace."""
 
     call_id: str
-    ref: ToolRef
+    ref: ToolRef | None  # None: the model named a tool that does not exist
     name: str
     arguments: str
     output: ToolOutput
@@ -75,8 +75,10 @@ class ToolLoop:
         max_tool_calls: int,
         text_tool_calls: bool = False,
         images: bool = False,
+        client_tools: Collection[str] | None = None,
     ) -> None:
         self.directory = directory
+        self.client_tools = client_tools
         self.call_tool = call_tool
         self.max_rounds = max_rounds
         self.max_tool_calls = max_tool_calls
@@ -104,7 +106,7 @@ class ToolLoop:
             request = {**body, "messages": messages}
             if forced_final:
                 request["tool_choice"] = "none"
-            reply = Round(self.directory, stream_id=stream_id,
+            reply = Round(self.directory, stream_id=stream_id, client_tools=self.client_tools,
                           text_tool_calls=self.text_tool_calls, number=rounds)  # fmt: skip
             if stream is not None:
                 async for chunk in stream(request):
@@ -158,14 +160,25 @@ class ToolLoop:
                 runs.append(self._run_one(call))
         return list(await asyncio.gather(*runs))
 
+    def _unknown(self, name: str) -> ToolOutput:
+        names = sorted({*self.directory.by_name, *(self.client_tools or ())})
+        return error_output(
+            f"there is no tool named {name!r}; the tools you can call are: "
+            + (", ".join(names) or "none")
+        )
+
     async def _skipped(self, call: Call) -> ToolOutput:
         return error_output("not run: the tool-call limit of this request is reached")
 
     async def _run_one(self, call: Call) -> ToolOutput:
         ref = self.directory.route(call.name)
-        assert ref is not None  # only MCP calls come here
         started = time.perf_counter()
         repeated = False
+        if ref is None:
+            output = self._unknown(call.name)
+            self.traces.append(ToolTrace(call.id, None, call.name, call.arguments_text,
+                                         output, 0.0))  # fmt: skip
+            return output
         try:
             arguments = json.loads(call.arguments_text or "{}")
         except json.JSONDecodeError as exc:

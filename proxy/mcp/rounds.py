@@ -45,8 +45,12 @@ class Call:
 
 class Round:
     def __init__(self, mcp_tools: Container[str], *, stream_id: str | None = None,
-                 text_tool_calls: bool = False, number: int = 1) -> None:  # fmt: skip
+                 text_tool_calls: bool = False, number: int = 1,
+                 client_tools: Container[str] | None = None) -> None:  # fmt: skip
         self.mcp_tools = mcp_tools
+        # Known: a call to a name that is neither an MCP tool nor one of these is run by
+        # the loop (as an "unknown tool" result for the model), not sent to the client.
+        self.client_tools = client_tools
         self.number = number
         self.stream_id = stream_id
         self.text_tool_calls = text_tool_calls
@@ -118,7 +122,7 @@ class Round:
         if isinstance(arguments, str) and arguments:
             call.arguments.append(arguments)
         if call.kind == "pending" and call.name:
-            call.kind = "mcp" if call.name in self.mcp_tools else "client"
+            call.kind = "client" if self._is_client_tool(call.name) else "mcp"
             if call.kind == "client":
                 call.client_index = self._client_calls
                 self._client_calls += 1
@@ -185,6 +189,11 @@ class Round:
                 call.kind = "client"
                 call.client_index = self._client_calls
                 self._client_calls += 1
+
+    def _is_client_tool(self, name: str) -> bool:
+        if name in self.mcp_tools:
+            return False
+        return self.client_tools is None or name in self.client_tools
 
     @property
     def mcp_calls(self) -> list[Call]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,7 @@ class McpTarget:
     label: str  # the server_label
     tool: str
     approval: bool = False  # a call becomes an mcp_approval_request instead
+    offered: bool = True  # False: a name the model made up under the server's prefix
 
 
 @dataclass
@@ -122,7 +123,7 @@ class ResponseBuilder:
         max_tool_calls: int | None = None,
         clock: Callable[[], float] = time.time,
         emit: bool = True,
-        mcp: dict[str, McpTarget] | None = None,
+        mcp: Mapping[str, McpTarget] | None = None,
     ) -> None:
         self.response = response
         self.names = names

@@ -13,23 +13,48 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from proxy.config import MCPConfig, MCPServerConfig
 from proxy.errors import BadRequest
-from proxy.mcp.names import ToolDirectory, ToolRef, exposed_name
-from proxy.mcp.results import ToolOutput
+from proxy.mcp.names import SEPARATOR, ToolDirectory, ToolRef, clean, exposed_name
+from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.servers import READY_WAIT, MCPServers
 from proxy.mcp.supervisor import Supervisor, ToolInfo
 from proxy.responses.builder import McpTarget
 
 
+class McpTargets(Mapping[str, McpTarget]):
+    """The MCP tools of a response by exposed name; a name the model made up under a
+    server's prefix (``calc__multiply`` when calc has no such tool) resolves to an
+    unoffered target, so that it is answered as an unknown tool, never called."""
+
+    def __init__(self) -> None:
+        self.offered: dict[str, McpTarget] = {}
+        self.prefixes: dict[str, str] = {}  # "<cleaned label>__" -> label
+
+    def __getitem__(self, name: str) -> McpTarget:
+        target = self.offered.get(name)
+        if target is not None:
+            return target
+        for prefix, label in self.prefixes.items():
+            if name.startswith(prefix) and len(name) > len(prefix):
+                return McpTarget(label, name[len(prefix) :], offered=False)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.offered)
+
+    def __len__(self) -> int:
+        return len(self.offered)
+
+
 @dataclass
 class McpSetup:
-    targets: dict[str, McpTarget] = field(default_factory=dict)  # exposed name -> target
+    targets: McpTargets = field(default_factory=McpTargets)  # exposed name -> target
     chat_tools: list[dict[str, Any]] = field(default_factory=list)
     to_list: list[tuple[str, list[dict[str, Any]], str | None]] = field(default_factory=list)
     listed: tuple[str, ...] = ()
@@ -81,11 +106,12 @@ async def setup_mcp(
                 ready = await supervisor.ready(READY_WAIT)
                 available = servers.tools_of(label) if ready else []
                 default_approval = supervisor.config.require_approval
+            setup.targets.prefixes[clean(label) + SEPARATOR] = label
             chosen = [t for t in available if _allowed(tool.get("allowed_tools"), t)]
             for info in chosen:
                 name = directory.add(label, info.name)
                 approval = _needs_approval(tool.get("require_approval"), info, default_approval)
-                setup.targets[name] = McpTarget(label, info.name, approval)
+                setup.targets.offered[name] = McpTarget(label, info.name, approval)
                 setup.chat_tools.append({"type": "function", "function": {
                     "name": name,
                     "description": info.description or f"{info.name} (MCP server {label})",
@@ -165,7 +191,7 @@ def _tool_choice(choice: Any, setup: McpSetup) -> Any:
                          "in this request.", param="tool_choice.server_label")  # fmt: skip
     if choice.get("name"):
         name = exposed_name(str(label), str(choice["name"]))
-        if name not in setup.targets:
+        if name not in setup.targets.offered:
             raise BadRequest(
                 f"'tool_choice' names the tool {choice['name']!r}, which the server "
                 f"{label!r} does not offer here.",
@@ -178,6 +204,12 @@ def _tool_choice(choice: Any, setup: McpSetup) -> Any:
 async def run_mcp_call(
     setup: McpSetup, servers: MCPServers, target: McpTarget, arguments: dict[str, Any]
 ) -> ToolOutput:
+    if not target.offered:
+        offered = sorted(t.tool for t in setup.targets.values() if t.label == target.label)
+        return error_output(
+            f"there is no tool named {target.tool!r} on the MCP server {target.label!r}; "
+            f"its tools are: {', '.join(offered) or 'none'}"
+        )
     ref = ToolRef(target.label, target.tool)
     remote = setup.remote.get(target.label)
     return await servers.call(ref, arguments, images=False, supervisor=remote)

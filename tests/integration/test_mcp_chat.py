@@ -341,3 +341,22 @@ async def test_each_call_is_logged_without_its_arguments(proxy, fake_upstream, c
     await proxy.post(CHAT, json=ASK)
     [debug] = [r for r in caplog.records if r.getMessage() == "mcp call arguments"]
     assert debug.fields["arguments"] == {"text": "debug-visible"}
+
+
+async def test_a_tool_that_does_not_exist_is_told_to_the_model(proxy, fake_upstream):
+    """A call to a name that is neither an MCP tool nor a client tool (a small model's
+    invention) comes back to the model as an error listing the real tools; it is not
+    handed to the client."""
+    client_tool = {"type": "function", "function": {"name": "ask_user", "parameters": {
+        "type": "object", "properties": {}}}}  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__multiply", '{"a": 2, "b": 3}'), ("c2", "search_web", "{}"))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("I cannot multiply.")))
+    body = await (await proxy.post(CHAT, json={**ASK, "tools": [client_tool]})).json()
+    assert body["choices"][0]["message"]["content"] == "I cannot multiply."
+    assert body["choices"][0]["finish_reason"] == "stop"
+    results = [m for m in sent(fake_upstream)["messages"] if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in results] == ["c1", "c2"]
+    for result, name in zip(results, ("calc__multiply", "search_web"), strict=True):
+        assert f"there is no tool named '{name}'" in result["content"]
+        assert "calc__add" in result["content"] and "ask_user" in result["content"]

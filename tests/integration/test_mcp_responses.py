@@ -211,3 +211,22 @@ async def test_remote_server_needs_approval_by_default(make_proxy, fake_upstream
     fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 1, "b": 1}'))))
     body = await create(proxy, input="1+1", tools=[tool])
     assert body["output"][-1]["type"] == "mcp_approval_request"
+
+
+async def test_a_made_up_tool_of_a_server_is_a_failed_mcp_call(proxy, fake_upstream):
+    """calc__multiply (calc has no such tool, or it is not allowed here): an mcp_call
+    with an error naming the offered tools, never a call to the server nor a
+    function_call for the client."""
+    tool = {"type": "mcp", "server_label": "calc", "require_approval": "never",
+            "allowed_tools": ["add"]}  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__echo", '{"text": "should not run"}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Only add is there.")))
+    body = await create(proxy, input="echo", tools=[tool])
+    assert [i["type"] for i in body["output"]] == ["mcp_list_tools", "mcp_call", "message"]
+    call = body["output"][1]
+    assert call["name"] == "echo" and call["output"] is None
+    assert "there is no tool named 'echo'" in call["error"]["message"]
+    assert "add" in call["error"]["message"]
+    [result] = [m for m in sent(fake_upstream)["messages"] if m["role"] == "tool"]
+    assert "there is no tool named 'echo'" in result["content"]
