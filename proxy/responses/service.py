@@ -244,6 +244,10 @@ class ResponsesService:
                 listed_before = {i["server_label"] for i in parsed
                                  if i.get("type") == "mcp_list_tools"}  # fmt: skip
         input_items = await self._resolve_references(request.input, owner)
+        # A client that re-sends the whole history (no previous_response_id) sends the
+        # listings too: those servers are listed already.
+        listed_before |= {i["server_label"] for i in input_items
+                          if i.get("type") == "mcp_list_tools" and "server_label" in i}  # fmt: skip
         settings = render.chat_settings(request, model.id, tools)
         setup = None
         if any(tool.get("type") == "mcp" for tool in request.tools):

@@ -66,6 +66,18 @@ async def test_mcp_loop_lists_calls_and_answers(proxy, fake_upstream):
     history = sent(fake_upstream)["messages"]
     assert {"role": "tool", "tool_call_id": call["id"], "content": "5"} in history
 
+    # Stateless, the whole history re-sent as input (as the Agents SDK does): the
+    # listing in it counts, the call and its output are rendered from their items.
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("5 again.")))
+    again = await create(proxy, tools=[CALC_TOOL], store=False, input=[
+        {"role": "user", "content": "What is 2+3?"}, *body["output"],
+        {"role": "user", "content": "And again?"}])  # fmt: skip
+    assert [i["type"] for i in again["output"]] == ["message"]
+    resent = sent(fake_upstream)["messages"]
+    assert resent[-2] == {"role": "tool", "tool_call_id": call["id"], "content": "5"} or (
+        {"role": "tool", "tool_call_id": call["id"], "content": "5"} in resent
+    )
+
 
 async def test_streamed_mcp_events(proxy, fake_upstream):
     """Streamed: the list and call events arrive in order, with the items' output indexes,
