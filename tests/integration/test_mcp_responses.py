@@ -117,6 +117,7 @@ async def test_approval_asked_then_approved(proxy, fake_upstream):
     first = await create(proxy, input="4+5?", tools=[tool])
     request_item = first["output"][-1]
     assert request_item["type"] == "mcp_approval_request"
+    assert first["status"] == "completed"
     assert (request_item["name"], request_item["server_label"]) == ("add", "calc")
     assert len(fake_upstream.requests_to(CHAT)) == 1
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("9")))
