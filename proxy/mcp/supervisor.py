@@ -136,16 +136,18 @@ class Supervisor:
 
     async def ready(self, within: float) -> bool:
         """Start if needed and wait (bounded) for the outcome of the connection attempt
-        under way, or of the next one when it is due within BACKOFF_WAIT."""
+        under way and, when that fails, of one retry due within BACKOFF_WAIT."""
         self.start()
+        outcomes = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 while not self._ready.is_set():
                     if self.state == "backoff" and (
-                        self._retry_at - time.monotonic() > BACKOFF_WAIT
+                        outcomes >= 2 or self._retry_at - time.monotonic() > BACKOFF_WAIT
                     ):
-                        break
+                        break  # failing again and again: not worth holding the request
                     await self._outcome.wait()
+                    outcomes += 1
         return self._ready.is_set()
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:

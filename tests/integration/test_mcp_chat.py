@@ -274,7 +274,7 @@ async def test_readyz_and_metrics_show_server_state(proxy):
     assert await proxy.app[MCP].supervisors["calc"].ready(15)
     body = await (await proxy.get("/readyz")).json()
     assert body["mcp_servers"]["calc"]["state"] == "ready"
-    assert body["mcp_servers"]["calc"]["tools"] == 9
+    assert body["mcp_servers"]["calc"]["tools"] == 10  # calc.py's tools before grow
     metrics = await (await proxy.get("/metrics")).text()
     assert 'lmbridge_mcp_server_up{server="calc"} 1.0' in metrics
 
@@ -360,3 +360,23 @@ async def test_a_tool_that_does_not_exist_is_told_to_the_model(proxy, fake_upstr
     for result, name in zip(results, ("calc__multiply", "search_web"), strict=True):
         assert f"there is no tool named '{name}'" in result["content"]
         assert "calc__add" in result["content"] and "ask_user" in result["content"]
+
+
+async def test_a_changed_tool_list_is_picked_up(proxy, fake_upstream):
+    """A server that adds a tool and announces it: the next request offers the new tool."""
+    from proxy.keys import MCP
+
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__grow", "{}"))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("grown")))
+    await proxy.post(CHAT, json=ASK)
+    assert "calc__triple" not in [t["function"]["name"] for t in sent(fake_upstream)["tools"]]
+    supervisor = proxy.app[MCP].supervisors["calc"]
+    for _ in range(200):
+        if any(t.name == "triple" for t in supervisor.tools):
+            break
+        await asyncio.sleep(0.05)
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c2", "calc__triple", '{"n": 7}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("21")))
+    await proxy.post(CHAT, json=ASK)
+    assert "calc__triple" in [t["function"]["name"] for t in sent(fake_upstream, -2)["tools"]]
+    assert sent(fake_upstream)["messages"][-1]["content"] == "21"

@@ -4,6 +4,7 @@ the scripted fake upstream."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -243,3 +244,63 @@ async def test_a_made_up_tool_of_a_server_is_a_failed_mcp_call(proxy, fake_upstr
     assert "add" in call["error"]["message"]
     [result] = [m for m in sent(fake_upstream)["messages"] if m["role"] == "tool"]
     assert "there is no tool named 'echo'" in result["content"]
+
+
+async def test_streamed_failures(make_proxy, fake_upstream):
+    """A server that cannot start: mcp_list_tools.failed, a listing with its error, and
+    the model answers without its tools; a tool that fails: mcp_call.failed with the
+    error on the item."""
+    broken = {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER, "broken": broken})
+    tools = [CALC_TOOL, {"type": "mcp", "server_label": "broken", "require_approval": "never"}]
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__fail", '{"reason": "no luck"}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It failed.")))
+    resp = await proxy.post(R, json={"model": "test-model", "input": "go", "stream": True,
+                                     "tools": tools})  # fmt: skip
+    events = sse_events(await resp.read())
+    types = [e["type"] for e in events]
+    assert "response.mcp_list_tools.failed" in types
+    assert "response.mcp_call.failed" in types and "response.mcp_call.completed" not in types
+    final = events[-1]["response"]
+    assert final["status"] == "completed"
+    listings = {i["server_label"]: i for i in final["output"] if i["type"] == "mcp_list_tools"}
+    assert listings["broken"]["error"] and listings["broken"]["tools"] == []
+    assert listings["calc"].get("error") is None
+    [call] = [i for i in final["output"] if i["type"] == "mcp_call"]
+    assert call["status"] == "failed" and call["output"] is None
+    assert call["error"]["type"] == "mcp_tool_execution_error"
+    assert "Error executing tool fail" in json.dumps(call["error"])  # the SDK masks the rest
+    offered = [t["function"]["name"] for t in sent(fake_upstream, 0)["tools"]]
+    assert offered and not any(name.startswith("broken__") for name in offered)
+
+
+async def test_client_function_beside_mcp_call_continues_the_loop(proxy, fake_upstream):
+    """One turn calls an MCP tool and a client function: the MCP call runs, the function
+    call goes to the client, and previous_response_id with its output continues with
+    both results in the history."""
+    function = {"type": "function", "name": "ask_user", "parameters": {
+        "type": "object", "properties": {"question": {"type": "string"}}}}  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+        ("c1", "calc__add", '{"a": 2, "b": 2}'),
+        ("c2", "ask_user", '{"question": "Which unit?"}'))))  # fmt: skip
+    first = await create(proxy, input="Add 2 and 2, ask the unit", tools=[CALC_TOOL, function])
+    kinds = [i["type"] for i in first["output"]]
+    assert kinds == ["mcp_list_tools", "mcp_call", "function_call"]
+    assert first["output"][1]["output"] == "4"
+    asked = first["output"][2]
+    assert (asked["name"], asked["call_id"]) == ("ask_user", "c2")
+    assert len(fake_upstream.requests_to(CHAT)) == 1  # the client's turn now
+
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("4 metres.")))
+    second = await create(proxy, tools=[CALC_TOOL, function], previous_response_id=first["id"],
+                          input=[{"type": "function_call_output", "call_id": "c2",
+                                  "output": "metres"}])  # fmt: skip
+    assert [i["type"] for i in second["output"]] == ["message"]
+    assert second["output"][0]["content"][0]["text"] == "4 metres."
+    history = sent(fake_upstream)["messages"]
+    calls = [c for m in history if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+    assert {c["function"]["name"] for c in calls} == {"calc__add", "ask_user"}
+    results = {m["tool_call_id"]: m["content"] for m in history if m["role"] == "tool"}
+    mcp_id = first["output"][1]["id"]
+    assert results == {mcp_id: "4", "c2": "metres"}

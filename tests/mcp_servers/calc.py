@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import sys
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.types import ImageContent, TextContent, ToolAnnotations
 
 server = MCPServer("calc")
@@ -85,6 +87,21 @@ def picture() -> list[ImageContent | TextContent]:
 def die() -> str:
     """Exit the server process at once (to test restarts)."""
     os._exit(3)
+
+
+def triple(n: int) -> int:
+    """Three times n (added at run time by grow)."""
+    return 3 * n
+
+
+@server.tool()
+async def grow(ctx: Context) -> str:
+    """Add the tool triple and announce that the tool list changed (both protocol eras)."""
+    server.add_tool(triple)
+    await ctx.notify_tools_changed()
+    with contextlib.suppress(Exception):  # the legacy notification, where it exists
+        await ctx.session.send_tool_list_changed()
+    return "grown"
 
 
 @server.tool()
