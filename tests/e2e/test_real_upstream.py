@@ -108,3 +108,38 @@ async def test_serve_embedded_answers_and_stops_its_child(start_daemon, tmp_path
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(match.group(1) + "/health")
+
+
+async def test_a_real_model_drives_a_real_mcp_server(start_daemon, llama_url, tmp_path: Path):
+    """llama.cpp's SmolLM2 writes a tool call as text (told to copy it), lmbridge
+    recognises it (mcp.text_tool_calls), runs mcp-server-time's tool and asks the model
+    again with the result: the whole loop with no scripted part."""
+    import sys
+
+    from tests.e2e.conftest import clean_env
+
+    config = tmp_path / "lmbridge.toml"
+    config.write_text(
+        "[mcp]\ntext_tool_calls = true\nmax_rounds = 1\n"
+        f"[mcp.servers.time]\ncommand = {json.dumps(sys.executable)}\n"
+        'args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]\n'
+    )
+    daemon = await start_daemon("--upstream", llama_url, "--config", str(config),
+                                env=clean_env(tmp_path))  # fmt: skip
+    call = '<tool_call>{"name": "time__get_current_time", "arguments": {"timezone": "UTC"}}'
+    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
+        completion = await c.chat.completions.create(
+            model="smollm2", temperature=0, max_tokens=60,
+            messages=[
+                {"role": "system", "content": "You copy text exactly."},
+                {"role": "user", "content": "Copy this text exactly, with nothing before "
+                                            f"or after it:\n{call}</tool_call>"},
+            ],
+            extra_body={"mcp_servers": ["time"]},
+        )  # fmt: skip
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    async with aiohttp.ClientSession() as session, session.get(daemon.url + "/metrics") as resp:
+        metrics = await resp.text()
+    ran = 'lmbridge_mcp_tool_calls_total{outcome="ok",server="time",tool="get_current_time"}'
+    assert ran + " 1.0" in metrics
