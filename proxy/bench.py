@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["passthrough", "responses"],
-        default=["passthrough", "responses"],
+        choices=["passthrough", "responses", "mcp"],
+        default=["passthrough", "responses", "mcp"],
         help="what to measure",
     )
     parser.add_argument(
@@ -322,15 +322,87 @@ async def measure_responses(setup: Setup) -> list[Result]:
     return results
 
 
+async def measure_mcp(setup: Setup) -> list[Result]:
+    """A two-round tool loop (model -> MCP tool -> model) run by the daemon, against the
+    same loop run by a client itself: two chat calls straight to the upstream and the
+    tool call on its own open MCP session to the same server."""
+    from mcp import Client, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    args, session = setup.args, setup.session
+    chat = "/v1/chat/completions"
+    for _ in range(200):  # the daemon connects its MCP server at start
+        async with session.get(setup.proxy_url + "/readyz") as resp:
+            if (await resp.json()).get("mcp_servers", {}).get("bench", {}).get("state") == "ready":
+                break
+        await asyncio.sleep(0.05)
+    ask = [{"role": "user", "content": "Echo hello."}]
+    through = json.dumps({"model": BENCH_MODEL, "messages": ask, "mcp_servers": ["bench"]})
+    params = StdioServerParameters(command=sys.executable, args=["-m", "proxy.bench_mcp"])
+    async with Client(stdio_client(params), mode="auto") as client:
+        [tool] = (await client.list_tools()).tools
+        definition = {"type": "function", "function": {
+            "name": f"bench__{tool.name}", "description": tool.description,
+            "parameters": tool.input_schema,
+        }}  # fmt: skip
+
+        async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+            async with session.post(url, json=body, headers=_HEADERS) as resp:
+                return dict(await resp.json())
+
+        async def direct_loop() -> float:
+            started = time.perf_counter()
+            body = {"model": BENCH_MODEL, "messages": ask, "tools": [definition]}
+            message = (await post(setup.upstream_url + chat, body))["choices"][0]["message"]
+            call = message["tool_calls"][0]
+            result = await client.call_tool(tool.name, json.loads(call["function"]["arguments"]))
+            text = "".join(getattr(block, "text", "") for block in result.content)
+            body["messages"] = [
+                *ask,
+                message,
+                {"role": "tool", "tool_call_id": call["id"], "content": text},
+            ]
+            await post(setup.upstream_url + chat, body)  # fmt: skip
+            return time.perf_counter() - started
+
+        async def proxied_loop() -> float:
+            started = time.perf_counter()
+            async with session.post(setup.proxy_url + chat, data=through, headers=_HEADERS) as r:
+                assert (await r.json())["choices"][0]["message"]["content"] == REPLY_TEXT
+            return time.perf_counter() - started
+
+        for _ in range(20):  # warm both paths
+            await direct_loop()
+            await proxied_loop()
+        direct: list[float] = []
+        proxied: list[float] = []
+        per_round = max(10, args.latency_requests // (4 * args.rounds))
+        for _ in range(args.rounds):
+            direct += [await direct_loop() for _ in range(per_round)]
+            proxied += [await proxied_loop() for _ in range(per_round)]
+    results = []
+    for q in (50, 99):
+        d, p = percentile(direct, q) * 1000, percentile(proxied, q) * 1000
+        results.append(Result(
+            f"MCP tool loop (2 rounds): p{q} latency at concurrency 1",
+            d, p, "ms", note=f"added {p - d:+.2f} ms (direct: the client runs the loop)",
+        ))  # fmt: skip
+    return results
+
+
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="lmbridge-bench-")
     fake, upstream_url = await _start_child(
         [sys.executable, "-m", "proxy.bench_upstream"], subprocess.DEVNULL
     )
     port = _free_port()
+    mcp_json = Path(tmp) / "mcp.json"
+    mcp_json.write_text(json.dumps({"mcpServers": {
+        "bench": {"command": sys.executable, "args": ["-m", "proxy.bench_mcp"]}}}))  # fmt: skip
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--upstream", upstream_url,
         "--port", str(port), "--db", str(Path(tmp) / "bench.db"),
+        "--mcp-config", str(mcp_json),
         "--log-level", args.log_level,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
@@ -350,6 +422,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 results += await measure_passthrough(setup)
             if "responses" in args.only:
                 results += await measure_responses(setup)
+            if "mcp" in args.only:
+                results += await measure_mcp(setup)
             async with session.get(upstream_url + "/bench/stats") as resp:
                 upstream_stats = await resp.json()
     finally:

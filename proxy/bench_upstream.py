@@ -31,6 +31,18 @@ def _completion(n: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _tool_call(n: int, tool: str) -> dict[str, Any]:
+    """The first round of a tool loop: the model calls the bench MCP server's echo."""
+    body = _completion(n)
+    choice = body["choices"][0]
+    choice["finish_reason"] = "tool_calls"
+    choice["message"] = {"role": "assistant", "content": None, "tool_calls": [{
+        "id": f"call_{n}", "type": "function",
+        "function": {"name": tool, "arguments": '{"text": "hello"}'},
+    }]}  # fmt: skip
+    return body
+
+
 def _chunk(n: int, i: int) -> bytes:
     delta: dict[str, Any] = {"content": f"tok{i} "}
     if i == 0:
@@ -60,6 +72,9 @@ def fast_upstream_app() -> web.Application:
         body = await request.json()
         n = next(counter)
         stats["chat_requests"] += 1
+        tools = body.get("tools") or []
+        if tools and body["messages"][-1].get("role") != "tool":
+            return web.json_response(_tool_call(n, tools[0]["function"]["name"]))
         if not body.get("stream"):
             return web.json_response(_completion(n))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

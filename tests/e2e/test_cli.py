@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ async def run_cli(
     tmp_path: Path,
     *args: str,
     env: dict[str, str] | None = None,
+    within: float = 60,
 ) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -31,7 +33,7 @@ async def run_cli(
         stderr=subprocess.PIPE,
         env=env or clean_env(tmp_path),
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await asyncio.wait_for(process.communicate(), within)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
@@ -173,3 +175,22 @@ async def test_gc_purges_expired_responses(tmp_path, start_daemon, fake_upstream
     code, out, err = await run_cli(tmp_path, "gc", "--db", str(db))
     assert code == 0, err
     assert out.startswith(f"purged 3 expired object(s) from {db}")
+
+
+async def test_bench_runs_every_measurement(tmp_path):
+    """`lmbridge bench` (tiny settings) measures pass-through, Responses and the MCP loop
+    side by side with direct requests and writes them as JSON; timings are not judged."""
+    out = tmp_path / "bench.json"
+    code, text, err = await run_cli(
+        tmp_path, "bench", "--duration", "0.2", "--rounds", "1", "--latency-requests", "40",
+        "--chain-turns", "6", "--chain-samples", "5", "--json", str(out), within=180,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert any(n.startswith("plain:") for n in names)
+    assert any(n.startswith("/v1/responses") for n in names)
+    assert any(n.startswith("MCP tool loop") for n in names)
+    assert all(r["direct"] > 0 and r["proxy"] > 0 for r in report["results"])
+    assert report["upstream"]["model_list_reads"] >= 1
+    assert "MCP tool loop (2 rounds): p50" in text
