@@ -25,6 +25,7 @@ from proxy.keys import (
     UPSTREAM,
 )
 from proxy.logs import RequestLog
+from proxy.mcp import routes as mcp_routes
 from proxy.mcp.servers import MCPServers
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
@@ -79,6 +80,7 @@ def _add_routes(app: web.Application) -> None:
     r.add_post("/v1/chat/completions", passthrough.chat_completions)
     r.add_post("/v1/completions", passthrough.completions)
     r.add_post("/v1/embeddings", passthrough.embeddings)
+    r.add_get("/v1/mcp/servers", mcp_routes.list_servers)
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]

@@ -210,7 +210,7 @@ def cmd_mcp_list(args: argparse.Namespace) -> int:
             for tool in server["tools"]:
                 line = (tool["description"] or "").strip().splitlines()
                 sys.stdout.write(f"  {tool['name']}" + (f"  {line[0][:80]}" if line else "") + "\n")
-    return 0 if all(s["state"] == "ready" for s in servers.values()) else EXIT_FAILURE
+    return 0 if all(s["state"] in ("ready", "disabled") for s in servers.values()) else EXIT_FAILURE
 
 
 async def _list_mcp(config: Config) -> dict[str, Any]:
@@ -220,19 +220,7 @@ async def _list_mcp(config: Config) -> dict[str, Any]:
     servers = MCPServers(config.mcp, Metrics(), config.storage.path.parent)
     try:
         await asyncio.gather(*(s.ready(READY_WAIT * 3) for s in servers.supervisors.values()))
-        out: dict[str, Any] = {}
-        for name, supervisor in servers.supervisors.items():
-            out[name] = {
-                "state": supervisor.state,
-                "error": supervisor.last_error,
-                "tools": [
-                    {"name": t.name, "description": t.description} for t in servers.tools_of(name)
-                ],
-            }
-        disabled = [n for n, s in config.mcp.servers.items() if s.disabled]
-        for name in disabled:
-            out[name] = {"state": "disabled", "error": None, "tools": []}
-        return out
+        return {server.pop("name"): server for server in servers.describe()}
     finally:
         await servers.close()
 

@@ -119,6 +119,18 @@ def default_config_path() -> Path:
     return Path(base) / "lmbridge" / "config.toml"
 
 
+def base_url(value: str) -> str:
+    """An http(s) base URL without a trailing slash or /v1."""
+    parts = urlsplit(value.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or " " in value:
+        raise ValueError(f"must be an http:// or https:// URL, got {_redact(value)!r}")
+    path = parts.path.rstrip("/")
+    # A trailing /v1 is the most common copy-paste from client configs.
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return urlunsplit((parts.scheme.lower(), parts.netloc, path, "", ""))
+
+
 # --- the tree -------------------------------------------------------------
 
 
@@ -196,14 +208,7 @@ class UpstreamConfig(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value.strip())
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or " " in value:
-            raise ValueError(f"must be an http:// or https:// URL, got {_redact(value)!r}")
-        path = parts.path.rstrip("/")
-        # A trailing /v1 is the most common copy-paste from client configs.
-        if path.endswith("/v1"):
-            path = path[:-3]
-        return urlunsplit((parts.scheme.lower(), parts.netloc, path, "", ""))
+        return base_url(value)
 
 
 class ModelsConfig(_Section):
@@ -386,6 +391,29 @@ class MCPConfig(_Section):
         return value
 
 
+class BridgeConfig(_Section):
+    url: str | None = Field(
+        None,
+        description="The daemon `lmbridge mcp` talks to (unset: http://<server.host>:<server.port>).",
+    )
+    api_key: Secret | None = Field(
+        None, description="Key sent to the daemon when it requires one (may be env:VAR)."
+    )
+    result_max_chars: Count = Field(
+        20_000, ge=200, description="Longer tool results are cut, with a marker, to this size."
+    )
+    wait_seconds: Duration = Field(
+        50.0,
+        description="How long delegate waits for the task before it returns the response id "
+        "(below the tool timeouts of common MCP clients).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else base_url(value)
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig, description="Listening socket.")
     upstream: UpstreamConfig = Field(
@@ -404,6 +432,10 @@ class Config(_Section):
         default_factory=ResponsesConfig, description="The Responses and Conversations APIs."
     )
     mcp: MCPConfig = Field(default_factory=MCPConfig, description="MCP servers and the tool loop.")
+    bridge: BridgeConfig = Field(
+        default_factory=BridgeConfig,
+        description="`lmbridge mcp`: the daemon as an MCP server for coding assistants.",
+    )
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -206,6 +206,23 @@ class MCPServers:
 
     # --- reporting --------------------------------------------------------------
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Every configured server with its state and the tools the model may be offered
+        (after allowed/denied lists); disabled ones too, so that none looks forgotten."""
+        described = [
+            {"name": name, "state": s.state, "error": s.last_error,
+             "require_approval": s.config.require_approval,
+             "tools": [{"name": t.name, "description": t.description, "read_only": t.read_only}
+                       for t in self.tools_of(name)]}
+            for name, s in self.supervisors.items()
+        ]  # fmt: skip
+        described += [
+            {"name": name, "state": "disabled", "error": None,
+             "require_approval": server.require_approval, "tools": []}
+            for name, server in self.config.servers.items() if server.disabled
+        ]  # fmt: skip
+        return described
+
     def status(self) -> dict[str, Any]:
         return {
             name: {

@@ -67,6 +67,7 @@ class CreateRequest:
     tool_choice: Any
     parallel_tool_calls: bool
     max_tool_calls: int | None
+    mcp_max_rounds: int | None  # lmbridge's extension: may lower mcp.max_rounds
     max_output_tokens: int | None
     temperature: float | None
     top_p: float | None
@@ -167,6 +168,7 @@ def parse_create(body: Mapping[str, Any], ids: Callable[[str], str] = new_id) ->
         tool_choice=_tool_choice(body.get("tool_choice")),
         parallel_tool_calls=check.bool("parallel_tool_calls", True),
         max_tool_calls=check.optional_int("max_tool_calls", minimum=1),
+        mcp_max_rounds=check.optional_int("mcp_max_rounds", minimum=1),
         max_output_tokens=check.optional_int("max_output_tokens", minimum=1),
         temperature=check.optional_number("temperature", 0, 2),
         top_p=check.optional_number("top_p", 0, 1),

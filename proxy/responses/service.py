@@ -379,6 +379,7 @@ class ResponsesService:
         setup = prepared.mcp
         limits = self.config.mcp
         max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
+        max_rounds = min(limits.max_rounds, prepared.request.mcp_max_rounds or 1 << 30)
         extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
         if setup is not None:
             for label, tools, error in setup.to_list:
@@ -421,7 +422,7 @@ class ResponsesService:
             if forced or not runnable or waits_for_client:
                 return
             extra += render.render_items(builder.output[first_item:], prepared.tools.names)
-            if rounds >= limits.max_rounds or calls_made >= max_calls:
+            if rounds >= max_rounds or calls_made >= max_calls:
                 log.info("tool loop limit reached after %d round(s), %d call(s): asking for "
                          "the final answer", rounds, calls_made)  # fmt: skip
                 extra.append({"role": "user", "content": LIMIT_NOTE})

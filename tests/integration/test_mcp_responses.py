@@ -304,3 +304,25 @@ async def test_client_function_beside_mcp_call_continues_the_loop(proxy, fake_up
     results = {m["tool_call_id"]: m["content"] for m in history if m["role"] == "tool"}
     mcp_id = first["output"][1]["id"]
     assert results == {mcp_id: "4", "c2": "metres"}
+
+
+@pytest.mark.parametrize(("asked", "rounds"), [(1, 1), (50, 3)])
+async def test_mcp_max_rounds_may_lower_the_limit(make_proxy, fake_upstream, asked, rounds):
+    """The mcp_max_rounds extension lowers mcp.max_rounds (3 here) for one response; it
+    cannot raise it."""
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__max_rounds=3)
+    for n in range(rounds):
+        fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
+            (f"c{n}", "calc__add", f'{{"a": {n}, "b": 1}}'))))  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("final")))
+    body = await create(proxy, input="loop", tools=[CALC_TOOL], mcp_max_rounds=asked)
+    requests = fake_upstream.requests_to(CHAT)
+    assert len(requests) == rounds + 1
+    assert requests[-1].body["tool_choice"] == "none"
+    assert body["output"][-1]["content"][0]["text"] == "final"
+
+
+async def test_bad_mcp_max_rounds_is_400(proxy):
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x", "mcp_max_rounds": 0})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "mcp_max_rounds"
