@@ -23,10 +23,11 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, *, listen: bool = True) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 1235)")
+    if listen:
+        parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, help="port to listen on (default 1235)")
     parser.add_argument(
         "--upstream", metavar="URL", help="upstream server (default http://127.0.0.1:1234)"
     )
@@ -49,8 +50,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "server.host": args.host,
-        "server.port": args.port,
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "bridge.url": getattr(args, "url", None),
         "upstream.url": args.upstream,
         "storage.path": args.db,
         "logging.level": args.log_level,
@@ -90,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(mcp_list)
     mcp_list.add_argument("--json", action="store_true", help="print JSON instead of text")
     mcp_list.set_defaults(func=cmd_mcp_list)
+
+    mcp = commands.add_parser(
+        "mcp",
+        help="run lmbridge as an MCP server (stdio) so that coding assistants can hand "
+        "work to local models",
+    )
+    mcp.add_argument("--url", help="the daemon to talk to (default: where the configuration's "
+                     "daemon listens, http://127.0.0.1:1235)")  # fmt: skip
+    mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio",
+                     help="stdio (default) or streamable HTTP on 127.0.0.1")  # fmt: skip
+    mcp.add_argument("--port", dest="mcp_port", metavar="P", type=int, default=1236,
+                     help="port of the HTTP transport (default 1236)")  # fmt: skip
+    mcp.add_argument("--standalone", action="store_true",
+                     help="run the daemon in this process instead of talking to one")  # fmt: skip
+    _add_config_flags(mcp, listen=False)
+    mcp.set_defaults(func=cmd_mcp)
 
     gc = commands.add_parser(
         "gc", help="purge expired responses and conversations from the database now"
@@ -191,6 +209,29 @@ async def _read_models(config: Config):  # type: ignore[no-untyped-def]
     async with session:
         upstream = UpstreamClient(config.upstream, session, Metrics())
         return await ModelListReader(upstream.get_json).read()
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from proxy.bridge.run import run
+    from proxy.embedded import EmbeddedError
+    from proxy.logs import configure_logging
+    from storage.sqlite import StorageError
+
+    config = _load(args)
+    # stdout belongs to the MCP protocol on stdio: every log goes to stderr.
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        asyncio.run(run(config, args.transport, args.mcp_port, standalone=args.standalone))
+    except EmbeddedError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    except StorageError as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    except OSError as exc:
+        _fail(f"cannot start: {exc.strerror or exc}")
+        return EXIT_FAILURE
+    return 0
 
 
 def cmd_mcp_list(args: argparse.Namespace) -> int:

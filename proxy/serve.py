@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -22,8 +23,14 @@ from proxy.keys import METRICS
 log = logging.getLogger("lmbridge")
 
 
-async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or a SIGTERM/SIGINT arrives."""
+async def run(
+    config: Config,
+    *,
+    stop: asyncio.Event | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until ``stop`` is set or a SIGTERM/SIGINT arrives; ``on_listening`` gets the
+    base URL once the socket is bound (for a port 0)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,6 +59,9 @@ async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
             await site.start()
             addresses = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
             log.info("lmbridge listening on %s (upstream %s)", addresses, config.upstream.url)
+            if on_listening is not None:
+                host, port = runner.addresses[0][:2]
+                on_listening(f"http://{host}:{port}")
             await stop.wait()
             in_flight = app[METRICS].requests_in_flight()
             log.info(

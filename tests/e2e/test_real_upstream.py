@@ -143,3 +143,23 @@ async def test_a_real_model_drives_a_real_mcp_server(start_daemon, llama_url, tm
         metrics = await resp.text()
     ran = 'lmbridge_mcp_tool_calls_total{outcome="ok",server="time",tool="get_current_time"}'
     assert ran + " 1.0" in metrics
+
+
+async def test_lmbridge_mcp_in_front_of_llama_cpp(llama_url, tmp_path: Path):
+    """`lmbridge mcp --standalone` with llama.cpp behind it, driven over stdio by the mcp
+    SDK's client: the models, a real answer, and a two-turn conversation."""
+    from mcp import Client
+    from mcp.client.stdio import stdio_client
+
+    from tests.e2e.test_bridge import bridge_params, call
+
+    params = bridge_params(tmp_path, "--standalone", "--upstream", llama_url)
+    async with Client(stdio_client(params), mode="auto") as client:
+        models = await call(client, "list_models")
+        assert [m["id"] for m in models["models"]] == ["smollm2"]
+        answer = await call(client, "chat", prompt="Say hello.", max_tokens=8)
+        assert isinstance(answer, str) and answer.strip()
+        first = await call(client, "respond", input="My name is Ada.")
+        second = await call(client, "respond", input="What is my name?",
+                            previous_response_id=first["response_id"])  # fmt: skip
+        assert second["status"] == "completed" and second["text"]
