@@ -130,12 +130,15 @@ def build_server(client: DaemonClient, settings: Settings) -> tuple[MCPServer, D
         instructions: Annotated[
             str | None, Field(description="System prompt for this turn.")
         ] = None,
+        max_tokens: Annotated[
+            int | None, Field(ge=1, description="Longest answer, in tokens.")
+        ] = None,
     ) -> dict[str, Any]:
         """One turn of a conversation that lmbridge remembers. Returns the answer and the
         response_id to pass as previous_response_id next time."""
         body: dict[str, Any] = {"input": input, "store": True}
         _put(body, model=model, previous_response_id=previous_response_id,
-             instructions=instructions)  # fmt: skip
+             instructions=instructions, max_output_tokens=max_tokens)  # fmt: skip
         with _tool_errors():
             response = await client.post("/v1/responses", body)
         return text.response_result(response, [], max_chars=limit)

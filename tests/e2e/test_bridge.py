@@ -276,3 +276,19 @@ async def test_streamable_http_transport(daemon, fake_upstream, tmp_path):
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+async def test_api_key_from_the_environment(start_daemon, fake_upstream, tmp_path):
+    """A daemon with client keys: the bridge sends LMBRIDGE_BRIDGE_API_KEY; without it,
+    the tool error says the key is missing."""
+    config = tmp_path / "keys.toml"
+    config.write_text('[auth]\napi_keys = ["sk-bridge-test"]\n')
+    daemon = await start_daemon("--upstream", fake_upstream.url, "--config", str(config))
+    params = bridge_params(tmp_path, "--url", daemon.url)
+    env = {**clean_env(tmp_path), "LMBRIDGE_BRIDGE_API_KEY": "sk-bridge-test"}
+    keyed = params.model_copy(update={"env": env})
+    async with Client(stdio_client(keyed), mode="auto") as client:
+        assert (await call(client, "list_models"))["models"][0]["id"] == "test-model"
+    async with Client(stdio_client(params), mode="auto") as client:
+        message = await tool_error(client, "list_models")
+        assert "lmbridge:" in message and "key" in message.lower()

@@ -159,7 +159,7 @@ async def test_lmbridge_mcp_in_front_of_llama_cpp(llama_url, tmp_path: Path):
         assert [m["id"] for m in models["models"]] == ["smollm2"]
         answer = await call(client, "chat", prompt="Say hello.", max_tokens=8)
         assert isinstance(answer, str) and answer.strip()
-        first = await call(client, "respond", input="My name is Ada.")
-        second = await call(client, "respond", input="What is my name?",
+        first = await call(client, "respond", input="My name is Ada.", max_tokens=16)
+        second = await call(client, "respond", input="What is my name?", max_tokens=16,
                             previous_response_id=first["response_id"])  # fmt: skip
-        assert second["status"] == "completed" and second["text"]
+        assert second["status"] in ("completed", "incomplete") and second["text"]
