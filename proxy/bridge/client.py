@@ -88,7 +88,14 @@ class DaemonClient:
         return parsed
 
     def _unreachable(self, exc: Exception) -> str:
-        return f"lmbridge is not reachable at {self.base_url} ({type(exc).__name__}): {START_HINT}."
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            refused = isinstance(exc.os_error, ConnectionRefusedError)
+            why = "connection refused" if refused else "cannot connect"
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            why = "it closed the connection"
+        else:
+            why = type(exc).__name__
+        return f"lmbridge is not reachable at {self.base_url} ({why}): {START_HINT}."
 
 
 def _error(status: int, raw: bytes) -> DaemonError:
