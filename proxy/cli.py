@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -146,15 +146,21 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.embedded import EmbeddedError
     from proxy.logs import configure_logging
     from proxy.serve import run
-    from storage.sqlite import StorageError
 
     config = _load(args)
     configure_logging(config.logging.level, config.logging.format)
+    return _run_service(run(config), f"cannot listen on {config.server.host}:{config.server.port}")
+
+
+def _run_service(main: Coroutine[Any, Any, None], on_os_error: str) -> int:
+    """Run the daemon (or what holds it) to its end; what stops it at start is one line."""
+    from proxy.embedded import EmbeddedError
+    from storage.sqlite import StorageError
+
     try:
-        asyncio.run(run(config))
+        asyncio.run(main)
     except EmbeddedError as exc:
         _fail(str(exc))
         return EXIT_CONFIG
@@ -162,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _fail(str(exc))
         return EXIT_FAILURE
     except OSError as exc:
-        _fail(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}")
+        _fail(f"{on_os_error}: {exc.strerror or exc}")
         return EXIT_FAILURE
     return 0
 
@@ -213,25 +219,14 @@ async def _read_models(config: Config):  # type: ignore[no-untyped-def]
 
 def cmd_mcp(args: argparse.Namespace) -> int:
     from proxy.bridge.run import run
-    from proxy.embedded import EmbeddedError
     from proxy.logs import configure_logging
-    from storage.sqlite import StorageError
 
     config = _load(args)
     # stdout belongs to the MCP protocol on stdio: every log goes to stderr.
     configure_logging(config.logging.level, config.logging.format)
-    try:
-        asyncio.run(run(config, args.transport, args.mcp_port, standalone=args.standalone))
-    except EmbeddedError as exc:
-        _fail(str(exc))
-        return EXIT_CONFIG
-    except StorageError as exc:
-        _fail(str(exc))
-        return EXIT_FAILURE
-    except OSError as exc:
-        _fail(f"cannot start: {exc.strerror or exc}")
-        return EXIT_FAILURE
-    return 0
+    return _run_service(
+        run(config, args.transport, args.mcp_port, standalone=args.standalone), "cannot start"
+    )
 
 
 def cmd_mcp_list(args: argparse.Namespace) -> int:

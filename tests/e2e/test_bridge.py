@@ -18,6 +18,7 @@ from mcp.client.stdio import stdio_client
 from tests.e2e.conftest import clean_env, free_port
 from tests.fake_upstream import CHAT, Reply, chat_completion
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
+from tests.mcp_servers.network import wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -258,13 +259,7 @@ async def test_streamable_http_transport(daemon, fake_upstream, tmp_path):
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(200):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        await wait_for_port(port)
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Over HTTP.")))
         async with Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp"),
                           mode="auto") as client:  # fmt: skip

@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def wait_for_port(port: int) -> None:
+    """Until something accepts connections on 127.0.0.1:port (at most 20 s)."""
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def served_calc(transport: str) -> AsyncIterator[str]:
     """Yields the server's URL once it accepts connections."""
@@ -29,13 +40,7 @@ async def served_calc(transport: str) -> AsyncIterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(400):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        await wait_for_port(port)
         yield f"http://127.0.0.1:{port}{PATHS[transport]}"
     finally:
         process.terminate()
