@@ -259,4 +259,7 @@ async def _servers(client: DaemonClient, wanted: list[str] | str) -> list[str]:
     if wanted != "all":
         return list(dict.fromkeys(wanted))
     listing = await client.get("/v1/mcp/servers")
-    return [s["name"] for s in listing.get("data") or [] if s.get("state") != "disabled"]
+    # "all": those a task can use on its own; a server that needs approval is used only
+    # when named, since its first call would stop the task.
+    return [s["name"] for s in listing.get("data") or []
+            if s.get("state") != "disabled" and not s.get("require_approval")]  # fmt: skip

@@ -287,3 +287,25 @@ async def test_api_key_from_the_environment(start_daemon, fake_upstream, tmp_pat
     async with Client(stdio_client(params), mode="auto") as client:
         message = await tool_error(client, "list_models")
         assert "lmbridge:" in message and "key" in message.lower()
+
+
+async def test_delegate_all_leaves_out_servers_that_need_approval(start_daemon, fake_upstream,
+                                                                  tmp_path):  # fmt: skip
+    """ "all" gives the task the servers it can use on its own; a server that needs
+    approval, named, stops the task with waiting_for_approval."""
+    mcp_json = tmp_path / "mcp.json"
+    mcp_json.write_text(json.dumps({"mcpServers": {"calc": CALC_SERVER, "guarded": CALC_SERVER}}))
+    config = tmp_path / "lmbridge.toml"  # lmbridge's own options live in its TOML
+    config.write_text("[mcp.servers.guarded]\nrequire_approval = true\n")
+    daemon = await start_daemon("--upstream", fake_upstream.url, "--mcp-config", str(mcp_json),
+                                "--config", str(config))  # fmt: skip
+    async with Client(stdio_client(bridge_params(tmp_path, "--url", daemon.url)),
+                      mode="auto") as bridge:  # fmt: skip
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Nothing to do.")))
+        await call(bridge, "delegate", task="Look around.")
+        offered = {t["function"]["name"].split("__")[0] for t in sent(fake_upstream)["tools"]}
+        assert offered == {"calc"}
+        call_add = ("c1", "guarded__add", '{"a": 1, "b": 2}')
+        fake_upstream.add_reply(CHAT, Reply(json=tool_calls(call_add)))
+        result = await call(bridge, "delegate", task="Add.", mcp_servers=["guarded"])
+        assert result["waiting_for_approval"] == ["guarded.add"]
