@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -104,7 +105,9 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.first_byte_timeout
         )
-        self._base_headers = {"Content-Type": "application/json"}
+        # Bodies are relayed as they come; compressing them on the loopback would only
+        # cost both sides CPU.
+        self._base_headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if config.api_key is not None:
             self._base_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
@@ -268,13 +271,33 @@ class UpstreamClient:
     # --- bodies -----------------------------------------------------------
 
     async def read_body(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The whole body of a response from ``open()``."""
+        """The whole body of a response from ``open()``, decoded if the upstream
+        compressed it although asked not to."""
         try:
-            return await resp.read()
+            raw = await resp.read()
         except aiohttp.ClientError as exc:
             raise self._body_error(exc) from exc
         finally:
             resp.release()
+        encoding = resp.headers.get("Content-Encoding")
+        if encoding is None or encoding == "identity":
+            return raw
+        return self._decoded(raw, encoding)
+
+    def _decoded(self, raw: bytes, encoding: str) -> bytes:
+        if encoding.lower() not in ("gzip", "x-gzip", "deflate"):
+            raise UpstreamUnavailable(
+                f"The upstream at {self.base_url} answered with Content-Encoding {encoding!r}, "
+                "which lmbridge does not decode (it asks for identity)."
+            )
+        try:
+            # wbits 32 + 15: a gzip or a zlib header, whichever is there.
+            return zlib.decompress(raw, 47)
+        except zlib.error as exc:
+            raise UpstreamUnavailable(
+                f"The upstream at {self.base_url} sent a {encoding} body that does not "
+                f"decompress: {exc}"
+            ) from None
 
     async def iter_chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         """Body chunks as they arrive. Stopping early closes the connection, which is

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 
@@ -49,6 +51,38 @@ async def test_upstream_headers_that_matter_come_back(proxy, fake_upstream):
     assert resp.headers["x-ratelimit-remaining-requests"] == "7"
     assert "X-Internal" not in resp.headers
     assert resp.headers["X-Request-ID"].startswith("req_")
+
+
+async def test_upstream_is_asked_for_uncompressed_bodies(proxy, fake_upstream):
+    """Bodies are relayed byte for byte: the upstream is asked not to compress them."""
+    resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
+    assert resp.status == 200
+    assert fake_upstream.requests_to(CHAT)[0].headers["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_answer_reaches_the_client_decoded(proxy, fake_upstream, encoding):
+    """An upstream that compresses anyway still gives the client plain JSON, on the
+    pass-through and on /v1/responses, which reads the completion itself."""
+    compress = gzip.compress if encoding == "gzip" else zlib.compress
+    packed = compress(json.dumps(chat_completion("Squeezed.")).encode())
+    reply = Reply(body=packed, headers={"Content-Encoding": encoding})
+    fake_upstream.add_reply(CHAT, reply, times=2)
+    resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
+    assert resp.status == 200
+    assert "Content-Encoding" not in resp.headers
+    assert (await resp.json())["choices"][0]["message"]["content"] == "Squeezed."
+    resp = await proxy.post("/v1/responses", json={"model": "test-model", "input": "hi"})
+    assert resp.status == 200
+    assert (await resp.json())["output"][0]["content"][0]["text"] == "Squeezed."
+
+
+async def test_an_encoding_lmbridge_cannot_decode_is_a_clear_502(proxy, fake_upstream):
+    fake_upstream.add_reply(CHAT, Reply(body=b"\x1b\x00", headers={"Content-Encoding": "br"}))
+    resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
+    assert resp.status == 502
+    error = (await resp.json())["error"]
+    assert "Content-Encoding 'br'" in error["message"]
 
 
 async def test_request_id_is_taken_from_the_client(proxy, fake_upstream):
