@@ -9,6 +9,7 @@ then whatever is left is cancelled and the app's resources are closed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -57,6 +58,7 @@ async def run(
         try:
             site = web.TCPSite(runner, config.server.host, config.server.port)
             await site.start()
+            _tune_gc()
             addresses = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
             log.info("lmbridge listening on %s (upstream %s)", addresses, config.upstream.url)
             if on_listening is not None:
@@ -77,3 +79,22 @@ async def run(
             loop.remove_signal_handler(sig)
         if embedded is not None:
             await embedded.stop()
+
+
+# Young objects collected every this many net allocations instead of Python's 700.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Set the garbage collector for a long-running server.
+
+    What start-up built (modules, the app, pydantic's schemas: some 100,000
+    objects) lives as long as the process, yet every older-generation collection
+    walked it again; frozen, it is skipped. A request allocates hundreds of
+    short-lived containers, so collecting the young generation every 700 meant
+    several collections per request. Together worth 15% more proxied requests/s
+    (docs/benchmarks.md); cycles made later are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
