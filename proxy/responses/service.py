@@ -183,6 +183,15 @@ class ResponsesService:
     async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
         request = parse_create(body, self.ids)
         prepared = await self.prepare(request, owner)
+        if not (prepared.system or prepared.new_messages or prepared.approved) and all(
+            turn == "[]" for turn in prepared.history
+        ):
+            # Upstreams answer an empty message list with an error of their own, or worse.
+            raise BadRequest(
+                "There is nothing to answer: send 'input' (a string or an array of items), "
+                "'instructions', or continue with 'previous_response_id' or 'conversation'.",
+                param="input",
+            )
         created_at = int(self.clock())
         response_id = self.ids("resp")
         response = response_object(

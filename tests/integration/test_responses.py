@@ -169,6 +169,25 @@ async def test_conversation_and_previous_response_together_is_400(proxy):
     assert (await resp.json())["error"]["param"] == "previous_response_id"
 
 
+@pytest.mark.parametrize("body", [{}, {"input": None}, {"input": []}])
+async def test_a_turn_with_nothing_to_answer_is_400(proxy, fake_upstream, body):
+    """No input, no instructions, no history: the upstream would get no message at all."""
+    resp = await proxy.post(R, json={"model": "test-model", **body})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == "input"
+    assert "nothing to answer" in error["message"]
+    assert fake_upstream.requests_to(CHAT) == []
+
+
+async def test_an_empty_input_may_continue_a_chain_or_follow_instructions(proxy, fake_upstream):
+    first = await create(proxy, input="Hello")
+    await create(proxy, previous_response_id=first["id"], input=[])
+    assert [m["role"] for m in sent(fake_upstream)["messages"]] == ["user", "assistant"]
+    await create(proxy, instructions="Say something.")
+    assert sent(fake_upstream)["messages"] == [{"role": "system", "content": "Say something."}]
+
+
 async def test_store_false_is_neither_readable_nor_continuable(proxy):
     """With store: false nothing is kept."""
     body = await create(proxy, input="secret", store=False)
