@@ -22,11 +22,13 @@ from proxy.keys import (
     RESPONSES,
     STORE,
     TASKS,
+    TURNS,
     UPSTREAM,
 )
 from proxy.logs import RequestLog
 from proxy.mcp import routes as mcp_routes
 from proxy.mcp.servers import MCPServers
+from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
 from proxy.responses import routes as responses_routes
@@ -57,6 +59,7 @@ def create_app(
     app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
     keys = [key.get_secret_value().encode() for key in config.auth.api_keys]
     app[API_KEYS] = {key: owner_of(key) for key in keys}
+    app[TURNS] = TurnMemory()
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
     app.cleanup_ctx.append(_mcp_ctx)

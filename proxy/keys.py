@@ -8,6 +8,7 @@ from proxy.catalog import ModelCatalog
 from proxy.config import Config
 from proxy.logs import RequestLog
 from proxy.mcp.servers import MCPServers
+from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.responses.service import ResponsesService
 from proxy.tasks import BackgroundTasks
@@ -22,6 +23,8 @@ STORE = web.AppKey("store", SQLiteStore)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 TASKS = web.AppKey("tasks", BackgroundTasks)
 MCP = web.AppKey("mcp", MCPServers)
+# The MCP steps of chat-completions turns handed back to the client mid-loop.
+TURNS = web.AppKey("turns", TurnMemory)
 RESPONSES = web.AppKey("responses", ResponsesService)
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.

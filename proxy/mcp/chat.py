@@ -16,8 +16,8 @@ from aiohttp import web
 from proxy import chat_upstream
 from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import CONFIG, MCP, METRICS, REQUEST_ID, UPSTREAM
-from proxy.mcp.loop import LoopResult, ToolLoop
+from proxy.keys import CONFIG, MCP, METRICS, OWNER, REQUEST_ID, TURNS, UPSTREAM
+from proxy.mcp.loop import LIMIT_NOTE, LoopResult, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.results import ToolOutput
 from proxy.middleware import REQUEST_ID_HEADER
@@ -50,6 +50,9 @@ async def chat_with_tools(
         )
     if offer.tools:
         body["tools"] = [*client_tools, *offer.tools]
+    # The client never saw the MCP steps of a turn it was handed mid-loop: put them back.
+    body["messages"] = request.app[TURNS].restore(request[OWNER], body["messages"])
+    sent = len(body["messages"])
     images = model.vision is True
     headers = {UNAVAILABLE_HEADER: ", ".join(offer.missing)} if offer.missing else {}
 
@@ -68,8 +71,9 @@ async def chat_with_tools(
     if not body.get("stream"):
         result = await loop.run(body, complete=lambda b: chat_upstream.complete(upstream, b, ROUTE))
         _count_usage(request, model.id, result)
+        _remember_hidden_steps(request, result, sent)
         return web.json_response(result.completion, headers=headers)
-    return await _stream(request, body, loop, model.id, headers)
+    return await _stream(request, body, loop, model.id, headers, sent)
 
 
 def _names(tools: list[Any]) -> frozenset[str]:
@@ -90,6 +94,7 @@ async def _stream(
     loop: ToolLoop,
     model: str,
     headers: dict[str, str],
+    sent: int,
 ) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
     options = body.get("stream_options") or {}
@@ -131,9 +136,21 @@ async def _stream(
     await sse.write(b"".join(encode_event(chunk) for chunk in closing) + DONE_EVENT)
     await sse.write_eof()
     _count_usage(request, model, result)
+    _remember_hidden_steps(request, result, sent)
     return sse
 
 
 def _count_usage(request: web.Request, model: str, result: LoopResult) -> None:
     usage = result.completion.get("usage")
     request.app[METRICS].record_usage(model, usage)
+
+
+def _remember_hidden_steps(request: web.Request, result: LoopResult, sent: int) -> None:
+    """A turn handed to the client for its own calls: keep what it did not see."""
+    client_calls = result.completion["choices"][0]["message"].get("tool_calls")
+    if not client_calls:
+        return
+    steps = [m for m in result.messages[sent:] if m.get("content") != LIMIT_NOTE]
+    request.app[TURNS].remember(
+        request[OWNER], client_calls, steps, ended_mid_round=result.ended_mid_round
+    )

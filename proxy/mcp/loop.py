@@ -63,6 +63,9 @@ class LoopResult:
     traces: list[ToolTrace] = field(default_factory=list)
     rounds: int = 0
     messages: list[dict[str, Any]] = field(default_factory=list)  # the whole conversation
+    # The last round called MCP tools beside the client's: its MCP calls ran and their
+    # results end ``messages``, but the client is handed only its own calls.
+    ended_mid_round: bool = False
 
 
 class ToolLoop:
@@ -101,6 +104,7 @@ class ToolLoop:
         last: Round | None = None
         rounds = 0
         forced_final = False
+        ended_mid_round = False
         while True:
             rounds += 1
             request = {**body, "messages": messages}
@@ -136,6 +140,7 @@ class ToolLoop:
                     images.append(image_message)
             messages += images
             if reply.client_calls:
+                ended_mid_round = True
                 break  # the client's tools: its turn now (MCP calls of this turn are done)
             if rounds >= self.max_rounds or len(self.traces) >= self.max_tool_calls:
                 log.info(
@@ -148,7 +153,7 @@ class ToolLoop:
                 forced_final = True
         assert last is not None
         completion = self._final_completion(last, usage, body)
-        return LoopResult(completion, self.traces, rounds, messages)
+        return LoopResult(completion, self.traces, rounds, messages, ended_mid_round)
 
     async def _run_calls(self, calls: Sequence[Call]) -> list[ToolOutput]:
         budget = self.max_tool_calls - len(self.traces)

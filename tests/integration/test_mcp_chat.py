@@ -209,6 +209,95 @@ async def test_client_tools_pass_through_beside_mcp_tools(proxy, fake_upstream):
     assert 'lmbridge_mcp_tool_call_duration_seconds_count{server="calc"} 1.0' in text
 
 
+ASK_USER = {"type": "function", "function": {"name": "ask_user", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}}}}  # fmt: skip
+
+
+def client_turn(first: dict, *, answer: str = "blue") -> list[dict]:
+    """What a client sends next: its history, the assistant message it got, its result."""
+    message = first["choices"][0]["message"]
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": answer}
+               for c in message["tool_calls"]]  # fmt: skip
+    return [*ASK["messages"], message, *results]
+
+
+async def test_mcp_steps_of_a_turn_handed_to_the_client_come_back(proxy, fake_upstream):
+    """The model called an MCP tool beside a client tool: the client only saw its own
+    call, yet its next request reaches the model with the MCP call and result in place."""
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            json=tool_calls(
+                ("m1", "calc__add", '{"a": 1, "b": 1}'), ("u1", "ask_user", '{"q": "colour?"}')
+            )
+        ),
+    )
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("1 + 1 = 2, and blue.")))
+    first = await (await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER]})).json()
+    assert [c["id"] for c in first["choices"][0]["message"]["tool_calls"]] == ["u1"]
+
+    resp = await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER],
+                                        "messages": client_turn(first)})  # fmt: skip
+    assert (await resp.json())["choices"][0]["message"]["content"] == "1 + 1 = 2, and blue."
+    messages = sent(fake_upstream)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["m1", "u1"]
+    assert messages[2] == {"role": "tool", "tool_call_id": "m1", "content": "2"}
+    assert messages[3] == {"role": "tool", "tool_call_id": "u1", "content": "blue"}
+
+
+async def test_earlier_rounds_come_back_before_the_client_call(proxy, fake_upstream):
+    """Streamed: round 1 called MCP only, round 2 the client only. The client's next
+    request carries round 1 again, before the assistant message it built from the
+    deltas. A client that re-serialised the arguments still matches; one that sends
+    the history again later gets the same steps again."""
+    mcp_call = {
+        "index": 0,
+        "id": "m1",
+        "type": "function",
+        "function": {"name": "calc__add", "arguments": '{"a": 2, "b": 2}'},
+    }
+    client_call = {"index": 0, "id": "u7", "type": "function",
+                   "function": {"name": "ask_user", "arguments": '{"q":"why?"}'}}  # fmt: skip
+    for call in (mcp_call, client_call):
+        fake_upstream.add_reply(CHAT, Reply(stream=[chunk(tool_calls=[call]),
+                                                    chunk(finish="tool_calls")]))  # fmt: skip
+    resp = await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER], "stream": True})
+    deltas = [json.loads(line[6:]) for line in (await resp.text()).splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    handed = [c for d in deltas for ch in d["choices"] for c in ch["delta"].get("tool_calls", [])]
+    assert [c["id"] for c in handed] == ["u7"]
+    first = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "u7", "type": "function",
+         "function": {"name": "ask_user", "arguments": '{ "q": "why?" }'}}]}}]}  # fmt: skip
+    for _ in range(2):
+        await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER], "messages": client_turn(first)})
+        messages = sent(fake_upstream)["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "tool"]
+        assert messages[1]["tool_calls"][0]["id"] == "m1"
+        assert messages[2] == {"role": "tool", "tool_call_id": "m1", "content": "4"}
+        assert [c["id"] for c in messages[3]["tool_calls"]] == ["u7"]
+
+
+async def test_hidden_steps_are_kept_per_client_key(make_proxy, fake_upstream):
+    """Another API key sending the same assistant message gets nothing added."""
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all",
+                             auth__api_keys=["key-a", "key-b"])  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(json=tool_calls(("m1", "calc__add", '{"a": 1, "b": 1}'), ("u1", "ask_user", "{}"))),
+    )
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    first = await (await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER]}, headers=a)).json()
+    follow = {**ASK, "tools": [ASK_USER], "messages": client_turn(first)}
+    await proxy.post(CHAT, json=follow, headers=b)
+    assert [m["role"] for m in sent(fake_upstream)["messages"]] == ["user", "assistant", "tool"]
+    await proxy.post(CHAT, json=follow, headers=a)
+    assert [m["role"] for m in sent(fake_upstream)["messages"]] == [
+        "user", "assistant", "tool", "tool"]  # fmt: skip
+
+
 async def test_servers_are_chosen_per_request(make_proxy, fake_upstream):
     """mcp_servers in the body or X-MCP-Servers picks servers; unknown names are a 400;
     without either, the default (none) sends no MCP tools."""
