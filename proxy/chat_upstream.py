@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from proxy.errors import UpstreamError
+from proxy.jsontext import dumps_bytes
 from proxy.sse import SSEParser
 from proxy.upstream import UpstreamClient
 
@@ -79,7 +80,7 @@ def request_bytes(body: dict[str, Any], *, stream: bool) -> bytes:
     else:
         payload.pop("stream", None)
         payload.pop("stream_options", None)
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return dumps_bytes(payload)
 
 
 async def complete(upstream: UpstreamClient, body: dict[str, Any], route: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from aiohttp import web
 from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.errors import BadRequest, UpstreamError
+from proxy.jsontext import dumps_bytes
 from proxy.keys import (
     API_KEYS,
     CATALOG,
@@ -142,7 +143,7 @@ async def forward(
             raw = b""  # the field was removed: serialise again below
     if body.get("model") != model.id or not raw:
         body["model"] = model.id
-        raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = dumps_bytes(body)
 
     upstream = request.app[UPSTREAM]
     resp = await upstream.open(

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.jsontext import dumps_bytes
+
 DONE = b"[DONE]"
 
 
@@ -83,11 +85,7 @@ class SSEParser:
 
 def encode_event(payload: Any, event: str | None = None) -> bytes:
     """One event as bytes, to be written in a single write."""
-    data = (
-        payload
-        if isinstance(payload, bytes)
-        else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    )
+    data = payload if isinstance(payload, bytes) else dumps_bytes(payload)
     head = f"event: {event}\n".encode() if event else b""
     if b"\n" in data:  # only raw bytes can hold one; JSON never does
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\ndata: ")

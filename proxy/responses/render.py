@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import BadRequest
+from proxy.jsontext import dumps
 from proxy.mcp.names import exposed_name
 from proxy.responses.request import CreateRequest
 
@@ -363,10 +364,6 @@ def join_message_arrays(arrays: Iterable[str]) -> str:
     parsing them: stored turns go upstream exactly as they were rendered."""
     inner = [a.strip()[1:-1].strip() for a in arrays]
     return "[" + ",".join(i for i in inner if i) + "]"
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def chat_body_bytes(settings: Mapping[str, Any], messages_json: str, *, stream: bool) -> bytes:

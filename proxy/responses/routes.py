@@ -15,10 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy.errors import BadRequest, NotFound
+from proxy.jsontext import dumps
 from proxy.keys import CONFIG, MODEL, OWNER, REQUEST_ID, RESPONSES
 from proxy.middleware import REQUEST_ID_HEADER
 from proxy.passthrough import read_json_object
-from proxy.responses import render
 from proxy.responses.builder import Event
 from proxy.responses.objects import conversation_object, deleted, list_page
 from proxy.responses.service import normalize_conversation_items
@@ -52,7 +52,7 @@ def _json_text(text: str, status: int = 200) -> web.Response:
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
-    return _json_text(render.dumps(value), status)
+    return _json_text(dumps(value), status)
 
 
 # --- SSE -------------------------------------------------------------------
@@ -60,8 +60,7 @@ def _json(value: Any, status: int = 200) -> web.Response:
 
 def _frame(events: list[Event]) -> bytes:
     return b"".join(
-        b"event: " + e["type"].encode() + b"\ndata: " + render.dumps(e).encode() + b"\n\n"
-        for e in events
+        b"event: " + e["type"].encode() + b"\ndata: " + dumps(e).encode() + b"\n\n" for e in events
     )
 
 
@@ -170,8 +169,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     conversation_id = service.ids("conv")
     await service.store.create_conversation(ConversationRecord(
         id=conversation_id, owner=request[OWNER], created_at=now,
-        expires_at=now + _retention(request), metadata=render.dumps(metadata),
-        items=tuple(StoredItem(i["id"], render.dumps(i)) for i in items),
+        expires_at=now + _retention(request), metadata=dumps(metadata),
+        items=tuple(StoredItem(i["id"], dumps(i)) for i in items),
     ))  # fmt: skip
     return _json(conversation_object(conversation_id, now, metadata))
 
@@ -195,7 +194,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     conversation_id = request.match_info["conversation_id"]
     metadata = _metadata(body.get("metadata"))
     record = await service.store.update_conversation(
-        conversation_id, request[OWNER], metadata=render.dumps(metadata),
+        conversation_id, request[OWNER], metadata=dumps(metadata),
         expires_at=int(service.clock()) + _retention(request),
     )  # fmt: skip
     if record is None:
@@ -216,7 +215,7 @@ async def add_items(request: web.Request) -> web.Response:
     conversation_id = request.match_info["conversation_id"]
     items = normalize_conversation_items(body.get("items"), service.ids)
     added = await service.store.add_conversation_items(
-        conversation_id, request[OWNER], tuple(StoredItem(i["id"], render.dumps(i))
+        conversation_id, request[OWNER], tuple(StoredItem(i["id"], dumps(i))
                                                for i in items),
         int(service.clock()) + _retention(request),
     )  # fmt: skip

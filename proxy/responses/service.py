@@ -36,6 +36,7 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.ids import new_id
+from proxy.jsontext import dumps
 from proxy.mcp.loop import LIMIT_NOTE
 from proxy.mcp.results import error_output
 from proxy.mcp.servers import MCPServers
@@ -246,7 +247,7 @@ class ResponsesService:
                 )
             if items:
                 parsed = [json.loads(i.json) for i in items]
-                rendered = render.dumps(render.render_items(
+                rendered = dumps(render.render_items(
                     parsed, tools.names, images=model.vision is not False,
                 ))  # fmt: skip
                 history, history_tokens = [rendered], [render.estimate_tokens(rendered)]
@@ -484,8 +485,8 @@ class ResponsesService:
         overrides: dict[str, Any] | None = None,
     ) -> bytes:
         messages = render.join_message_arrays([
-            render.dumps(prepared.system), *history,
-            render.dumps([*prepared.new_messages, *(extra or ())]),
+            dumps(prepared.system), *history,
+            dumps([*prepared.new_messages, *(extra or ())]),
         ])  # fmt: skip
         settings = {**prepared.settings, **overrides} if overrides else prepared.settings
         return render.chat_body_bytes(settings, messages, stream=stream)
@@ -517,7 +518,7 @@ class ResponsesService:
         context = prepared.model.context_length
         if prepared.request.truncation != "auto" or context is None or not history:
             return history
-        fixed = render.estimate_tokens(render.dumps(prepared.system + prepared.new_messages))
+        fixed = render.estimate_tokens(dumps(prepared.system + prepared.new_messages))
         budget = context - (prepared.request.max_output_tokens or min(1024, context // 4)) - fixed
         tokens = list(prepared.history_tokens)
         start = 0
@@ -558,7 +559,7 @@ class ResponsesService:
         response = run.builder.response
         output = response["output"]
         output_items = tuple(_stored(item) for item in output)
-        turn = render.dumps(render.render_items(
+        turn = dumps(render.render_items(
             [*run.prepared.input_items, *output], run.prepared.tools.names,
             images=run.prepared.model.vision is not False,
         ))  # fmt: skip
@@ -582,9 +583,7 @@ class ResponsesService:
             output_items=output_items,
             turn_messages=turn,
             turn_tokens=render.estimate_tokens(turn),
-            events=tuple(render.dumps(e) for e in [*run.events, *pending])
-            if request.background
-            else (),
+            events=tuple(dumps(e) for e in [*run.events, *pending]) if request.background else (),
             conversation_items=conversation_items,
             mcp_listed=run.prepared.mcp_listed,
         )
@@ -668,8 +667,8 @@ class ResponsesService:
         prepared = await self.prepare(parse_create(body, self.ids), owner)
         settings = {**prepared.settings, "max_tokens": 1, "temperature": 0}
         messages = render.join_message_arrays(
-            [render.dumps(prepared.system), *self._fit_history(prepared),
-             render.dumps(prepared.new_messages)]
+            [dumps(prepared.system), *self._fit_history(prepared),
+             dumps(prepared.new_messages)]
         )  # fmt: skip
         resp = await self.upstream.open(
             "POST", CHAT_PATH, body=render.chat_body_bytes(settings, messages, stream=False),
@@ -688,7 +687,7 @@ class ResponsesService:
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
         prepared = await self.prepare(parse_create(body, self.ids), owner)
         transcript = render.join_message_arrays(
-            [*self._fit_history(prepared), render.dumps(prepared.new_messages)]
+            [*self._fit_history(prepared), dumps(prepared.new_messages)]
         )
         instruction = {
             "role": "system",
@@ -704,7 +703,7 @@ class ResponsesService:
         }
         resp = await self.upstream.open(
             "POST", CHAT_PATH,
-            body=render.chat_body_bytes(settings, render.dumps(request_messages), stream=False),
+            body=render.chat_body_bytes(settings, dumps(request_messages), stream=False),
             route=ROUTE,
         )  # fmt: skip
         completion = json.loads(await self.upstream.read_body(resp))
@@ -753,13 +752,13 @@ class ResponsesService:
 
 
 def _stored(item: dict[str, Any]) -> StoredItem:
-    return StoredItem(item["id"], render.dumps(item))
+    return StoredItem(item["id"], dumps(item))
 
 
 def _response_json(response: dict[str, Any], output: tuple[StoredItem, ...]) -> str:
     """The Response as JSON, its output spliced in from the items' own JSON (serialised
     once, for the item rows)."""
-    rest = render.dumps({k: v for k, v in response.items() if k != "output"})
+    rest = dumps({k: v for k, v in response.items() if k != "output"})
     return rest[:-1] + ',"output":[' + ",".join(i.json for i in output) + "]}"
 
 
