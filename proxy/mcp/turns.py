@@ -21,8 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.jsontext import dumps
+
 # Enough for the turns in flight of a busy machine; each entry holds one turn's results.
 MAX_ENTRIES = 1024
+# Results may each be up to mcp.result_max_chars long: the total is bounded too.
+MAX_CHARS = 32 * 1024 * 1024
 # A client answers its tool calls in seconds or minutes (a person may be asked); after
 # an hour the turn is given up on.
 TTL_SECONDS = 3600.0
@@ -39,6 +43,7 @@ class HiddenSteps:
     calls: tuple[Message, ...]  # MCP calls made beside the client calls (tool_calls entries)
     results: tuple[Message, ...]  # the results of those calls (tool and image messages)
     expires: float
+    chars: int = 0  # the size of all of it as JSON text
 
 
 def hidden_steps(
@@ -49,11 +54,12 @@ def hidden_steps(
     results are the tail of ``steps``."""
     if not steps:
         return None
+    chars = len(dumps(list(steps)))
     if not ended_mid_round:
-        return HiddenSteps(tuple(steps), (), (), expires)
+        return HiddenSteps(tuple(steps), (), (), expires, chars)
     last = max(i for i, m in enumerate(steps) if m.get("role") == "assistant")
     calls = tuple(steps[last].get("tool_calls") or ())
-    return HiddenSteps(tuple(steps[:last]), calls, tuple(steps[last + 1 :]), expires)
+    return HiddenSteps(tuple(steps[:last]), calls, tuple(steps[last + 1 :]), expires, chars)
 
 
 def _key(owner: str, tool_calls: Any) -> Key | None:
@@ -85,13 +91,16 @@ class TurnMemory:
         self,
         *,
         max_entries: int = MAX_ENTRIES,
+        max_chars: int = MAX_CHARS,
         ttl: float = TTL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_entries = max_entries
+        self.max_chars = max_chars
         self.ttl = ttl
         self.clock = clock
         self._entries: OrderedDict[Key, HiddenSteps] = OrderedDict()
+        self._chars = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,12 +115,18 @@ class TurnMemory:
     ) -> None:
         key = _key(owner, client_calls)
         hidden = hidden_steps(steps, ended_mid_round, self.clock() + self.ttl)
-        if key is None or hidden is None:
+        if key is None or hidden is None or hidden.chars > self.max_chars:
             return
+        self._forget(key)
         self._entries[key] = hidden
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._chars += hidden.chars
+        while len(self._entries) > self.max_entries or self._chars > self.max_chars:
+            self._forget(next(iter(self._entries)))
+
+    def _forget(self, key: Key) -> None:
+        hidden = self._entries.pop(key, None)
+        if hidden is not None:
+            self._chars -= hidden.chars
 
     def restore(self, owner: str, messages: list[Any]) -> list[Any]:
         """``messages`` with the hidden steps put back before and into each assistant
@@ -143,6 +158,6 @@ class TurnMemory:
             return None
         hidden = self._entries.get(key)
         if hidden is not None and hidden.expires <= now:
-            del self._entries[key]
+            self._forget(key)
             return None
         return hidden

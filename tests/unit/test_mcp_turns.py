@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from proxy.mcp.turns import TurnMemory
 
 
@@ -102,3 +104,16 @@ def test_a_turn_without_hidden_steps_is_not_kept() -> None:
     memory.remember("", HANDED["tool_calls"], [], ended_mid_round=False)
     memory.remember("", [], MCP_STEP, ended_mid_round=False)
     assert len(memory) == 0
+
+
+def test_the_total_size_is_bounded() -> None:
+    size = len(json.dumps(MCP_STEP, separators=(",", ":")))
+    memory = TurnMemory(max_chars=2 * size + 1)
+    for n in range(3):
+        memory.remember("", [call(f"u{n}", "ask")], MCP_STEP, ended_mid_round=False)
+    assert len(memory) == 2
+    memory.remember("", [call("u1", "ask")], MCP_STEP, ended_mid_round=False)  # again
+    assert len(memory) == 2
+    huge = [{"role": "tool", "tool_call_id": "m1", "content": "x" * (3 * size)}]
+    memory.remember("", [call("big", "ask")], huge, ended_mid_round=False)
+    assert len(memory) == 2
