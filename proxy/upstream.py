@@ -285,14 +285,20 @@ class UpstreamClient:
         return self._decoded(raw, encoding)
 
     def _decoded(self, raw: bytes, encoding: str) -> bytes:
+        self._check_encoding(encoding)
+        # wbits 32 + 15: a gzip or a zlib header, whichever is there.
+        return self._inflate(zlib.decompressobj(47), raw, encoding)
+
+    def _check_encoding(self, encoding: str) -> None:
         if encoding.lower() not in ("gzip", "x-gzip", "deflate"):
             raise UpstreamUnavailable(
                 f"The upstream at {self.base_url} answered with Content-Encoding {encoding!r}, "
                 "which lmbridge does not decode (it asks for identity)."
             )
+
+    def _inflate(self, decoder: Any, data: bytes, encoding: str) -> bytes:
         try:
-            # wbits 32 + 15: a gzip or a zlib header, whichever is there.
-            return zlib.decompress(raw, 47)
+            return bytes(decoder.decompress(data))
         except zlib.error as exc:
             raise UpstreamUnavailable(
                 f"The upstream at {self.base_url} sent a {encoding} body that does not "
@@ -304,7 +310,12 @@ class UpstreamClient:
         what tells the upstream to stop generating."""
         content = resp.content
         complete = False
+        encoding = resp.headers.get("Content-Encoding") or "identity"
+        decoder = None
         try:
+            if encoding != "identity":
+                self._check_encoding(encoding)
+                decoder = zlib.decompressobj(47)
             while True:
                 try:
                     chunk = await content.readany()
@@ -313,6 +324,10 @@ class UpstreamClient:
                 if not chunk:
                     complete = True
                     return
+                if decoder is not None:
+                    chunk = self._inflate(decoder, chunk, encoding)
+                    if not chunk:
+                        continue
                 yield chunk
         finally:
             if complete:

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from tests.fake_upstream import CHAT, Reply, chat_completion
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -75,6 +75,21 @@ async def test_a_compressed_answer_reaches_the_client_decoded(proxy, fake_upstre
     resp = await proxy.post("/v1/responses", json={"model": "test-model", "input": "hi"})
     assert resp.status == 200
     assert (await resp.json())["output"][0]["content"][0]["text"] == "Squeezed."
+
+
+async def test_a_compressed_stream_is_relayed_decoded(proxy, fake_upstream):
+    """A stream compressed anyway reaches the client as plain server-sent events."""
+    events = [json.dumps(chunk(content=part)) for part in ("Hel", "lo")]
+    raw = "".join(f"data: {e}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+    packed = gzip.compress(raw)
+    reply = Reply(stream=[packed[:10], 0.01, packed[10:]], done=False,
+                  headers={"Content-Encoding": "gzip"})  # fmt: skip
+    fake_upstream.add_reply(CHAT, reply)
+    resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES,
+                                        "stream": True})  # fmt: skip
+    assert resp.status == 200
+    assert "Content-Encoding" not in resp.headers
+    assert await resp.read() == raw
 
 
 async def test_an_encoding_lmbridge_cannot_decode_is_a_clear_502(proxy, fake_upstream):
