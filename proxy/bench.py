@@ -99,10 +99,23 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
             raise RuntimeError(f"{url} answered {resp.status}")
 
 
+@dataclass
+class Load:
+    rps: float
+    requests: int
+    cpu_seconds: float | None  # of the process that served them, when known
+
+
 async def throughput(
-    session: aiohttp.ClientSession, url: str, body: bytes, concurrency: int, duration: float
-) -> float:
-    """Requests/s completed by ``concurrency`` workers over ``duration`` seconds."""
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    concurrency: int,
+    duration: float,
+    server_pid: int | None = None,
+) -> Load:
+    """Requests/s completed by ``concurrency`` workers over ``duration`` seconds, and the
+    CPU time the serving process spent on them."""
     deadline = time.perf_counter() + duration
     count = 0
 
@@ -112,9 +125,31 @@ async def throughput(
             await _one(session, url, body)
             count += 1
 
+    cpu_before = process_cpu_seconds(server_pid)
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return count / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    cpu_after = process_cpu_seconds(server_pid)
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return Load(count / elapsed, count, cpu)
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time of a process (all its threads), on Linux."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request_us(loads: list[Load]) -> float | None:
+    if any(load.cpu_seconds is None for load in loads):
+        return None
+    requests = sum(load.requests for load in loads)
+    return sum(load.cpu_seconds or 0.0 for load in loads) / requests * 1e6 if requests else None
 
 
 async def latencies(session: aiohttp.ClientSession, url: str, body: bytes, n: int) -> list[float]:
@@ -185,9 +220,10 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 async def _alternate(
-    rounds: int, measure: Callable[[str], Awaitable[float]], direct_url: str, proxy_url: str
-) -> tuple[list[float], list[float]]:
-    direct, proxied = [], []
+    rounds: int, measure: Callable[[str], Awaitable[Load]], direct_url: str, proxy_url: str
+) -> tuple[list[Load], list[Load]]:
+    direct: list[Load] = []
+    proxied: list[Load] = []
     for _ in range(rounds):
         direct.append(await measure(direct_url))
         proxied.append(await measure(proxy_url))
@@ -200,6 +236,15 @@ class Setup:
     session: aiohttp.ClientSession
     upstream_url: str
     proxy_url: str
+    upstream_pid: int | None = None
+    daemon_pid: int | None = None
+
+    def pid_of(self, base_url: str) -> int | None:
+        return self.daemon_pid if base_url == self.proxy_url else self.upstream_pid
+
+
+def _median_rps(loads: list[Load]) -> float:
+    return statistics.median(load.rps for load in loads)
 
 
 async def measure_passthrough(setup: Setup) -> list[Result]:
@@ -210,15 +255,22 @@ async def measure_passthrough(setup: Setup) -> list[Result]:
     results: list[Result] = []
     for label, body in (("plain", PLAIN_BODY), ("stream (20 chunks)", STREAM_BODY)):
 
-        async def rps(base: str, body: bytes = body) -> float:
-            return await throughput(session, base + chat, body, args.concurrency, args.duration)
+        async def rps(base: str, body: bytes = body) -> Load:
+            return await throughput(session, base + chat, body, args.concurrency,
+                                    args.duration, setup.pid_of(base))  # fmt: skip
 
         d, p = await _alternate(args.rounds, rps, setup.upstream_url, setup.proxy_url)
         results.append(Result(
             f"{label}: requests/s at concurrency {args.concurrency}",
-            statistics.median(d), statistics.median(p), "req/s",
-            note=f"proxy/direct = {statistics.median(p) / statistics.median(d):.0%}",
+            _median_rps(d), _median_rps(p), "req/s",
+            note=f"proxy/direct = {_median_rps(p) / _median_rps(d):.0%}",
         ))  # fmt: skip
+        cpu_d, cpu_p = cpu_per_request_us(d), cpu_per_request_us(p)
+        if cpu_d is not None and cpu_p is not None:
+            results.append(Result(
+                f"{label}: CPU per request, upstream vs lmbridge", cpu_d, cpu_p, "us",
+                note="lmbridge's own; the upstream's is the same either way",
+            ))  # fmt: skip
         lat_d: list[float] = []
         lat_p: list[float] = []
         for _ in range(args.rounds):
@@ -249,17 +301,25 @@ async def measure_responses(setup: Setup) -> list[Result]:
     args, session = setup.args, setup.session
     base = setup.proxy_url
 
-    async def rps(path: str) -> float:
+    async def rps(path: str) -> Load:
         body = RESPONSES_BODY if path == "/v1/responses" else PLAIN_BODY
-        return await throughput(session, base + path, body, args.concurrency, args.duration)
+        return await throughput(session, base + path, body, args.concurrency, args.duration,
+                                setup.daemon_pid)  # fmt: skip
 
     await rps("/v1/responses")  # warm up
     chat, responses = await _alternate(args.rounds, rps, "/v1/chat/completions", "/v1/responses")
     results = [Result(
         f"/v1/responses (store) vs chat pass-through, req/s at concurrency {args.concurrency}",
-        statistics.median(chat), statistics.median(responses), "req/s",
-        note=f"responses/chat = {statistics.median(responses) / statistics.median(chat):.0%}",
+        _median_rps(chat), _median_rps(responses), "req/s",
+        note=f"responses/chat = {_median_rps(responses) / _median_rps(chat):.0%}",
     )]  # fmt: skip
+    cpu_chat, cpu_responses = cpu_per_request_us(chat), cpu_per_request_us(responses)
+    if cpu_chat is not None and cpu_responses is not None:
+        results.append(Result(
+            "lmbridge CPU per request: chat pass-through vs /v1/responses (store)",
+            cpu_chat, cpu_responses, "us",
+            note=f"responses/chat = {cpu_responses / cpu_chat:.1f}x (all threads)",
+        ))  # fmt: skip
 
     turns = args.chain_turns
     previous: str | None = None
@@ -417,7 +477,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             for url in (upstream_url, proxy_url):  # warm both paths
                 await throughput(session, url + chat, PLAIN_BODY, args.concurrency, 1.0)
                 await throughput(session, url + chat, STREAM_BODY, args.concurrency, 0.5)
-            setup = Setup(args, session, upstream_url, proxy_url)
+            setup = Setup(args, session, upstream_url, proxy_url, fake.pid, daemon.pid)
             if "passthrough" in args.only:
                 results += await measure_passthrough(setup)
             if "responses" in args.only:

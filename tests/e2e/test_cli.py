@@ -191,6 +191,9 @@ async def test_bench_runs_every_measurement(tmp_path):
     assert any(n.startswith("plain:") for n in names)
     assert any(n.startswith("/v1/responses") for n in names)
     assert any(n.startswith("MCP tool loop") for n in names)
+    # On Linux the CPU each process spent per request is read from /proc.
+    assert "plain: CPU per request, upstream vs lmbridge" in names
+    assert any(n.startswith("lmbridge CPU per request: chat") for n in names)
     assert all(r["direct"] > 0 and r["proxy"] > 0 for r in report["results"])
     assert report["upstream"]["model_list_reads"] >= 1
     assert "MCP tool loop (2 rounds): p50" in text
