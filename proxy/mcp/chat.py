@@ -51,6 +51,7 @@ async def chat_with_tools(
     if offer.tools:
         body["tools"] = [*client_tools, *offer.tools]
     # The client never saw the MCP steps of a turn it was handed mid-loop: put them back.
+    last_sent = body["messages"][-1] if body["messages"] else None
     body["messages"] = request.app[TURNS].restore(request[OWNER], body["messages"])
     sent = len(body["messages"])
     images = model.vision is True
@@ -71,9 +72,9 @@ async def chat_with_tools(
     if not body.get("stream"):
         result = await loop.run(body, complete=lambda b: chat_upstream.complete(upstream, b, ROUTE))
         _count_usage(request, model.id, result)
-        _remember_hidden_steps(request, result, sent)
+        _remember_hidden_steps(request, result, sent, last_sent)
         return web.json_response(result.completion, headers=headers)
-    return await _stream(request, body, loop, model.id, headers, sent)
+    return await _stream(request, body, loop, model.id, headers, sent, last_sent)
 
 
 def _names(tools: list[Any]) -> frozenset[str]:
@@ -95,6 +96,7 @@ async def _stream(
     model: str,
     headers: dict[str, str],
     sent: int,
+    last_sent: Any,
 ) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
     options = body.get("stream_options") or {}
@@ -136,7 +138,7 @@ async def _stream(
     await sse.write(b"".join(encode_event(chunk) for chunk in closing) + DONE_EVENT)
     await sse.write_eof()
     _count_usage(request, model, result)
-    _remember_hidden_steps(request, result, sent)
+    _remember_hidden_steps(request, result, sent, last_sent)
     return sse
 
 
@@ -145,12 +147,18 @@ def _count_usage(request: web.Request, model: str, result: LoopResult) -> None:
     request.app[METRICS].record_usage(model, usage)
 
 
-def _remember_hidden_steps(request: web.Request, result: LoopResult, sent: int) -> None:
+def _remember_hidden_steps(
+    request: web.Request, result: LoopResult, sent: int, last_sent: Any
+) -> None:
     """A turn handed to the client for its own calls: keep what it did not see."""
     client_calls = result.completion["choices"][0]["message"].get("tool_calls")
     if not client_calls:
         return
     steps = [m for m in result.messages[sent:] if m.get("content") != LIMIT_NOTE]
     request.app[TURNS].remember(
-        request[OWNER], client_calls, steps, ended_mid_round=result.ended_mid_round
+        request[OWNER],
+        client_calls,
+        steps,
+        ended_mid_round=result.ended_mid_round,
+        follows=last_sent,
     )

@@ -5,7 +5,9 @@ calls: the MCP calls lmbridge ran in the same loop, and their results, are not i
 what it sends back with its tool results. Without them the model continues its turn
 blind to what its tools returned, and often calls them again. ``TurnMemory`` keeps
 those steps for a while, keyed by the client calls the turn ended with, and puts
-them back when a later request carries that assistant message.
+them back when a later request carries that assistant message after the same
+message as before (so that two conversations whose upstream numbers its calls the
+same way do not swap results).
 
 In memory only, bounded in entries and time: after a restart, or once an entry is
 forgotten, the request goes upstream as the client wrote it (as before this existed).
@@ -14,6 +16,7 @@ Entries belong to the client key that made them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -43,11 +46,12 @@ class HiddenSteps:
     calls: tuple[Message, ...]  # MCP calls made beside the client calls (tool_calls entries)
     results: tuple[Message, ...]  # the results of those calls (tool and image messages)
     expires: float
+    follows: bytes = b""  # digest of the message the handed assistant message follows
     chars: int = 0  # the size of all of it as JSON text
 
 
 def hidden_steps(
-    steps: Sequence[Message], ended_mid_round: bool, expires: float
+    steps: Sequence[Message], ended_mid_round: bool, expires: float, follows: bytes = b""
 ) -> HiddenSteps | None:
     """Split what a loop appended to the conversation. ``ended_mid_round``: the last
     round called MCP tools too, so its assistant message (MCP calls only) and their
@@ -56,10 +60,12 @@ def hidden_steps(
         return None
     chars = len(dumps(list(steps)))
     if not ended_mid_round:
-        return HiddenSteps(tuple(steps), (), (), expires, chars)
+        return HiddenSteps(tuple(steps), (), (), expires, follows, chars)
     last = max(i for i, m in enumerate(steps) if m.get("role") == "assistant")
     calls = tuple(steps[last].get("tool_calls") or ())
-    return HiddenSteps(tuple(steps[:last]), calls, tuple(steps[last + 1 :]), expires, chars)
+    return HiddenSteps(
+        tuple(steps[:last]), calls, tuple(steps[last + 1 :]), expires, follows, chars
+    )
 
 
 def _key(owner: str, tool_calls: Any) -> Key | None:
@@ -75,6 +81,12 @@ def _key(owner: str, tool_calls: Any) -> Key | None:
             return None
         parts.append((call_id, name, _canonical(function.get("arguments"))))
     return owner, tuple(parts)
+
+
+def digest(message: Any) -> bytes:
+    """A message, whatever the order of its keys."""
+    text = json.dumps(message, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _canonical(arguments: Any) -> str:
@@ -112,9 +124,12 @@ class TurnMemory:
         steps: Sequence[Message],
         *,
         ended_mid_round: bool,
+        follows: Any = None,
     ) -> None:
+        """``follows``: the client's last message, which the handed one comes after."""
         key = _key(owner, client_calls)
-        hidden = hidden_steps(steps, ended_mid_round, self.clock() + self.ttl)
+        expires = self.clock() + self.ttl
+        hidden = hidden_steps(steps, ended_mid_round, expires, digest(follows))
         if key is None or hidden is None or hidden.chars > self.max_chars:
             return
         self._forget(key)
@@ -136,8 +151,12 @@ class TurnMemory:
         now = self.clock()
         out: list[Any] = []
         changed = False
-        for message in messages:
+        for position, message in enumerate(messages):
             hidden = self._lookup(owner, message, now)
+            if hidden is not None:
+                follows = messages[position - 1] if position else None
+                if digest(follows) != hidden.follows:
+                    hidden = None
             if hidden is None:
                 out.append(message)
                 continue

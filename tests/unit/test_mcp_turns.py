@@ -30,7 +30,7 @@ class Clock:
 
 def test_a_turn_ended_mid_round_gets_its_calls_and_results_back() -> None:
     memory = TurnMemory()
-    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=True)
+    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=True, follows=USER)
     restored = memory.restore("", [USER, HANDED, RESULT])
     assert restored == [
         USER,
@@ -42,7 +42,7 @@ def test_a_turn_ended_mid_round_gets_its_calls_and_results_back() -> None:
 
 def test_earlier_rounds_go_before_the_handed_message() -> None:
     memory = TurnMemory()
-    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=False)
+    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=False, follows=USER)
     assert memory.restore("", [USER, HANDED, RESULT]) == [USER, *MCP_STEP, HANDED, RESULT]
 
 
@@ -50,44 +50,44 @@ def test_nothing_remembered_leaves_the_messages_alone() -> None:
     memory = TurnMemory()
     messages = [USER, HANDED, RESULT]
     assert memory.restore("", messages) is messages
-    memory.remember("", [call("other", "ask")], MCP_STEP, ended_mid_round=True)
+    memory.remember("", [call("other", "ask")], MCP_STEP, ended_mid_round=True, follows=USER)
     assert memory.restore("", messages) is messages
 
 
 def test_entries_belong_to_an_owner() -> None:
     memory = TurnMemory()
-    memory.remember("alice", HANDED["tool_calls"], MCP_STEP, ended_mid_round=True)
+    memory.remember("alice", HANDED["tool_calls"], MCP_STEP, ended_mid_round=True, follows=USER)
     assert memory.restore("bob", [USER, HANDED]) == [USER, HANDED]
     assert len(memory.restore("alice", [USER, HANDED])) == 3
 
 
 def test_arguments_match_however_the_client_serialised_them() -> None:
     memory = TurnMemory()
-    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=False)
+    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=False, follows=USER)
     resent = {**HANDED, "tool_calls": [call("u1", "ask", '{ "q": 1 }')]}
-    assert memory.restore("", [resent]) == [*MCP_STEP, resent]
+    assert memory.restore("", [USER, resent]) == [USER, *MCP_STEP, resent]
     changed = {**HANDED, "tool_calls": [call("u1", "ask", '{"q": 2}')]}
-    assert memory.restore("", [changed]) == [changed]
+    assert memory.restore("", [USER, changed]) == [USER, changed]
 
 
 def test_entries_expire_and_the_oldest_go_first() -> None:
     clock = Clock()
     memory = TurnMemory(max_entries=2, ttl=10, clock=clock)
     for n in range(3):
-        memory.remember("", [call(f"u{n}", "ask")], MCP_STEP, ended_mid_round=False)
+        memory.remember("", [call(f"u{n}", "ask")], MCP_STEP, ended_mid_round=False, follows=USER)
     assert len(memory) == 2
     first = {"role": "assistant", "tool_calls": [call("u0", "ask")]}
-    assert memory.restore("", [first]) == [first]
+    assert memory.restore("", [USER, first]) == [USER, first]
     last = {"role": "assistant", "tool_calls": [call("u2", "ask")]}
-    assert len(memory.restore("", [last])) == 3
+    assert len(memory.restore("", [USER, last])) == 4
     clock.now = 10
-    assert memory.restore("", [last]) == [last]
+    assert memory.restore("", [USER, last]) == [USER, last]
     assert len(memory) == 1
 
 
 def test_malformed_messages_are_passed_as_they_are() -> None:
     memory = TurnMemory()
-    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=True)
+    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=True, follows=USER)
     odd = [
         "text",
         None,
@@ -101,8 +101,8 @@ def test_malformed_messages_are_passed_as_they_are() -> None:
 
 def test_a_turn_without_hidden_steps_is_not_kept() -> None:
     memory = TurnMemory()
-    memory.remember("", HANDED["tool_calls"], [], ended_mid_round=False)
-    memory.remember("", [], MCP_STEP, ended_mid_round=False)
+    memory.remember("", HANDED["tool_calls"], [], ended_mid_round=False, follows=USER)
+    memory.remember("", [], MCP_STEP, ended_mid_round=False, follows=USER)
     assert len(memory) == 0
 
 
@@ -110,10 +110,20 @@ def test_the_total_size_is_bounded() -> None:
     size = len(json.dumps(MCP_STEP, separators=(",", ":")))
     memory = TurnMemory(max_chars=2 * size + 1)
     for n in range(3):
-        memory.remember("", [call(f"u{n}", "ask")], MCP_STEP, ended_mid_round=False)
+        memory.remember("", [call(f"u{n}", "ask")], MCP_STEP, ended_mid_round=False, follows=USER)
     assert len(memory) == 2
-    memory.remember("", [call("u1", "ask")], MCP_STEP, ended_mid_round=False)  # again
+    memory.remember("", [call("u1", "ask")], MCP_STEP, ended_mid_round=False, follows=USER)  # again
     assert len(memory) == 2
     huge = [{"role": "tool", "tool_call_id": "m1", "content": "x" * (3 * size)}]
-    memory.remember("", [call("big", "ask")], huge, ended_mid_round=False)
+    memory.remember("", [call("big", "ask")], huge, ended_mid_round=False, follows=USER)
     assert len(memory) == 2
+
+
+def test_the_handed_message_must_follow_the_same_message() -> None:
+    """Two conversations whose upstream numbers its calls alike do not swap results."""
+    memory = TurnMemory()
+    memory.remember("", HANDED["tool_calls"], MCP_STEP, ended_mid_round=False, follows=USER)
+    other = {"role": "user", "content": "something else"}
+    assert memory.restore("", [other, HANDED]) == [other, HANDED]
+    reordered = {"content": "go", "role": "user"}
+    assert memory.restore("", [reordered, HANDED]) == [reordered, *MCP_STEP, HANDED]
