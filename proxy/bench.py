@@ -292,6 +292,9 @@ async def measure_passthrough(setup: Setup) -> list[Result]:
 
 
 RESPONSES_BODY = json.dumps({"model": BENCH_MODEL, "input": "Say hello.", "store": True}).encode()
+RESPONSES_NO_STORE_BODY = json.dumps(
+    {"model": BENCH_MODEL, "input": "Say hello.", "store": False}
+).encode()
 
 
 async def measure_responses(setup: Setup) -> list[Result]:
@@ -301,25 +304,34 @@ async def measure_responses(setup: Setup) -> list[Result]:
     args, session = setup.args, setup.session
     base = setup.proxy_url
 
-    async def rps(path: str) -> Load:
-        body = RESPONSES_BODY if path == "/v1/responses" else PLAIN_BODY
-        return await throughput(session, base + path, body, args.concurrency, args.duration,
-                                setup.daemon_pid)  # fmt: skip
+    bodies = {"chat": PLAIN_BODY, "store": RESPONSES_BODY, "no store": RESPONSES_NO_STORE_BODY}
 
-    await rps("/v1/responses")  # warm up
-    chat, responses = await _alternate(args.rounds, rps, "/v1/chat/completions", "/v1/responses")
-    results = [Result(
-        f"/v1/responses (store) vs chat pass-through, req/s at concurrency {args.concurrency}",
-        _median_rps(chat), _median_rps(responses), "req/s",
-        note=f"responses/chat = {_median_rps(responses) / _median_rps(chat):.0%}",
-    )]  # fmt: skip
-    cpu_chat, cpu_responses = cpu_per_request_us(chat), cpu_per_request_us(responses)
-    if cpu_chat is not None and cpu_responses is not None:
+    async def rps(kind: str) -> Load:
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/responses"
+        return await throughput(session, base + path, bodies[kind], args.concurrency,
+                                args.duration, setup.daemon_pid)  # fmt: skip
+
+    await rps("store")  # warm up
+    loads: dict[str, list[Load]] = {kind: [] for kind in bodies}
+    for _ in range(args.rounds):
+        for kind in bodies:
+            loads[kind].append(await rps(kind))
+    chat = loads["chat"]
+    results = []
+    for kind in ("store", "no store"):
+        ratio = _median_rps(loads[kind]) / _median_rps(chat)
         results.append(Result(
-            "lmbridge CPU per request: chat pass-through vs /v1/responses (store)",
-            cpu_chat, cpu_responses, "us",
-            note=f"responses/chat = {cpu_responses / cpu_chat:.1f}x (all threads)",
+            f"/v1/responses ({kind}) vs chat pass-through, req/s at concurrency "
+            f"{args.concurrency}", _median_rps(chat), _median_rps(loads[kind]), "req/s",
+            note=f"responses/chat = {ratio:.0%}",
         ))  # fmt: skip
+        cpu_chat, cpu_responses = cpu_per_request_us(chat), cpu_per_request_us(loads[kind])
+        if cpu_chat is not None and cpu_responses is not None:
+            results.append(Result(
+                f"lmbridge CPU per request: chat pass-through vs /v1/responses ({kind})",
+                cpu_chat, cpu_responses, "us",
+                note=f"responses/chat = {cpu_responses / cpu_chat:.1f}x (all threads)",
+            ))  # fmt: skip
 
     turns = args.chain_turns
     previous: str | None = None
