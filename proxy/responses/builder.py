@@ -601,86 +601,23 @@ def replay_events(response: dict[str, Any]) -> list[Event]:
         if "status" in added:
             added["status"] = "in_progress"
         events.append(event("response.output_item.added", output_index=index, item=added))
-        if kind == "message":
+        if kind in ("message", "reasoning"):
             for part_index, part in enumerate(item.get("content") or []):
+                where = {"item_id": item["id"], "output_index": index, "content_index": part_index}
                 empty = {**part, "text": ""} if "text" in part else part
-                events.append(
-                    event(
-                        "response.content_part.added",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=part_index,
-                        part=empty,
-                    )
-                )
-                if part.get("type") == "output_text":
-                    events.append(
-                        event(
-                            "response.output_text.delta",
-                            item_id=item["id"],
-                            output_index=index,
-                            content_index=part_index,
-                            delta=part["text"],
-                            logprobs=[],
-                        )
-                    )
-                    events.append(
-                        event(
-                            "response.output_text.done",
-                            item_id=item["id"],
-                            output_index=index,
-                            content_index=part_index,
-                            text=part["text"],
-                            logprobs=[],
-                        )
-                    )
-                events.append(
-                    event(
-                        "response.content_part.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=part_index,
-                        part=part,
-                    )
-                )
-        elif kind == "reasoning":
-            for part_index, part in enumerate(item.get("content") or []):
-                events.append(
-                    event(
-                        "response.content_part.added",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=part_index,
-                        part={**part, "text": ""},
-                    )
-                )
-                events.append(
-                    event(
-                        "response.reasoning_text.delta",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=part_index,
-                        delta=part.get("text", ""),
-                    )
-                )
-                events.append(
-                    event(
-                        "response.reasoning_text.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=part_index,
-                        text=part.get("text", ""),
-                    )
-                )
-                events.append(
-                    event(
-                        "response.content_part.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=part_index,
-                        part=part,
-                    )
-                )
+                events.append(event("response.content_part.added", **where, part=empty))
+                extra: dict[str, Any] = {}
+                if kind == "reasoning":
+                    text_events: str | None = "response.reasoning_text"
+                elif part.get("type") == "output_text":
+                    text_events, extra = "response.output_text", {"logprobs": []}
+                else:
+                    text_events = None
+                if text_events is not None:
+                    text = part.get("text", "")
+                    events.append(event(f"{text_events}.delta", **where, delta=text, **extra))
+                    events.append(event(f"{text_events}.done", **where, text=text, **extra))
+                events.append(event("response.content_part.done", **where, part=part))
         elif kind == "function_call":
             events.append(
                 event(
