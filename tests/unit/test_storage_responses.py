@@ -5,52 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.sqlite import SQLiteStore
-
-NOW = 1_700_000_000
-
-
-class Clock:
-    def __init__(self, now: int = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[SQLiteStore]:
-    store = await SQLiteStore.open(tmp_path / "lmbridge.db", clock=clock)
-    yield store
-    await store.close()
-
-
-def items(*ids: str) -> tuple[StoredItem, ...]:
-    return tuple(StoredItem(i, json.dumps({"id": i, "type": "message"})) for i in ids)
-
-
-def response(response_id: str = "resp_1", **fields: Any) -> ResponseRecord:
-    status = fields.pop("status", "completed")
-    values: dict[str, Any] = {
-        "owner": "alice",
-        "created_at": NOW,
-        "expires_at": NOW + 3600,
-        "body": json.dumps({"id": response_id, "status": status}),
-    }
-    values.update(fields)
-    return ResponseRecord(id=response_id, status=status, **values)
+from tests.unit.storage_support import NOW, items, response
 
 
 def chain_of(length: int, prefix: str = "resp_", **fields: Any) -> list[ResponseRecord]:

@@ -13,25 +13,11 @@ import aiosqlite
 import pytest
 
 from storage.migrations import MIGRATIONS, Migration
-from storage.records import ConversationRecord, ResponseRecord, StoredItem
+from storage.records import ConversationRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError
+from tests.unit.storage_support import NOW, Clock, response
 
 LATEST = max(m.version for m in MIGRATIONS)
-
-NOW = 1_700_000_000
-
-
-class Clock:
-    def __init__(self, now: int = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
@@ -60,18 +46,6 @@ async def table_names(path: Path) -> set[str]:
 
 def size_on_disk(path: Path) -> int:
     return path.stat().st_size
-
-
-def response(response_id: str, **fields: Any) -> ResponseRecord:
-    status = fields.pop("status", "completed")
-    values: dict[str, Any] = {
-        "owner": "alice",
-        "created_at": NOW,
-        "expires_at": NOW + 3600,
-        "body": json.dumps({"id": response_id, "status": status, "completed_at": None}),
-    }
-    values.update(fields)
-    return ResponseRecord(id=response_id, status=status, **values)
 
 
 async def test_new_database_is_wal_with_incremental_vacuum(store, path):

@@ -1,0 +1,35 @@
+"""What the SQLiteStore tests share: a settable clock and record builders."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from storage.records import ResponseRecord, StoredItem
+
+NOW = 1_700_000_000
+
+
+class Clock:
+    def __init__(self, now: int = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def items(*ids: str) -> tuple[StoredItem, ...]:
+    return tuple(StoredItem(i, json.dumps({"id": i, "type": "message"})) for i in ids)
+
+
+def response(response_id: str = "resp_1", **fields: Any) -> ResponseRecord:
+    """A completed response of alice's, an hour from expiry; ``fields`` override."""
+    status = fields.pop("status", "completed")
+    values: dict[str, Any] = {
+        "owner": "alice",
+        "created_at": NOW,
+        "expires_at": NOW + 3600,
+        "body": json.dumps({"id": response_id, "status": status, "completed_at": None}),
+    }
+    values.update(fields)
+    return ResponseRecord(id=response_id, status=status, **values)
