@@ -189,7 +189,7 @@ async def _start_child(args: list[str], stderr: Any) -> tuple[asyncio.subprocess
     return process, str(json.loads(line)["url"])
 
 
-async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
+async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
     for _ in range(300):
         try:
             async with session.get(url + "/healthz") as resp:
@@ -201,7 +201,7 @@ async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -467,7 +467,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     fake, upstream_url = await _start_child(
         [sys.executable, "-m", "proxy.bench_upstream"], subprocess.DEVNULL
     )
-    port = _free_port()
+    port = free_port()
     mcp_json = Path(tmp) / "mcp.json"
     mcp_json.write_text(json.dumps({"mcpServers": {
         "bench": {"command": sys.executable, "args": ["-m", "proxy.bench_mcp"]}}}))  # fmt: skip
@@ -484,7 +484,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
-            await _wait_ready(session, proxy_url)
+            await wait_ready(session, proxy_url)
             chat = "/v1/chat/completions"
             for url in (upstream_url, proxy_url):  # warm both paths
                 await throughput(session, url + chat, PLAIN_BODY, args.concurrency, 1.0)

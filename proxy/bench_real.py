@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.bench import free_port, wait_ready
 from proxy.config import EmbeddedConfig
 from proxy.embedded import EmbeddedUpstream
 
@@ -63,7 +64,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="lmbridge-bench-real-"))
     embedded = EmbeddedUpstream(EmbeddedConfig(context_length=4096, parallel=1), tmp / "llama.log")
     upstream = await embedded.start()
-    port = _free_port()
+    port = free_port()
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--upstream", upstream, "--port", str(port),
         "--db", str(tmp / "bench.db"), "--log-level", "warning",
@@ -74,7 +75,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     turns: list[dict[str, Any]] = []
     try:
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, base)
+            await wait_ready(session, base)
             instructions = long_instructions()
             previous: str | None = None
             for index in range(args.real_turns):
@@ -149,26 +150,6 @@ async def _cold_prompt(
         "prompt_tokens": completion["usage"]["prompt_tokens"],
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(300):
-        try:
-            async with session.get(url + "/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 def format_real(report: dict[str, Any]) -> str:

@@ -163,3 +163,21 @@ async def test_lmbridge_mcp_in_front_of_llama_cpp(llama_url, tmp_path: Path):
         second = await call(client, "respond", input="What is my name?", max_tokens=16,
                             previous_response_id=first["response_id"])  # fmt: skip
         assert second["status"] in ("completed", "incomplete") and second["text"]
+
+
+async def test_bench_real_reuses_the_prompt_cache(tmp_path: Path):
+    """`lmbridge bench --real`: on llama.cpp, the second turn of a chain reads most of its
+    prompt from the cache (counts, not timings, are checked)."""
+    from tests.e2e.test_cli import run_cli
+
+    out = tmp_path / "real.json"
+    code, text, err = await run_cli(
+        tmp_path, "bench", "--real", "--real-turns", "2", "--json", str(out), within=240
+    )
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    first, second = report["turns"]
+    assert first["cached_tokens"] == 0
+    assert second["cached_tokens"] > 0.9 * second["prompt_tokens"]
+    assert report["cold_last_prompt"]["prompt_tokens"] >= second["prompt_tokens"]
+    assert "prompt cache across one /v1/responses chain" in text
