@@ -92,12 +92,20 @@ async def test_a_compressed_stream_is_relayed_decoded(proxy, fake_upstream):
     assert await resp.read() == raw
 
 
-async def test_an_encoding_lmbridge_cannot_decode_is_a_clear_502(proxy, fake_upstream):
-    fake_upstream.add_reply(CHAT, Reply(body=b"\x1b\x00", headers={"Content-Encoding": "br"}))
+@pytest.mark.parametrize(
+    ("encoding", "body", "says"),
+    [("br", b"\x1b\x00", "Content-Encoding 'br'"),
+     ("gzip", b"not gzip at all", "gzip body that does not decompress")],
+)  # fmt: skip
+async def test_a_body_lmbridge_cannot_decode_is_a_clear_502(
+    proxy, fake_upstream, encoding, body, says
+):
+    fake_upstream.add_reply(CHAT, Reply(body=body, headers={"Content-Encoding": encoding}))
     resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
     assert resp.status == 502
     error = (await resp.json())["error"]
-    assert "Content-Encoding 'br'" in error["message"]
+    assert says in error["message"]
+    assert error["type"] and error["code"]
 
 
 async def test_request_id_is_taken_from_the_client(proxy, fake_upstream):
