@@ -46,12 +46,12 @@ class HiddenSteps:
     calls: tuple[Message, ...]  # MCP calls made beside the client calls (tool_calls entries)
     results: tuple[Message, ...]  # the results of those calls (tool and image messages)
     expires: float
-    follows: bytes = b""  # digest of the message the handed assistant message follows
-    chars: int = 0  # the size of all of it as JSON text
+    follows: bytes  # digest of the message the handed assistant message follows
+    chars: int  # the size of all of it as JSON text
 
 
 def hidden_steps(
-    steps: Sequence[Message], ended_mid_round: bool, expires: float, follows: bytes = b""
+    steps: Sequence[Message], ended_mid_round: bool, expires: float, follows: bytes
 ) -> HiddenSteps | None:
     """Split what a loop appended to the conversation. ``ended_mid_round``: the last
     round called MCP tools too, so its assistant message (MCP calls only) and their
