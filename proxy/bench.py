@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,6 @@ class Result:
     proxy: float
     unit: str
     note: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 async def _start_child(args: list[str], stderr: Any) -> tuple[asyncio.subprocess.Process, str]:

@@ -353,18 +353,6 @@ class UpstreamClient:
         resp = await self.open("GET", path, route=route)
         return self._json(path, await self.read_body(resp))
 
-    async def post_json(
-        self,
-        path: str,
-        payload: Mapping[str, Any],
-        *,
-        route: str = "other",
-        headers: Mapping[str, str] | None = None,
-    ) -> Any:
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        resp = await self.open("POST", path, body=body, route=route, headers=headers)
-        return self._json(path, await self.read_body(resp))
-
     def _json(self, path: str, raw: bytes) -> Any:
         try:
             return json.loads(raw)

@@ -37,8 +37,6 @@ class ChainCache:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
         # Bumped by clear(): a chain read from the database before a delete must not
         # be cached after it.
         self.generation = 0
@@ -46,10 +44,8 @@ class ChainCache:
     def get(self, response_id: str, owner: str, now: int) -> Chain | None:
         entry = self._entries.get(response_id)
         if entry is None or entry.owner != owner or entry.expires_at <= now:
-            self.misses += 1
             return None
         self._entries.move_to_end(response_id)
-        self.hits += 1
         return entry.chain
 
     def put(

@@ -107,7 +107,6 @@ class PendingMcpCall:
     """An MCP call of the model, to be run (or, for an approval request, asked)."""
 
     item: dict[str, Any]
-    output_index: int
     flat_name: str
     arguments: str
     call: _Call
@@ -466,7 +465,7 @@ class ResponseBuilder:
                 ))  # fmt: skip
                 events.append(self._event("response.mcp_call.in_progress", item_id=body["id"],
                                           output_index=call.index))  # fmt: skip
-            pending.append(PendingMcpCall(body, call.index, call.flat_name, body["arguments"],
+            pending.append(PendingMcpCall(body, call.flat_name, body["arguments"],
                                           call))  # fmt: skip
         return events, pending
 
@@ -497,7 +496,7 @@ class ResponseBuilder:
                                 "approval_request_id": approval_request_id}  # fmt: skip
         call = _Call(0, body, kind="mcp", call_id=approval_request_id)
         self._add_item(body, call)
-        return PendingMcpCall(body, call.index, "", arguments, call)
+        return PendingMcpCall(body, "", arguments, call)
 
     def added_events(self, pending: PendingMcpCall) -> list[Event]:
         """The opening events of a call made by ``add_mcp_call``."""
