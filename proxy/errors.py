@@ -17,9 +17,11 @@ Code anywhere below the handlers raises one of these; the error middleware
         ├── CircuitOpen                503 circuit_open
         └── UpstreamStatus             upstream's own status and error body
 
-Lower-level exceptions (aiohttp, asyncio timeouts) are converted where the I/O
-happens, with ``raise ... from exc``; a 4xx always means the request was at
-fault, a 5xx that the upstream or the daemon really failed (clients retry 5xx).
+storage's StorageError (the database could not be written or read) becomes a
+503 storage_unavailable in the same middleware. Lower-level exceptions (aiohttp,
+asyncio timeouts) are converted where the I/O happens, with ``raise ... from exc``;
+a 4xx always means the request was at fault, a 5xx that the upstream or the daemon
+really failed (clients retry 5xx).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from proxy.keys import (
     REQUEST_LOG,
     STARTED,
 )
+from storage.errors import StorageError
 
 log = logging.getLogger("lmbridge.request")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -81,6 +82,18 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             if exc.status < 400:
                 raise
             response = _error_response(exc.status, _http_error_body(request, exc), None)
+        except StorageError as exc:
+            # Disk full, locked by another process, the writer process gone: the daemon
+            # cannot keep what it would acknowledge, so the client is told to retry.
+            log.error("storage failed: %s", exc, extra={"fields": {"request_id": request_id}})
+            body = error_body(
+                "lmbridge could not use its database, so nothing of this request was kept "
+                f"(request id {request_id}); retry, and see the daemon's log if it persists.",
+                "server_error",
+                None,
+                "storage_unavailable",
+            )
+            response = _error_response(503, body, None)
         except asyncio.CancelledError:
             status = 499  # the client went away (nginx's convention)
             raise

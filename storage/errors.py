@@ -4,8 +4,8 @@
                    locked by another process, corrupt, closed)
 
 sqlite3/aiosqlite errors are converted where the I/O happens (storage/sqlite.py
-for opening and reads, storage/writer.py for writes); the service maps
-StorageError to a 503/500 error.
+for opening and reads, the writer process for writes); the daemon's middleware
+(proxy/middleware.py) turns StorageError into a 503 storage_unavailable.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and is recorded in ``schema_migrations``; never edit one that has shipped, add
 the next number instead.
 
 A script is split into statements with ``sqlite3.complete_statement`` (see
-``_run_script`` in storage/sqlite.py), so triggers with ``BEGIN ... END`` work.
+``run_script`` in storage/writer_process.py), so triggers with ``BEGIN ... END`` work.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The ``ResponseStore`` on one SQLite file, through aiosqlite.
 
 Data flow: the Responses service calls these methods; reads run here on a read
-connection, writes are handed to the group-commit writer (storage/writer.py), which
-applies the SQL of storage/writes.py on the one connection that writes. In WAL mode
-readers do not block the writer nor the writer them.
+connection, writes are handed to the group-commit writer (storage/writer.py), whose
+process of its own applies the SQL of storage/writes.py on the one connection that
+writes. In WAL mode readers do not block the writer nor the writer them.
 
 ``synchronous=FULL`` makes a committed transaction survive a power cut or kill -9.
 Every read filters by owner and treats a row with ``expires_at <= now`` as absent;
@@ -43,8 +43,6 @@ Clock = Callable[[], float]
 
 # Waiting this long for another process's lock beats failing at once.
 BUSY_TIMEOUT = 5.0
-# After a burst (a large purge), the WAL file is cut back to this size.
-JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 # No real conversation is this long; only a cycle (a save naming a later response as
 # its previous one) is, and the walk stops here rather than running for ever.
 MAX_CHAIN = 100_000
@@ -126,17 +124,12 @@ class SQLiteStore:
     """A ``ResponseStore`` (storage/records.py) on one SQLite file."""
 
     def __init__(
-        self,
-        path: Path,
-        writer_conn: aiosqlite.Connection,
-        reader: aiosqlite.Connection,
-        clock: Clock,
+        self, path: Path, writer: Writer, reader: aiosqlite.Connection, clock: Clock
     ) -> None:
         self.path = path
-        self._writer_conn = writer_conn
+        self._writer = writer
         self._reader = reader
         self._clock = clock
-        self._writer = Writer(writer_conn, path)
         self.chains = ChainCache()
 
     @classmethod
@@ -153,40 +146,47 @@ class SQLiteStore:
         for a lock held by another process before failing."""
         path = Path(path)
         busy_ms = int(busy_timeout * 1000)
-        opened: list[aiosqlite.Connection] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # When a connection fails to open, aiosqlite stops its thread without
-            # waiting, and that thread may then fail on a closed event loop: meet the
-            # usual causes (a directory, no permission) here first.
+            # Meet the usual causes of failure (a directory, no permission) here, with
+            # a plain message, before a process is started for the file.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            opened.append(await aiosqlite.connect(path, isolation_level=None))
-            await _prepare_writer(opened[0], migrations, busy_ms)
-            opened.append(await aiosqlite.connect(path, isolation_level=None))
-            await _prepare_reader(opened[1], busy_ms)
+        except OSError as exc:
+            raise StorageError(f"cannot open the database {path}: {exc}") from exc
+        # The writer process creates the schema; the reader opens after it.
+        writer = Writer(path, busy_ms=busy_ms, migrations=migrations)
+        await writer.start()
+        try:
+            reader = await aiosqlite.connect(path, isolation_level=None)
         except BaseException as exc:
-            for conn in opened:
-                await conn.close()
-            if isinstance(exc, OSError | sqlite3.Error):
+            await writer.close()
+            if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"cannot open the database {path}: {exc}") from exc
             raise
-        store = cls(path, opened[0], opened[1], clock)
-        store._writer.start()
-        return store
+        try:
+            await _prepare_reader(reader, busy_ms)
+        except BaseException as exc:
+            await reader.close()
+            await writer.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"cannot open the database {path}: {exc}") from exc
+            raise
+        return cls(path, writer, reader, clock)
 
     async def close(self) -> None:
         try:
             await self._writer.close()
         finally:
             await self._reader.close()
-            await self._writer_conn.close()
 
     async def schema_version(self) -> int:
         rows = await self._read("SELECT MAX(version) FROM schema_migrations", ())
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     async def ping(self) -> None:
-        """Raise StorageError unless the database answers a query."""
+        """Raise StorageError unless the database answers a query and its writer
+        process runs (a dead one is started again here)."""
+        await self._writer.ensure_running()
         await self._read("SELECT 1 FROM schema_migrations LIMIT 1", ())
 
     @property
@@ -403,62 +403,7 @@ class SQLiteStore:
         return Page(items=tuple(items[:limit]), has_more=len(items) > limit)
 
 
-async def _prepare_writer(
-    conn: aiosqlite.Connection, migrations: tuple[Migration, ...], busy_ms: int
-) -> None:
-    # auto_vacuum first: it only takes on a database with no page written yet
-    # (switching to WAL writes one), so that purge_expired can give pages back.
-    await conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    rows = list(await conn.execute_fetchall("PRAGMA journal_mode=WAL"))
-    if rows[0][0] != "wal":
-        raise sqlite3.OperationalError(f"WAL mode unavailable (journal_mode is {rows[0][0]})")
-    await conn.execute("PRAGMA synchronous=FULL")
-    await conn.execute("PRAGMA foreign_keys=ON")
-    await conn.execute(f"PRAGMA busy_timeout={busy_ms}")
-    await conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
-    rows = list(await conn.execute_fetchall("PRAGMA auto_vacuum"))
-    if rows[0][0] != 2:
-        # A file made before auto_vacuum was set (it held only schema_migrations):
-        # VACUUM rebuilds it with the new setting, once.
-        await conn.execute("VACUUM")
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-    )
-    applied = {
-        row[0] for row in await conn.execute_fetchall("SELECT version FROM schema_migrations")
-    }
-    for migration in sorted(migrations, key=lambda m: m.version):
-        if migration.version in applied:
-            continue
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await _run_script(conn, migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (migration.version, migration.name, time.time()),
-            )
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
-
-
 async def _prepare_reader(conn: aiosqlite.Connection, busy_ms: int) -> None:
     await conn.execute(f"PRAGMA busy_timeout={busy_ms}")
     # A read path that writes by mistake fails loudly instead of racing the writer.
     await conn.execute("PRAGMA query_only=ON")
-
-
-async def _run_script(conn: aiosqlite.Connection, script: str) -> None:
-    # executescript() would COMMIT first; run statement by statement to stay inside
-    # the migration's transaction. complete_statement() knows that a trigger's
-    # BEGIN ... END holds semicolons.
-    statement = ""
-    for line in script.splitlines(keepends=True):
-        statement += line
-        if sqlite3.complete_statement(statement):
-            await conn.execute(statement)
-            statement = ""
-    if statement.strip():
-        raise sqlite3.OperationalError(f"incomplete statement in migration: {statement!r}")

@@ -1,68 +1,47 @@
-"""Group commit: the one connection that writes, and the task that batches its writes.
+"""Group commit in a process of its own: the daemon's side.
 
 Data flow: a ``SQLiteStore`` method (storage/sqlite.py) hands a write (a function of
-storage/writes.py and its argument) to ``Writer.submit`` and waits. The writer task
-takes every write waiting in the queue, runs them in one transaction
-(``BEGIN IMMEDIATE ... COMMIT``) and then resolves each caller's future. With
+storage/writes.py and its argument) to ``Writer.submit`` and waits. The writes handed
+over during one turn of the event loop go to the writer process
+(storage/writer_process.py) as one frame; the process commits whatever has arrived in
+one transaction and answers with one result per write, in order. With
 ``synchronous=FULL`` a write whose ``submit`` has returned survives kill -9 and a
 power cut, and the fsync is paid once per batch instead of once per write.
 
-Consecutive writes of the same kind are applied in one call, ``apply(conn, [arg, ...])``,
-so that it can use one ``executemany`` per statement for the whole batch. The whole
-transaction (BEGIN, the writes, COMMIT) runs in the connection's thread as one call:
-each hop between the event loop and that thread waits for a turn of a busy loop
-(milliseconds under load), so a batch costs one hop, not one per statement.
-
-When anything in a batch fails, the batch is rolled back and its writes are re-run one
-transaction each, so that only the faulty write fails.
+If the process dies, the writes waiting for it fail with ``StorageError`` (they may
+or may not be committed; none was acknowledged) and the next write starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import sqlite3
-from collections.abc import Callable, Sequence
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import aiosqlite
-
 from storage.errors import StorageError
+from storage.writer_process import Apply, Start, frame, reference, resolve, split_frames
+
+log = logging.getLogger("lmbridge.storage")
 
 A = TypeVar("A")
 R = TypeVar("R")
 
-# Applies writes of one kind inside the open transaction, one result per argument. Runs
-# in the connection's thread, on the sqlite3 connection itself.
-Apply = Callable[[sqlite3.Connection, Sequence[A]], list[R]]
-
-# Large enough to absorb any burst of concurrent requests, small enough that one
-# transaction does not hold the write lock for long.
-MAX_BATCH = 512
-
-
-def each(write: Callable[[sqlite3.Connection, A], R]) -> Apply[A, R]:
-    """An ``Apply`` for writes that gain nothing from executemany: one after the other."""
-
-    def apply(conn: sqlite3.Connection, args: Sequence[A]) -> list[R]:
-        return [write(conn, arg) for arg in args]
-
-    return apply
-
-
-async def in_connection_thread(
-    conn: aiosqlite.Connection, work: Callable[[sqlite3.Connection], R]
-) -> R:
-    """Run ``work`` on the sqlite3 connection in aiosqlite's thread, as one call.
-
-    aiosqlite runs every call in the connection's own thread; its public methods run one
-    statement each. ``_execute`` (there since aiosqlite's first releases) hands over a
-    function instead, which is what a batch of statements needs."""
-    raw = conn._conn
-    return cast(R, await conn._execute(work, raw))  # type: ignore[no-untyped-call]
+# The process imports only the standard library and storage/: -I -S skip site's work
+# (a third of its start-up); the daemon's own import path is handed over instead.
+_BOOT = "import sys; sys.path[:0] = sys.argv[1:]; from storage.writer_process import main; main()"
+# storage/'s own root first: an editable install may find it by an import hook, which
+# -S leaves out.
+_ROOT = str(Path(__file__).resolve().parents[1])
+# How long close() waits for the last commits before it stops the process.
+CLOSE_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,38 +52,105 @@ class WriteStats:
     batches: int
 
 
-@dataclass(eq=False, slots=True)
-class _Job:
-    apply: Apply[Any, Any]
-    arg: Any
-    future: asyncio.Future[Any]
-    in_transaction: bool
+class _Child(asyncio.SubprocessProtocol):
+    """One writer process: frames in from its stdout, the end of it when it exits."""
 
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.buffer = bytearray()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.stdin: asyncio.WriteTransport | None = None
+        self.hello: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-class _BeginFailed(Exception):
-    """BEGIN failed (the database is locked by another process, say): no write of the
-    batch is at fault, so running them one by one would only wait again, once each."""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+        self.stdin = cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0))
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        self.buffer += cast(bytes, data)
+        for value in split_frames(self.buffer):
+            if not self.hello.done():
+                self.hello.set_result(value)
+            else:
+                self.writer._answered(value)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Called once the process has exited and its pipes are drained: every answer
+        # it sent has been read.
+        if not self.hello.done():
+            self.hello.set_result(("failed", "the writer process exited at start"))
+        if self.transport is not None:
+            self.transport.close()
+        self.gone.set_result(None)
+        self.writer._child_gone(self)
+
+    def returncode(self) -> int | None:
+        return None if self.transport is None else self.transport.get_returncode()
 
 
 class Writer:
     def __init__(
-        self, conn: aiosqlite.Connection, path: Path, *, max_batch: int = MAX_BATCH
+        self,
+        path: Path,
+        *,
+        busy_ms: int,
+        migrations: tuple[Any, ...] = (),
     ) -> None:
-        self._conn = conn
         self._path = path
-        self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._busy_ms = busy_ms
+        self._migrations = migrations
+        self._child: _Child | None = None
+        self._starting: asyncio.Lock | None = None
+        self._outbox: list[tuple[str, bool, Any]] = []
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._flush_scheduled = False
         self._closing = False
         self._writes = 0
         self._batches = 0
+        self._refs: dict[Apply[Any, Any], str] = {}
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"writer of {self._path}")
+    @property
+    def pid(self) -> int | None:
+        """The writer process's, while it runs."""
+        child = self._child
+        return None if child is None or child.transport is None else child.transport.get_pid()
 
     @property
     def stats(self) -> WriteStats:
         return WriteStats(writes=self._writes, batches=self._batches)
+
+    async def start(self) -> None:
+        """Start the process; it opens and migrates the database, or StorageError says
+        why it could not."""
+        loop = asyncio.get_running_loop()
+        paths = [_ROOT] + [p or os.getcwd() for p in sys.path]
+        try:
+            _, child = await loop.subprocess_exec(
+                lambda: _Child(self),
+                sys.executable, "-I", "-S", "-c", _BOOT, *paths,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+            )  # fmt: skip
+        except OSError as exc:
+            raise StorageError(f"cannot start the writer process for {self._path}: {exc}") from exc
+        assert child.stdin is not None
+        child.stdin.write(frame(Start(str(self._path), self._busy_ms, self._migrations)))
+        kind, detail = await child.hello
+        if kind != "ready":
+            await self._stop(child)
+            raise StorageError(str(detail))
+        self._child = child
+
+    async def ensure_running(self) -> None:
+        """Start a new process if the last one died (the next write would, too)."""
+        if self._child is not None or self._closing:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._child is None and not self._closing:
+                log.warning("starting a new writer process for %s", self._path)
+                await self.start()
 
     async def submit(self, apply: Apply[A, R], arg: A) -> R:
         """Run one write in the next group commit; returns once it is committed.
@@ -118,134 +164,112 @@ class Writer:
         return await self._enqueue(apply, arg, in_transaction=False)
 
     async def close(self) -> None:
-        """Commit the writes already queued, then stop the task."""
-        if self._task is None:
+        """Commit the writes already handed over, then stop the process."""
+        self._closing = True
+        child = self._child
+        if child is None:
             return
-        if not self._closing:
-            self._closing = True
-            self._queue.put_nowait(None)
-        await self._task
+        self._flush()
+        if child.stdin is not None:
+            child.stdin.close()  # end of input: the process finishes, then exits
+        try:
+            await asyncio.wait_for(asyncio.shield(child.gone), CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.error("the writer process for %s did not finish in %gs", self._path, CLOSE_TIMEOUT)
+            await self._stop(child)
 
     async def _enqueue(self, apply: Apply[A, R], arg: A, *, in_transaction: bool) -> R:
-        if self._closing or self._task is None or self._task.done():
+        if self._closing:
             raise StorageError(f"the database {self._path} is closed")
+        if self._child is None:
+            await self.ensure_running()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(apply, arg, future, in_transaction))
+        self._outbox.append((self._reference(apply), in_transaction, arg))
+        self._waiting.append(future)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return cast(R, await future)
 
-    async def _run(self) -> None:
-        taken: list[_Job] = []
-        try:
-            stopping = False
-            while not stopping:
-                first = await self._queue.get()
-                taken = [] if first is None else [first]
-                stopping = first is None
-                while not stopping and len(taken) < self._max_batch and not self._queue.empty():
-                    job = self._queue.get_nowait()
-                    if job is None:
-                        stopping = True
-                    else:
-                        taken.append(job)
-                await self._process(taken)
-                taken = []
-        finally:
-            # Reached with writes left only if the task was cancelled or crashed: fail
-            # them, so that no caller waits for ever.
-            self._closing = True
-            while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if job is not None:
-                    taken.append(job)
-            stopped = StorageError(
-                f"the writer of {self._path} stopped; this write may not be committed"
-            )
-            for job in taken:
-                _fail(job, stopped)
+    def _reference(self, apply: Apply[Any, Any]) -> str:
+        ref = self._refs.get(apply)
+        if ref is None:
+            ref = reference(apply)
+            if resolve(ref) is not apply:
+                raise TypeError(f"{apply!r} is not a module-level write function")
+            self._refs[apply] = ref
+        return ref
 
-    async def _process(self, jobs: list[_Job]) -> None:
-        group: list[_Job] = []
-        for job in jobs:
-            if job.in_transaction:
-                group.append(job)
-                continue
-            if group:
-                await self._commit(group)
-                group = []
-            await self._run_alone(job)
-        if group:
-            await self._commit(group)
-
-    async def _commit(self, group: list[_Job]) -> None:
-        try:
-            results = await self._transaction(group)
-        except _BeginFailed as exc:
-            await self._rollback()
-            error = self._convert(cast(Exception, exc.__cause__))
-            for job in group:
-                _fail(job, error)
+    def _flush(self) -> None:
+        """Send what was handed over since the last flush, as one frame."""
+        self._flush_scheduled = False
+        jobs, self._outbox = self._outbox, []
+        if not jobs:
             return
-        except Exception as exc:
-            await self._rollback()
-            if len(group) == 1:
-                _fail(group[0], self._convert(exc))
-                return
-            for job in group:
-                await self._commit([job])
+        child = self._child
+        if child is None or child.stdin is None or child.stdin.is_closing():
+            # Died between the hand-over and now: _child_gone failed the waiting writes.
             return
-        self._writes += len(group)
-        self._batches += 1
-        for job, result in zip(group, results, strict=True):
-            _resolve(job, result)
+        try:
+            data = frame(jobs)
+        except Exception:
+            data = self._frame_one_by_one(jobs)
+        child.stdin.write(data)
 
-    async def _transaction(self, group: list[_Job]) -> list[Any]:
-        def work(conn: sqlite3.Connection) -> list[Any]:
+    def _frame_one_by_one(self, jobs: list[tuple[str, bool, Any]]) -> bytes:
+        """A frame of the jobs whose argument can be sent; the others fail at once.
+        The futures of the failed ones leave ``_waiting``, keeping answers in order."""
+        first = len(self._waiting) - len(jobs)
+        sendable = []
+        kept: list[asyncio.Future[Any]] = []
+        for job, future in zip(jobs, list(self._waiting)[first:], strict=True):
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _BeginFailed from exc
-            results: list[Any] = []
-            for apply, run in itertools.groupby(group, key=lambda job: job.apply):
-                args = [job.arg for job in run]
-                applied = apply(conn, args)
-                if len(applied) != len(args):
-                    raise RuntimeError(f"{apply!r} returned {len(applied)} results for {len(args)}")
-                results.extend(applied)
-            conn.execute("COMMIT")
-            return results
+                pickle.dumps(job[2])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            sendable.append(job)
+            kept.append(future)
+        for _ in jobs:
+            self._waiting.pop()
+        self._waiting.extend(kept)
+        return frame(sendable) if sendable else b""
 
-        return await in_connection_thread(self._conn, work)
+    def _answered(self, value: tuple[int, int, Sequence[tuple[bool, Any]]]) -> None:
+        writes, batches, results = value
+        self._writes += writes
+        self._batches += batches
+        for ok, result in results:
+            future = self._waiting.popleft()
+            if future.done():  # its caller was cancelled; the write ran all the same
+                continue
+            if ok:
+                future.set_result(result)
+            elif result[0] == "storage":
+                future.set_exception(StorageError(result[1]))
+            else:
+                future.set_exception(result[1])
 
-    async def _run_alone(self, job: _Job) -> None:
-        try:
-            [result] = await in_connection_thread(
-                self._conn, lambda conn: job.apply(conn, [job.arg])
-            )
-        except Exception as exc:
-            await self._rollback()
-            _fail(job, self._convert(exc))
-        else:
-            self._writes += 1
-            _resolve(job, result)
+    def _child_gone(self, child: _Child) -> None:
+        if child is not self._child:
+            return
+        self._child = None
+        self._outbox.clear()  # their futures are in _waiting, failed below
+        if self._closing and not self._waiting:
+            return
+        code = child.returncode()
+        log.error("the writer process for %s exited (status %s)", self._path, code)
+        error = StorageError(
+            f"the writer process of {self._path} stopped (exit status {code}); "
+            "this write may not be committed"
+        )
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
 
-    async def _rollback(self) -> None:
-        # SQLite ends the transaction itself on some errors: then there is none to end.
-        with contextlib.suppress(sqlite3.Error):
-            await self._conn.execute("ROLLBACK")
-
-    def _convert(self, exc: Exception) -> Exception:
-        if not isinstance(exc, sqlite3.Error):
-            return exc  # a bug, not a database condition: let it surface as itself
-        error = StorageError(f"cannot write to the database {self._path}: {exc}")
-        error.__cause__ = exc
-        return error
-
-
-def _resolve(job: _Job, result: Any) -> None:
-    if not job.future.done():  # done when its caller was cancelled
-        job.future.set_result(result)
-
-
-def _fail(job: _Job, error: Exception) -> None:
-    if not job.future.done():
-        job.future.set_exception(error)
+    async def _stop(self, child: _Child) -> None:
+        if child.transport is not None and child.returncode() is None:
+            child.transport.kill()
+        await child.gone

@@ -2,8 +2,9 @@
 (storage/writer.py) applies inside its transaction.
 
 ``SQLiteStore`` (storage/sqlite.py) picks the function and builds its argument;
-nothing here begins or commits a transaction. The functions are synchronous: the
-writer runs a whole batch in the connection's own thread, in one call.
+nothing here begins or commits a transaction. The functions run in the writer
+process (storage/writer_process.py), so they are found by name and their arguments
+must pickle.
 ``save_responses`` handles a whole batch of saves with one ``executemany`` per
 statement; the other writes are rare and run one after the other (``each``).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
-from storage.writer import each
+from storage.writer_process import each
 
 
 @dataclass(frozen=True, slots=True)

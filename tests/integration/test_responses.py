@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 import pytest
 
+from proxy.keys import STORE
 from tests.fake_upstream import CHAT, Reply, chat_completion, chunk, text_stream
+from tests.unit.storage_support import limit_pages
 
 R = "/v1/responses"
 
@@ -670,3 +674,34 @@ async def test_item_reference_resolves_a_stored_item(proxy, fake_upstream):
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "and?"},
     ]
+
+
+async def test_a_database_that_cannot_be_written_is_a_503_not_a_500(proxy, caplog):
+    """A full disk (or a lost writer process) answers 503 storage_unavailable in the
+    OpenAI shape, with nothing acknowledged; the cause goes to the daemon's log."""
+    store = proxy.server.app[STORE]
+    await store._writer.submit_alone(limit_pages, 2)
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x" * 100_000})
+    assert resp.status == 503
+    error = (await resp.json())["error"]
+    assert error["code"] == "storage_unavailable"
+    assert error["type"] == "server_error"
+    assert "nothing of this request was kept" in error["message"]
+    assert "full" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_responses_go_on_after_the_writer_process_is_killed(proxy):
+    """The writer process is replaced on the next write; stored responses stay readable."""
+    first = await create(proxy, input="before")
+    store = proxy.server.app[STORE]
+    pid = store._writer.pid
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if store._writer.pid is None:
+            break
+        await asyncio.sleep(0.01)
+    second = await create(proxy, input="after", previous_response_id=first["id"])
+    assert store._writer.pid not in (None, pid)
+    for response_id in (first["id"], second["id"]):
+        assert (await proxy.get(f"{R}/{response_id}")).status == 200

@@ -1,11 +1,14 @@
-"""What the SQLiteStore tests share: a settable clock and record builders."""
+"""What the SQLiteStore tests share: a settable clock, record builders, and a write
+that injects a fault into the writer process."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from storage.records import ResponseRecord, StoredItem
+from storage.writer_process import each
 
 NOW = 1_700_000_000
 
@@ -33,3 +36,11 @@ def response(response_id: str = "resp_1", **fields: Any) -> ResponseRecord:
     }
     values.update(fields)
     return ResponseRecord(id=response_id, status=status, **values)
+
+
+@each
+def limit_pages(conn: sqlite3.Connection, extra: int) -> None:
+    """Past ``max_page_count`` SQLite reports SQLITE_FULL, as on a full disk. Runs in the
+    writer process, which finds it by name like the writes of storage/writes.py."""
+    [pages] = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count={pages + extra}")

@@ -1,10 +1,13 @@
 """The group-commit writer behind SQLiteStore: batching, failure isolation, order,
-durability across kill -9, locks, a full disk, and closing, on real SQLite files."""
+durability across kill -9, locks, a full disk, closing, and its process (killed,
+signalled, restarted), on real SQLite files."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pickle
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +19,7 @@ import pytest
 
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError
+from tests.unit.storage_support import limit_pages
 
 NOW = 1_700_000_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,10 +229,7 @@ async def test_locked_database_fails_the_batch_at_once(tmp_path):
 
 async def test_full_disk_fails_only_the_write_that_does_not_fit(store):
     """On a full disk only the write that does not fit fails; the small ones commit."""
-    # Fault injection: past max_page_count SQLite reports SQLITE_FULL, as on a full disk.
-    conn = store._writer_conn
-    rows = await conn.execute_fetchall("PRAGMA page_count")
-    await conn.execute(f"PRAGMA max_page_count={next(iter(rows))[0] + 30}")
+    await store._writer.submit_alone(limit_pages, 30)
 
     results = await asyncio.gather(
         *(store.save_response(response(f"resp_{n}")) for n in range(5)),
@@ -240,3 +241,86 @@ async def test_full_disk_fails_only_the_write_that_does_not_fit(store):
     assert "full" in str(results[5])
     assert await store.get_response("resp_4", "alice") is not None
     assert await store.get_response("resp_huge", "alice") is None
+
+
+def writer_pid(store: SQLiteStore) -> int:
+    pid = store._writer.pid
+    assert pid is not None
+    return pid
+
+
+async def test_writes_run_in_a_process_of_their_own(store):
+    pid = writer_pid(store)
+    assert pid != os.getpid()
+    await store.save_response(response("resp_1"))
+    assert writer_pid(store) == pid
+
+
+async def test_a_killed_writer_process_fails_its_writes_and_is_replaced(store, caplog):
+    """The writes waiting on a writer process that dies fail readably; the next write
+    starts a new process, and what was committed before is all there."""
+    await store.save_response(response("resp_before"))
+    first = writer_pid(store)
+    slow = asyncio.gather(
+        *(store.save_response(response(f"resp_{n}", body="x" * 200_000)) for n in range(50)),
+        return_exceptions=True,
+    )
+    await asyncio.sleep(0.01)
+    os.kill(first, signal.SIGKILL)
+    results = await slow
+    failed = [r for r in results if r is not None]
+    assert failed, "every write finished before the kill; nothing was tested"
+    assert all(isinstance(r, StorageError) for r in failed)
+    assert "writer process" in str(failed[0]) and "may not be committed" in str(failed[0])
+
+    await store.save_response(response("resp_after"))
+    assert writer_pid(store) != first
+    assert await store.get_response("resp_before", "alice") is not None
+    assert await store.get_response("resp_after", "alice") is not None
+    assert "exited" in caplog.text
+
+
+async def test_ping_starts_a_new_writer_process(store):
+    """/readyz pings the store: a dead writer process is replaced there, before a write
+    needs it."""
+    first = writer_pid(store)
+    os.kill(first, signal.SIGKILL)
+    for _ in range(200):
+        if store._writer.pid is None:
+            break
+        await asyncio.sleep(0.01)
+    await store.ping()
+    assert writer_pid(store) not in (None, first)
+
+
+async def test_the_writer_process_outlives_signals_to_the_service(store):
+    """Ctrl-C in a terminal and systemd's SIGTERM reach every process of the service; the
+    writer keeps committing until the daemon has drained its requests and closes it."""
+    pid = writer_pid(store)
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    await asyncio.sleep(0.1)
+    await store.save_response(response("resp_1"))
+    assert writer_pid(store) == pid
+
+
+async def test_a_write_that_cannot_be_sent_fails_alone(store):
+    """An argument that cannot be handed to the writer process (a caller bug) fails its
+    own write with the error; the writes sent with it commit."""
+    results = await asyncio.gather(
+        store.save_response(response("resp_ok")),
+        store.save_response(response("resp_bad", body=lambda: None)),
+        store.save_response(response("resp_ok2")),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], pickle.PicklingError | AttributeError | TypeError)
+    assert await store.get_response("resp_ok2", "alice") is not None
+
+
+async def test_close_stops_the_writer_process(tmp_path):
+    store = await SQLiteStore.open(tmp_path / "lmbridge.db", clock=lambda: NOW)
+    pid = writer_pid(store)
+    await store.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
