@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storage.records import ConversationRecord, ResponseRecord, StoredItem
+from storage.records import ConversationRecord, ResponseRecord, StoredItem, sent_to_writer
 from storage.writer_process import each
 
 
@@ -31,6 +31,7 @@ class Ref:
     now: int
 
 
+@sent_to_writer
 @dataclass(frozen=True, slots=True)
 class Save:
     record: ResponseRecord
