@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,8 @@ from proxy.keys import (
 from proxy.mcp.chat import chat_with_tools
 from proxy.middleware import REQUEST_ID_HEADER
 from proxy.sse import DONE_EVENT, encode_event
+
+log = logging.getLogger("lmbridge.upstream")
 
 # Upstream response headers worth passing back to the client.
 _PASS_HEADERS = frozenset({"content-type", "retry-after", "openai-processing-ms"})
@@ -210,6 +213,15 @@ async def relay_stream(
         request[CLIENT_GONE] = True
     if observer.usage is not None:
         metrics.record_usage(model, observer.usage)
+    if observer.upstream_error is not None:
+        # Relayed to the client as it came; only here does the operator see that a
+        # 200 stream carried a failure.
+        metrics.upstream_failures.labels("stream_error").inc()
+        log.warning(
+            "the upstream reported an error inside its stream (%s)",
+            _error_kind(observer.upstream_error["error"]),
+            extra={"fields": {"request_id": request[REQUEST_ID], "model": model}},
+        )
     return response
 
 
@@ -232,6 +244,15 @@ def _client_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
         if lower in _PASS_HEADERS or lower.startswith(_PASS_PREFIXES):
             headers[name] = value
     return headers
+
+
+def _error_kind(error: Any) -> str:
+    """The type and code of an upstream error, never its message (it may quote the
+    prompt)."""
+    if not isinstance(error, dict):
+        return "no type"
+    kind = ", ".join(str(error[k]) for k in ("type", "code") if error.get(k) is not None)
+    return kind or "no type"
 
 
 def _json_type(value: Any) -> str:

@@ -131,3 +131,20 @@ async def test_usage_and_first_token_time_reach_metrics(proxy, fake_upstream):
     assert 'lmbridge_tokens_total{direction="out",model="test-model"} 2.0' in metrics
     assert 'lmbridge_tokens_total{direction="in",model="test-model"} 5.0' in metrics
     assert 'lmbridge_time_to_first_token_seconds_count{model="test-model"} 1.0' in metrics
+
+
+async def test_an_error_event_inside_a_stream_is_relayed_and_counted(proxy, fake_upstream, caplog):
+    """An upstream that reports a failure inside its 200 stream (llama.cpp does, when a
+    generation fails) reaches the client unchanged; the operator sees it in the metrics
+    and the log, which names the error's type and code but never its message."""
+    error = {"error": {"message": "the prompt says: my secret", "type": "server_error",
+                       "code": "generation_failed"}}  # fmt: skip
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("partial"), error]))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    assert resp.status == 200
+    lines = data_lines(await resp.read())
+    assert json.loads(lines[1]) == error
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_upstream_failures_total{reason="stream_error"} 1.0' in metrics
+    assert "error inside its stream (server_error, generation_failed)" in caplog.text
+    assert "my secret" not in caplog.text
