@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="length of the chain whose last turn is timed (default 1000)",
     )
     parser.add_argument(
-        "--chain-samples", type=int, default=20, help="timed continuations per round (default 20)"
+        "--chain-samples", type=int, default=50, help="timed continuations per round (default 50)"
     )
     parser.add_argument(
         "--only",
@@ -371,11 +371,12 @@ async def measure_responses(setup: Setup) -> list[Result]:
     ).encode()
     samples = max(5, args.chain_samples)
     direct, proxied = [], []
-    for _ in range(args.rounds):
+    # One of each in turn, so that a burst of other work on the machine hits both.
+    for _ in range(args.rounds * samples):
         direct += await latencies(
-            session, setup.upstream_url + "/v1/chat/completions", direct_body, samples
+            session, setup.upstream_url + "/v1/chat/completions", direct_body, 1
         )
-        proxied += await latencies(session, base + "/v1/responses", continue_body, samples)
+        proxied += await latencies(session, base + "/v1/responses", continue_body, 1)
     d, p = statistics.median(direct) * 1000, statistics.median(proxied) * 1000
     results.append(Result(
         f"turn {turns} of one chain vs the same history sent directly (p50)", d, p, "ms",
@@ -390,14 +391,15 @@ async def measure_responses(setup: Setup) -> list[Result]:
             "messages": [*history[: 2 * (half - 1)], {"role": "user", "content": last}],
         }
     ).encode()
-    cold_direct = await latencies(
-        session, setup.upstream_url + "/v1/chat/completions", history_half, samples
-    )
+    cold_direct: list[float] = []
     cold: list[float] = []
     for parent in ids[half - 2 : half - 2 + samples]:
         body_cold = json.dumps(
             {"model": BENCH_MODEL, "input": last, "previous_response_id": parent}
         ).encode()
+        cold_direct += await latencies(
+            session, setup.upstream_url + "/v1/chat/completions", history_half, 1
+        )
         cold += await latencies(session, base + "/v1/responses", body_cold, 1)
     d, p = statistics.median(cold_direct) * 1000, statistics.median(cold) * 1000
     results.append(Result(
