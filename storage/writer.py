@@ -79,7 +79,11 @@ class _Child(asyncio.SubprocessProtocol):
         # Called once the process has exited and its pipes are drained: every answer
         # it sent has been read.
         if not self.hello.done():
-            self.hello.set_result(("failed", "the writer process exited at start"))
+            self.hello.set_result((
+                "failed",
+                f"cannot start the writer process for {self.writer._path}: it exited at "
+                f"start with status {self.returncode()} (its error is on stderr)",
+            ))  # fmt: skip
         if self.transport is not None:
             self.transport.close()
         self.gone.set_result(None)

@@ -5,7 +5,7 @@ It lives in a process of its own so that the Python work around each commit (bin
 rows, the sqlite3 module's bookkeeping) runs on another core without the event loop's
 GIL: under load that work took a fifth of the loop's time as a thread.
 
-Protocol: frames of a 4-byte big-endian length and a pickle, in both directions.
+Protocol: frames of an 8-byte big-endian length and a pickle, in both directions.
   parent -> child  first ``Start``; then lists of jobs ``(apply, in_transaction, arg)``,
                    ``apply`` named ``"module:qualname"``
   child -> parent  first ``("ready", None)`` or ``("failed", message)``; then, for
@@ -54,7 +54,9 @@ MAX_BATCH = 512
 # After a burst (a large purge), the WAL file is cut back to this size.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
-_HEADER = 4
+# Bodies may be up to server.max_body_size each and a frame holds a whole batch:
+# 4 bytes of length could overflow.
+_HEADER = 8
 
 
 def each(write: Callable[[sqlite3.Connection, A], R]) -> Apply[A, R]:

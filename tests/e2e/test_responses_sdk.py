@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+from pathlib import Path
 
 import openai
 import pytest
@@ -195,6 +197,30 @@ async def test_background_response_polled(client, fake_upstream):
     assert response.output_text == "done"
 
 
+def child_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if not path.exists():
+        pytest.skip("needs Linux's /proc")
+    return [int(child) for child in path.read_text().split()]
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for init to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+async def wait_exited(pid: int, within: float = 10.0) -> None:
+    for _ in range(int(within / 0.05)):
+        if exited(pid):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs")
+
+
 async def test_kill_9_and_restart_keeps_every_acknowledged_response(
     start_daemon, fake_upstream, tmp_path
 ):
@@ -212,8 +238,13 @@ async def test_kill_9_and_restart_keeps_every_acknowledged_response(
             if len(fake_upstream.requests_to(CHAT)) > 20:
                 break
             await asyncio.sleep(0.01)
+    writers = child_pids(daemon.process.pid)
+    assert writers  # the SQLite writer; no MCP servers are configured
     daemon.process.send_signal(signal.SIGKILL)
     await daemon.process.wait()
+    # Its writer process sees the end of its input, commits what it had, and exits.
+    for pid in writers:
+        await wait_exited(pid)
 
     restarted = await start_daemon("--upstream", fake_upstream.url, "--db", str(db))
     async with openai.AsyncOpenAI(base_url=restarted.base_url, api_key="x", max_retries=0) as c:
@@ -262,3 +293,35 @@ async def test_openai_agents_sdk_two_turns_with_a_tool(daemon, fake_upstream):
     assert history[3] == {"role": "tool", "tool_call_id": "call_w", "content": "Sunny in Oslo"}
     assert history[4] == {"role": "assistant", "content": "It is sunny in Oslo."}
     assert history[5] == {"role": "user", "content": "Which city did I ask about?"}
+
+
+async def test_sigterm_to_every_process_of_the_service_keeps_the_response_in_flight(
+    start_daemon, fake_upstream, tmp_path
+):
+    """systemd stops a unit by sending SIGTERM to all of its processes: the writer process
+    keeps committing while the daemon drains, so a response streaming at that moment is
+    stored complete; then both exit."""
+    db = tmp_path / "drain.db"
+    daemon = await start_daemon("--upstream", fake_upstream.url, "--db", str(db))
+    [writer] = child_pids(daemon.process.pid)
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk("one"), 0.5, chunk(" two"), chunk(finish="stop")])
+    )
+    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
+        stream = await c.responses.create(model="test-model", input="hi", stream=True)
+        response_id = None
+        async for event in stream:
+            if event.type == "response.created":
+                response_id = event.response.id
+            if event.type == "response.output_text.delta" and event.delta == "one":
+                for pid in (daemon.process.pid, writer):
+                    os.kill(pid, signal.SIGTERM)
+        assert event.type == "response.completed"
+    assert await daemon.stop() == 0
+    await wait_exited(writer)
+
+    restarted = await start_daemon("--upstream", fake_upstream.url, "--db", str(db))
+    async with openai.AsyncOpenAI(base_url=restarted.base_url, api_key="x", max_retries=0) as c:
+        kept = await c.responses.retrieve(response_id)
+    assert kept.status == "completed"
+    assert kept.output_text == "one two"

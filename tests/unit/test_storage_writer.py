@@ -17,8 +17,10 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from storage.migrations import Migration
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError
+from storage.writer_process import frame, split_frames
 from tests.unit.storage_support import limit_pages
 
 NOW = 1_700_000_000
@@ -324,3 +326,39 @@ async def test_close_stops_the_writer_process(tmp_path):
     await store.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_frames_are_read_whole_however_the_bytes_arrive():
+    """The pipe hands over bytes in pieces of any size; a frame is decoded only once it is
+    all there, and several in one piece all come out, in order."""
+    data = frame(["a" * 100_000]) + frame(("ready", None)) + frame(None)
+    buffer = bytearray()
+    values: list[Any] = []
+    for start in range(0, len(data), 7_777):
+        buffer += data[start : start + 7_777]
+        values += split_frames(buffer)
+    assert values == [["a" * 100_000], ("ready", None), None]
+    assert not buffer
+
+
+async def test_a_writer_process_that_cannot_start_is_a_clear_error(tmp_path):
+    """A bad migration stops the writer process at start: open() says which database and
+    why, and leaves no process behind."""
+    bad = (Migration(1, "broken", "CREATE TABLE oops (;"),)
+    with pytest.raises(StorageError, match=r"cannot open the database .*lmbridge\.db.*syntax"):
+        await SQLiteStore.open(tmp_path / "lmbridge.db", bad)
+    assert not writer_processes()
+
+
+def writer_processes() -> list[int]:
+    """This test process's children that are writer processes (Linux)."""
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"writer_process" in cmdline:
+                found.append(int(child))
+    return found
