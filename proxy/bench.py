@@ -135,20 +135,33 @@ async def throughput(
 
 
 def process_cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU time of a process (all its threads) and of its running
-    child processes (the daemon's SQLite writer), on Linux."""
+    """User plus system CPU time of a process (all its threads) and, for the daemon, of
+    its SQLite writer process, on Linux."""
     if pid is None:
         return None
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
     total = _own_cpu_seconds(pid)
     if total is None:
         return None
-    for child in children:
-        total += _own_cpu_seconds(int(child)) or 0.0
+    for writer in writer_processes(pid):
+        total += _own_cpu_seconds(writer) or 0.0
     return total
+
+
+def writer_processes(pid: int) -> list[int]:
+    """The daemon's writer processes (storage/writer_process.py), not the MCP servers it
+    runs, which are not lmbridge's own work."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        try:
+            if b"writer_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+        except OSError:
+            continue
+    return found
 
 
 def _own_cpu_seconds(pid: int) -> float | None:
@@ -515,6 +528,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 upstream_stats = await resp.json()
     finally:
         memory = peak_rss_mb(daemon.pid)
+        writer_memory = [peak_rss_mb(pid) for pid in writer_processes(daemon.pid)]
         daemon.terminate()
         await daemon.wait()
         if fake.stdin is not None:
@@ -532,6 +546,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": [r.__dict__ for r in results],
         "proxy_peak_rss_mb": memory,
+        "writer_peak_rss_mb": writer_memory[0] if writer_memory else None,
         "upstream": upstream_stats,
         "validation_us": await asyncio.to_thread(validation_cost_us),
     }
@@ -601,6 +616,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     if report["proxy_peak_rss_mb"] is not None:
         lines.append(f"\nproxy peak memory (VmHWM): {report['proxy_peak_rss_mb']:.1f} MB")
+    if report.get("writer_peak_rss_mb") is not None:
+        lines.append(f"its SQLite writer process: {report['writer_peak_rss_mb']:.1f} MB")
     return "\n".join(lines) + "\n"
 
 
