@@ -58,6 +58,7 @@ class _Child(asyncio.SubprocessProtocol):
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
         self.buffer = bytearray()
+        self.broken = False
         self.transport: asyncio.SubprocessTransport | None = None
         self.stdin: asyncio.WriteTransport | None = None
         self.hello: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
@@ -68,8 +69,20 @@ class _Child(asyncio.SubprocessProtocol):
         self.stdin = cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0))
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if self.broken:
+            return
         self.buffer += cast(bytes, data)
-        for value in split_frames(self.buffer):
+        try:
+            values = split_frames(self.buffer)
+        except Exception:
+            # Answers that cannot be read cannot be matched to their writes: stop this
+            # process, which fails every write waiting on it (connection_lost).
+            log.exception("unreadable answer from the writer process for %s", self.writer._path)
+            self.broken = True
+            if self.transport is not None:
+                self.transport.kill()
+            return
+        for value in values:
             if not self.hello.done():
                 self.hello.set_result(value)
             else:
