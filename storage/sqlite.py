@@ -156,17 +156,13 @@ class SQLiteStore:
         # The writer process creates the schema; the reader opens after it.
         writer = Writer(path, busy_ms=busy_ms, migrations=migrations)
         await writer.start()
+        reader: aiosqlite.Connection | None = None
         try:
             reader = await aiosqlite.connect(path, isolation_level=None)
-        except BaseException as exc:
-            await writer.close()
-            if isinstance(exc, sqlite3.Error):
-                raise StorageError(f"cannot open the database {path}: {exc}") from exc
-            raise
-        try:
             await _prepare_reader(reader, busy_ms)
         except BaseException as exc:
-            await reader.close()
+            if reader is not None:
+                await reader.close()
             await writer.close()
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"cannot open the database {path}: {exc}") from exc
