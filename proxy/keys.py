@@ -38,3 +38,5 @@ MODEL = web.RequestKey("model", str)
 OWNER = web.RequestKey("owner", str)
 # Set by a stream relay when the client went away before the end.
 CLIENT_GONE = web.RequestKey("client_gone", bool)
+# A stream whose headers are out: an error after that can only end it (middleware).
+OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 from aiohttp.typedefs import Handler
 
 from proxy.errors import (
@@ -20,12 +20,14 @@ from proxy.errors import (
     Unauthorized,
     error_body,
 )
+from proxy.jsontext import dumps_bytes
 from proxy.keys import (
     API_KEYS,
     CLIENT_GONE,
     CONFIG,
     METRICS,
     MODEL,
+    OPEN_STREAM,
     OWNER,
     REQUEST_ID,
     REQUEST_LOG,
@@ -76,37 +78,20 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         try:
             authenticate(request)
             response = await handler(request)
-        except LMBridgeError as exc:
-            response = _error_response(exc.status, exc.body(), exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             response = _error_response(exc.status, _http_error_body(request, exc), None)
-        except StorageError as exc:
-            # Disk full, locked by another process, the writer process gone: the daemon
-            # cannot keep what it would acknowledge, so the client is told to retry.
-            log.error("storage failed: %s", exc, extra={"fields": {"request_id": request_id}})
-            body = error_body(
-                "lmbridge could not use its database, so nothing of this request was kept "
-                f"(request id {request_id}); retry, and see the daemon's log if it persists.",
-                "server_error",
-                None,
-                "storage_unavailable",
-            )
-            response = _error_response(503, body, None)
         except asyncio.CancelledError:
             status = 499  # the client went away (nginx's convention)
             raise
-        except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            body = error_body(
-                f"lmbridge failed while handling this request (request id {request_id}); "
-                "see the daemon's log.",
-                "server_error",
-                None,
-                "internal_error",
-            )
-            response = _error_response(500, body, None)
+        except Exception as exc:
+            code, body = describe_error(exc, request_id)
+            stream = request.get(OPEN_STREAM)
+            if stream is None:
+                response = _error_response(code, body, exc)
+            else:
+                response = await _end_stream(request, stream, body)
         status = 499 if request.get(CLIENT_GONE) else response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
@@ -132,9 +117,49 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
 _QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
 
 
-def _error_response(
-    status: int, body: dict[str, object], exc: LMBridgeError | None
-) -> web.Response:
+def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, object]]:
+    """The status and OpenAI error body for an exception out of a handler, and the log
+    line the operator needs. Used as the response here, and as the ``error`` event of a
+    stream that had already begun (proxy/responses/routes.py)."""
+    if isinstance(exc, LMBridgeError):
+        return exc.status, exc.body()
+    fields = {"fields": {"request_id": request_id}}
+    if isinstance(exc, StorageError):
+        # Disk full, locked by another process, the writer process gone: the daemon
+        # cannot keep what it would acknowledge, so the client is told to retry.
+        log.error("storage failed: %s", exc, extra=fields)
+        return 503, error_body(
+            "lmbridge could not use its database, so nothing of this request was kept "
+            f"(request id {request_id}); retry, and see the daemon's log if it persists.",
+            "server_error",
+            None,
+            "storage_unavailable",
+        )
+    log.error("unhandled error", exc_info=exc, extra=fields)
+    return 500, error_body(
+        f"lmbridge failed while handling this request (request id {request_id}); "
+        "see the daemon's log.",
+        "server_error",
+        None,
+        "internal_error",
+    )
+
+
+async def _end_stream(
+    request: web.Request, stream: web.StreamResponse, body: dict[str, object]
+) -> web.StreamResponse:
+    """Its status and part of its body are out: no error response can follow. The error
+    goes as the stream's last event (the shape of the OpenAI SDKs' streaming errors),
+    so that the client raises it instead of waiting for an end that never comes."""
+    try:
+        await stream.write(b"data: " + dumps_bytes(body) + b"\n\n")
+        await stream.write_eof()
+    except (ConnectionResetError, ClientConnectionResetError):
+        request[CLIENT_GONE] = True
+    return stream
+
+
+def _error_response(status: int, body: dict[str, object], exc: Exception | None) -> web.Response:
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float) and retry_after > 0:

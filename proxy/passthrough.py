@@ -30,6 +30,7 @@ from proxy.keys import (
     MCP,
     METRICS,
     MODEL,
+    OPEN_STREAM,
     REQUEST_ID,
     STARTED,
     UPSTREAM,
@@ -179,6 +180,7 @@ async def relay_stream(
     failure: UpstreamError | None = None
     try:
         await response.prepare(request)
+        request[OPEN_STREAM] = response
         async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
             try:
                 async for chunk in chunks:

@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy import chat_upstream
 from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import CONFIG, MCP, METRICS, OWNER, REQUEST_ID, TURNS, UPSTREAM
+from proxy.keys import CONFIG, MCP, METRICS, OPEN_STREAM, OWNER, REQUEST_ID, TURNS, UPSTREAM
 from proxy.mcp.loop import LIMIT_NOTE, LoopResult, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.results import ToolOutput
@@ -112,6 +112,7 @@ async def _stream(
                 "X-Accel-Buffering": "no", REQUEST_ID_HEADER: request[REQUEST_ID], **headers,
             })  # fmt: skip
             await response.prepare(request)
+            request[OPEN_STREAM] = response
         return response
 
     async def emit(chunks: list[dict[str, Any]]) -> None:

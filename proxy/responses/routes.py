@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from proxy.errors import BadRequest, NotFound
 from proxy.jsontext import dumps
-from proxy.keys import CONFIG, MODEL, OWNER, REQUEST_ID, RESPONSES
-from proxy.middleware import REQUEST_ID_HEADER
+from proxy.keys import CLIENT_GONE, CONFIG, MODEL, OPEN_STREAM, OWNER, REQUEST_ID, RESPONSES
+from proxy.middleware import REQUEST_ID_HEADER, describe_error
 from proxy.passthrough import read_json_object
 from proxy.responses.builder import Event
 from proxy.responses.objects import conversation_object, deleted, list_page
@@ -72,16 +72,42 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
         REQUEST_ID_HEADER: request[REQUEST_ID],
     })  # fmt: skip
     await response.prepare(request)
+    request[OPEN_STREAM] = response
     return response
 
 
 async def _stream(request: web.Request, events: AsyncIterator[Event]) -> web.StreamResponse:
     response = await _open_sse(request)
-    async for event in events:
-        await response.write(_frame([event]))
+    sequence = 0
+    try:
+        async for event in events:
+            await response.write(_frame([event]))
+            sequence = int(event.get("sequence_number", sequence)) + 1
+    except Exception as exc:
+        await _end_with_error(request, response, exc, sequence)
+        return response
     await response.write(DONE_EVENT)
     await response.write_eof()
     return response
+
+
+async def _end_with_error(
+    request: web.Request, response: web.StreamResponse, exc: Exception, sequence: int
+) -> None:
+    """A stream under way cannot change its status any more: it ends with the Responses
+    API's ``error`` event, saying what the status and body would have said."""
+    if isinstance(exc, ConnectionResetError | ClientConnectionResetError):
+        request[CLIENT_GONE] = True
+        return
+    _, body = describe_error(exc, request[REQUEST_ID])
+    error = cast(dict[str, Any], body["error"])
+    event = {"type": "error", "code": error["code"], "message": error["message"],
+             "param": error["param"], "sequence_number": sequence}  # fmt: skip
+    try:
+        await response.write(_frame([event]))
+        await response.write_eof()
+    except (ConnectionResetError, ClientConnectionResetError):
+        request[CLIENT_GONE] = True
 
 
 # --- responses ---------------------------------------------------------------
@@ -105,7 +131,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if events:
             await response.write(_frame(events))
 
-    await service.execute(run, sink)
+    try:
+        await service.execute(run, sink)
+    except Exception as exc:
+        await _end_with_error(request, response, exc, run.builder.sequence)
+        return response
     await response.write(DONE_EVENT)
     await response.write_eof()
     return response

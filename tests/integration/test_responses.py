@@ -705,3 +705,24 @@ async def test_responses_go_on_after_the_writer_process_is_killed(proxy):
     assert store._writer.pid not in (None, pid)
     for response_id in (first["id"], second["id"]):
         assert (await proxy.get(f"{R}/{response_id}")).status == 200
+
+
+async def test_a_streamed_response_that_cannot_be_stored_ends_with_an_error_event(proxy, caplog):
+    """The stream has begun (200 sent) when the save fails: it ends with the Responses
+    API's error event instead of hanging or stopping mid-way, and the log says why."""
+    store = proxy.server.app[STORE]
+    await store._writer.submit_alone(limit_pages, 2)
+    body = {"model": "test-model", "input": "x" * 100_000, "stream": True}
+    resp = await asyncio.wait_for(proxy.post(R, json=body), 10)
+    assert resp.status == 200
+    events = sse_events(await asyncio.wait_for(resp.read(), 10))
+    assert events[0]["type"] == "response.created"
+    last = events[-1]
+    assert last["type"] == "error"
+    assert last["code"] == "storage_unavailable"
+    assert "nothing of this request was kept" in last["message"]
+    numbers = [e["sequence_number"] for e in events]
+    assert numbers == sorted(set(numbers))
+    assert "full" in caplog.text
+    created = events[0]["response"]["id"]
+    assert (await proxy.get(f"{R}/{created}")).status == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from proxy.chat_stream import StreamObserver
 from tests.fake_upstream import CHAT, Reply, chunk, text_stream
 
 REQUEST = {"model": "test-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -148,3 +149,35 @@ async def test_an_error_event_inside_a_stream_is_relayed_and_counted(proxy, fake
     assert 'lmbridge_upstream_failures_total{reason="stream_error"} 1.0' in metrics
     assert "error inside its stream (server_error, generation_failed)" in caplog.text
     assert "my secret" not in caplog.text
+
+
+async def test_a_failure_after_the_stream_began_ends_it_with_an_error_event(
+    proxy, fake_upstream, monkeypatch, caplog
+):
+    """Once the status and first events are out, an error (here a bug, injected: nothing
+    else fails there) cannot become an error response: the stream ends with an error
+    event the SDKs raise, instead of leaving the client waiting, and the log has it."""
+    calls = 0
+    feed = StreamObserver.feed
+
+    def failing_feed(self: StreamObserver, chunk: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("injected")
+        return feed(self, chunk)
+
+    monkeypatch.setattr(StreamObserver, "feed", failing_feed)
+    release = asyncio.Event()
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk("a"), release, chunk("b"), chunk(finish="stop")])
+    )
+    resp = await proxy.post(CHAT, json=REQUEST)
+    assert resp.status == 200
+    await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+    release.set()
+    lines = data_lines(await asyncio.wait_for(resp.read(), 5))
+    error = json.loads(lines[-1])["error"]
+    assert error["code"] == "internal_error"
+    assert "request id" in error["message"]
+    assert "RuntimeError: injected" in caplog.text
