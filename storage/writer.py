@@ -156,6 +156,13 @@ class Writer:
         if kind != "ready":
             await self._stop(child)
             raise StorageError(str(detail))
+        if child.gone.done():
+            raise StorageError(f"the writer process for {self._path} exited right after start")
+        if self._closing:  # close() came while this process started: it is not needed
+            if child.stdin is not None:
+                child.stdin.close()
+            await child.gone
+            raise StorageError(f"the database {self._path} is closed")
         self._child = child
 
     async def ensure_running(self) -> None:
@@ -183,6 +190,9 @@ class Writer:
     async def close(self) -> None:
         """Commit the writes already handed over, then stop the process."""
         self._closing = True
+        if self._starting is not None:
+            async with self._starting:
+                pass  # a start under way sees _closing and stops its process itself
         child = self._child
         if child is None:
             return
@@ -200,6 +210,8 @@ class Writer:
             raise StorageError(f"the database {self._path} is closed")
         if self._child is None:
             await self.ensure_running()
+            if self._child is None:  # closed while this write waited for a start
+                raise StorageError(f"the database {self._path} is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._outbox.append((self._reference(apply), in_transaction, arg))
         self._waiting.append(future)

@@ -362,3 +362,20 @@ def writer_processes() -> list[int]:
             if b"writer_process" in cmdline:
                 found.append(int(child))
     return found
+
+
+async def test_closing_while_a_new_writer_process_starts(tmp_path):
+    """A write that is waiting for a replacement process when the store closes fails as
+    closed; the replacement does not outlive the store."""
+    store = await SQLiteStore.open(tmp_path / "lmbridge.db", clock=lambda: NOW)
+    os.kill(writer_pid(store), signal.SIGKILL)
+    for _ in range(200):
+        if store._writer.pid is None:
+            break
+        await asyncio.sleep(0.01)
+    save = asyncio.create_task(store.save_response(response("resp_1")))
+    await asyncio.sleep(0)  # the save starts a new process
+    await store.close()
+    with pytest.raises(StorageError, match="closed"):
+        await asyncio.wait_for(save, 10)
+    assert not writer_processes()
