@@ -224,7 +224,11 @@ class Writer:
         ref = self._refs.get(apply)
         if ref is None:
             ref = reference(apply)
-            if resolve(ref) is not apply:
+            try:
+                found = resolve(ref)
+            except (ImportError, AttributeError):
+                found = None
+            if found is not apply:
                 raise TypeError(f"{apply!r} is not a module-level write function")
             self._refs[apply] = ref
         return ref

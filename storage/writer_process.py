@@ -302,9 +302,23 @@ class _Input:
                 for ref, in_transaction, arg in jobs:
                     apply = self._applies.get(ref)
                     if apply is None:
-                        apply = self._applies[ref] = resolve(ref)
+                        apply = self._applies[ref] = _resolve_or_fail(ref)
                     self.pending.append(Job(apply, in_transaction, arg))
         return [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
+
+
+def _resolve_or_fail(ref: str) -> Apply[Any, Any]:
+    """The write function named ``ref``; if it cannot be found here, one that fails
+    each of its writes with the reason, so that only those writes fail."""
+    try:
+        return resolve(ref)
+    except Exception as exc:
+        error = exc
+
+        def unavailable(conn: sqlite3.Connection, args: Sequence[Any]) -> list[Any]:
+            raise error
+
+        return unavailable
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -10,6 +10,7 @@ import pickle
 import signal
 import sys
 import time
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -379,3 +380,39 @@ async def test_closing_while_a_new_writer_process_starts(tmp_path):
     with pytest.raises(StorageError, match="closed"):
         await asyncio.wait_for(save, 10)
     assert not writer_processes()
+
+
+async def test_a_write_function_the_process_cannot_find_fails_alone(store, monkeypatch):
+    """A write function the writer process cannot import (here one that exists only in
+    this process's memory) fails its own writes with the reason; the process and the
+    other writes go on."""
+    module = types.ModuleType("lmbridge_test_only_writes")
+
+    def nothing(conn: Any, args: Any) -> list[None]:
+        return [None for _ in args]
+
+    nothing.__module__ = module.__name__
+    nothing.__qualname__ = "nothing"
+    module.nothing = nothing  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    pid = writer_pid(store)
+    results = await asyncio.gather(
+        store._writer.submit(nothing, None),
+        store.save_response(response("resp_1")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ModuleNotFoundError)
+    assert results[1] is None
+    assert writer_pid(store) == pid
+    assert await store.get_response("resp_1", "alice") is not None
+
+
+async def test_a_write_function_must_be_found_by_its_name(store):
+    """The writer process finds write functions by module and name: a local function is
+    refused at once, with a message saying why."""
+
+    def local(conn: Any, args: Any) -> list[None]:
+        return [None for _ in args]
+
+    with pytest.raises(TypeError, match="module-level write function"):
+        await store._writer.submit(local, None)
