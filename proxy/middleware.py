@@ -20,7 +20,6 @@ from proxy.errors import (
     Unauthorized,
     error_body,
 )
-from proxy.jsontext import dumps_bytes
 from proxy.keys import (
     API_KEYS,
     CLIENT_GONE,
@@ -33,6 +32,7 @@ from proxy.keys import (
     REQUEST_LOG,
     STARTED,
 )
+from proxy.sse import encode_event
 from storage.errors import StorageError
 
 log = logging.getLogger("lmbridge.request")
@@ -91,7 +91,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             if stream is None:
                 response = _error_response(code, body, exc)
             else:
-                response = await _end_stream(request, stream, body)
+                response = await end_stream(request, stream, encode_event(body))
         status = 499 if request.get(CLIENT_GONE) else response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
@@ -123,6 +123,9 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
     stream that had already begun (proxy/responses/routes.py)."""
     if isinstance(exc, LMBridgeError):
         return exc.status, exc.body()
+    if isinstance(exc, ConnectionResetError | ClientConnectionResetError):
+        # A write to a client that went away: nothing failed, nobody is left to tell.
+        return 499, error_body("The client closed the connection.", "client_gone")
     fields = {"fields": {"request_id": request_id}}
     if isinstance(exc, StorageError):
         # Disk full, locked by another process, the writer process gone: the daemon
@@ -145,14 +148,15 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
     )
 
 
-async def _end_stream(
-    request: web.Request, stream: web.StreamResponse, body: dict[str, object]
+async def end_stream(
+    request: web.Request, stream: web.StreamResponse, last_event: bytes
 ) -> web.StreamResponse:
     """Its status and part of its body are out: no error response can follow. The error
-    goes as the stream's last event (the shape of the OpenAI SDKs' streaming errors),
-    so that the client raises it instead of waiting for an end that never comes."""
+    goes as the stream's last event (here the shape of the OpenAI SDKs' streaming
+    errors; the Responses routes send their API's own), so that the client raises it
+    instead of waiting for an end that never comes."""
     try:
-        await stream.write(b"data: " + dumps_bytes(body) + b"\n\n")
+        await stream.write(last_event)
         await stream.write_eof()
     except (ConnectionResetError, ClientConnectionResetError):
         request[CLIENT_GONE] = True

@@ -12,12 +12,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-from aiohttp import ClientConnectionResetError, web
+from aiohttp import web
 
 from proxy.errors import BadRequest, NotFound
 from proxy.jsontext import dumps
-from proxy.keys import CLIENT_GONE, CONFIG, MODEL, OPEN_STREAM, OWNER, REQUEST_ID, RESPONSES
-from proxy.middleware import REQUEST_ID_HEADER, describe_error
+from proxy.keys import CONFIG, MODEL, OPEN_STREAM, OWNER, REQUEST_ID, RESPONSES
+from proxy.middleware import REQUEST_ID_HEADER, describe_error, end_stream
 from proxy.passthrough import read_json_object
 from proxy.responses.builder import Event
 from proxy.responses.objects import conversation_object, deleted, list_page
@@ -96,18 +96,11 @@ async def _end_with_error(
 ) -> None:
     """A stream under way cannot change its status any more: it ends with the Responses
     API's ``error`` event, saying what the status and body would have said."""
-    if isinstance(exc, ConnectionResetError | ClientConnectionResetError):
-        request[CLIENT_GONE] = True
-        return
     _, body = describe_error(exc, request[REQUEST_ID])
     error = cast(dict[str, Any], body["error"])
     event = {"type": "error", "code": error["code"], "message": error["message"],
              "param": error["param"], "sequence_number": sequence}  # fmt: skip
-    try:
-        await response.write(_frame([event]))
-        await response.write_eof()
-    except (ConnectionResetError, ClientConnectionResetError):
-        request[CLIENT_GONE] = True
+    await end_stream(request, response, _frame([event]))
 
 
 # --- responses ---------------------------------------------------------------

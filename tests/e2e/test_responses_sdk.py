@@ -13,6 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from proxy.bench import writer_processes
 from tests.fake_upstream import CHAT, Reply, chat_completion, chunk, text_stream
 
 pytestmark = pytest.mark.e2e
@@ -197,11 +198,10 @@ async def test_background_response_polled(client, fake_upstream):
     assert response.output_text == "done"
 
 
-def child_pids(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    if not path.exists():
+def writers_of(pid: int) -> list[int]:
+    if not Path("/proc").exists():
         pytest.skip("needs Linux's /proc")
-    return [int(child) for child in path.read_text().split()]
+    return writer_processes(pid)
 
 
 def exited(pid: int) -> bool:
@@ -238,8 +238,8 @@ async def test_kill_9_and_restart_keeps_every_acknowledged_response(
             if len(fake_upstream.requests_to(CHAT)) > 20:
                 break
             await asyncio.sleep(0.01)
-    writers = child_pids(daemon.process.pid)
-    assert writers  # the SQLite writer; no MCP servers are configured
+    writers = writers_of(daemon.process.pid)
+    assert writers
     daemon.process.send_signal(signal.SIGKILL)
     await daemon.process.wait()
     # Its writer process sees the end of its input, commits what it had, and exits.
@@ -303,7 +303,7 @@ async def test_sigterm_to_every_process_of_the_service_keeps_the_response_in_fli
     stored complete; then both exit."""
     db = tmp_path / "drain.db"
     daemon = await start_daemon("--upstream", fake_upstream.url, "--db", str(db))
-    [writer] = child_pids(daemon.process.pid)
+    [writer] = writers_of(daemon.process.pid)
     fake_upstream.add_reply(
         CHAT, Reply(stream=[chunk("one"), 0.5, chunk(" two"), chunk(finish="stop")])
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from aiohttp import ClientConnectionResetError
 
 from proxy.errors import (
     BadRequest,
@@ -21,6 +22,8 @@ from proxy.errors import (
     UpstreamUnavailable,
     error_body,
 )
+from proxy.middleware import describe_error
+from storage.errors import StorageError
 
 KEYS = {"message", "type", "param", "code"}
 
@@ -328,3 +331,26 @@ def test_upstream_status_truncates_characters_not_bytes():
 def test_upstream_5xx_error_json_is_not_a_request_error(raw):
     """A 5xx whose body lacks an error type is typed upstream_error, like a plain-text 5xx."""
     assert UpstreamStatus(500, raw, "application/json").body()["error"]["type"] == "upstream_error"
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code", "logged"),
+    [
+        (BadRequest("bad", param="x"), 400, "invalid_request", None),
+        (StorageError("disk full"), 503, "storage_unavailable", "storage failed: disk full"),
+        (RuntimeError("a bug"), 500, "internal_error", "unhandled error"),
+        (ConnectionResetError("gone"), 499, None, None),
+        (ClientConnectionResetError("gone"), 499, None, None),
+    ],
+)
+def test_describe_error_is_the_one_mapping_of_exceptions(exc, status, code, logged, caplog):
+    """Every exception out of a handler (or out of a stream already under way) gets its
+    status, OpenAI body and log line here; a client that went away is not an error."""
+    got_status, body = describe_error(exc, "req_1")
+    assert got_status == status
+    assert set(body["error"]) == KEYS
+    assert body["error"]["code"] == code
+    if logged is None:
+        assert not caplog.records
+    else:
+        assert logged in caplog.text

@@ -18,6 +18,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from proxy.bench import writer_processes
 from storage.migrations import Migration
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError
@@ -255,6 +256,7 @@ def writer_pid(store: SQLiteStore) -> int:
 async def test_writes_run_in_a_process_of_their_own(store):
     pid = writer_pid(store)
     assert pid != os.getpid()
+    assert writer_processes(os.getpid()) == [pid]
     await store.save_response(response("resp_1"))
     assert writer_pid(store) == pid
 
@@ -348,21 +350,7 @@ async def test_a_writer_process_that_cannot_start_is_a_clear_error(tmp_path):
     bad = (Migration(1, "broken", "CREATE TABLE oops (;"),)
     with pytest.raises(StorageError, match=r"cannot open the database .*lmbridge\.db.*syntax"):
         await SQLiteStore.open(tmp_path / "lmbridge.db", bad)
-    assert not writer_processes()
-
-
-def writer_processes() -> list[int]:
-    """This test process's children that are writer processes (Linux)."""
-    found = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if b"writer_process" in cmdline:
-                found.append(int(child))
-    return found
+    assert not writer_processes(os.getpid())
 
 
 async def test_closing_while_a_new_writer_process_starts(tmp_path):
@@ -379,7 +367,7 @@ async def test_closing_while_a_new_writer_process_starts(tmp_path):
     await store.close()
     with pytest.raises(StorageError, match="closed"):
         await asyncio.wait_for(save, 10)
-    assert not writer_processes()
+    assert not writer_processes(os.getpid())
 
 
 async def test_a_write_function_the_process_cannot_find_fails_alone(store, monkeypatch):
