@@ -9,10 +9,10 @@ costs a handful of microseconds. No I/O.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
+from proxy.jsontext import loads
 from proxy.sse import SSEEvent, SSEParser
 
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
@@ -72,7 +72,7 @@ class StreamObserver:
             self.finished = True
         if _USAGE.search(data) or b'"error"' in data:
             try:
-                parsed = json.loads(data)
+                parsed = loads(data)
             except ValueError:
                 return
             if isinstance(parsed, dict):

@@ -6,14 +6,13 @@ stream as dicts. The pass-through routes relay bytes instead (proxy/passthrough.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
 
 from proxy.errors import UpstreamError
-from proxy.jsontext import dumps_bytes
+from proxy.jsontext import dumps_bytes, loads
 from proxy.sse import SSEParser
 from proxy.upstream import UpstreamClient
 
@@ -23,7 +22,7 @@ CHAT_PATH = "/v1/chat/completions"
 async def read_completion(upstream: UpstreamClient, resp: aiohttp.ClientResponse) -> dict[str, Any]:
     raw = await upstream.read_body(resp)
     try:
-        completion = json.loads(raw)
+        completion = loads(raw)
     except ValueError as exc:
         raise UpstreamError("The upstream answered with something that is not JSON.") from exc
     if not isinstance(completion, dict):
@@ -39,7 +38,7 @@ async def read_chunks(
     if resp.content_type != "text/event-stream":
         raw = await upstream.read_body(resp)
         with contextlib.suppress(ValueError):
-            data = json.loads(raw)
+            data = loads(raw)
             if isinstance(data, dict):
                 yield data
         return
@@ -60,7 +59,7 @@ async def read_chunks(
 
 def chunk_json(data: bytes) -> dict[str, Any] | None:
     try:
-        chunk = json.loads(data)
+        chunk = loads(data)
     except ValueError:
         return None
     if not isinstance(chunk, dict):

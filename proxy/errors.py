@@ -26,8 +26,9 @@ really failed (clients retry 5xx).
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from proxy.jsontext import loads
 
 
 class LMBridgeError(Exception):
@@ -147,7 +148,7 @@ def error_body(
 def _openai_error(raw: bytes, default_type: str) -> dict[str, Any] | None:
     """The upstream's body if it is an OpenAI-style error (a string ``error`` is lifted)."""
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict) or "error" not in data:

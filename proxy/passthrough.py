@@ -10,7 +10,6 @@ JSON body as received, or an SSE stream event by event as it arrives.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from aiohttp import web
 from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.errors import BadRequest, UpstreamError
-from proxy.jsontext import dumps_bytes
+from proxy.jsontext import JSONDecodeError, dumps_bytes, loads
 from proxy.keys import (
     API_KEYS,
     CATALOG,
@@ -92,10 +91,12 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
-    except json.JSONDecodeError as exc:
+        body = loads(raw)
+    except JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
         raise BadRequest(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
             f"{exc.colno}."

@@ -8,11 +8,10 @@ accepts ``\\n``, ``\\r\\n`` and ``\\r`` line endings, comments, multi-line
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.jsontext import dumps_bytes
+from proxy.jsontext import dumps_bytes, loads
 
 DONE = b"[DONE]"
 
@@ -27,7 +26,7 @@ class SSEEvent:
         return self.data.strip() == DONE
 
     def json(self) -> Any:
-        return json.loads(self.data)
+        return loads(self.data)
 
 
 class SSEParser:

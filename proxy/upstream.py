@@ -14,7 +14,6 @@ stream that has started is never retried.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import zlib
@@ -39,6 +38,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.jsontext import loads
 from proxy.metrics import Metrics
 
 log = logging.getLogger("lmbridge.upstream")
@@ -355,7 +355,7 @@ class UpstreamClient:
 
     def _json(self, path: str, raw: bytes) -> Any:
         try:
-            return json.loads(raw)
+            return loads(raw)
         except ValueError as exc:
             raise UpstreamError(
                 f"The upstream at {self.base_url} answered {path} with something that is not JSON."

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import time
@@ -36,7 +35,7 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.ids import new_id
-from proxy.jsontext import dumps
+from proxy.jsontext import dumps, loads
 from proxy.mcp.loop import LIMIT_NOTE
 from proxy.mcp.results import error_output
 from proxy.mcp.servers import MCPServers
@@ -246,7 +245,7 @@ class ResponsesService:
                     code="conversation_not_found",
                 )
             if items:
-                parsed = [json.loads(i.json) for i in items]
+                parsed = [loads(i.json) for i in items]
                 rendered = dumps(render.render_items(
                     parsed, tools.names, images=model.vision is not False,
                 ))  # fmt: skip
@@ -301,7 +300,7 @@ class ResponsesService:
             if item["type"] != "mcp_approval_response":
                 continue
             stored = await self.store.find_item(item["approval_request_id"], owner)
-            request_item = json.loads(stored.json) if stored is not None else None
+            request_item = loads(stored.json) if stored is not None else None
             if request_item is None or request_item.get("type") != "mcp_approval_request":
                 raise NotFound(
                     f"Approval request '{item['approval_request_id']}' not found.",
@@ -337,7 +336,7 @@ class ResponsesService:
                     f"Item with id '{item['id']}' not found.", param=f"input[{index}].id",
                     code="item_not_found",
                 )  # fmt: skip
-            resolved.append(json.loads(stored.json))
+            resolved.append(loads(stored.json))
         return resolved
 
     # --- running ----------------------------------------------------------
@@ -448,7 +447,7 @@ class ResponsesService:
         sink: Sink,
     ) -> None:
         try:
-            arguments = json.loads(pending.arguments or "{}")
+            arguments = loads(pending.arguments or "{}")
         except ValueError as exc:
             output = error_output(f"the arguments are not valid JSON ({exc})")
         else:
@@ -611,9 +610,9 @@ class ResponsesService:
         kept = await self.store.get_events(response_id, owner, starting_after=starting_after)
         if kept:
             for text in kept:
-                yield json.loads(text)
+                yield loads(text)
             return
-        for event in replay_events(json.loads(stored)):
+        for event in replay_events(loads(stored)):
             if starting_after is None or event["sequence_number"] > starting_after:
                 yield event
 
@@ -629,7 +628,7 @@ class ResponsesService:
 
     async def cancel(self, response_id: str, owner: str) -> str:
         stored = await self.get(response_id, owner)
-        body = json.loads(stored)
+        body = loads(stored)
         if not body.get("background"):
             raise BadRequest(
                 "Only responses created with 'background': true can be cancelled.",
@@ -656,7 +655,7 @@ class ResponsesService:
         )
         if page is None:
             raise _response_not_found(response_id)
-        return list_page([json.loads(i.json) for i in page.items], page.has_more)
+        return list_page([loads(i.json) for i in page.items], page.has_more)
 
     # --- counting and compacting ------------------------------------------
 
@@ -674,7 +673,7 @@ class ResponsesService:
             "POST", CHAT_PATH, body=render.chat_body_bytes(settings, messages, stream=False),
             route=ROUTE,
         )  # fmt: skip
-        completion = json.loads(await self.upstream.read_body(resp) or b"{}")
+        completion = loads(await self.upstream.read_body(resp) or b"{}")
         usage = usage_from_chat(completion.get("usage") if isinstance(completion, dict) else None)
         if usage and usage["input_tokens"]:
             return int(usage["input_tokens"])
@@ -706,7 +705,7 @@ class ResponsesService:
             body=render.chat_body_bytes(settings, dumps(request_messages), stream=False),
             route=ROUTE,
         )  # fmt: skip
-        completion = json.loads(await self.upstream.read_body(resp))
+        completion = loads(await self.upstream.read_body(resp))
         names = ToolNames()
         builder = ResponseBuilder({}, names, ids=self.ids, clock=self.clock)
         builder.feed_completion(completion)
@@ -764,7 +763,7 @@ def _response_json(response: dict[str, Any], output: tuple[StoredItem, ...]) -> 
 
 def _transcript(messages_json: str) -> str:
     lines = []
-    for message in json.loads(messages_json):
+    for message in loads(messages_json):
         content = message.get("content")
         if isinstance(content, list):
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))

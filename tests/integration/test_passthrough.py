@@ -157,13 +157,16 @@ async def test_alias_is_rewritten_to_the_upstream_id(make_proxy, fake_upstream):
     """A configured alias is replaced by the upstream id before forwarding."""
     fake_upstream.models = ["qwen/qwen3-4b"]
     proxy = await make_proxy(models__aliases={"gpt-4o-mini": "qwen/qwen3-4b"})
+    seed = 123456789012345678901234567890  # beyond 64 bits: must not become a float
     resp = await proxy.post(
-        CHAT, json={"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0.5}
+        CHAT,
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0.5, "seed": seed},
     )
     assert resp.status == 200
     seen = fake_upstream.requests_to(CHAT)[0].body
     assert seen["model"] == "qwen/qwen3-4b"
     assert seen["temperature"] == 0.5
+    assert seen["seed"] == seed and isinstance(seen["seed"], int)
     listed = await (await proxy.get("/v1/models")).json()
     assert {"id": "gpt-4o-mini", "alias_for": "qwen/qwen3-4b"}.items() <= next(
         m for m in listed["data"] if m["id"] == "gpt-4o-mini"
@@ -272,6 +275,7 @@ async def test_upstream_plain_text_error_gets_the_openai_shape(proxy, fake_upstr
     ("body", "param", "fragment"),
     [
         (b"{not json", None, "not valid JSON"),
+        (b'{"model": "test-model", "messages": [], "temperature": NaN}', None, "not valid JSON"),
         (b"", None, "empty"),
         (b"[1, 2]", None, "must be a JSON object"),
         (b'"text"', None, "must be a JSON object"),
