@@ -344,6 +344,11 @@ def main() -> None:
     # cut it short while the daemon is still draining requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A batch worker: its wake-ups (a frame arrived) must not preempt the daemon's
+    # event loop on a shared core; it still gets its fair share of the CPU. Measured
+    # with the bench's stored responses on 2 cores: +3.7% requests/s, twice.
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     # stdout carries frames only: anything printed by mistake goes to stderr instead.
     out_fd = os.dup(1)
     os.dup2(2, 1)

@@ -309,6 +309,13 @@ async def test_the_writer_process_outlives_signals_to_the_service(store):
     assert writer_pid(store) == pid
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+async def test_the_writer_process_does_not_preempt_the_event_loop(store):
+    """Its wake-ups do not push the daemon's event loop off its core: SCHED_BATCH."""
+    assert os.sched_getscheduler(writer_pid(store)) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH
+
+
 async def test_a_write_that_cannot_be_sent_fails_alone(store):
     """An argument that cannot be handed to the writer process (a caller bug) fails its
     own write with the error; the writes sent with it commit."""
