@@ -567,7 +567,7 @@ class ResponsesService:
         conversation_items: tuple[StoredItem, ...] = ()
         if request.conversation_id is not None and finished:
             conversation_items = input_items + output_items
-        body = _response_json(response, output_items)
+        body = dumps(response)
         record = ResponseRecord(
             id=run.id,
             owner=run.prepared.owner,
@@ -752,13 +752,6 @@ class ResponsesService:
 
 def _stored(item: dict[str, Any]) -> StoredItem:
     return StoredItem(item["id"], dumps(item))
-
-
-def _response_json(response: dict[str, Any], output: tuple[StoredItem, ...]) -> str:
-    """The Response as JSON, its output spliced in from the items' own JSON (serialised
-    once, for the item rows)."""
-    rest = dumps({k: v for k, v in response.items() if k != "output"})
-    return rest[:-1] + ',"output":[' + ",".join(i.json for i in output) + "]}"
 
 
 def _transcript(messages_json: str) -> str:
