@@ -48,6 +48,16 @@ def loads(data: bytes | str) -> Any:
         raise JSONDecodeError(str(exc), text, max(text.find(exc.literal), 0)) from None
 
 
+def loads_stored(text: str | bytes) -> Any:
+    """Parse JSON that lmbridge stored itself. Versions before orjson wrote Python's
+    ``NaN`` and ``Infinity`` for non-finite floats (a tool schema could carry one);
+    what was acknowledged then must stay readable."""
+    try:
+        return loads(text)
+    except JSONDecodeError:
+        return json.loads(text)
+
+
 def dumps_bytes(value: Any) -> bytes:
     """Compact JSON as UTF-8 bytes."""
     try:

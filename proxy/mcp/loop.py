@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.jsontext import JSONDecodeError, loads
 from proxy.mcp.names import ToolDirectory, ToolRef
 from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.rounds import Call, Round, chat_usage, sum_usage
@@ -185,8 +186,8 @@ class ToolLoop:
                                          output, 0.0))  # fmt: skip
             return output
         try:
-            arguments = json.loads(call.arguments_text or "{}")
-        except json.JSONDecodeError as exc:
+            arguments = loads(call.arguments_text or "{}")
+        except JSONDecodeError as exc:
             output = error_output(
                 f"the arguments are not valid JSON ({exc.msg}); send a JSON "
                 "object that matches the tool's schema"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from proxy.jsontext import JSONDecodeError, dumps, dumps_bytes, loads
+from proxy.jsontext import JSONDecodeError, dumps, dumps_bytes, loads, loads_stored
 
 BIG = 123456789012345678901234567890
 
@@ -90,3 +90,11 @@ def test_non_finite_floats_are_written_as_null() -> None:
 def test_what_is_not_json_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="not JSON serializable"):
         dumps({"x": object()})
+
+
+def test_stored_json_of_older_versions_stays_readable() -> None:
+    """Before orjson, a non-finite float was stored as Python wrote it."""
+    stored = '{"tools":[{"parameters":{"maximum":Infinity,"minimum":NaN}}]}'
+    parsed = loads_stored(stored)
+    assert parsed["tools"][0]["parameters"]["maximum"] == float("inf")
+    assert loads_stored('{"a": 1}') == {"a": 1}
