@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.errors import BadRequest, UpstreamError
-from proxy.jsontext import JSONDecodeError, dumps_bytes, loads
+from proxy.jsontext import JSONDecodeError, dumps_bytes, loads_request
 from proxy.keys import (
     API_KEYS,
     CATALOG,
@@ -91,12 +91,10 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        body = loads(raw)
+        body = loads_request(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
     except JSONDecodeError as exc:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
         raise BadRequest(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
             f"{exc.colno}."

@@ -14,7 +14,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from proxy.errors import BadRequest, NotFound
-from proxy.jsontext import dumps, loads_stored
+from proxy.jsontext import dumps, loads
 from proxy.keys import CONFIG, MODEL, OPEN_STREAM, OWNER, REQUEST_ID, RESPONSES
 from proxy.middleware import REQUEST_ID_HEADER, describe_error, end_stream
 from proxy.passthrough import read_json_object
@@ -207,7 +207,7 @@ async def _conversation(request: web.Request) -> ConversationRecord:
 
 async def get_conversation(request: web.Request) -> web.Response:
     record = await _conversation(request)
-    return _json(conversation_object(record.id, record.created_at, loads_stored(record.metadata)))
+    return _json(conversation_object(record.id, record.created_at, loads(record.metadata)))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
@@ -258,7 +258,7 @@ async def list_items(request: web.Request) -> web.Response:
     )
     if page is None:
         raise _conversation_not_found(conversation_id)
-    return _json(list_page([loads_stored(i.json) for i in page.items], page.has_more))
+    return _json(list_page([loads(i.json) for i in page.items], page.has_more))
 
 
 async def get_item(request: web.Request) -> web.Response:
@@ -285,7 +285,7 @@ async def delete_item(request: web.Request) -> web.Response:
             f"Item with id '{item_id}' not found.", param="item_id", code="item_not_found"
         )
     record = await _conversation(request)
-    return _json(conversation_object(record.id, record.created_at, loads_stored(record.metadata)))
+    return _json(conversation_object(record.id, record.created_at, loads(record.metadata)))
 
 
 # --- parameters -------------------------------------------------------------

@@ -35,7 +35,7 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.ids import new_id
-from proxy.jsontext import dumps, loads, loads_stored
+from proxy.jsontext import dumps, loads
 from proxy.mcp.loop import LIMIT_NOTE
 from proxy.mcp.results import error_output
 from proxy.mcp.servers import MCPServers
@@ -245,7 +245,7 @@ class ResponsesService:
                     code="conversation_not_found",
                 )
             if items:
-                parsed = [loads_stored(i.json) for i in items]
+                parsed = [loads(i.json) for i in items]
                 rendered = dumps(render.render_items(
                     parsed, tools.names, images=model.vision is not False,
                 ))  # fmt: skip
@@ -300,7 +300,7 @@ class ResponsesService:
             if item["type"] != "mcp_approval_response":
                 continue
             stored = await self.store.find_item(item["approval_request_id"], owner)
-            request_item = loads_stored(stored.json) if stored is not None else None
+            request_item = loads(stored.json) if stored is not None else None
             if request_item is None or request_item.get("type") != "mcp_approval_request":
                 raise NotFound(
                     f"Approval request '{item['approval_request_id']}' not found.",
@@ -336,7 +336,7 @@ class ResponsesService:
                     f"Item with id '{item['id']}' not found.", param=f"input[{index}].id",
                     code="item_not_found",
                 )  # fmt: skip
-            resolved.append(loads_stored(stored.json))
+            resolved.append(loads(stored.json))
         return resolved
 
     # --- running ----------------------------------------------------------
@@ -610,9 +610,9 @@ class ResponsesService:
         kept = await self.store.get_events(response_id, owner, starting_after=starting_after)
         if kept:
             for text in kept:
-                yield loads_stored(text)
+                yield loads(text)
             return
-        for event in replay_events(loads_stored(stored)):
+        for event in replay_events(loads(stored)):
             if starting_after is None or event["sequence_number"] > starting_after:
                 yield event
 
@@ -628,7 +628,7 @@ class ResponsesService:
 
     async def cancel(self, response_id: str, owner: str) -> str:
         stored = await self.get(response_id, owner)
-        body = loads_stored(stored)
+        body = loads(stored)
         if not body.get("background"):
             raise BadRequest(
                 "Only responses created with 'background': true can be cancelled.",
@@ -655,7 +655,7 @@ class ResponsesService:
         )
         if page is None:
             raise _response_not_found(response_id)
-        return list_page([loads_stored(i.json) for i in page.items], page.has_more)
+        return list_page([loads(i.json) for i in page.items], page.has_more)
 
     # --- counting and compacting ------------------------------------------
 
@@ -756,7 +756,7 @@ def _stored(item: dict[str, Any]) -> StoredItem:
 
 def _transcript(messages_json: str) -> str:
     lines = []
-    for message in loads_stored(messages_json):
+    for message in loads(messages_json):
         content = message.get("content")
         if isinstance(content, list):
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))

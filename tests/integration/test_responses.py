@@ -427,6 +427,26 @@ async def test_context_exceeded_is_400_unless_truncation_auto(proxy, fake_upstre
     assert sent(fake_upstream)["messages"] == [{"role": "user", "content": "new"}]
 
 
+async def test_upstream_json_that_only_python_reads_is_not_dropped(proxy, fake_upstream):
+    """An upstream written in Python may put -Infinity in a chunk (a logprob) and a
+    64-bit-plus integer in a completion: the text and the value come through."""
+    odd = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hel"},"logprobs":{"content":['
+        b'{"token":"Hel","logprob":-Infinity}]}}]}\n\n'
+    )
+    fake_upstream.add_reply(CHAT, Reply(stream=[odd, chunk("lo"), chunk(finish="stop")]))
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x", "stream": True})
+    events = sse_events(await resp.read())
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "Hello"
+
+    big = chat_completion("Fine.")
+    big["system_fingerprint"] = 123456789012345678901234567890
+    fake_upstream.add_reply(CHAT, Reply(json=big))
+    body = await create(proxy, input="y")
+    assert body["output"][0]["content"][0]["text"] == "Fine."
+
+
 async def test_streamed_response_events(proxy, fake_upstream):
     """stream: true sends OpenAI's event sequence, each as event: + data:, then [DONE];
     the stored response equals the one in response.completed."""

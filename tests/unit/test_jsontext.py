@@ -1,7 +1,8 @@
 """jsontext: orjson's speed with the standard library's values.
 
-It writes what json.dumps(ensure_ascii=False, compact) writes, reads every integer
-exactly, and refuses what is not JSON (NaN, Infinity, numbers beyond a double).
+It writes what json.dumps(ensure_ascii=False, compact) writes and reads every integer
+exactly; ``loads`` reads what Python's json reads, ``loads_request`` (client bodies)
+refuses what is not JSON (NaN, Infinity, numbers beyond a double).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.jsontext import JSONDecodeError, dumps, dumps_bytes, loads, loads_stored
+from proxy.jsontext import JSONDecodeError, dumps, dumps_bytes, loads, loads_request
 
 BIG = 123456789012345678901234567890
 
@@ -40,13 +41,15 @@ def test_reads_back_what_it_wrote(value: Any) -> None:
     expected = json.loads(text)
     assert loads(text) == expected
     assert loads(text.encode()) == expected
+    assert loads_request(text.encode()) == expected
 
 
 def test_integers_beyond_64_bits_stay_integers() -> None:
     """orjson alone would read them as floats and change the client's value."""
-    parsed = loads(b'{"seed": 123456789012345678901234567890, "x": [-99999999999999999999]}')
-    assert parsed == {"seed": BIG, "x": [-99999999999999999999]}
-    assert isinstance(parsed["seed"], int)
+    text = b'{"seed": 123456789012345678901234567890, "x": [-99999999999999999999]}'
+    for parsed in (loads(text), loads_request(text)):
+        assert parsed == {"seed": BIG, "x": [-99999999999999999999]}
+        assert isinstance(parsed["seed"], int)
     # Nineteen digits inside a string take the same exact path and read the same.
     assert loads('{"text": "call 1234567890123456789", "n": 1.5}') == {
         "text": "call 1234567890123456789",
@@ -64,14 +67,35 @@ def test_integers_beyond_64_bits_stay_integers() -> None:
         b'{"seed": 123456789012345678901234567890, "a": 1e400}',
         b'{"a": 1',
         b'{"a": 1} trailing',
-        b"\xff\xfe",
     ],
 )
-def test_what_is_not_json_is_refused_with_a_position(text: bytes) -> None:
+def test_a_request_body_that_is_not_json_is_refused_with_a_position(text: bytes) -> None:
     with pytest.raises(JSONDecodeError) as caught:
-        loads(text)
+        loads_request(text)
     assert caught.value.lineno >= 1 and caught.value.colno >= 1
     assert caught.value.msg
+
+
+def test_a_request_body_must_be_utf8() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        loads_request(b'{"a": "\xff"}')
+    with pytest.raises(UnicodeDecodeError):
+        loads_request('{"model": "x"}'.encode("utf-16"))
+
+
+def test_a_lone_surrogate_escape_is_read_as_before() -> None:
+    """orjson refuses it; clients that cut a string inside an emoji send it."""
+    assert loads_request(b'{"text": "\\ud83d"}') == {"text": "\ud83d"}
+
+
+def test_upstream_and_stored_json_is_read_as_python_reads_it() -> None:
+    """An upstream written in Python may send NaN or -Infinity (a logprob), and versions
+    before orjson stored non-finite floats that way: both stay readable."""
+    parsed = loads('{"logprob":-Infinity,"schema":{"minimum":NaN},"n":1}')
+    assert parsed["logprob"] == float("-inf") and parsed["n"] == 1
+    assert loads(b'{"a": 1}') == {"a": 1}
+    with pytest.raises(JSONDecodeError):
+        loads(b'{"a": 1')
 
 
 def test_floats_read_back_the_same() -> None:
@@ -90,11 +114,3 @@ def test_non_finite_floats_are_written_as_null() -> None:
 def test_what_is_not_json_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="not JSON serializable"):
         dumps({"x": object()})
-
-
-def test_stored_json_of_older_versions_stays_readable() -> None:
-    """Before orjson, a non-finite float was stored as Python wrote it."""
-    stored = '{"tools":[{"parameters":{"maximum":Infinity,"minimum":NaN}}]}'
-    parsed = loads_stored(stored)
-    assert parsed["tools"][0]["parameters"]["maximum"] == float("inf")
-    assert loads_stored('{"a": 1}') == {"a": 1}
