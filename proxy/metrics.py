@@ -7,11 +7,17 @@ not the raw path, and ``model`` is a model the upstream actually listed or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -19,6 +25,64 @@ _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 )  # fmt: skip
+_BUCKET_NAMES = (*(repr(b) for b in _LATENCY_BUCKETS), "+Inf")  # as prometheus-client names them
+
+
+class LabelledCounter:
+    """A counter per label values, kept as plain numbers and read at scrape time.
+
+    prometheus-client takes a lock on every increment and observation; a request's
+    six cost 3.2 µs that way and 0.6 µs here (everything runs on the event loop's
+    thread). The rare metrics stay prometheus-client's own.
+    """
+
+    __slots__ = ("documentation", "labels", "name", "values")
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = tuple(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class LabelledHistogram:
+    """A histogram per label values, like ``LabelledCounter``."""
+
+    __slots__ = ("counts", "documentation", "labels", "name", "sums")
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = tuple(labels)
+        # Per label values: observations per bucket (not cumulative; the last is +Inf).
+        self.counts: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], float] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        counts = self.counts.get(labels)
+        if counts is None:
+            counts = self.counts[labels] = [0] * (len(_LATENCY_BUCKETS) + 1)
+            self.sums[labels] = 0.0
+        counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.sums[labels] += seconds
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, counts in self.counts.items():
+            cumulative = list(accumulate(counts))
+            buckets = [(_BUCKET_NAMES[i], float(n)) for i, n in enumerate(cumulative)]
+            family.add_metric(labels, buckets, self.sums[labels])
+        return family
 
 
 class Metrics:
@@ -27,42 +91,46 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # Touched by every request: our own types (see LabelledCounter), collected below.
+        self.requests = LabelledCounter(
             "lmbridge_requests",
             "Requests answered, by route, model and status.",
             ["route", "model", "status"],
-            registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = LabelledHistogram(
             "lmbridge_request_duration_seconds",
             "Time from request received to response complete (whole stream included).",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = LabelledHistogram(
             "lmbridge_upstream_duration_seconds",
             "Time from sending a request upstream to its response headers.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttft_seconds = Histogram(
+        self.ttft_seconds = LabelledHistogram(
             "lmbridge_time_to_first_token_seconds",
             "Streams: time from request received to the first data event relayed.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = LabelledCounter(
             "lmbridge_tokens",
             "Tokens reported by the upstream's usage, by model and direction (in, out).",
             ["model", "direction"],
-            registry=r,
         )
-        self.in_flight = Gauge(
-            "lmbridge_requests_in_flight", "Requests being handled now.", registry=r
-        )
+        self.in_flight = 0
+        hot = (self.requests, self.request_seconds, self.upstream_seconds, self.ttft_seconds,
+               self.tokens)  # fmt: skip
+        metrics = self
+
+        class HotCollector(Collector):
+            def collect(self) -> Iterable[Metric]:
+                for metric in hot:
+                    yield metric.family()
+                yield GaugeMetricFamily(
+                    "lmbridge_requests_in_flight", "Requests being handled now.", metrics.in_flight
+                )
+
+        r.register(HotCollector())
         self.retries = Counter(
             "lmbridge_upstream_retries", "Upstream attempts retried.", ["reason"], registry=r
         )
@@ -98,9 +166,6 @@ class Metrics:
             ["server"],
             registry=r,
         )
-        self._request_children: dict[tuple[str, str, int], Any] = {}
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._duration_children: dict[str, Any] = {}
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
             "Reads of the upstream's model list, by outcome.",
@@ -143,19 +208,11 @@ class Metrics:
         self.registry.register(MCPCollector())
 
     def count_request(self, route: str, model: str, status: int, seconds: float) -> None:
-        # Label lookups cost microseconds each; the children are cached per label set.
-        key = (route, model, status)
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self._request_children[key] = self.requests.labels(route, model, str(status))
-        counter.inc()
-        histogram = self._duration_children.get(route)
-        if histogram is None:
-            histogram = self._duration_children[route] = self.request_seconds.labels(route)
-        histogram.observe(seconds)
+        self.requests.inc((route, model, str(status)))
+        self.request_seconds.observe((route,), seconds)
 
     def requests_in_flight(self) -> int:
-        return int(next(iter(self.in_flight.collect())).samples[0].value)
+        return self.in_flight
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -173,16 +230,9 @@ class Metrics:
 
     def record_tokens(self, model: str, prompt: int, completion: int) -> None:
         if prompt > 0:
-            self._child(self.tokens, (model, "in")).inc(prompt)
+            self.tokens.inc((model, "in"), prompt)
         if completion > 0:
-            self._child(self.tokens, (model, "out")).inc(completion)
+            self.tokens.inc((model, "out"), completion)
 
     def observe_upstream(self, route: str, seconds: float) -> None:
-        self._child(self.upstream_seconds, (route,)).observe(seconds)
-
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self.upstream_seconds.observe((route,), seconds)

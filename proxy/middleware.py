@@ -72,7 +72,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     request[STARTED] = started
     app = request.app
     metrics = app[METRICS]
-    metrics.in_flight.inc()
+    metrics.in_flight += 1
     status = 500
     try:
         try:
@@ -97,7 +97,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
     finally:
-        metrics.in_flight.dec()
+        metrics.in_flight -= 1
         elapsed = time.perf_counter() - started
         route = _route_label(request)
         model = request.get(MODEL, "-")

@@ -186,8 +186,8 @@ async def relay_stream(
                     await response.write(chunk)
                     if observer.data_events == 0:
                         if observer.feed(chunk):
-                            metrics.ttft_seconds.labels(model).observe(
-                                time.perf_counter() - request[STARTED]
+                            metrics.ttft_seconds.observe(
+                                (model,), time.perf_counter() - request[STARTED]
                             )
                     else:
                         observer.feed(chunk)
