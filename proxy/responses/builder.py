@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from proxy.ids import new_id
@@ -71,6 +72,11 @@ def add_usage(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, A
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+# What _event returns when nobody will see the events (a non-streamed foreground
+# response): one shared, empty placeholder instead of a dict per event.
+_UNSEEN: Event = MappingProxyType({})  # type: ignore[assignment]
 
 
 def _same(value: Any) -> Any:
@@ -139,12 +145,15 @@ class ResponseBuilder:
         self.usage: dict[str, Any] | None = None
         self.mcp = mcp or {}
         self._earlier_usage: dict[str, Any] | None = None  # of the rounds before this one
-        # Without a stream to feed, events are thrown away: skip copying into them.
+        # Without a stream to feed, events are thrown away: skip building them.
+        self._emit = emit
         self._copy: Callable[[Any], Any] = copy.deepcopy if emit else _same
 
     # --- events -----------------------------------------------------------
 
     def _event(self, kind: str, **fields: Any) -> Event:
+        if not self._emit:
+            return _UNSEEN
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return event
