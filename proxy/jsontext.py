@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import orjson
 
 JSONDecodeError = json.JSONDecodeError  # orjson's is a subclass
 
-_LONG_DIGITS = re.compile(rb"\d{19}")
-_LONG_DIGITS_TEXT = re.compile(r"\d{19}")
+# Digits to "9", every other byte to ".": a run of 19 digits becomes a run of 19 "9"s,
+# found by a plain substring search (0.5 ns a byte; a regex took 8).
+_DIGITS_ONLY = bytes(0x39 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
+_NINETEEN_DIGITS = b"9" * 19
 _STDLIB_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 
@@ -74,9 +75,8 @@ def dumps(value: Any) -> str:
 
 
 def _orjson_reads_exactly(data: bytes | str) -> bool:
-    if isinstance(data, str):
-        return _LONG_DIGITS_TEXT.search(data) is None
-    return _LONG_DIGITS.search(data) is None
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return _NINETEEN_DIGITS not in raw.translate(_DIGITS_ONLY)
 
 
 class _NotJson(ValueError):
