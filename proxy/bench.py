@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.bench_placement import Placement
 from proxy.bench_upstream import BENCH_MODEL, REPLY_TEXT
 
 
@@ -72,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--real-turns", type=int, default=6, help="turns of the --real chain (default 6)"
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the kernel place the processes (default on Linux: lmbridge gets a CPU of "
+        "its own in proxied rounds; see proxy/bench_placement.py)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
@@ -246,13 +254,13 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 async def _alternate(
-    rounds: int, measure: Callable[[str], Awaitable[Load]], direct_url: str, proxy_url: str
+    setup: Setup, measure: Callable[[str], Awaitable[Load]]
 ) -> tuple[list[Load], list[Load]]:
     direct: list[Load] = []
     proxied: list[Load] = []
-    for _ in range(rounds):
-        direct.append(await measure(direct_url))
-        proxied.append(await measure(proxy_url))
+    for _ in range(setup.args.rounds):
+        direct.append(await measure(setup.at(setup.upstream_url)))
+        proxied.append(await measure(setup.at(setup.proxy_url)))
     return direct, proxied
 
 
@@ -264,9 +272,19 @@ class Setup:
     proxy_url: str
     upstream_pid: int | None = None
     daemon_pid: int | None = None
+    placement: Placement | None = None
 
     def pid_of(self, base_url: str) -> int | None:
         return self.daemon_pid if base_url == self.proxy_url else self.upstream_pid
+
+    def at(self, base_url: str) -> str:
+        """Place the processes for a measurement against ``base_url``; return it."""
+        if self.placement is not None:
+            if base_url == self.proxy_url:
+                self.placement.proxied()
+            else:
+                self.placement.direct()
+        return base_url
 
 
 def _median_rps(loads: list[Load]) -> float:
@@ -285,7 +303,7 @@ async def measure_passthrough(setup: Setup) -> list[Result]:
             return await throughput(session, base + chat, body, args.concurrency,
                                     args.duration, setup.pid_of(base))  # fmt: skip
 
-        d, p = await _alternate(args.rounds, rps, setup.upstream_url, setup.proxy_url)
+        d, p = await _alternate(setup, rps)
         results.append(Result(
             f"{label}: requests/s at concurrency {args.concurrency}",
             _median_rps(d), _median_rps(p), "req/s",
@@ -301,8 +319,8 @@ async def measure_passthrough(setup: Setup) -> list[Result]:
         lat_p: list[float] = []
         for _ in range(args.rounds):
             n = args.latency_requests // args.rounds
-            lat_d += await latencies(session, setup.upstream_url + chat, body, n)
-            lat_p += await latencies(session, setup.proxy_url + chat, body, n)
+            lat_d += await latencies(session, setup.at(setup.upstream_url) + chat, body, n)
+            lat_p += await latencies(session, setup.at(setup.proxy_url) + chat, body, n)
         for q in (50, 99):
             dq, pq = percentile(lat_d, q) * 1000, percentile(lat_p, q) * 1000
             results.append(
@@ -337,6 +355,7 @@ async def measure_responses(setup: Setup) -> list[Result]:
         return await throughput(session, base + path, bodies[kind], args.concurrency,
                                 args.duration, setup.daemon_pid)  # fmt: skip
 
+    setup.at(base)
     await rps("store")  # warm up
     loads: dict[str, list[Load]] = {kind: [] for kind in bodies}
     for _ in range(args.rounds):
@@ -387,9 +406,9 @@ async def measure_responses(setup: Setup) -> list[Result]:
     # One of each in turn, so that a burst of other work on the machine hits both.
     for _ in range(args.rounds * samples):
         direct += await latencies(
-            session, setup.upstream_url + "/v1/chat/completions", direct_body, 1
+            session, setup.at(setup.upstream_url) + "/v1/chat/completions", direct_body, 1
         )
-        proxied += await latencies(session, base + "/v1/responses", continue_body, 1)
+        proxied += await latencies(session, setup.at(base) + "/v1/responses", continue_body, 1)
     d, p = statistics.median(direct) * 1000, statistics.median(proxied) * 1000
     results.append(Result(
         f"turn {turns} of one chain vs the same history sent directly (p50)", d, p, "ms",
@@ -411,9 +430,9 @@ async def measure_responses(setup: Setup) -> list[Result]:
             {"model": BENCH_MODEL, "input": last, "previous_response_id": parent}
         ).encode()
         cold_direct += await latencies(
-            session, setup.upstream_url + "/v1/chat/completions", history_half, 1
+            session, setup.at(setup.upstream_url) + "/v1/chat/completions", history_half, 1
         )
-        cold += await latencies(session, base + "/v1/responses", body_cold, 1)
+        cold += await latencies(session, setup.at(base) + "/v1/responses", body_cold, 1)
     d, p = statistics.median(cold_direct) * 1000, statistics.median(cold) * 1000
     results.append(Result(
         f"turn ~{half} from a chain read from SQLite (p50)", d, p, "ms",
@@ -478,7 +497,9 @@ async def measure_mcp(setup: Setup) -> list[Result]:
         proxied: list[float] = []
         per_round = max(10, args.latency_requests // (4 * args.rounds))
         for _ in range(args.rounds):
+            setup.at(setup.upstream_url)
             direct += [await direct_loop() for _ in range(per_round)]
+            setup.at(setup.proxy_url)
             proxied += [await proxied_loop() for _ in range(per_round)]
     results = []
     for q in (50, 99):
@@ -509,15 +530,21 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     proxy_url = f"http://127.0.0.1:{port}"
     results: list[Result] = []
+    placement: Placement | None = None
     connector = aiohttp.TCPConnector(limit=0)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             await wait_ready(session, proxy_url)
+            placement = (
+                Placement.create(daemon.pid, [os.getpid(), fake.pid], writer_processes)
+                if args.pin
+                else None
+            )
+            setup = Setup(args, session, upstream_url, proxy_url, fake.pid, daemon.pid, placement)
             chat = "/v1/chat/completions"
             for url in (upstream_url, proxy_url):  # warm both paths
-                await throughput(session, url + chat, PLAIN_BODY, args.concurrency, 1.0)
+                await throughput(session, setup.at(url) + chat, PLAIN_BODY, args.concurrency, 1.0)
                 await throughput(session, url + chat, STREAM_BODY, args.concurrency, 0.5)
-            setup = Setup(args, session, upstream_url, proxy_url, fake.pid, daemon.pid)
             if "passthrough" in args.only:
                 results += await measure_passthrough(setup)
             if "responses" in args.only:
@@ -543,6 +570,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "chain_turns": args.chain_turns,
             "daemon_log_level": args.log_level,
+            "placement": (placement.describe() if placement is not None else "left to the kernel"),
         },
         "results": [r.__dict__ for r in results],
         "proxy_peak_rss_mb": memory,
@@ -601,7 +629,11 @@ def machine_description() -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"machine: {report['machine']}", ""]
+    lines = [
+        f"machine: {report['machine']}",
+        f"placement: {report['settings']['placement']}",
+        "",
+    ]
     header = f"{'measurement':<48} {'direct':>10} {'proxy':>10}  unit    note"
     lines += [header, "-" * len(header)]
     for r in report["results"]:
