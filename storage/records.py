@@ -44,8 +44,11 @@ class StoredItem:
     json: str
 
 
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and
+# one of these is built on every stored response (1.4 -> 0.4 µs), then again in the
+# writer process. Nothing changes a record once built.
 @sent_to_writer
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseRecord:
     id: str
     owner: str

@@ -558,10 +558,7 @@ class ResponsesService:
         response = run.builder.response
         output = response["output"]
         output_items = tuple(_stored(item) for item in output)
-        turn = dumps(render.render_items(
-            [*run.prepared.input_items, *output], run.prepared.tools.names,
-            images=run.prepared.model.vision is not False,
-        ))  # fmt: skip
+        turn = dumps(_turn_messages(run.prepared, output))
         finished = response["status"] not in ("queued", "in_progress")
         input_items = tuple(_stored(item) for item in run.prepared.input_items)
         conversation_items: tuple[StoredItem, ...] = ()
@@ -748,6 +745,20 @@ class ResponsesService:
             except Exception:
                 log.exception("purging expired responses failed")
             await asyncio.sleep(interval)
+
+
+def _turn_messages(prepared: Prepared, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat messages of this turn: its input, then its output. After a user, system
+    or developer message nothing of the input can merge with the output (an assistant
+    message takes the calls after it), so the input's rendering from ``prepare`` is
+    reused; otherwise both are rendered together."""
+    images = prepared.model.vision is not False
+    inputs = prepared.input_items
+    last = inputs[-1] if inputs else None
+    if last is not None and last.get("type") == "message" and last.get("role") != "assistant":
+        output_messages = render.render_items(output, prepared.tools.names, images=images)
+        return [*prepared.new_messages, *output_messages]
+    return render.render_items([*inputs, *output], prepared.tools.names, images=images)
 
 
 def _stored(item: dict[str, Any]) -> StoredItem:

@@ -835,3 +835,45 @@ def test_chat_body_bytes_end_to_end() -> None:
 def test_chat_body_bytes_empty_settings() -> None:
     """Empty settings still give valid JSON with only the messages."""
     assert json.loads(chat_body_bytes({}, "[]", stream=False)) == {"messages": []}
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        [{"type": "message", "role": "developer", "content": "Be brief."}],
+        # An assistant message last: the output's call joins it, so both render together.
+        [
+            {"type": "message", "role": "user", "content": "Hi"},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Let me look."}]},
+        ],
+        # A function call's output last.
+        [
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ],
+        [],
+    ],
+)  # fmt: skip
+def test_a_turn_renders_as_its_input_and_output_together(inputs):
+    """The stored turn reuses the input's rendering where nothing can merge across."""
+    from types import SimpleNamespace
+
+    from proxy.responses.request import normalize_item
+    from proxy.responses.service import _turn_messages
+
+    items = [normalize_item(item, f"input[{i}]") for i, item in enumerate(inputs)]
+    names = ToolNames()
+    output = [
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": []},
+        {"type": "function_call", "id": "fc_1", "call_id": "c2", "name": "g", "arguments": "{}",
+         "status": "completed"},
+    ]  # fmt: skip
+    prepared = SimpleNamespace(
+        model=SimpleNamespace(vision=None),
+        input_items=items,
+        new_messages=render_items(items, names),
+        tools=SimpleNamespace(names=names),
+    )
+    assert _turn_messages(prepared, output) == render_items([*items, *output], names)
