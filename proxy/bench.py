@@ -278,13 +278,18 @@ class Setup:
         return self.daemon_pid if base_url == self.proxy_url else self.upstream_pid
 
     def at(self, base_url: str) -> str:
-        """Place the processes for a measurement against ``base_url``; return it."""
+        """Place the processes for a throughput round against ``base_url``; return it."""
         if self.placement is not None:
             if base_url == self.proxy_url:
                 self.placement.proxied()
             else:
                 self.placement.direct()
         return base_url
+
+    def unpinned(self) -> None:
+        """For latency at concurrency 1: every process on every CPU."""
+        if self.placement is not None:
+            self.placement.free()
 
 
 def _median_rps(loads: list[Load]) -> float:
@@ -319,8 +324,9 @@ async def measure_passthrough(setup: Setup) -> list[Result]:
         lat_p: list[float] = []
         for _ in range(args.rounds):
             n = args.latency_requests // args.rounds
-            lat_d += await latencies(session, setup.at(setup.upstream_url) + chat, body, n)
-            lat_p += await latencies(session, setup.at(setup.proxy_url) + chat, body, n)
+            setup.unpinned()
+            lat_d += await latencies(session, setup.upstream_url + chat, body, n)
+            lat_p += await latencies(session, setup.proxy_url + chat, body, n)
         for q in (50, 99):
             dq, pq = percentile(lat_d, q) * 1000, percentile(lat_p, q) * 1000
             results.append(
@@ -378,6 +384,7 @@ async def measure_responses(setup: Setup) -> list[Result]:
                 note=f"responses/chat = {cpu_responses / cpu_chat:.1f}x (with its writer process)",
             ))  # fmt: skip
 
+    setup.unpinned()
     turns = args.chain_turns
     previous: str | None = None
     ids: list[str] = []
@@ -406,9 +413,9 @@ async def measure_responses(setup: Setup) -> list[Result]:
     # One of each in turn, so that a burst of other work on the machine hits both.
     for _ in range(args.rounds * samples):
         direct += await latencies(
-            session, setup.at(setup.upstream_url) + "/v1/chat/completions", direct_body, 1
+            session, setup.upstream_url + "/v1/chat/completions", direct_body, 1
         )
-        proxied += await latencies(session, setup.at(base) + "/v1/responses", continue_body, 1)
+        proxied += await latencies(session, base + "/v1/responses", continue_body, 1)
     d, p = statistics.median(direct) * 1000, statistics.median(proxied) * 1000
     results.append(Result(
         f"turn {turns} of one chain vs the same history sent directly (p50)", d, p, "ms",
@@ -430,9 +437,9 @@ async def measure_responses(setup: Setup) -> list[Result]:
             {"model": BENCH_MODEL, "input": last, "previous_response_id": parent}
         ).encode()
         cold_direct += await latencies(
-            session, setup.at(setup.upstream_url) + "/v1/chat/completions", history_half, 1
+            session, setup.upstream_url + "/v1/chat/completions", history_half, 1
         )
-        cold += await latencies(session, setup.at(base) + "/v1/responses", body_cold, 1)
+        cold += await latencies(session, base + "/v1/responses", body_cold, 1)
     d, p = statistics.median(cold_direct) * 1000, statistics.median(cold) * 1000
     results.append(Result(
         f"turn ~{half} from a chain read from SQLite (p50)", d, p, "ms",
@@ -490,6 +497,7 @@ async def measure_mcp(setup: Setup) -> list[Result]:
                 assert (await r.json())["choices"][0]["message"]["content"] == REPLY_TEXT
             return time.perf_counter() - started
 
+        setup.unpinned()
         for _ in range(20):  # warm both paths
             await direct_loop()
             await proxied_loop()
@@ -497,9 +505,7 @@ async def measure_mcp(setup: Setup) -> list[Result]:
         proxied: list[float] = []
         per_round = max(10, args.latency_requests // (4 * args.rounds))
         for _ in range(args.rounds):
-            setup.at(setup.upstream_url)
             direct += [await direct_loop() for _ in range(per_round)]
-            setup.at(setup.proxy_url)
             proxied += [await proxied_loop() for _ in range(per_round)]
     results = []
     for q in (50, 99):

@@ -6,12 +6,13 @@ core, and that decided the result: sampled every 5 ms during identical rounds,
 lmbridge had a core to itself 32% of the time in a round at 5,132 requests/s and 88%
 of the time in one at 6,521; whole runs of the same code gave 29% to 42% of direct.
 
-So, on Linux with at least two CPUs, each side gets every CPU in the layout that
-suits it, decided before each measurement: a direct round lets the load generator
-and the upstream use all CPUs; a proxied round gives lmbridge the first CPU alone and
-the load generator, the upstream and lmbridge's writer process the others. That is
-the layout the kernel finds by itself when it has cores to spare. ``--no-pin`` leaves
-placement to the kernel.
+So, on Linux with at least two CPUs, each side of a throughput round gets every CPU
+in the layout that suits it: a direct round lets the load generator and the upstream
+use all CPUs; a proxied round gives lmbridge the first CPU alone and the load
+generator, the upstream and lmbridge's writer process the others. That is the layout
+the kernel finds by itself when it has cores to spare. Latency at concurrency 1 keeps
+no core busy: every process may use every CPU then (moving processes between single
+requests would time the move). ``--no-pin`` leaves placement to the kernel.
 """
 
 from __future__ import annotations
@@ -69,13 +70,17 @@ class Placement:
 
     def describe(self) -> str:
         return (
-            f"proxied rounds: lmbridge on CPU {self.cpus[0]}, the load generator, the "
-            f"upstream and the writer process on CPU {_listed(self.cpus[1:])}; direct "
-            f"rounds: both on CPU {_listed(self.cpus)} (--no-pin: the kernel decides)"
+            f"proxied throughput rounds: lmbridge on CPU {self.cpus[0]}, the load generator, "
+            f"the upstream and the writer process on CPU {_listed(self.cpus[1:])}; direct "
+            f"rounds and latencies: every CPU (--no-pin: the kernel decides)"
         )
 
     def direct(self) -> None:
         _pin(self.others, self.cpus)
+
+    def free(self) -> None:
+        """Every process on every CPU."""
+        _pin([self.daemon_pid, *self.others, *self._daemon_children(self.daemon_pid)], self.cpus)
 
     def proxied(self) -> None:
         _pin([self.daemon_pid], self.cpus[:1])

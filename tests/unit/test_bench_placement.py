@@ -38,6 +38,9 @@ def test_proxied_rounds_give_lmbridge_a_cpu_of_its_own(processes):
     assert os.sched_getaffinity(writer.pid) == set(cpus[1:])
     placement.direct()
     assert os.sched_getaffinity(upstream.pid) == set(cpus)
+    placement.free()
+    assert os.sched_getaffinity(daemon.pid) == set(cpus)
+    assert os.sched_getaffinity(writer.pid) == set(cpus)
     assert "CPU" in placement.describe()
 
 
