@@ -43,7 +43,10 @@ def loads(data: bytes | str) -> Any:
             return orjson.loads(data)
         except JSONDecodeError:
             pass  # not JSON at all, or something only the stdlib reads: it decides
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def loads_request(raw: bytes) -> Any:
@@ -59,6 +62,8 @@ def loads_request(raw: bytes) -> Any:
         return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except _NotJson as exc:
         raise JSONDecodeError(str(exc), text, max(text.find(exc.literal), 0)) from None
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def dumps_bytes(value: Any) -> bytes:
@@ -77,6 +82,10 @@ def dumps(value: Any) -> str:
 def _orjson_reads_exactly(data: bytes | str) -> bool:
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     return _NINETEEN_DIGITS not in raw.translate(_DIGITS_ONLY)
+
+
+def _too_deep() -> JSONDecodeError:
+    return JSONDecodeError("arrays and objects are nested too deeply", "", 0)
 
 
 class _NotJson(ValueError):

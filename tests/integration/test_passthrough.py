@@ -275,6 +275,7 @@ async def test_upstream_plain_text_error_gets_the_openai_shape(proxy, fake_upstr
     ("body", "param", "fragment"),
     [
         (b"{not json", None, "not valid JSON"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested too deeply"),
         (b'{"model": "test-model", "messages": [], "temperature": NaN}', None, "not valid JSON"),
         (b"", None, "empty"),
         (b"[1, 2]", None, "must be a JSON object"),

@@ -114,3 +114,10 @@ def test_non_finite_floats_are_written_as_null() -> None:
 def test_what_is_not_json_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="not JSON serializable"):
         dumps({"x": object()})
+
+
+def test_nesting_too_deep_is_a_decode_error_not_a_crash() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for parse in (loads, loads_request):
+        with pytest.raises(JSONDecodeError, match="nested too deeply"):
+            parse(deep)
