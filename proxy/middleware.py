@@ -138,6 +138,16 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
             None,
             "storage_unavailable",
         )
+    if isinstance(exc, RecursionError):
+        # The parsers take JSON nested up to ~1,000 levels; writing such a body back
+        # (a model alias, a Responses translation) can exceed Python's recursion limit.
+        log.warning("request nested too deeply to process", extra=fields)
+        return 400, error_body(
+            "The request body nests arrays and objects too deeply for lmbridge to process.",
+            "invalid_request_error",
+            None,
+            "nested_too_deeply",
+        )
     log.error("unhandled error", exc_info=exc, extra=fields)
     return 500, error_body(
         f"lmbridge failed while handling this request (request id {request_id}); "

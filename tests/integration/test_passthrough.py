@@ -173,6 +173,20 @@ async def test_alias_is_rewritten_to_the_upstream_id(make_proxy, fake_upstream):
     ).items()
 
 
+async def test_a_body_too_deep_to_write_back_is_400(make_proxy, fake_upstream):
+    """Nested ~1,000 deep: readable, but re-serialising it for the alias rewrite exceeds
+    Python's recursion limit. A 400 that says so, never a 500."""
+    fake_upstream.models = ["qwen/qwen3-4b"]
+    proxy = await make_proxy(models__aliases={"gpt-4o-mini": "qwen/qwen3-4b"})
+    deep = b"[" * 1000 + b"]" * 1000
+    body = b'{"model": "gpt-4o-mini", "messages": [], "extra": ' + deep + b"}"
+    resp = await proxy.post(CHAT, data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["code"] == "nested_too_deeply"
+    assert fake_upstream.requests_to(CHAT) == []
+
+
 async def test_missing_model_uses_the_only_model(proxy, fake_upstream):
     """Without `model`, the one model the upstream has is used."""
     resp = await proxy.post(CHAT, json={"messages": MESSAGES})
