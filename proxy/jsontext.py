@@ -33,6 +33,7 @@ JSONDecodeError = json.JSONDecodeError  # orjson's is a subclass
 _DIGITS_ONLY = bytes(0x39 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
 _NINETEEN_DIGITS = b"9" * 19
 _STDLIB_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+_STDLIB_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def loads(data: bytes | str) -> Any:
@@ -71,7 +72,13 @@ def dumps_bytes(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:  # orjson's JSONEncodeError: an integer beyond 64 bits, a non-str key
-        return _STDLIB_ENCODER.encode(value).encode()
+        text = _STDLIB_ENCODER.encode(value)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (read from a "\ud83d" escape) has no UTF-8 form: written as
+        # the same escape, the value reads back unchanged.
+        return _STDLIB_ASCII_ENCODER.encode(value).encode()
 
 
 def dumps(value: Any) -> str:

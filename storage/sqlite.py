@@ -376,6 +376,10 @@ class SQLiteStore:
             # execute_fetchall runs the statement to its end in one hop, so the read
             # transaction ends with it and never holds back a WAL checkpoint.
             rows = await self._reader.execute_fetchall(sql, params)
+        except UnicodeEncodeError:
+            # A parameter with a lone surrogate (a client's "\ud83d" escape in an id)
+            # has no UTF-8 form, so no stored text can equal it: no rows.
+            return []
         except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
             raise StorageError(f"cannot read the database {self.path}: {exc}") from exc
         return [tuple(row) for row in rows]

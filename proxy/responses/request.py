@@ -399,6 +399,10 @@ def normalize_input(value: Any, ids: Callable[[str], str] = new_id) -> list[dict
 def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise BadRequest("Each input item must be an object.", param=where)
+    item_id = item.get("id")
+    if isinstance(item_id, str) and not _encodable(item_id):
+        # Stored as a key, it must be text SQLite can hold; a lone surrogate is not.
+        raise BadRequest("An item id must be valid Unicode text.", param=f"{where}.id")
     kind = item.get("type")
     if kind is None and "role" in item:
         kind = "message"
@@ -533,3 +537,11 @@ def _part(part: Any, where: str) -> dict[str, Any]:
     if kind == "output_text":
         out.setdefault("annotations", [])
     return out
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -447,6 +447,29 @@ async def test_upstream_json_that_only_python_reads_is_not_dropped(proxy, fake_u
     assert body["output"][0]["content"][0]["text"] == "Fine."
 
 
+async def test_a_lone_surrogate_escape_is_kept_not_a_500(proxy, fake_upstream):
+    """A client that cut a string inside an emoji sends "\\ud83d": the turn is answered,
+    stored and sent upstream with the same escape; as an id it is simply not found."""
+    raw = b'{"model": "test-model", "input": "cut \\ud83d", "metadata": {"k": "\\ud83d"}}'
+    resp = await proxy.post(R, data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert sent(fake_upstream)["messages"][-1]["content"] == "cut \ud83d"
+    stored = await (await proxy.get(f"{R}/{body['id']}")).json()
+    assert stored["metadata"] == {"k": "\ud83d"}
+    items = await (await proxy.get(f"{R}/{body['id']}/input_items")).json()
+    assert items["data"][0]["content"][0]["text"] == "cut \ud83d"
+    for field in ("previous_response_id", "conversation"):
+        raw = b'{"model": "test-model", "input": "x", "' + field.encode() + b'": "resp_\\ud83d"}'
+        resp = await proxy.post(R, data=raw, headers={"Content-Type": "application/json"})
+        assert resp.status == 404, (field, resp.status, await resp.text())
+    assert (await proxy.get(f"{R}/resp_%ED%A0%BD")).status == 404
+    raw = b'{"model": "test-model", "input": [{"role": "user", "content": "x", "id": "m\\ud83d"}]}'
+    resp = await proxy.post(R, data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "input[0].id"
+
+
 async def test_streamed_response_events(proxy, fake_upstream):
     """stream: true sends OpenAI's event sequence, each as event: + data:, then [DONE];
     the stored response equals the one in response.completed."""
