@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 
 import pytest
 
@@ -769,3 +770,20 @@ async def test_a_streamed_response_that_cannot_be_stored_ends_with_an_error_even
     assert "full" in caplog.text
     created = events[0]["response"]["id"]
     assert (await proxy.get(f"{R}/{created}")).status == 404
+
+
+async def test_a_replay_that_fails_after_it_began_ends_with_an_error_event(proxy, caplog):
+    """GET ?stream=true opens the stream, then reads the stored response: a row that
+    cannot be read (here corrupted in the database file) ends the stream with the
+    Responses API's error event, never a hang or a cut without a word."""
+    first = await create(proxy, input="x")
+    store = proxy.server.app[STORE]
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE responses SET body = '{broken' WHERE id = ?", (first["id"],))
+    resp = await asyncio.wait_for(proxy.get(f"{R}/{first['id']}?stream=true"), 10)
+    assert resp.status == 200
+    events = sse_events(await asyncio.wait_for(resp.read(), 10))
+    assert [e["type"] for e in events] == ["error"]
+    assert events[0]["code"] == "internal_error"
+    assert events[0]["sequence_number"] == 0
+    assert "unhandled error" in caplog.text
