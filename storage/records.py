@@ -13,29 +13,12 @@ owned by someone else is reported as absent.
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 Order = Literal["asc", "desc"]
 
-T = TypeVar("T")
 
-
-def sent_to_writer(cls: type[T]) -> type[T]:
-    """Records travel to the writer process pickled (storage/writer.py). A slots
-    dataclass pickles through a Python ``__getstate__``; its fields as one tuple cost
-    the daemon half as much, on every stored response."""
-    values = operator.attrgetter(*(f.name for f in fields(cls)))  # type: ignore[arg-type]
-
-    def __reduce__(self: Any) -> tuple[type[T], tuple[Any, ...]]:
-        return cls, values(self)
-
-    cls.__reduce__ = __reduce__  # type: ignore[method-assign]
-    return cls
-
-
-@sent_to_writer
 @dataclass(frozen=True, slots=True)
 class StoredItem:
     """One item (a message, function call, ...) with its id and JSON text."""
@@ -45,9 +28,8 @@ class StoredItem:
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, and
-# one of these is built on every stored response (1.4 -> 0.4 µs), then again in the
-# writer process. Nothing changes a record once built.
-@sent_to_writer
+# one of these is built on every stored response (1.4 -> 0.4 µs). Nothing changes a
+# record once built. It reaches the writer process as plain tuples (writes.save_arg).
 @dataclass(slots=True)
 class ResponseRecord:
     id: str
@@ -99,7 +81,6 @@ class Page:
     has_more: bool
 
 
-@sent_to_writer
 @dataclass(frozen=True, slots=True)
 class ConversationRecord:
     id: str

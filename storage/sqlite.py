@@ -201,7 +201,7 @@ class SQLiteStore:
     async def save_response(self, record: ResponseRecord) -> None:
         if record.conversation_items and not record.conversation_id:
             raise ValueError(f"{record.id}: conversation_items without a conversation_id")
-        await self._writer.submit(writes.save_responses, writes.Save(record, self._now()))
+        await self._writer.submit(writes.save_responses, writes.save_arg(record, self._now()))
         self.chains.saved(record)
 
     async def get_response(self, response_id: str, owner: str) -> str | None:

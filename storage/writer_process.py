@@ -290,7 +290,9 @@ class _Input:
             values = split_frames(self.buffer)
             if values or self.ended:
                 return values
-            data = os.read(self.fd, 1 << 20)
+            # No more than a pipe holds: a larger buffer is a fresh mmap (and mremap,
+            # munmap) on every read.
+            data = os.read(self.fd, 1 << 16)
             if not data:
                 self.ended = True
             self.buffer += data
