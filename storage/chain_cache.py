@@ -23,7 +23,7 @@ MAX_BYTES = 64_000_000
 FINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made for every stored response
 class _Entry:
     owner: str
     chain: Chain
@@ -67,8 +67,8 @@ class ChainCache:
         self._entries[response_id] = _Entry(owner, chain, expires_at, size)
         self._bytes += size
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            oldest = next(iter(self._entries))
-            self._drop(oldest)
+            _, oldest = self._entries.popitem(last=False)
+            self._bytes -= oldest.size
 
     def saved(self, record: ResponseRecord) -> None:
         """A response was committed: cache its chain if its parent's is known."""

@@ -61,7 +61,8 @@ class ResponseRecord:
     mcp_listed: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like ResponseRecord: the chain cache makes one for every stored response.
+@dataclass(slots=True)
 class Chain:
     """The turns before (and including) a response, oldest first."""
 

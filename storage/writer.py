@@ -21,7 +21,7 @@ import pickle
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -176,16 +176,18 @@ class Writer:
                 log.warning("starting a new writer process for %s", self._path)
                 await self.start()
 
-    async def submit(self, apply: Apply[A, R], arg: A) -> R:
-        """Run one write in the next group commit; returns once it is committed.
+    def submit(self, apply: Apply[A, R], arg: A) -> Awaitable[R]:
+        """Run one write in the next group commit; the result, once it is committed.
 
-        If the caller is cancelled, the write still runs: it was handed over."""
-        return await self._enqueue(apply, arg, in_transaction=True)
+        The write is handed over when this is called (a plain function, not a
+        coroutine: two fewer frames on every stored response); a caller cancelled
+        while it waits does not stop it."""
+        return self._enqueue(apply, arg, in_transaction=True)
 
-    async def submit_alone(self, apply: Apply[A, R], arg: A) -> R:
+    def submit_alone(self, apply: Apply[A, R], arg: A) -> Awaitable[R]:
         """Run one write between two batches, outside any transaction: for statements
         that cannot run inside one (``executescript`` commits first)."""
-        return await self._enqueue(apply, arg, in_transaction=False)
+        return self._enqueue(apply, arg, in_transaction=False)
 
     async def close(self) -> None:
         """Commit the writes already handed over, then stop the process."""
@@ -205,20 +207,24 @@ class Writer:
             log.error("the writer process for %s did not finish in %gs", self._path, CLOSE_TIMEOUT)
             await self._stop(child)
 
-    async def _enqueue(self, apply: Apply[A, R], arg: A, *, in_transaction: bool) -> R:
+    def _enqueue(self, apply: Apply[A, R], arg: A, *, in_transaction: bool) -> Awaitable[R]:
         if self._closing:
             raise StorageError(f"the database {self._path} is closed")
         if self._child is None:
-            await self.ensure_running()
-            if self._child is None:  # closed while this write waited for a start
-                raise StorageError(f"the database {self._path} is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            return self._enqueue_after_start(apply, arg, in_transaction)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._outbox.append((self._reference(apply), in_transaction, arg))
         self._waiting.append(future)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return cast(R, await future)
+        return future
+
+    async def _enqueue_after_start(self, apply: Apply[A, R], arg: A, in_transaction: bool) -> R:
+        await self.ensure_running()
+        if self._child is None:  # closed while this write waited for a start
+            raise StorageError(f"the database {self._path} is closed")
+        return await self._enqueue(apply, arg, in_transaction=in_transaction)
 
     def _reference(self, apply: Apply[Any, Any]) -> str:
         ref = self._refs.get(apply)
