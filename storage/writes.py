@@ -45,6 +45,8 @@ SaveArg = tuple[
     tuple[tuple[str, str], ...],
     int,
 ]
+# Positions in the responses row of a SaveArg.
+_ID, _OWNER, _EXPIRES_AT, _CONVERSATION, _BACKGROUND = 0, 1, 3, 6, 7
 
 
 def save_arg(r: ResponseRecord, now: int) -> SaveArg:
@@ -147,12 +149,11 @@ WHERE id = :conversation_id AND owner = :owner AND expires_at > :now
 def save_responses(conn: sqlite3.Connection, saves: Sequence[SaveArg]) -> list[None]:
     """Upsert a batch of responses with their items, events and conversation items.
 
-    Rows go in as multi-row statements (a few statements per batch, not a few per
-    response): each statement releases and takes back the GIL, which the event loop
-    thread wants too."""
-    _insert_rows(conn, UPSERT_RESPONSE, [save[0] for save in saves])
+    Rows go in as multi-row statements: a few statements per batch, not a few per
+    response."""
+    _insert_rows(conn, UPSERT_RESPONSE, [row for row, *_ in saves])
     inputs = [
-        (row[0], position, item_id, body)
+        (row[_ID], position, item_id, body)
         for row, items, *_ in saves
         for position, (item_id, body) in enumerate(items)
     ]
@@ -160,33 +161,37 @@ def save_responses(conn: sqlite3.Connection, saves: Sequence[SaveArg]) -> list[N
 
     # The last save of a response in the batch decides its outputs and events, exactly
     # as if the saves had been committed one after the other.
-    latest = {save[0][0]: save for save in saves}
+    latest = {save[0][_ID]: save for save in saves}
     _delete_for(conn, DELETE_OUTPUT_ITEMS, list(latest))
     outputs = [
         (response_id, position, item_id, body)
-        for response_id, save in latest.items()
-        for position, (item_id, body) in enumerate(save[2])
+        for response_id, (_, _, items, *_) in latest.items()
+        for position, (item_id, body) in enumerate(items)
     ]
     _insert_rows(conn, INSERT_OUTPUT_ITEM, outputs)
     # Only background responses keep events; others never had any to replace.
     with_events = [
-        response_id for response_id, save in latest.items() if save[0][_BACKGROUND] or save[3]
+        response_id
+        for response_id, (row, _, _, events, *_) in latest.items()
+        if row[_BACKGROUND] or events
     ]
     _delete_for(conn, DELETE_EVENTS, with_events)
     events = [
         (response_id, seq, body)
-        for response_id, save in latest.items()
-        for seq, body in enumerate(save[3])
+        for response_id, (_, _, _, kept, *_) in latest.items()
+        for seq, body in enumerate(kept)
     ]
     _insert_rows(conn, INSERT_EVENT, events)
 
-    appending = [save for save in saves if save[0][_CONVERSATION] and save[4]]
+    appending = [
+        (row, items, now) for row, _, _, _, items, now in saves if row[_CONVERSATION] and items
+    ]
     if appending:
         conn.executemany(
             APPEND_CONVERSATION_ITEM,
             [
                 _append_row(row[_CONVERSATION], row[_OWNER], item_id, body, now)
-                for row, _, _, _, items, now in appending
+                for row, items, now in appending
                 for item_id, body in items
             ],
         )
@@ -194,14 +199,10 @@ def save_responses(conn: sqlite3.Connection, saves: Sequence[SaveArg]) -> list[N
             TOUCH_CONVERSATION,
             [
                 _touch_row(row[_CONVERSATION], row[_OWNER], row[_EXPIRES_AT], now)
-                for row, _, _, _, _, now in appending
+                for row, _, now in appending
             ],
         )
     return [None] * len(saves)
-
-
-# Positions in the responses row of a SaveArg.
-_OWNER, _EXPIRES_AT, _CONVERSATION, _BACKGROUND = 1, 3, 6, 7
 
 
 # SQLite accepts 32766 parameters per statement (since 3.32); stay well below.

@@ -59,6 +59,18 @@ async def test_concurrent_saves_share_one_commit(store):
         assert await store.get_response(f"resp_{n}", "alice") == f'{{"id": "resp_{n}"}}'
 
 
+async def test_a_save_larger_than_one_pipe_read_arrives_whole(store):
+    """The writer process reads its pipe 64 KB at a time: a save of several megabytes
+    comes in many reads and is stored byte for byte, beside a small one."""
+    body = '{"text": "' + "é🙂x" * 1_000_000 + '"}'
+    await asyncio.gather(
+        store.save_response(response("resp_big", body=body)),
+        store.save_response(response("resp_small")),
+    )
+    assert await store.get_response("resp_big", "alice") == body
+    assert await store.get_response("resp_small", "alice") == '{"id": "resp_small"}'
+
+
 async def test_one_faulty_write_fails_alone(store):
     """A batch with failing writes is re-run one by one: only the faulty ones fail."""
     await store.create_conversation(ConversationRecord("conv_1", "alice", NOW, NOW + 60))
