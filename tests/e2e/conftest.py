@@ -1,4 +1,5 @@
-"""The daemon as a separate process, started with the real command line."""
+"""The daemon as a separate process, started with the real command line of the
+installed product (``tests/e2e/installed.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,37 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.e2e.installed import Installation, install
+
 pytestmark = pytest.mark.e2e
+
+_installation: Installation | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def installation(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Installation:
+    """The wheel of this checkout installed with pipx, once per session, for every e2e test."""
+    global _installation
+    if _installation is None:
+        _installation = install(tmp_path_factory.mktemp("installed"))
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(
+                    f"\ne2e: {_installation.wheel.name} installed with pipx; tests run "
+                    f"{_installation.command} (proxy imported from "
+                    f"{_installation.origin.parent})"
+                )
+    return _installation
+
+
+def lmbridge() -> str:
+    """The installed ``lmbridge`` command."""
+    assert _installation is not None, "the installation fixture runs before every e2e test"
+    return str(_installation.command)
 
 
 def free_port() -> int:
@@ -87,12 +117,11 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
         config: str | None = None,
         ready_within: float = 30.0,
         env: dict[str, str] | None = None,
+        command: str | None = None,
     ) -> Daemon:
         port = free_port()
         argv = [
-            sys.executable,
-            "-m",
-            "proxy",
+            command or lmbridge(),
             "serve",
             "--port",
             str(port),
@@ -112,6 +141,7 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env or clean_env(tmp_path),
+                cwd=tmp_path,
             )
         daemon = Daemon(process, f"http://127.0.0.1:{port}", log_path)
         started.append(daemon)

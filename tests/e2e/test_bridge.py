@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,24 +14,23 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from tests.e2e.conftest import clean_env, free_port
+from tests.e2e.conftest import clean_env, free_port, lmbridge
 from tests.fake_upstream import CHAT, Reply, chat_completion
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
 from tests.mcp_servers.network import wait_for_port
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 TOOLS = {"list_models", "health", "chat", "respond", "delegate", "get_response", "embed",
          "list_mcp_servers"}  # fmt: skip
 
 
 def bridge_params(tmp_path: Path, *args: str) -> StdioServerParameters:
     return StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "proxy", "mcp", *args],
+        command=lmbridge(),
+        args=["mcp", *args],
         env=clean_env(tmp_path),
-        cwd=str(REPO),
+        cwd=str(tmp_path),
     )
 
 
@@ -254,8 +252,8 @@ async def test_streamable_http_transport(daemon, fake_upstream, tmp_path):
 
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "mcp", "--url", daemon.url, "--transport", "http",
-        "--port", str(port), env=clean_env(tmp_path), cwd=str(REPO),
+        lmbridge(), "mcp", "--url", daemon.url, "--transport", "http",
+        "--port", str(port), env=clean_env(tmp_path), cwd=str(tmp_path),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -6,13 +6,12 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import clean_env, free_port
+from tests.e2e.conftest import clean_env, free_port, lmbridge
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +23,13 @@ async def run_cli(
     within: float = 60,
 ) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
+        lmbridge(),
         *args,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env or clean_env(tmp_path),
+        cwd=tmp_path,
     )
     out, err = await asyncio.wait_for(process.communicate(), within)
     assert process.returncode is not None

@@ -35,14 +35,18 @@ def test_every_setting_is_in_the_configuration_reference(section, key):
     assert description and description in part
 
 
-def test_ci_runs_the_readme_test_command():
-    """.ci/run runs exactly the test command the README gives."""
+def test_ci_runs_the_readme_commands_as_written():
+    """The README opens with its install-and-serve and test commands, and .ci/run runs
+    both exactly as written, then the checks the README names."""
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    assert readme.index("```sh") < readme.index("\n## ")
     assert blocks[0] == "pip install . && lmbridge serve"
-    test_command = blocks[1]
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert test_command in ci
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert blocks[0] in ci
+    assert blocks[1] in ci
+    checks = next(line for line in readme.splitlines() if line.startswith("ruff check"))
+    assert checks.split("#")[0].strip() in ci
 
 
 def test_every_metric_is_documented():
