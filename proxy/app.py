@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy import health, passthrough
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
+from proxy.embedded import context_hint
 from proxy.keys import (
     API_KEYS,
     CATALOG,
@@ -34,7 +35,7 @@ from proxy.middleware import handle_request
 from proxy.responses import routes as responses_routes
 from proxy.responses.service import ResponsesService, owner_of
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient, new_session
+from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
 from storage.sqlite import SQLiteStore
 
 
@@ -94,7 +95,14 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
         config = app[CONFIG]
         session = given or new_session(config.upstream)
         try:
-            upstream = UpstreamClient(config.upstream, session, app[METRICS])
+            upstream = UpstreamClient(
+                config.upstream,
+                session,
+                app[METRICS],
+                context_hint=context_hint(config.embedded)
+                if config.embedded.enabled
+                else CONTEXT_HINT,
+            )
             app[UPSTREAM] = upstream
             app[CATALOG] = ModelCatalog(
                 config.models,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from proxy.config import ModelsConfig
@@ -53,6 +53,9 @@ class ModelInfo:
     capabilities: tuple[str, ...] = ()
     # Whether the model reads images: None when the upstream does not say.
     vision: bool | None = None
+    # Whether its chat template renders tools: None when the upstream does not say.
+    # False (llama.cpp's supports_tools) means the model never sees offered tools.
+    tools: bool | None = None
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -71,7 +74,18 @@ class ModelInfo:
             "type": self.type,
             "state": self.state,
             "max_context_length": self.context_length,
+            "supports_tools": self.tools,
         }
+
+    def tools_note(self) -> str | None:
+        """Why offered tools do nothing with this model, or None when they may work."""
+        if self.tools is not False:
+            return None
+        name = self.id.encode("ascii", "backslashreplace").decode()
+        return (
+            f"the chat template of model {name} cannot render tools: the model never sees "
+            "the tools of this request and will not call them"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +125,7 @@ class ModelCatalog:
         self._on_refresh = on_refresh
         self._current: ModelList | None = None
         self._refreshing: asyncio.Future[ModelList] | None = None
+        self._tools_warned: set[str] = set()
 
     @property
     def cached(self) -> ModelList | None:
@@ -155,6 +170,15 @@ class ModelCatalog:
     def _count(self, outcome: str) -> None:
         if self._on_refresh is not None:
             self._on_refresh(outcome)
+
+    def tools_warning(self, model: ModelInfo) -> str | None:
+        """For a request that offers tools: the warning for the client when the model
+        cannot see them, logged once per model."""
+        note = model.tools_note()
+        if note is not None and model.id not in self._tools_warned:
+            self._tools_warned.add(model.id)
+            log.warning("%s (warned once per model; see docs/compatibility.md)", note)
+        return note
 
     async def resolve(self, requested: Any, purpose: Purpose = "chat") -> ModelInfo:
         """The upstream model a request should go to, or a 400/404 error that says why."""
@@ -269,6 +293,8 @@ class ModelListReader:
                 last_error = exc
                 continue
             parsed = _DIALECT_PARSERS[candidate](data)
+            if candidate == "openai" and parsed is not None:
+                parsed = await self._with_template_caps(parsed)
             if parsed is None:
                 last_error = UpstreamError(
                     f"The upstream answered {_DIALECT_PATHS[candidate]} with a model list "
@@ -279,6 +305,20 @@ class ModelListReader:
             return ModelList.build(parsed, candidate, self._clock())
         assert last_error is not None
         raise last_error
+
+    async def _with_template_caps(self, models: list[ModelInfo]) -> list[ModelInfo]:
+        """A llama.cpp server of one model says in ``/props`` whether its chat template
+        renders tools; other servers have no such page (and are not asked)."""
+        if len(models) != 1 or models[0].owned_by != "llamacpp":
+            return models
+        try:
+            props = await self._get_json("/props")
+        except (UpstreamUnavailable, UpstreamTimeout, CircuitOpen):
+            raise
+        except UpstreamError:
+            return models
+        tools = template_renders_tools(props)
+        return models if tools is None else [replace(models[0], tools=tools)]
 
 
 def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
@@ -412,6 +452,13 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
             )
         )
     return out
+
+
+def template_renders_tools(props: Any) -> bool | None:
+    """What llama.cpp's ``/props`` says of its chat template and tools (None: nothing)."""
+    caps = props.get("chat_template_caps") if isinstance(props, dict) else None
+    tools = caps.get("supports_tools") if isinstance(caps, dict) else None
+    return tools if isinstance(tools, bool) else None
 
 
 def _int(value: Any) -> int | None:

@@ -23,42 +23,52 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, *, listen: bool = True) -> None:
+# Which configuration flags each command takes: only flags that change what it does.
+SERVE_FLAGS = ("listen", "upstream", "storage", "logging", "mcp", "embedded")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, *groups: str) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    if listen:
-        parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-        parser.add_argument("--port", type=int, help="port to listen on (default 1235)")
-    parser.add_argument(
-        "--upstream", metavar="URL", help="upstream server (default http://127.0.0.1:1234)"
-    )
-    parser.add_argument("--db", metavar="PATH", help="SQLite database file")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["text", "json"])
-    parser.add_argument(
-        "--mcp-config",
-        metavar="FILE",
-        action="append",
-        help="an mcp.json file of MCP servers (repeatable; later files override earlier names)",
-    )
-    parser.add_argument(
-        "--embedded",
-        action="store_true",
-        default=None,
-        help="start llama.cpp with a small model as the upstream (needs lmbridge[local])",
-    )
+    if "listen" in groups:
+        parser.add_argument("--host", help="address the daemon listens on (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, help="port the daemon listens on (default 1235)")
+    if "upstream" in groups:
+        parser.add_argument(
+            "--upstream", metavar="URL", help="upstream server (default http://127.0.0.1:1234)"
+        )
+    if "storage" in groups:
+        parser.add_argument("--db", metavar="PATH", help="SQLite database file")
+    if "logging" in groups:
+        parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        parser.add_argument("--log-format", choices=["text", "json"])
+    if "mcp" in groups:
+        parser.add_argument(
+            "--mcp-config",
+            metavar="FILE",
+            action="append",
+            help="an mcp.json file of MCP servers (repeatable; later files override earlier names)",
+        )
+    if "embedded" in groups:
+        parser.add_argument(
+            "--embedded",
+            action="store_true",
+            default=None,
+            help="start llama.cpp with a small model as the upstream (needs lmbridge[local])",
+        )
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    flag = vars(args).get
     return {
-        "server.host": getattr(args, "host", None),
-        "server.port": getattr(args, "port", None),
-        "bridge.url": getattr(args, "url", None),
-        "upstream.url": args.upstream,
-        "storage.path": args.db,
-        "logging.level": args.log_level,
-        "logging.format": args.log_format,
-        "embedded.enabled": args.embedded,
-        "mcp.config_files": args.mcp_config,
+        "server.host": flag("host"),
+        "server.port": flag("port"),
+        "bridge.url": flag("url"),
+        "upstream.url": flag("upstream"),
+        "storage.path": flag("db"),
+        "logging.level": flag("log_level"),
+        "logging.format": flag("log_format"),
+        "embedded.enabled": flag("embedded"),
+        "mcp.config_files": flag("mcp_config"),
     }
 
 
@@ -72,24 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon")
-    _add_config_flags(serve)
+    _add_config_flags(serve, *SERVE_FLAGS)
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser(
         "check-config", help="validate the configuration and print it (secrets masked)"
     )
-    _add_config_flags(check)
+    _add_config_flags(check, *SERVE_FLAGS)
     check.set_defaults(func=cmd_check_config)
 
-    models = commands.add_parser("models", help="list the upstream's models")
-    _add_config_flags(models)
+    models = commands.add_parser(
+        "models",
+        help="list the models the daemon serves (or, when it is not running, the upstream's)",
+        description="Asks the running daemon (where the configuration says it listens) for "
+        "its models; when none runs, or with --upstream, reads the upstream's list directly.",
+    )
+    _add_config_flags(models, "listen", "upstream")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=cmd_models)
 
     mcp_list = commands.add_parser(
         "mcp-list", help="connect to the configured MCP servers and print their tools"
     )
-    _add_config_flags(mcp_list)
+    _add_config_flags(mcp_list, "mcp")
     mcp_list.add_argument("--json", action="store_true", help="print JSON instead of text")
     mcp_list.set_defaults(func=cmd_mcp_list)
 
@@ -106,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port of the HTTP transport (default 1236)")  # fmt: skip
     mcp.add_argument("--standalone", action="store_true",
                      help="run the daemon in this process instead of talking to one")  # fmt: skip
-    _add_config_flags(mcp, listen=False)
+    # Without --standalone these would do nothing: cmd_mcp refuses them.
+    _add_config_flags(mcp, "upstream", "storage", "logging", "mcp", "embedded")
     mcp.set_defaults(func=cmd_mcp)
 
     gc = commands.add_parser(
         "gc", help="purge expired responses and conversations from the database now"
     )
-    _add_config_flags(gc)
+    _add_config_flags(gc, "storage")
     gc.set_defaults(func=cmd_gc)
 
     bench = commands.add_parser(
@@ -131,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        _fail(f"configuration error: {exc}")
+        for problem in exc.problems:
+            _fail(f"configuration error: {problem}")
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
@@ -180,47 +197,90 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from proxy.bridge.client import DaemonError, DaemonUnreachable
     from proxy.errors import LMBridgeError
 
     config = _load(args)
     try:
-        models = asyncio.run(_read_models(config))
-    except LMBridgeError as exc:
+        models, source = asyncio.run(_read_models(config, daemon_first=args.upstream is None))
+    except (LMBridgeError, DaemonError) as exc:
         _fail(exc.message)
         return EXIT_FAILURE
+    except DaemonUnreachable as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
     if args.json:
-        sys.stdout.write(json.dumps([m.as_openai() for m in models.models], indent=2) + "\n")
+        sys.stdout.write(json.dumps(models, indent=2) + "\n")
         return 0
-    rows = [("ID", "TYPE", "STATE", "CONTEXT")]
-    rows += [
-        (m.id, m.type, m.state, str(m.context_length) if m.context_length else "-")
-        for m in models.models
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        sys.stdout.write(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
-        )
-    if not models.models:
-        sys.stdout.write(f"(the upstream at {config.upstream.url} lists no models)\n")
+    sys.stdout.write(render_models(models))
+    sys.stdout.write(f"({len(models)} model(s) {source})\n")
     return 0
 
 
-async def _read_models(config: Config):  # type: ignore[no-untyped-def]
+def render_models(models: list[dict[str, Any]]) -> str:
+    """The models of /v1/models (lmbridge's shape) as a table."""
+    rows = [("ID", "TYPE", "STATE", "CONTEXT", "TOOLS")]
+    for m in models:
+        name = str(m["id"]) + (f" (alias of {m['alias_for']})" if m.get("alias_for") else "")
+        context = m.get("max_context_length")
+        supports = m.get("supports_tools")
+        tools = "-" if supports is None else "yes" if supports else "no (template drops them)"
+        row = (name, str(m.get("type", "-")), str(m.get("state", "-")),
+               str(context) if context else "-", tools)  # fmt: skip
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        for row in rows
+    )
+
+
+async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict[str, Any]], str]:
+    """What the daemon of this configuration serves; when none runs, what its upstream
+    lists. The second value says where the list came from."""
+    from proxy.bridge.client import DaemonClient, DaemonUnreachable
+    from proxy.bridge.run import daemon_key, daemon_url
     from proxy.catalog import ModelListReader
     from proxy.metrics import Metrics
     from proxy.upstream import UpstreamClient, new_session
 
+    if daemon_first:
+        url = daemon_url(config)
+        client = DaemonClient(url, daemon_key(config))
+        try:
+            listing = await client.get("/v1/models")
+            return list(listing.get("data") or []), f"served by lmbridge at {url}"
+        except DaemonUnreachable:
+            if config.embedded.enabled:
+                raise DaemonUnreachable(
+                    f"lmbridge is not running at {url}; the embedded model runs inside "
+                    "`lmbridge serve --embedded`: start it, then ask again"
+                ) from None
+        finally:
+            await client.close()
     session: aiohttp.ClientSession = new_session(config.upstream)
     async with session:
         upstream = UpstreamClient(config.upstream, session, Metrics())
-        return await ModelListReader(upstream.get_json).read()
+        models = await ModelListReader(upstream.get_json).read()
+    where = f"listed by the upstream at {config.upstream.url}"
+    if daemon_first:
+        where += f"; lmbridge is not running at {daemon_url(config)}"
+    return [m.as_openai() for m in models.models], where
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
     from proxy.bridge.run import run
     from proxy.logs import configure_logging
 
+    daemon_only = {"--upstream": args.upstream, "--db": args.db, "--mcp-config": args.mcp_config,
+                   "--embedded": args.embedded}  # fmt: skip
+    given = [flag for flag, value in daemon_only.items() if value is not None]
+    if given and not args.standalone:
+        _fail(
+            f"{', '.join(given)} configure the daemon and only apply with --standalone "
+            "(without it, `lmbridge mcp` talks to the daemon at --url)"
+        )
+        return EXIT_CONFIG
     config = _load(args)
     # stdout belongs to the MCP protocol on stdio: every log goes to stderr.
     configure_logging(config.logging.level, config.logging.format)
@@ -272,7 +332,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     async def purge() -> int:
         store = await SQLiteStore.open(path)
         try:
-            return await store.purge_expired(int(time.time()))
+            return await store.purge_expired(
+                int(time.time()), retention=int(config.responses.retention)
+            )
         finally:
             await store.close()
 

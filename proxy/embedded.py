@@ -28,6 +28,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import aiohttp
+
+from proxy.catalog import template_renders_tools
 from proxy.config import EmbeddedConfig
 
 log = logging.getLogger("lmbridge.embedded")
@@ -111,6 +114,15 @@ def _fetch_model(target: Path) -> Path:
     return target
 
 
+def context_hint(config: EmbeddedConfig) -> str:
+    """What to change when a request does not fit the embedded model's context."""
+    return (
+        f"Raise embedded.context_length (now {config.context_length}; e.g. "
+        f"LMBRIDGE_EMBEDDED_CONTEXT_LENGTH={config.context_length * 2}) and restart "
+        "`lmbridge serve --embedded`."
+    )
+
+
 def child_argv(config: EmbeddedConfig, model: Path) -> list[str]:
     """The command line of the child that runs llama.cpp."""
     return [
@@ -121,6 +133,19 @@ def child_argv(config: EmbeddedConfig, model: Path) -> list[str]:
         "--parallel", str(config.parallel),
         "--threads", str(config.threads or os.cpu_count() or 1),
     ]  # fmt: skip
+
+
+async def renders_tools(url: str) -> bool | None:
+    """What llama.cpp's ``/props`` says of its chat template and tools (None: unknown)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.get(url + "/props") as resp,
+        ):
+            props = await resp.json() if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    return template_renders_tools(props)
 
 
 class EmbeddedUpstream:
@@ -161,9 +186,20 @@ class EmbeddedUpstream:
         except (ValueError, KeyError, TypeError):
             await self.stop()
             raise EmbeddedError(f"llama.cpp failed to start; see {self.log_path}") from None
-        log.info(
-            "embedded llama.cpp serving %s at %s (log: %s)", model.name, self.url, self.log_path
-        )
+        if await renders_tools(self.url) is False:
+            log.warning(
+                "embedded llama.cpp serving %s at %s (log: %s). Its chat template cannot "
+                "render tools: MCP tools, function tools and `delegate` do nothing with this "
+                "model; set embedded.model to a GGUF whose template supports tools (e.g. a "
+                "Qwen3 or Llama 3.2 instruct model)",
+                model.name,
+                self.url,
+                self.log_path,
+            )
+        else:
+            log.info(
+                "embedded llama.cpp serving %s at %s (log: %s)", model.name, self.url, self.log_path
+            )
         return self.url
 
     async def stop(self) -> None:

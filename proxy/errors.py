@@ -26,9 +26,17 @@ really failed (clients retry 5xx).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from proxy.jsontext import loads
+
+# How servers word "the prompt does not fit the context" when they give no code.
+_CONTEXT_WORDING = re.compile(
+    r"context (length|size|window)|exceeds? (the )?(available )?context|n_ctx|"
+    r"too many tokens|maximum context|prompt is too long",
+    re.IGNORECASE,
+)
 
 
 class LMBridgeError(Exception):
@@ -127,9 +135,15 @@ class UpstreamStatus(UpstreamError):
             parsed = error_body(message, default_type, None, f"upstream_{status}")
         error = parsed["error"]
         self._body: dict[str, Any] = parsed
+        message = str(error.get("message") or f"upstream returned HTTP {status}")
+        self.context_overflow = _is_context_overflow(status, error, message)
+        if self.context_overflow:
+            # Every server words it differently; clients test for OpenAI's code.
+            error["code"] = "context_length_exceeded"
+            error["type"] = "invalid_request_error"
         self.error_type = str(error["type"])
         self.code = error["code"]
-        super().__init__(str(error.get("message") or f"upstream returned HTTP {status}"))
+        super().__init__(message)
 
     def body(self) -> dict[str, Any]:
         return self._body
@@ -137,6 +151,14 @@ class UpstreamStatus(UpstreamError):
     def extend_message(self, note: str) -> None:
         self.message += note
         self._body["error"]["message"] = str(self._body["error"].get("message") or "") + note
+
+
+def _is_context_overflow(status: int, error: dict[str, Any], message: str) -> bool:
+    if error.get("code") == "context_length_exceeded":
+        return True
+    if error.get("type") == "exceed_context_size_error":  # llama.cpp
+        return True
+    return status in (400, 413) and bool(_CONTEXT_WORDING.search(message))
 
 
 def error_body(

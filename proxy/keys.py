@@ -36,6 +36,8 @@ STARTED = web.RequestKey("started", float)
 MODEL = web.RequestKey("model", str)
 # Who owns what this request stores: the hash of its API key, "" without keys.
 OWNER = web.RequestKey("owner", str)
+# A warning for the client about this request (sent as the X-LMBridge-Warning header).
+WARNING = web.RequestKey("warning", str)
 # Set by a stream relay when the client went away before the end.
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 # A stream whose headers are out: an error after that can only end it (middleware).

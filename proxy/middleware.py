@@ -31,12 +31,23 @@ from proxy.keys import (
     REQUEST_ID,
     REQUEST_LOG,
     STARTED,
+    WARNING,
 )
 from proxy.sse import encode_event
 from storage.errors import StorageError
 
 log = logging.getLogger("lmbridge.request")
 REQUEST_ID_HEADER = "X-Request-ID"
+WARNING_HEADER = "X-LMBridge-Warning"
+
+
+def stream_headers(request: web.Request) -> dict[str, str]:
+    """The headers lmbridge adds to a stream it opens itself (a plain response gets them
+    from ``handle_request``)."""
+    headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
+    if WARNING in request:
+        headers[WARNING_HEADER] = request[WARNING]
+    return headers
 
 
 # Request ids: a random prefix per process and a counter, unique across
@@ -95,6 +106,8 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         status = 499 if request.get(CLIENT_GONE) else response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
+            if WARNING in request:
+                response.headers[WARNING_HEADER] = request[WARNING]
         return response
     finally:
         metrics.in_flight -= 1

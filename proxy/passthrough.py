@@ -33,9 +33,10 @@ from proxy.keys import (
     REQUEST_ID,
     STARTED,
     UPSTREAM,
+    WARNING,
 )
 from proxy.mcp.chat import chat_with_tools
-from proxy.middleware import REQUEST_ID_HEADER
+from proxy.middleware import REQUEST_ID_HEADER, stream_headers
 from proxy.sse import DONE_EVENT, encode_event
 
 log = logging.getLogger("lmbridge.upstream")
@@ -133,12 +134,15 @@ async def forward(
     if not isinstance(body[name], types):
         raise BadRequest(f"'{name}' must be {described}, not {_json_type(body[name])}.", param=name)
 
-    model = await request.app[CATALOG].resolve(body.get("model"), purpose)
+    catalog = request.app[CATALOG]
+    model = await catalog.resolve(body.get("model"), purpose)
     request[MODEL] = model.id
     if path == CHAT_PATH:
         # mcp_servers is lmbridge's own field: it never goes upstream.
         requested = body.pop("mcp_servers", None)
         selection = request.app[MCP].select(requested, request.headers.get("X-MCP-Servers"))
+        if (selection or body.get("tools")) and (warning := catalog.tools_warning(model)):
+            request[WARNING] = warning
         if selection:
             body["model"] = model.id
             return await chat_with_tools(request, body, model, selection)
@@ -173,7 +177,7 @@ async def relay_stream(
     headers = _client_headers(resp)
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
-    headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    headers.update(stream_headers(request))
     response = web.StreamResponse(status=resp.status, headers=headers)
     observer = StreamObserver()
     failure: UpstreamError | None = None

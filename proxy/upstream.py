@@ -49,18 +49,29 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 class _Retryable(Exception):
     """An attempt that may be retried; carries the error to raise if it was the last."""
 
-    def __init__(self, error: UpstreamError, reason: str) -> None:
+    def __init__(self, error: UpstreamError, reason: str, *, trips_breaker: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
         self.reason = reason
+        # A refused connection means nothing listens: the server is stopped, not
+        # flapping, and the refusal already fails fast. It must not open the circuit
+        # (whose Retry-After would make clients wait for a server nobody started).
+        self.trips_breaker = trips_breaker
 
 
 def start_hint(url: str) -> str:
     return (
         f"Cannot reach the upstream model server at {url}. Start LM Studio's server with "
-        "`lms server start` (or your llama.cpp/Ollama/vLLM server), or point lmbridge at the "
-        "right one with `lmbridge serve --upstream URL`."
+        "`lms server start` (or your llama.cpp/Ollama/vLLM server), point lmbridge at the "
+        "right one with `lmbridge serve --upstream URL`, or run a small model inside "
+        "lmbridge with `lmbridge serve --embedded`."
     )
+
+
+CONTEXT_HINT = (
+    "Load the model with a longer context (LM Studio: `lms load <model> --context-length N`) "
+    "or send less input."
+)
 
 
 def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -89,8 +100,11 @@ class UpstreamClient:
         metrics: Metrics,
         *,
         breaker: CircuitBreaker | None = None,
+        context_hint: str = CONTEXT_HINT,
     ) -> None:
         self.config = config
+        # What the operator can change when a prompt does not fit the model's context.
+        self.context_hint = context_hint
         self.base_url = config.url
         self.session = session
         self.metrics = metrics
@@ -139,15 +153,47 @@ class UpstreamClient:
         The caller reads the body (``read_body`` / ``iter_chunks``), which
         releases the connection. Error statuses raise ``UpstreamStatus`` with
         the upstream's body; transport failures raise the matching
-        ``UpstreamError``.
+        ``UpstreamError``. The circuit breaker judges the call as a whole, its
+        retries included: one call is at most one failure.
         """
+        if not self.breaker.before_request():
+            raise self._circuit_open()
         send_headers = {**self._base_headers, **headers} if headers else self._base_headers
+        try:
+            resp = await self._send(method, path, body, send_headers, route)
+        except _Retryable as exc:
+            if exc.trips_breaker:
+                self.breaker.record_failure()
+            else:
+                self.breaker.release_probe()
+            raise exc.error from exc
+        except UpstreamTimeout:
+            self.breaker.record_failure()
+            raise
+        except UpstreamStatus:
+            self.breaker.record_success()  # a 4xx: the upstream is up and answering
+            raise
+        except BaseException:
+            self.breaker.release_probe()
+            raise
+        self.breaker.record_success()
+        return resp
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        route: str,
+    ) -> aiohttp.ClientResponse:
+        """The attempts of one call; the last failure is raised as ``_Retryable``."""
         url = self.base_url + path
         try:
-            return await self._attempt(method, url, body, send_headers, route)
+            return await self._attempt(method, url, body, headers, route)
         except _Retryable as exc:
             if self.config.retry_attempts <= 1:
-                raise exc.error from exc
+                raise
             replay: _Retryable | None = exc
 
         # Only a failure pays for the retry machinery; its first attempt replays
@@ -173,61 +219,62 @@ class UpstreamClient:
             before_sleep=count_retry,
             reraise=True,
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if replay is not None:
-                        failed, replay = replay, None
-                        raise failed
-                    return await self._attempt(method, url, body, send_headers, route)
-        except _Retryable as exc:
-            raise exc.error from exc
+        async for attempt in retrying:
+            with attempt:
+                if replay is not None:
+                    failed, replay = replay, None
+                    raise failed
+                return await self._attempt(method, url, body, headers, route)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str], route: str
     ) -> aiohttp.ClientResponse:
-        if not self.breaker.before_request():
-            raise self._circuit_open()
         started = time.perf_counter()
-        verdict = False
         try:
-            try:
-                resp = await self.session.request(
-                    method, url, data=body, headers=headers, timeout=self._timeout
-                )
-            except aiohttp.SocketTimeoutError as exc:
-                self._failed("first_byte_timeout")
-                verdict = True
-                raise UpstreamTimeout(
-                    f"The upstream at {self.base_url} did not answer within "
-                    f"{self.config.first_byte_timeout:g}s (upstream.first_byte_timeout)."
-                ) from exc
-            except aiohttp.ClientConnectionError as exc:
-                self._failed("connect")
-                verdict = True
-                raise _Retryable(
-                    UpstreamUnavailable(_connect_message(self.base_url, exc)), "connect"
-                ) from exc
-            self.metrics.observe_upstream(route, time.perf_counter() - started)
-            if resp.status in RETRY_STATUSES:
-                raw = await self._read_error(resp)
-                self._failed(f"status_{resp.status}")
-                verdict = True
-                raise _Retryable(
-                    UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type")),
-                    f"status_{resp.status}",
-                )
-            self.breaker.record_success()
-            verdict = True
-            if resp.status >= 400:
-                raw = await self._read_error(resp)
-                raise UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type"))
-            self._arm_idle_timeout(resp)
-            return resp
-        finally:
-            if not verdict:
-                self.breaker.release_probe()
+            resp = await self.session.request(
+                method, url, data=body, headers=headers, timeout=self._timeout
+            )
+        except aiohttp.SocketTimeoutError as exc:
+            self._count_failure("first_byte_timeout")
+            raise UpstreamTimeout(
+                f"The upstream at {self.base_url} did not answer within "
+                f"{self.config.first_byte_timeout:g}s (upstream.first_byte_timeout)."
+            ) from exc
+        except aiohttp.ClientConnectionError as exc:
+            refused = isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, ConnectionRefusedError
+            )
+            self._count_failure("refused" if refused else "connect")
+            raise _Retryable(
+                UpstreamUnavailable(_connect_message(self.base_url, exc)),
+                "connect",
+                trips_breaker=not refused,
+            ) from exc
+        self.metrics.observe_upstream(route, time.perf_counter() - started)
+        if resp.status in RETRY_STATUSES:
+            raw = await self._read_error(resp)
+            self._count_failure(f"status_{resp.status}")
+            raise _Retryable(
+                UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type")),
+                f"status_{resp.status}",
+            )
+        if resp.status >= 400:
+            raw = await self._read_error(resp)
+            error = UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type"))
+            if error.context_overflow:
+                error.extend_message(self._context_note(error))
+            raise error
+        self._arm_idle_timeout(resp)
+        return resp
+
+    def _context_note(self, error: UpstreamStatus) -> str:
+        body = error.body()["error"]
+        needed, available = body.get("n_prompt_tokens"), body.get("n_ctx")
+        size = ""
+        if isinstance(needed, int) and isinstance(available, int):
+            size = f" The request has {needed} tokens; the model's context holds {available}."
+        return f"{size} {self.context_hint}"
 
     def _arm_idle_timeout(self, resp: aiohttp.ClientResponse) -> None:
         """From now on, each silence longer than idle_timeout fails the body read.
@@ -255,8 +302,12 @@ class UpstreamClient:
         error.retry_after = wait
         return error
 
-    def _failed(self, reason: str) -> None:
+    def _count_failure(self, reason: str) -> None:
         self.metrics.upstream_failures.labels(reason).inc()
+
+    def _failed(self, reason: str) -> None:
+        """A body that broke off after ``open()`` succeeded: the call failed after all."""
+        self._count_failure(reason)
         self.breaker.record_failure()
 
     async def _read_error(self, resp: aiohttp.ClientResponse) -> bytes:

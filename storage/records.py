@@ -132,9 +132,11 @@ class ResponseStore(Protocol):
         with an error carrying ``message``; returns how many."""
         ...
 
-    async def purge_expired(self, now: int) -> int:
+    async def purge_expired(self, now: int, *, retention: int | None = None) -> int:
         """Delete expired responses and conversations with their items; returns how many
-        objects were deleted, and gives the freed pages back to the file system."""
+        objects were deleted, and gives the freed pages back to the file system. With
+        ``retention`` (seconds), every object's expiry is first set by that policy: a
+        response's from its creation, a conversation's from its last change."""
         ...
 
     # --- conversations ---

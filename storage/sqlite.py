@@ -281,8 +281,8 @@ class SQLiteStore:
             writes.fail_unfinished, writes.FailUnfinished(now, message)
         )
 
-    async def purge_expired(self, now: int) -> int:
-        deleted = await self._writer.submit(writes.purge_expired, now)
+    async def purge_expired(self, now: int, *, retention: int | None = None) -> int:
+        deleted = await self._writer.submit(writes.purge_expired, writes.Purge(now, retention))
         await self._writer.submit_alone(writes.give_back_free_pages, None)
         return deleted
 

@@ -266,8 +266,30 @@ def fail_unfinished(conn: sqlite3.Connection, fail: FailUnfinished) -> int:
     return cursor.rowcount
 
 
+@dataclass(frozen=True, slots=True)
+class Purge:
+    now: int
+    # Seconds everything is kept (from its creation, a conversation from its last
+    # change); None keeps each object's own expiry.
+    retention: int | None
+
+
 @each
-def purge_expired(conn: sqlite3.Connection, now: int) -> int:
+def purge_expired(conn: sqlite3.Connection, purge: Purge) -> int:
+    now, retention = purge.now, purge.retention
+    if retention is not None:
+        # A retention policy applies to everything stored, whatever the setting was
+        # when it was written: lowering it purges what is now too old, raising it
+        # keeps what is now young enough.
+        conn.execute(
+            "UPDATE responses SET expires_at = created_at + :r WHERE expires_at <> created_at + :r",
+            {"r": retention},
+        )
+        conn.execute(
+            "UPDATE conversations SET expires_at = updated_at + :r"
+            " WHERE expires_at <> updated_at + :r",
+            {"r": retention},
+        )
     # Items and events go with their parent (ON DELETE CASCADE).
     deleted = 0
     for table in ("responses", "conversations"):

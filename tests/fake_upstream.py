@@ -117,6 +117,8 @@ class FakeUpstream:
         # Set to a dict to answer LM Studio's native lists.
         self.lmstudio_v1: dict | None = None
         self.lmstudio_v0: dict | None = None
+        # Set to a dict to answer like llama.cpp: /v1/models owned by "llamacpp", /props.
+        self.llama_props: dict | None = None
         self.replies: dict[str, deque[Reply]] = defaultdict(deque)
         self.seen: list[Seen] = []
         self.cancelled = asyncio.Event()  # set when a client went away mid-reply
@@ -138,6 +140,7 @@ class FakeUpstream:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/api/v0/models", self._lmstudio_v0)
         app.router.add_get("/api/v1/models", self._lmstudio_v1)
+        app.router.add_get("/props", self._props)
         app.router.add_post("/v1/{tail:.*}", self._post)
         return app
 
@@ -146,8 +149,15 @@ class FakeUpstream:
         scripted = self.replies.get("/v1/models")
         if scripted:
             return await self._answer(request, scripted.popleft())
-        data = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
+        owner = "fake" if self.llama_props is None else "llamacpp"
+        data = [{"id": m, "object": "model", "owned_by": owner} for m in self.models]
         return web.json_response({"object": "list", "data": data})
+
+    async def _props(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, None)
+        if self.llama_props is None:
+            return web.json_response({"error": "Not Found"}, status=404)
+        return web.json_response(self.llama_props)
 
     async def _lmstudio_v0(self, request: web.Request) -> web.StreamResponse:
         self._record(request, None)

@@ -30,6 +30,12 @@ def daemon_url(config: Config) -> str:
     return f"http://{host}:{config.server.port}"
 
 
+def daemon_key(config: Config) -> str | None:
+    """bridge.api_key, else the first client key of this configuration's daemon."""
+    key = config.bridge.api_key or next(iter(config.auth.api_keys), None)
+    return key.get_secret_value() if key is not None else None
+
+
 async def run(config: Config, transport: Transport, port: int, *, standalone: bool) -> None:
     stop = asyncio.Event()
     daemon: asyncio.Task[None] | None = None
@@ -46,8 +52,7 @@ async def run(config: Config, transport: Transport, port: int, *, standalone: bo
         url = listening.result()
     else:
         url = daemon_url(config)
-    key = config.bridge.api_key.get_secret_value() if config.bridge.api_key else None
-    client = DaemonClient(url, key)
+    client = DaemonClient(url, daemon_key(config))
     server, delegations = build_server(
         client, Settings(config.bridge.result_max_chars, config.bridge.wait_seconds)
     )

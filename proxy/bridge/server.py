@@ -20,6 +20,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
+from proxy import __version__
 from proxy.bridge import text
 from proxy.bridge.client import DaemonClient, DaemonError, DaemonUnreachable
 from proxy.bridge.delegate import Delegations
@@ -58,7 +59,7 @@ def _tool_errors() -> Iterator[None]:
 
 
 def build_server(client: DaemonClient, settings: Settings) -> tuple[MCPServer, Delegations]:
-    server = MCPServer("lmbridge", instructions=INSTRUCTIONS)
+    server = MCPServer("lmbridge", version=__version__, instructions=INSTRUCTIONS)
     delegations = Delegations(client)
     limit = settings.result_max_chars
 

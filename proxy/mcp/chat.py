@@ -16,11 +16,11 @@ from aiohttp import web
 from proxy import chat_upstream
 from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import CONFIG, MCP, METRICS, OPEN_STREAM, OWNER, REQUEST_ID, TURNS, UPSTREAM
+from proxy.keys import CONFIG, MCP, METRICS, OPEN_STREAM, OWNER, TURNS, UPSTREAM
 from proxy.mcp.loop import LIMIT_NOTE, LoopResult, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.results import ToolOutput
-from proxy.middleware import REQUEST_ID_HEADER
+from proxy.middleware import stream_headers
 from proxy.sse import DONE_EVENT, encode_event
 
 ROUTE = "/v1/chat/completions"
@@ -109,7 +109,7 @@ async def _stream(
         if response is None:
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no", REQUEST_ID_HEADER: request[REQUEST_ID], **headers,
+                "X-Accel-Buffering": "no", **stream_headers(request), **headers,
             })  # fmt: skip
             await response.prepare(request)
             request[OPEN_STREAM] = response

@@ -15,8 +15,17 @@ from aiohttp import web
 
 from proxy.errors import BadRequest, NotFound
 from proxy.jsontext import dumps, loads
-from proxy.keys import CONFIG, MODEL, OPEN_STREAM, OWNER, REQUEST_ID, RESPONSES
-from proxy.middleware import REQUEST_ID_HEADER, describe_error, end_stream
+from proxy.keys import (
+    CATALOG,
+    CONFIG,
+    MODEL,
+    OPEN_STREAM,
+    OWNER,
+    REQUEST_ID,
+    RESPONSES,
+    WARNING,
+)
+from proxy.middleware import describe_error, end_stream, stream_headers
 from proxy.passthrough import read_json_object
 from proxy.responses.builder import Event
 from proxy.responses.objects import conversation_object, deleted, list_page
@@ -68,7 +77,7 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
-        REQUEST_ID_HEADER: request[REQUEST_ID],
+        **stream_headers(request),
     })  # fmt: skip
     await response.prepare(request)
     request[OPEN_STREAM] = response
@@ -109,7 +118,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     _, body = await read_json_object(request)
     service = request.app[RESPONSES]
     run = await service.create(body, request[OWNER])
-    request[MODEL] = run.prepared.model.id
+    prepared = run.prepared
+    request[MODEL] = prepared.model.id
+    if (prepared.tools.tools or prepared.mcp) and (
+        warning := request.app[CATALOG].tools_warning(prepared.model)
+    ):
+        request[WARNING] = warning
     if run.request.background:
         if run.request.stream:
             return await _stream(request, run.follow(None))

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,12 +60,6 @@ log = logging.getLogger("lmbridge.responses")
 CHAT_PATH = chat_upstream.CHAT_PATH
 ROUTE = "/v1/responses"
 Sink = Callable[[list[Event]], Awaitable[None]]
-
-_CONTEXT_ERROR = re.compile(
-    r"context (length|size|window)|exceeds? (the )?(available )?context|n_ctx|"
-    r"too many tokens|maximum context|prompt is too long",
-    re.IGNORECASE,
-)
 
 
 def owner_of(api_key: bytes | None) -> str:
@@ -507,7 +500,7 @@ class ResponsesService:
             try:
                 return await self.upstream.open("POST", CHAT_PATH, body=body, route=ROUTE)
             except UpstreamStatus as exc:
-                if not (_is_context_error(exc) and prepared.request.truncation == "auto"
+                if not (exc.context_overflow and prepared.request.truncation == "auto"
                         and history):  # fmt: skip
                     raise
                 history = history[len(history) // 2 + (len(history) % 2) :]
@@ -739,7 +732,9 @@ class ResponsesService:
         interval = self.config.responses.purge_interval
         while True:
             try:
-                purged = await self.store.purge_expired(int(self.clock()))
+                purged = await self.store.purge_expired(
+                    int(self.clock()), retention=int(self.config.responses.retention)
+                )
                 if purged:
                     log.info("purged %d expired response(s) and conversation(s)", purged)
             except Exception:
@@ -781,17 +776,8 @@ def _transcript(messages_json: str) -> str:
     return "\n".join(lines)
 
 
-def _is_context_error(exc: UpstreamStatus) -> bool:
-    error = exc.body().get("error", {})
-    if error.get("code") == "context_length_exceeded" or error.get("type") in (
-        "exceed_context_size_error",
-    ):
-        return True
-    return exc.status in (400, 413) and bool(_CONTEXT_ERROR.search(exc.message))
-
-
 def _failure_code(exc: UpstreamError) -> str:
-    if isinstance(exc, UpstreamStatus) and _is_context_error(exc):
+    if isinstance(exc, UpstreamStatus) and exc.context_overflow:
         return "context_length_exceeded"
     return exc.code or "upstream_error"
 

@@ -118,8 +118,9 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
         ready_within: float = 30.0,
         env: dict[str, str] | None = None,
         command: str | None = None,
+        port: int | None = None,
     ) -> Daemon:
-        port = free_port()
+        port = port or free_port()
         argv = [
             command or lmbridge(),
             "serve",

@@ -14,6 +14,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
+from proxy import __version__
 from tests.e2e.conftest import clean_env, free_port, lmbridge
 from tests.fake_upstream import CHAT, Reply, chat_completion
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
@@ -68,7 +69,10 @@ def sent(fake_upstream, n: int = -1) -> dict:
 
 
 async def test_the_tools_are_there_with_their_fixed_names(connect):
+    """The server says who it is (lmbridge and its version) and offers its fixed tools."""
     async with connect() as bridge:
+        assert bridge.server_info is not None
+        assert (bridge.server_info.name, bridge.server_info.version) == ("lmbridge", __version__)
         listed = {t.name: t for t in (await bridge.list_tools()).tools}
         assert set(listed) == TOOLS
         delegate = listed["delegate"].input_schema

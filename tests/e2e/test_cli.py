@@ -114,9 +114,81 @@ async def test_models_prints_a_table(tmp_path, fake_upstream):
     code, out, err = await run_cli(tmp_path, "models", "--upstream", fake_upstream.url)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT"]
-    assert lines[1].split() == ["qwen3-4b", "llm", "loaded", "32768"]
-    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-"]
+    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT", "TOOLS"]
+    assert lines[1].split() == ["qwen3-4b", "llm", "loaded", "32768", "-"]
+    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-"]
+    assert lines[3] == f"(2 model(s) listed by the upstream at {fake_upstream.url})"
+
+
+async def test_models_shows_what_the_running_daemon_serves(tmp_path, start_daemon, fake_upstream):
+    """With the daemon of the same configuration running, `lmbridge models` lists what it
+    serves: its aliases too, and whether a model's template can render tools."""
+    fake_upstream.llama_props = {"chat_template_caps": {"supports_tools": False}}
+    port = free_port()
+    config = write(
+        tmp_path,
+        f'[server]\nport = {port}\n[upstream]\nurl = "{fake_upstream.url}"\n'
+        '[models]\naliases = { "gpt-4o-mini" = "test-model" }\n'
+        '[auth]\napi_keys = ["sk-local"]\n',
+    )
+    env = clean_env(tmp_path, LMBRIDGE_CONFIG=config)
+    await start_daemon(env=env, port=port)
+    code, out, err = await run_cli(tmp_path, "models", env=env)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1].split()[0] == "test-model"
+    assert lines[1].endswith("no (template drops them)")
+    assert lines[2].startswith("gpt-4o-mini (alias of test-model)")
+    assert lines[3] == f"(2 model(s) served by lmbridge at http://127.0.0.1:{port})"
+
+
+async def test_models_when_the_daemon_is_not_running(tmp_path, fake_upstream):
+    """No daemon: the upstream's own list, saying so; with embedded.enabled, where the
+    model runs instead."""
+    port = free_port()
+    env = clean_env(
+        tmp_path, LMBRIDGE_SERVER_PORT=str(port), LMBRIDGE_UPSTREAM_URL=fake_upstream.url
+    )
+    code, out, err = await run_cli(tmp_path, "models", env=env)
+    assert code == 0, err
+    assert out.splitlines()[-1] == (
+        f"(1 model(s) listed by the upstream at {fake_upstream.url}; lmbridge is not "
+        f"running at http://127.0.0.1:{port})"
+    )
+    code, out, err = await run_cli(
+        tmp_path, "models", env={**env, "LMBRIDGE_EMBEDDED_ENABLED": "true"}
+    )
+    assert code == 1
+    assert "`lmbridge serve --embedded`" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["models", "--embedded"], "unrecognized arguments: --embedded"),
+        (["gc", "--upstream", "http://x"], "unrecognized arguments: --upstream"),
+        (["mcp-list", "--port", "1"], "unrecognized arguments: --port"),
+        (["mcp", "--upstream", "http://127.0.0.1:1"], "only apply with --standalone"),
+    ],
+)
+async def test_flags_that_would_do_nothing_are_refused(tmp_path, args, fragment):
+    """A command refuses a flag it would ignore, exit 2."""
+    code, _, err = await run_cli(tmp_path, *args)
+    assert code == 2
+    assert fragment in err
+
+
+async def test_check_config_reports_every_problem_at_once(tmp_path):
+    """check-config prints each problem on its own line, exit 2."""
+    config = write(tmp_path, '[server]\nport = "high"\nhots = 1\n[upstream]\nurl = "ftp://x"\n')
+    code, _, err = await run_cli(tmp_path, "check-config", "--config", config)
+    assert code == 2
+    lines = err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["configuration error"] * 3
+    assert [line.split(": ")[2].split(":")[0] for line in lines] == [
+        "server.port", "server.hots", "upstream.url",
+    ]  # fmt: skip
 
 
 async def test_models_with_no_upstream(tmp_path):
@@ -155,11 +227,11 @@ async def test_unusable_database_path_is_one_line(tmp_path):
     assert "Traceback" not in err
 
 
-async def test_gc_purges_expired_responses(tmp_path, start_daemon, fake_upstream):
-    """`lmbridge gc` deletes what has expired and says how much."""
+async def test_gc_purges_by_the_retention_in_force(tmp_path, start_daemon, fake_upstream):
+    """`lmbridge gc` applies the current responses.retention to everything stored: after
+    lowering it, what is now too old is purged, and gc says how much."""
     db = tmp_path / "gc.db"
-    config = "[responses]\nretention = 1\n"
-    daemon = await start_daemon("--upstream", fake_upstream.url, "--db", str(db), config=config)
+    daemon = await start_daemon("--upstream", fake_upstream.url, "--db", str(db))
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -171,6 +243,10 @@ async def test_gc_purges_expired_responses(tmp_path, start_daemon, fake_upstream
     assert await daemon.stop() == 0
     await asyncio.sleep(1.1)
     code, out, err = await run_cli(tmp_path, "gc", "--db", str(db))
+    assert code == 0, err
+    assert out.startswith(f"purged 0 expired object(s) from {db}")
+    lowered = write(tmp_path, "[responses]\nretention = 1\n")
+    code, out, err = await run_cli(tmp_path, "gc", "--db", str(db), "--config", lowered)
     assert code == 0, err
     assert out.startswith(f"purged 3 expired object(s) from {db}")
 

@@ -118,3 +118,30 @@ async def test_sigterm_lets_a_running_stream_finish(daemon, fake_upstream):
     assert b'"two"' in rest and rest.endswith(b"data: [DONE]\n\n")
     assert await daemon.stop() == 0
     assert "shutting down" in daemon.log()
+
+
+async def test_a_stopped_upstream_fails_fast_with_the_sdk_default_retries(start_daemon):
+    """With no model server running, the SDK (its default two retries included) gets the
+    502 that says how to start one within seconds, on the first and every later request:
+    no circuit_open with a Retry-After for it to wait out."""
+    from tests.e2e.conftest import free_port
+
+    daemon = await start_daemon("--upstream", f"http://127.0.0.1:{free_port()}")
+    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="unused") as client:
+        assert client.max_retries == 2
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            started = loop.time()
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.chat.completions.create(
+                    model="any", messages=[{"role": "user", "content": "hi"}]
+                )
+            elapsed = loop.time() - started
+            assert caught.value.status_code == 502
+            assert caught.value.code == "upstream_unavailable"
+            assert "lms server start" in caught.value.message
+            assert "--embedded" in caught.value.message
+            # A bound against hanging on a Retry-After, not a timing measurement: the SDK's
+            # own backoff for two retries is at most 0.5 s + 1 s (and lmbridge's 0.6 s each).
+            assert elapsed < 15, elapsed
+    assert "circuit open" not in daemon.log()

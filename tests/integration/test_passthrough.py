@@ -363,3 +363,46 @@ async def test_unknown_routes_and_methods(proxy, method, path, status):
     assert resp.status == status
     body = await resp.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+NO_TOOLS = {"chat_template_caps": {"supports_tools": False, "supports_tool_calls": False}}
+
+
+async def test_tools_for_a_template_that_drops_them_get_a_warning(proxy, fake_upstream, caplog):
+    """llama.cpp says the model's template cannot render tools: a request that offers
+    tools is still served, with X-LMBridge-Warning saying the model never sees them, on
+    both APIs, plain and streamed; the log says it once per model."""
+    fake_upstream.llama_props = NO_TOOLS
+    messages = [{"role": "user", "content": "hi"}]
+    requests = [
+        ("/v1/chat/completions", {"messages": messages, "tools": [TOOL]}),
+        ("/v1/chat/completions", {"messages": messages, "tools": [TOOL], "stream": True}),
+        ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f"}]}),
+        ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f"}],
+                           "stream": True}),
+    ]  # fmt: skip
+    for path, body in requests:
+        resp = await proxy.post(path, json={"model": "test-model", **body})
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+        warning = resp.headers["X-LMBridge-Warning"]
+        assert "test-model cannot render tools" in warning
+    warned = [r for r in caplog.records if "cannot render tools" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    models = await (await proxy.get("/v1/models")).json()
+    assert models["data"][0]["supports_tools"] is False
+    # Without tools, or where the template renders them, nothing is said.
+    plain = await proxy.post(CHAT, json={"model": "test-model", "messages": messages})
+    assert "X-LMBridge-Warning" not in plain.headers
+
+
+async def test_no_tools_warning_where_the_upstream_does_not_say(proxy, fake_upstream):
+    """A server that is not llama.cpp (LM Studio, vLLM, Ollama) is not asked for /props,
+    and a request with tools gets no warning."""
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [TOOL]}  # fmt: skip
+    resp = await proxy.post(CHAT, json=body)
+    assert resp.status == 200
+    assert "X-LMBridge-Warning" not in resp.headers
+    assert not fake_upstream.requests_to("/props")  # not owned by llama.cpp: not asked

@@ -44,6 +44,45 @@ async def test_upstream_down_is_502_with_instructions(make_proxy, tmp_path):
     assert await metric(proxy, "lmbridge_upstream_retries_total") >= 1
 
 
+async def test_a_stopped_upstream_never_opens_the_circuit(make_proxy):
+    """An upstream that refuses connections (not running) gets the 502 with instructions
+    on every request, never a 503 circuit_open whose Retry-After makes clients wait."""
+    proxy = await make_proxy(
+        upstream__url=f"http://127.0.0.1:{closed_port()}",
+        upstream__retry_attempts=3,
+        upstream__retry_backoff=0.001,
+        upstream__circuit_failure_threshold=2,
+    )
+    for _ in range(6):
+        resp = await proxy.post(CHAT, json=REQUEST)
+        assert resp.status == 502
+        assert "Retry-After" not in resp.headers
+        assert (await resp.json())["error"]["code"] == "upstream_unavailable"
+    assert await metric(proxy, "lmbridge_circuit_state") == 0
+    assert await metric(proxy, 'lmbridge_upstream_failures_total{reason="refused"}') == 18
+    assert (await proxy.get("/readyz")).status == 503  # readiness still says it is down
+
+
+async def test_retries_of_one_request_count_once_towards_the_circuit(make_proxy, fake_upstream):
+    """A request whose three attempts all fail is one failure for the breaker: with a
+    threshold of 2 the circuit opens after the second such request, not inside the first."""
+    proxy = await make_proxy(
+        upstream__retry_attempts=3,
+        upstream__retry_backoff=0.001,
+        upstream__circuit_failure_threshold=2,
+        upstream__circuit_cooldown=5,
+    )
+    await proxy.get("/v1/models")
+    fake_upstream.add_reply(CHAT, Reply(status=502, json={"error": {"message": "bad"}}), times=6)
+    for _ in range(2):
+        assert (await proxy.post(CHAT, json=REQUEST)).status == 502
+    assert len(fake_upstream.requests_to(CHAT)) == 6
+    resp = await proxy.post(CHAT, json=REQUEST)
+    assert resp.status == 503
+    # Never longer than the cool-down: the upstream is tried again by then.
+    assert 1 <= int(resp.headers["Retry-After"]) <= 5
+
+
 async def test_503_is_retried_then_succeeds(proxy, fake_upstream):
     """A 503 before anything was sent to the client is retried transparently."""
     fake_upstream.add_reply(CHAT, Reply(status=503, json={"error": {"message": "busy"}}))

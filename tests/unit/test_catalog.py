@@ -494,6 +494,7 @@ def test_as_openai():
         "type": "llm",
         "state": "loaded",
         "max_context_length": 4096,
+        "supports_tools": None,
     }
     assert ModelInfo(id="x").as_openai()["owned_by"] == "local"
 
@@ -1010,6 +1011,7 @@ class FakeGetJson:
 
 
 V1, V0, OAI = "/api/v1/models", "/api/v0/models", "/v1/models"
+PROPS = "/props"  # llama.cpp's, read beside its list
 
 
 @pytest.mark.parametrize(
@@ -1027,7 +1029,7 @@ V1, V0, OAI = "/api/v1/models", "/api/v0/models", "/v1/models"
             [V1, V0],
             [m.id for m in LMSTUDIO_V0_MODELS],
         ),
-        ({OAI: LLAMA_CPP}, "openai", [V1, V0, OAI], ["smollm2"]),
+        ({OAI: LLAMA_CPP}, "openai", [V1, V0, OAI, PROPS], ["smollm2"]),
         ({OAI: VLLM}, "openai", [V1, V0, OAI], ["Qwen/Qwen2.5-7B-Instruct"]),
         # A server that answers the native paths with a plain OpenAI list.
         (
@@ -1071,7 +1073,8 @@ async def test_reader_probes_dialects_in_order_and_remembers(answers, dialect, f
     get_json.calls.clear()
     clock.advance(10.0)
     again = await reader.read()
-    assert get_json.calls == [first_calls[-1]]
+    remembered = {"lmstudio-v1": V1, "lmstudio-v0": V0, "openai": OAI}[dialect]
+    assert get_json.calls == first_calls[first_calls.index(remembered) :]
     assert again.fetched_at == 60.0
 
 
@@ -1083,7 +1086,7 @@ async def test_reader_falls_back_when_the_remembered_dialect_goes_away():
     get_json.answers = {OAI: LLAMA_CPP}
     get_json.calls.clear()
     models = await reader.read()
-    assert get_json.calls == [V1, V0, OAI]
+    assert get_json.calls == [V1, V0, OAI, PROPS]
     assert reader.dialect == "openai"
     assert models.ids() == ["smollm2"]
 
@@ -1133,4 +1136,43 @@ async def test_reader_with_catalog():
     assert (await catalog.resolve("SmolLM2-135M-Instruct")).id == "smollm2"
     clock.advance(10.0)
     await catalog.get()
-    assert get_json.calls == [V1, V0, OAI, OAI]
+    assert get_json.calls == [V1, V0, OAI, PROPS, OAI, PROPS]
+
+
+@pytest.mark.parametrize(
+    ("props", "tools"),
+    [
+        ({"chat_template_caps": {"supports_tools": False}}, False),
+        ({"chat_template_caps": {"supports_tools": True}}, True),
+        ({"chat_template_caps": {}}, None),
+        ({"chat_template": "..."}, None),  # an older llama.cpp
+        ([], None),
+        (not_found(PROPS), None),
+    ],
+)
+async def test_reader_takes_tool_support_from_llama_cpp_props(props, tools):
+    """llama.cpp's /props says whether the chat template renders tools; anything else
+    there leaves it unknown."""
+    reader = ModelListReader(FakeGetJson({OAI: LLAMA_CPP, PROPS: props}), FakeClock())
+    (model,) = (await reader.read()).models
+    assert model.tools is tools
+    assert (model.tools_note() is not None) is (tools is False)
+
+
+async def test_reader_asks_only_a_one_model_llama_cpp_for_props():
+    """Other servers, and llama.cpp's router with several models, are not asked."""
+    router = {"object": "list", "data": [
+        {"id": "a", "object": "model", "owned_by": "llamacpp"},
+        {"id": "b", "object": "model", "owned_by": "llamacpp"},
+    ]}  # fmt: skip
+    for listing in (VLLM, OLLAMA, router):
+        get_json = FakeGetJson({OAI: listing, PROPS: {"chat_template_caps": {}}})
+        await ModelListReader(get_json, FakeClock()).read()
+        assert PROPS not in get_json.calls
+
+
+async def test_reader_propagates_an_upstream_that_went_down_at_props():
+    """The upstream failing between the list and /props is the upstream being down."""
+    get_json = FakeGetJson({OAI: LLAMA_CPP, PROPS: UpstreamUnavailable("down")})
+    with pytest.raises(UpstreamUnavailable):
+        await ModelListReader(get_json, FakeClock()).read()

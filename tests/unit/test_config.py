@@ -578,11 +578,26 @@ def test_wrong_types(write_toml, toml, environ, flags, start, contains, source):
     assert message.endswith(f"[from {expected_source}]")
 
 
-def test_several_problems_are_counted():
-    """When several values are wrong, the first is described and the rest counted."""
-    message = config_error(flags={"server.port": "x", "logging.level": "loud"})
-    assert message.startswith("server.port: ")
-    assert message.endswith("(and 1 more problem(s))")
+def test_every_problem_is_reported_at_once(write_toml):
+    """Every problem of the file, the environment and the flags is reported, one line
+    each, so that one run of check-config finds them all."""
+    path = write_toml(
+        '[server]\nport = "high"\nhots = "x"\n[upstream]\nurl = "ftp://x"\n'
+        '[mcp]\nconfig_files = ["missing.json"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"LMBRIDGE_NOPE": "1"}, flags={"logging.level": "loud"})
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "LMBRIDGE_NOPE",
+        "mcp.config_files",
+        "server.port",
+        "server.hots",
+        "upstream.url",
+        "logging.level",
+    ]
+    assert all("\n" not in p for p in problems)
+    assert str(info.value) == "\n".join(problems)
 
 
 @pytest.mark.parametrize(("given", "level"), [("DEBUG", "debug"), ("Warning", "warning")])

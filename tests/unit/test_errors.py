@@ -145,9 +145,10 @@ def test_error_body_shape():
             b'size", "type": "exceed_context_size_error", "n_prompt_tokens": 5000, "n_ctx": 4096}}',
             {
                 "error": {
-                    "code": "400",
+                    # A context overflow gets OpenAI's code, whoever worded it.
+                    "code": "context_length_exceeded",
                     "message": "the request exceeds the available context size",
-                    "type": "exceed_context_size_error",
+                    "type": "invalid_request_error",
                     "param": None,
                     "n_prompt_tokens": 5000,
                     "n_ctx": 4096,
@@ -354,3 +355,27 @@ def test_describe_error_is_the_one_mapping_of_exceptions(exc, status, code, logg
         assert not caplog.records
     else:
         assert logged in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "overflow"),
+    [
+        (400, b'{"error": {"message": "x", "type": "exceed_context_size_error"}}', True),
+        (400, b'{"error": {"message": "x", "code": "context_length_exceeded"}}', True),
+        # vLLM
+        (400, b'{"error": {"message": "This model\'s maximum context length is 4096 tokens"}}',
+         True),
+        # LM Studio
+        (400, b'{"error": "The number of tokens to keep from the initial prompt is greater '
+              b'than the context length"}', True),
+        (413, b"prompt is too long", True),
+        (400, b'{"error": {"message": "temperature must be positive"}}', False),
+        (500, b'{"error": {"message": "context length exceeded"}}', False),
+        (404, b'{"error": {"message": "model not found"}}', False),
+    ],
+)  # fmt: skip
+def test_context_overflow_is_recognised_and_gets_openais_code(status, raw, overflow):
+    """However a server words a prompt that does not fit, it is context_length_exceeded."""
+    exc = UpstreamStatus(status, raw, "application/json")
+    assert exc.context_overflow is overflow
+    assert (exc.code == "context_length_exceeded") is overflow

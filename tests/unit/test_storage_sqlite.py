@@ -187,6 +187,26 @@ async def test_purge_deletes_expired_objects_with_their_children(store, clock, p
     assert await store.get_conversation("conv_new", "alice") is not None
 
 
+async def test_purge_applies_the_retention_policy_in_force(store, clock):
+    """With a retention, what was stored under another setting follows the current one:
+    lowered, what is now too old goes; raised, what is young enough stays."""
+    await store.save_response(response("resp_old", created_at=NOW, expires_at=NOW + 1000))
+    await store.save_response(response("resp_young", created_at=NOW + 50, expires_at=NOW + 1050))
+    await store.create_conversation(ConversationRecord("conv_old", "alice", NOW, NOW + 1000))
+    assert await store.purge_expired(NOW + 100, retention=60) == 2
+    clock.now = NOW + 100
+    assert await store.get_response("resp_old", "alice") is None
+    assert await store.get_conversation("conv_old", "alice") is None
+    assert await store.get_response("resp_young", "alice") is not None
+    clock.now = NOW + 111  # created + 60 s: gone by the new policy
+    assert await store.get_response("resp_young", "alice") is None
+
+    await store.save_response(response("resp_short", created_at=NOW + 200, expires_at=NOW + 210))
+    assert await store.purge_expired(NOW + 205, retention=3600) == 0
+    clock.now = NOW + 900
+    assert await store.get_response("resp_short", "alice") is not None
+
+
 async def test_purge_gives_the_space_back(store, clock, path):
     """After a purge no page is free and the file is back to the size of the empty schema."""
     empty_pages = await pragma(path, "page_count")
