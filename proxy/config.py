@@ -294,7 +294,8 @@ class ResponsesConfig(_Section):
     retention: Duration = Field(
         30 * 86400.0,
         description="How long stored responses and conversations are kept (a conversation: "
-        "after its last change) before they are purged.",
+        "after its last change) before they are purged. A policy: the value in force applies "
+        "to everything stored, whenever it was written.",
     )
     purge_interval: Duration = Field(
         3600.0, description="How often expired responses and conversations are purged."

@@ -102,12 +102,47 @@ async def test_serve_embedded_answers_and_stops_its_child(start_daemon, tmp_path
             messages=[{"role": "user", "content": "Hi"}], model="smollm2", max_tokens=4
         )
     assert completion.choices[0].message.content
-    match = re.search(r"embedded llama.cpp serving \S+ at (http://\S+)", daemon.log())
+    match = re.search(r"embedded llama.cpp serving \S+ at (http://\S+) ", daemon.log())
     assert match, daemon.log()
+    # SmolLM2's template drops tools: the start-up line says so, and so does a request.
+    assert "Its chat template cannot render tools" in daemon.log()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [tool], "max_tokens": 2}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(daemon.base_url + "/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert "cannot render tools" in resp.headers["X-LMBridge-Warning"]
     assert await daemon.stop() == 0
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(match.group(1) + "/health")
+
+
+async def test_embedded_context_fits_a_coding_agents_first_request(start_daemon):
+    """The embedded default context takes a request the size of Codex CLI's first one
+    (about 4,600 tokens); a request that still does not fit says which setting raises the
+    limit and how many tokens it had."""
+    daemon = await start_daemon("--embedded", ready_within=180)
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank. "
+    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
+        completion = await c.chat.completions.create(
+            model="smollm2",
+            max_tokens=2,
+            messages=[{"role": "user", "content": sentence * 370 + "Say hi."}],
+        )
+        assert completion.usage is not None and completion.usage.prompt_tokens > 4600
+        with pytest.raises(openai.BadRequestError) as caught:
+            await c.chat.completions.create(
+                model="smollm2",
+                max_tokens=2,
+                messages=[{"role": "user", "content": sentence * 800}],
+            )
+    assert caught.value.code == "context_length_exceeded"
+    message = caught.value.message
+    assert "embedded.context_length (now 8192" in message
+    assert re.search(r"The request has \d{5} tokens; the model's context holds 8192", message)
 
 
 async def test_a_real_model_drives_a_real_mcp_server(start_daemon, llama_url, tmp_path: Path):
