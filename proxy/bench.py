@@ -214,17 +214,52 @@ class Result:
     note: str = ""
 
 
-async def _start_child(args: list[str], stderr: Any) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
-    )
+class BenchError(Exception):
+    """A process of the benchmark failed; the message says which and why."""
+
+
+def _last_lines(log: Path, count: int = 5) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-count:]) or "(nothing logged)"
+
+
+async def _start_child(args: list[str], log: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """A child that prints its URL as one JSON line; its stderr goes to ``log``."""
+    with log.open("ab") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+        )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)
-    return process, str(json.loads(line)["url"])
+    try:
+        return process, str(json.loads(line)["url"])
+    except (ValueError, KeyError, TypeError):
+        await stop(process)
+        raise BenchError(f"{' '.join(args[1:])} did not start:\n{_last_lines(log)}") from None
 
 
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
+async def start_daemon(args: list[str], log: Path) -> asyncio.subprocess.Process:
+    """``lmbridge serve ARGS`` from this installation, its output in ``log``."""
+    with log.open("ab") as output:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", *args,
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
+        )  # fmt: skip
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process, log: Path
+) -> None:
+    """Until the daemon answers /healthz; a daemon that exits says why."""
     for _ in range(300):
+        if process.returncode is not None:
+            raise BenchError(
+                f"lmbridge serve exited with status {process.returncode}:\n{_last_lines(log)}"
+            )
         try:
             async with session.get(url + "/healthz") as resp:
                 if resp.status == 200:
@@ -232,7 +267,16 @@ async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
         except aiohttp.ClientError:
             pass
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not become ready")
+    raise BenchError(f"{url} did not become ready in 15 s:\n{_last_lines(log)}")
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    """Stop a child if it still runs (its stdin closing stops the fake upstream)."""
+    if process.returncode is None:
+        if process.stdin is not None:
+            process.stdin.close()
+        process.terminate()
+    await process.wait()
 
 
 def free_port() -> int:
@@ -518,29 +562,31 @@ async def measure_mcp(setup: Setup) -> list[Result]:
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = tempfile.mkdtemp(prefix="lmbridge-bench-")
+    tmp = Path(tempfile.mkdtemp(prefix="lmbridge-bench-"))
     fake, upstream_url = await _start_child(
-        [sys.executable, "-m", "proxy.bench_upstream"], subprocess.DEVNULL
+        [sys.executable, "-m", "proxy.bench_upstream"], tmp / "upstream.log"
     )
     port = free_port()
-    mcp_json = Path(tmp) / "mcp.json"
+    mcp_json = tmp / "mcp.json"
     mcp_json.write_text(json.dumps({"mcpServers": {
         "bench": {"command": sys.executable, "args": ["-m", "proxy.bench_mcp"]}}}))  # fmt: skip
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--upstream", upstream_url,
-        "--port", str(port), "--db", str(Path(tmp) / "bench.db"),
-        "--mcp-config", str(mcp_json),
-        "--log-level", args.log_level,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
-    )  # fmt: skip
+    log = tmp / "lmbridge.log"
+    try:
+        daemon = await start_daemon(
+            ["--upstream", upstream_url, "--port", str(port), "--db", str(tmp / "bench.db"),
+             "--mcp-config", str(mcp_json), "--log-level", args.log_level],
+            log,
+        )  # fmt: skip
+    except BaseException:
+        await stop(fake)
+        raise
     proxy_url = f"http://127.0.0.1:{port}"
     results: list[Result] = []
     placement: Placement | None = None
     connector = aiohttp.TCPConnector(limit=0)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_ready(session, proxy_url)
+            await wait_ready(session, proxy_url, daemon, log)
             placement = (
                 Placement.create(daemon.pid, [os.getpid(), fake.pid], writer_processes)
                 if args.pin
@@ -562,11 +608,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         memory = peak_rss_mb(daemon.pid)
         writer_memory = [peak_rss_mb(pid) for pid in writer_processes(daemon.pid)]
-        daemon.terminate()
-        await daemon.wait()
-        if fake.stdin is not None:
-            fake.stdin.close()
-        await fake.wait()
+        await stop(daemon)
+        await stop(fake)
     return {
         "machine": machine_description(),
         "settings": {
@@ -664,7 +707,11 @@ def run_bench(args: argparse.Namespace) -> int:
         from proxy.bench_real import run_real_bench
 
         return run_real_bench(args)
-    report = asyncio.run(_bench(args))
+    try:
+        report = asyncio.run(_bench(args))
+    except BenchError as exc:
+        sys.stderr.write(f"lmbridge bench: {exc}\n")
+        return 1
     sys.stdout.write(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +22,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.bench import free_port, wait_ready
+from proxy.bench import BenchError, free_port, start_daemon, stop, wait_ready
 from proxy.config import EmbeddedConfig
-from proxy.embedded import EmbeddedUpstream
+from proxy.embedded import EmbeddedError, EmbeddedUpstream
 
 RULES = [
     "Read the files you change before you change them.",
@@ -65,17 +63,21 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     embedded = EmbeddedUpstream(EmbeddedConfig(context_length=4096, parallel=1), tmp / "llama.log")
     upstream = await embedded.start()
     port = free_port()
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--upstream", upstream, "--port", str(port),
-        "--db", str(tmp / "bench.db"), "--log-level", "warning",
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
-    )  # fmt: skip
+    log = tmp / "lmbridge.log"
+    try:
+        daemon = await start_daemon(
+            ["--upstream", upstream, "--port", str(port), "--db", str(tmp / "bench.db"),
+             "--log-level", "warning"],
+            log,
+        )  # fmt: skip
+    except BaseException:
+        await embedded.stop()
+        raise
     base = f"http://127.0.0.1:{port}"
     turns: list[dict[str, Any]] = []
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, base)
+            await wait_ready(session, base, daemon, log)
             instructions = long_instructions()
             previous: str | None = None
             for index in range(args.real_turns):
@@ -104,8 +106,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             # The last turn's prompt once more, straight to llama.cpp, cache disabled.
             cold = await _cold_prompt(session, upstream, instructions, previous, base)
     finally:
-        daemon.terminate()
-        await daemon.wait()
+        await stop(daemon)
         await embedded.stop()
     return {"turns": turns, "cold_last_prompt": cold}
 
@@ -171,7 +172,11 @@ def format_real(report: dict[str, Any]) -> str:
 
 
 def run_real_bench(args: argparse.Namespace) -> int:
-    report = asyncio.run(_run(args))
+    try:
+        report = asyncio.run(_run(args))
+    except (BenchError, EmbeddedError) as exc:
+        sys.stderr.write(f"lmbridge bench --real: {exc}\n")
+        return 1
     sys.stdout.write(format_real(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

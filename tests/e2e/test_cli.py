@@ -271,3 +271,14 @@ async def test_bench_runs_every_measurement(tmp_path):
     assert all(r["direct"] > 0 and r["proxy"] > 0 for r in report["results"])
     assert report["upstream"]["model_list_reads"] >= 1
     assert "MCP tool loop (2 rounds): p50" in text
+
+
+async def test_bench_says_why_the_daemon_did_not_start(tmp_path):
+    """A daemon that cannot start makes `lmbridge bench` print its reason and exit 1,
+    not a ProcessLookupError that hides the cause."""
+    env = clean_env(tmp_path, LMBRIDGE_NOT_A_SETTING="1")
+    code, _, err = await run_cli(tmp_path, "bench", "--duration", "0.2", env=env)
+    assert code == 1
+    assert "lmbridge serve exited with status 2" in err
+    assert "LMBRIDGE_NOT_A_SETTING: not a configuration key" in err
+    assert "Traceback" not in err
