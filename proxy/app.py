@@ -10,11 +10,13 @@ import aiohttp
 from aiohttp import web
 
 from proxy import health, passthrough
+from proxy.browsers import BrowserPolicy
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
 from proxy.embedded import context_hint
 from proxy.keys import (
     API_KEYS,
+    BROWSERS,
     CATALOG,
     CONFIG,
     MCP,
@@ -60,6 +62,7 @@ def create_app(
     app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
     keys = [key.get_secret_value().encode() for key in config.auth.api_keys]
     app[API_KEYS] = {key: owner_of(key) for key in keys}
+    app[BROWSERS] = BrowserPolicy(config.server.allowed_hosts, config.server.cors_origins)
     app[TURNS] = TurnMemory()
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))

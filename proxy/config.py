@@ -30,6 +30,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
@@ -162,6 +163,33 @@ class ServerConfig(_Section):
         description="On SIGTERM/SIGINT, how long in-flight requests and streams may run "
         "before they are cut.",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the daemon answers to besides IP addresses, localhost and "
+        "*.localhost (a LAN name, a reverse proxy's name); '.example.com' allows its "
+        "subdomains, '*' any name. Requests for other names get 403 (DNS rebinding).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port]) whose pages may call the API from a "
+        "browser; they get CORS answers. A request from any other origin gets 403. '*' "
+        "allows every origin and requires auth.api_keys.",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        from proxy.browsers import normalize_origin
+
+        return [o if o == "*" else normalize_origin(o) for o in value]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not re.fullmatch(r"\*|\.?[A-Za-z0-9_.-]+\.?", host.strip()):
+                raise ValueError(f"not a host name: {host!r} (no scheme, port or path)")
+        return value
 
 
 class UpstreamConfig(_Section):
@@ -452,6 +480,15 @@ class Config(_Section):
         description="`lmbridge mcp`: the daemon as an MCP server for coding assistants.",
     )
 
+    @model_validator(mode="after")
+    def _cors_needs_keys(self) -> Config:
+        if "*" in self.server.cors_origins and not self.auth.api_keys:
+            raise ValueError(
+                "server.cors_origins = ['*'] lets every web page the user opens call the "
+                "API; it needs auth.api_keys"
+            )
+        return self
+
 
 SECTIONS: dict[str, type[_Section]] = {
     name: info.annotation  # type: ignore[misc]
@@ -675,6 +712,8 @@ def _env_value(model: type[_Section], key: str, raw: str) -> Any:
 
 def _describe(error: ErrorDetails, sources: Mapping[str, str]) -> str:
     loc = [str(part) for part in error["loc"]]
+    if not loc:  # a rule across sections: its message names the keys
+        return str(error["msg"]).removeprefix("Value error, ")
     dotted = ".".join(loc)
     key2 = ".".join(loc[:2])
     if error["type"] == "extra_forbidden":

@@ -7,10 +7,14 @@ Code anywhere below the handlers raises one of these; the error middleware
     ├── BadRequest                     400 invalid_request_error (param)
     │   └── ModelRequired              400 model_required
     ├── Unauthorized                   401 invalid_api_key
+    ├── Forbidden                      403
+    │   ├── HostNotAllowed             403 host_not_allowed
+    │   └── OriginNotAllowed           403 origin_not_allowed
     ├── NotFound                       404 not_found
     │   ├── ModelNotFound              404 model_not_found
     │   └── PreviousResponseNotFound   404 previous_response_not_found
     ├── PayloadTooLarge                413 request_too_large
+    ├── UnsupportedMediaType           415 unsupported_media_type
     └── UpstreamError                  502 upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable
         ├── UpstreamTimeout            504 upstream_timeout
@@ -77,6 +81,22 @@ class Unauthorized(LMBridgeError):
     code = "invalid_api_key"
 
 
+class Forbidden(LMBridgeError):
+    """A browser request the daemon does not serve (a foreign Host or Origin)."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "forbidden"
+
+
+class HostNotAllowed(Forbidden):
+    code = "host_not_allowed"
+
+
+class OriginNotAllowed(Forbidden):
+    code = "origin_not_allowed"
+
+
 class NotFound(LMBridgeError):
     status = 404
     error_type = "invalid_request_error"
@@ -95,6 +115,12 @@ class PayloadTooLarge(LMBridgeError):
     status = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(LMBridgeError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class UpstreamError(LMBridgeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.browsers import BrowserPolicy
 from proxy.catalog import ModelCatalog
 from proxy.config import Config
 from proxy.logs import RequestLog
@@ -29,6 +30,8 @@ RESPONSES = web.AppKey("responses", ResponsesService)
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.
 API_KEYS = web.AppKey("api_keys", dict)
+# server.allowed_hosts and server.cors_origins, applied to every request.
+BROWSERS = web.AppKey("browsers", BrowserPolicy)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
@@ -36,6 +39,8 @@ STARTED = web.RequestKey("started", float)
 MODEL = web.RequestKey("model", str)
 # Who owns what this request stores: the hash of its API key, "" without keys.
 OWNER = web.RequestKey("owner", str)
+# The CORS headers of an answer to an allowed cross-origin browser request.
+CORS = web.RequestKey("cors", dict[str, str])
 # A warning for the client about this request (sent as the X-LMBridge-Warning header).
 WARNING = web.RequestKey("warning", str)
 # Set by a stream relay when the client went away before the end.

@@ -13,17 +13,23 @@ import time
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.typedefs import Handler
 
+from proxy.browsers import is_json_type
 from proxy.errors import (
+    HostNotAllowed,
     LMBridgeError,
     NotFound,
+    OriginNotAllowed,
     PayloadTooLarge,
     Unauthorized,
+    UnsupportedMediaType,
     error_body,
 )
 from proxy.keys import (
     API_KEYS,
+    BROWSERS,
     CLIENT_GONE,
     CONFIG,
+    CORS,
     METRICS,
     MODEL,
     OPEN_STREAM,
@@ -47,6 +53,9 @@ def stream_headers(request: web.Request) -> dict[str, str]:
     headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
     if WARNING in request:
         headers[WARNING_HEADER] = request[WARNING]
+    cors = request.get(CORS)
+    if cors is not None:
+        headers.update(cors)
     return headers
 
 
@@ -87,8 +96,9 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     status = 500
     try:
         try:
+            preflight = admit_browser(request)
             authenticate(request)
-            response = await handler(request)
+            response = preflight or await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -108,6 +118,9 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             response.headers[REQUEST_ID_HEADER] = request_id
             if WARNING in request:
                 response.headers[WARNING_HEADER] = request[WARNING]
+            cors = request.get(CORS)
+            if cors is not None:
+                response.headers.update(cors)
         return response
     finally:
         metrics.in_flight -= 1
@@ -217,6 +230,51 @@ def _http_error_body(request: web.Request, exc: web.HTTPException) -> dict[str, 
             "server.max_body_size)."
         ).body()
     return error_body(exc.reason or "request failed", "invalid_request_error", None, None)
+
+
+def admit_browser(request: web.Request) -> web.Response | None:
+    """Refuse what a web page must not make the daemon do (docs/operations.md, "Security
+    model"); the answer to an allowed origin's preflight, which needs no API key."""
+    policy = request.app[BROWSERS]
+    headers = request.headers
+    host = headers.get("Host")
+    if not policy.host_allowed(host):
+        raise HostNotAllowed(
+            f"lmbridge does not answer to the host name {_shown(host)}: a web page may be "
+            "trying to reach it through DNS rebinding. If you use this name, add it to "
+            "server.allowed_hosts."
+        )
+    origin = headers.get("Origin")
+    if origin is not None:
+        if not policy.origin_allowed(origin, host):
+            raise OriginNotAllowed(
+                f"Requests from web pages of {_shown(origin)} are not allowed. To let a "
+                "browser app you trust call lmbridge, add its origin to server.cors_origins."
+            )
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+            return web.Response(
+                status=204,
+                headers=policy.preflight_headers(
+                    origin, headers.get("Access-Control-Request-Headers")
+                ),
+            )
+        request[CORS] = policy.response_headers(origin)
+    if request.body_exists:
+        # A body of another type is what a form or a no-preflight fetch sends; an empty
+        # one (a cancel) may carry any type: clients add application/octet-stream.
+        content_type = headers.get("Content-Type")
+        if content_type is not None and not is_json_type(content_type):
+            raise UnsupportedMediaType(
+                f"lmbridge reads JSON bodies: send 'Content-Type: application/json', not "
+                f"{_shown(content_type)}."
+            )
+    return None
+
+
+def _shown(value: str | None) -> str:
+    """A client-chosen header value quoted for a message, cut short."""
+    text = value or ""
+    return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
 def authenticate(request: web.Request) -> None:

@@ -8,6 +8,8 @@ import contextlib
 import logging
 from typing import Any, Literal
 
+from mcp.server.transport_security import TransportSecuritySettings
+
 from proxy import serve
 from proxy.bridge.client import DaemonClient
 from proxy.bridge.server import Settings, build_server
@@ -36,6 +38,20 @@ def daemon_key(config: Config) -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
+def transport_security(config: Config) -> TransportSecuritySettings:
+    """The HTTP transport answers only to loopback names and the exact names of
+    server.allowed_hosts, and only to browser origins of server.cors_origins: the MCP
+    specification asks servers to check Origin so that web pages cannot drive them. The
+    bridge holds the daemon's key, so no origin wildcard is honoured here."""
+    names = [h for h in config.server.allowed_hosts if h not in ("*",) and not h.startswith(".")]
+    hosts = ["127.0.0.1", "localhost", "[::1]", *names]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[form for host in hosts for form in (host, f"{host}:*")],
+        allowed_origins=[o for o in config.server.cors_origins if o != "*"],
+    )
+
+
 async def run(config: Config, transport: Transport, port: int, *, standalone: bool) -> None:
     stop = asyncio.Event()
     daemon: asyncio.Task[None] | None = None
@@ -61,7 +77,11 @@ async def run(config: Config, transport: Transport, port: int, *, standalone: bo
     if transport == "stdio":
         serving = asyncio.create_task(server.run_stdio_async())
     else:
-        serving = asyncio.create_task(server.run_streamable_http_async(host="127.0.0.1", port=port))
+        serving = asyncio.create_task(
+            server.run_streamable_http_async(
+                host="127.0.0.1", port=port, transport_security=transport_security(config)
+            )
+        )
     try:
         watched = {serving} if daemon is None else {serving, daemon}
         await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)

@@ -252,6 +252,10 @@ async def test_standalone_runs_the_daemon_inside(fake_upstream, tmp_path):
 
 
 async def test_streamable_http_transport(daemon, fake_upstream, tmp_path):
+    """`lmbridge mcp --transport http` serves MCP clients on 127.0.0.1 and refuses what a
+    web page could send: a rebound Host (421) or any Origin not configured, localhost
+    pages included (403)."""
+    import aiohttp
     from mcp.client.streamable_http import streamable_http_client
 
     port = free_port()
@@ -266,6 +270,18 @@ async def test_streamable_http_transport(daemon, fake_upstream, tmp_path):
         async with Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp"),
                           mode="auto") as client:  # fmt: skip
             assert await call(client, "chat", prompt="hi") == "Over HTTP."
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+        refused = [({"Host": f"attacker.example:{port}"}, 421),
+                   ({"Origin": "https://attacker.example"}, 403),
+                   ({"Origin": "http://localhost:5173"}, 403)]  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            for headers, status in refused:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/mcp", json=initialize,
+                    headers={"Accept": "application/json, text/event-stream", **headers},
+                ) as resp:  # fmt: skip
+                    assert resp.status == status, headers
+        assert len(fake_upstream.requests_to(CHAT)) == 1
     finally:
         process.terminate()
         try:

@@ -372,7 +372,7 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
         (
             "[server]\nbogus = 1\n",
             "server.bogus: unknown key (known keys of [server]: host, port, max_body_size, "
-            "shutdown_grace)",
+            "shutdown_grace, allowed_hosts, cors_origins)",
         ),
         (
             "[models]\naliases = {}\ncache = 5\n",

@@ -74,6 +74,7 @@ def test_every_error_code_is_documented():
             errors.UpstreamError,
             errors.UpstreamStatus,
             errors.NotFound,
+            errors.Forbidden,
         ):
             continue
         assert f"`{cls.code}`" in doc, cls.__name__
