@@ -8,6 +8,7 @@ imported the checkout once stayed green while the wheel it shipped could not sta
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -41,9 +42,22 @@ def run(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None 
     return result.stdout
 
 
+# What a clone does not hold: setuptools' build/ keeps modules deleted since, which
+# would land in a wheel built in place.
+LEFTOVERS = (".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", "venv", ".*_cache")
+
+
+def copy_of_checkout(dest: Path) -> Path:
+    """The source tree as a clone holds it: no build leftovers, no caches."""
+    return Path(shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*LEFTOVERS)))
+
+
 def build_wheel(dest: Path) -> Path:
-    """The wheel of this checkout, built the way pip builds it for ``pip install .``."""
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dest), str(ROOT)])
+    """The wheel of this checkout, built by pip from a clean copy of it."""
+    source = copy_of_checkout(dest.parent / "source")
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dest), str(source)]
+    )
     (wheel,) = dest.glob("lmbridge-*.whl")
     return wheel
 

@@ -4,7 +4,6 @@ README's recommended ``pipx install .`` gives a ``lmbridge serve`` that starts."
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,18 +12,29 @@ import pytest
 
 from proxy import __version__
 from tests.e2e.conftest import clean_env, free_port, wait_healthy
-from tests.e2e.installed import ROOT, Installation, checkout_files, pipx_install, wheel_names
+from tests.e2e.installed import (
+    ROOT,
+    Installation,
+    checkout_files,
+    copy_of_checkout,
+    pipx_install,
+    wheel_names,
+)
 
 pytestmark = pytest.mark.e2e
 
 
 def test_the_wheel_holds_every_file_of_the_program(installation: Installation):
-    """Every module and data file under proxy/ and storage/ is in the wheel."""
+    """Every module and data file under proxy/ and storage/ is in the wheel, and nothing
+    else of the program (a module deleted since an earlier build)."""
     names = wheel_names(installation.wheel)
     files = checkout_files()
     assert "proxy/mcp/servers.py" in files  # the module whose absence once broke every install
     missing = [f for f in files if f not in names]
     assert not missing, f"the wheel lacks {missing}"
+    program = {n for n in names if n.startswith(("proxy/", "storage/"))}
+    extra = sorted(program - set(files))
+    assert not extra, f"the wheel holds files the checkout does not: {extra}"
 
 
 def test_the_tests_run_the_installed_program_not_the_checkout(installation: Installation):
@@ -35,20 +45,6 @@ def test_the_tests_run_the_installed_program_not_the_checkout(installation: Inst
         [str(installation.command), "--version"], capture_output=True, text=True, check=True
     )
     assert version.stdout.strip() == f"lmbridge {__version__}"
-
-
-LEFTOVERS = (".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", "venv", ".*_cache")
-
-
-def copy_of_checkout(dest: Path) -> Path:
-    """The source tree as a clone holds it: no build leftovers, no caches."""
-    return Path(
-        shutil.copytree(
-            ROOT,
-            dest,
-            ignore=shutil.ignore_patterns(*LEFTOVERS),
-        )
-    )
 
 
 async def test_pipx_install_from_the_source_tree_then_serve(tmp_path: Path):

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from proxy.bench import writer_processes
+from proxy.bench.processes import writer_processes
 from tests.fake_upstream import CHAT, Reply, chat_completion, chunk, text_stream
 
 pytestmark = pytest.mark.e2e

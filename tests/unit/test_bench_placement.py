@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from proxy.bench_placement import Placement
+from proxy.bench.placement import Placement
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,

@@ -18,7 +18,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from proxy.bench import writer_processes
+from proxy.bench.processes import writer_processes
 from storage.migrations import Migration
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError

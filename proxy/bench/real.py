@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.bench import BenchError, free_port, start_daemon, stop, wait_ready
+from proxy.bench.processes import BenchError, free_port, start_daemon, stop, wait_ready
 from proxy.config import EmbeddedConfig
 from proxy.embedded import EmbeddedError, EmbeddedUpstream
 

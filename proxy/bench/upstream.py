@@ -2,7 +2,7 @@
 
 Like a real server it parses each request and serialises each reply (with a
 fresh id), but it generates nothing: what is left is HTTP and JSON work. Run
-as ``python -m proxy.bench_upstream``: it prints its URL as one JSON line and
+as ``python -m proxy.bench.upstream``: it prints its URL as one JSON line and
 exits when its stdin closes.
 """
 

@@ -15,9 +15,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,178 +26,30 @@ from typing import Any
 
 import aiohttp
 
-from proxy.bench_placement import Placement
-from proxy.bench_upstream import BENCH_MODEL, REPLY_TEXT
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--duration", type=float, default=4.0, help="seconds per throughput round (default 4)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="alternating direct/proxy rounds per measurement (default 3)",
-    )
-    parser.add_argument(
-        "--latency-requests",
-        type=int,
-        default=1000,
-        help="requests per latency round at concurrency 1 (default 1000)",
-    )
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument(
-        "--chain-turns",
-        type=int,
-        default=1000,
-        help="length of the chain whose last turn is timed (default 1000)",
-    )
-    parser.add_argument(
-        "--chain-samples", type=int, default=50, help="timed continuations per round (default 50)"
-    )
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        choices=["passthrough", "responses", "mcp"],
-        default=["passthrough", "responses", "mcp"],
-        help="what to measure",
-    )
-    parser.add_argument(
-        "--real",
-        action="store_true",
-        help="instead: prompt-cache reuse over a /v1/responses chain on "
-        "llama.cpp with SmolLM2 (needs lmbridge[local])",
-    )
-    parser.add_argument(
-        "--real-turns", type=int, default=6, help="turns of the --real chain (default 6)"
-    )
-    parser.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="let the kernel place the processes (default on Linux: lmbridge gets a CPU of "
-        "its own in proxied rounds; see proxy/bench_placement.py)",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        help="the daemon's log level during the run (default info; its log goes to /dev/null)",
-    )
-
+from proxy.bench.load import (
+    HEADERS,
+    PLAIN_BODY,
+    STREAM_BODY,
+    Load,
+    cpu_per_request_us,
+    latencies,
+    percentile,
+    throughput,
+)
+from proxy.bench.placement import Placement
+from proxy.bench.processes import (
+    free_port,
+    machine_description,
+    peak_rss_mb,
+    start_child,
+    start_daemon,
+    stop,
+    wait_ready,
+    writer_processes,
+)
+from proxy.bench.upstream import BENCH_MODEL, REPLY_TEXT
 
 # --- load generation ------------------------------------------------------
-
-PLAIN_BODY = json.dumps(
-    {"model": BENCH_MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
-).encode()
-STREAM_BODY = json.dumps(
-    {"model": BENCH_MODEL, "stream": True, "messages": [{"role": "user", "content": "Say hello."}]}
-).encode()
-_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
-
-
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
-    async with session.post(url, data=body, headers=_HEADERS) as resp:
-        await resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"{url} answered {resp.status}")
-
-
-@dataclass
-class Load:
-    rps: float
-    requests: int
-    cpu_seconds: float | None  # of the process that served them, when known
-
-
-async def throughput(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    concurrency: int,
-    duration: float,
-    server_pid: int | None = None,
-) -> Load:
-    """Requests/s completed by ``concurrency`` workers over ``duration`` seconds, and the
-    CPU time the serving process spent on them."""
-    deadline = time.perf_counter() + duration
-    count = 0
-
-    async def worker() -> None:
-        nonlocal count
-        while time.perf_counter() < deadline:
-            await _one(session, url, body)
-            count += 1
-
-    cpu_before = process_cpu_seconds(server_pid)
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    cpu_after = process_cpu_seconds(server_pid)
-    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    return Load(count / elapsed, count, cpu)
-
-
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU time of a process (all its threads) and, for the daemon, of
-    its SQLite writer process, on Linux."""
-    if pid is None:
-        return None
-    total = _own_cpu_seconds(pid)
-    if total is None:
-        return None
-    for writer in writer_processes(pid):
-        total += _own_cpu_seconds(writer) or 0.0
-    return total
-
-
-def writer_processes(pid: int) -> list[int]:
-    """The daemon's writer processes (storage/writer_process.py), not the MCP servers it
-    runs, which are not lmbridge's own work."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    found = []
-    for child in children:
-        try:
-            if b"writer_process" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(int(child))
-        except OSError:
-            continue
-    return found
-
-
-def _own_cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_per_request_us(loads: list[Load]) -> float | None:
-    if any(load.cpu_seconds is None for load in loads):
-        return None
-    requests = sum(load.requests for load in loads)
-    return sum(load.cpu_seconds or 0.0 for load in loads) / requests * 1e6 if requests else None
-
-
-async def latencies(session: aiohttp.ClientSession, url: str, body: bytes, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        await _one(session, url, body)
-        out.append(time.perf_counter() - started)
-    return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 # --- orchestration --------------------------------------------------------
@@ -212,89 +62,6 @@ class Result:
     proxy: float
     unit: str
     note: str = ""
-
-
-class BenchError(Exception):
-    """A process of the benchmark failed; the message says which and why."""
-
-
-def _last_lines(log: Path, count: int = 5) -> str:
-    try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-count:]) or "(nothing logged)"
-
-
-async def _start_child(args: list[str], log: Path) -> tuple[asyncio.subprocess.Process, str]:
-    """A child that prints its URL as one JSON line; its stderr goes to ``log``."""
-    with log.open("ab") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
-        )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 30)
-    try:
-        return process, str(json.loads(line)["url"])
-    except (ValueError, KeyError, TypeError):
-        await stop(process)
-        raise BenchError(f"{' '.join(args[1:])} did not start:\n{_last_lines(log)}") from None
-
-
-async def start_daemon(args: list[str], log: Path) -> asyncio.subprocess.Process:
-    """``lmbridge serve ARGS`` from this installation, its output in ``log``."""
-    with log.open("ab") as output:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", *args,
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
-        )  # fmt: skip
-
-
-async def wait_ready(
-    session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process, log: Path
-) -> None:
-    """Until the daemon answers /healthz; a daemon that exits says why."""
-    for _ in range(300):
-        if process.returncode is not None:
-            raise BenchError(
-                f"lmbridge serve exited with status {process.returncode}:\n{_last_lines(log)}"
-            )
-        try:
-            async with session.get(url + "/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise BenchError(f"{url} did not become ready in 15 s:\n{_last_lines(log)}")
-
-
-async def stop(process: asyncio.subprocess.Process) -> None:
-    """Stop a child if it still runs (its stdin closing stops the fake upstream)."""
-    if process.returncode is None:
-        if process.stdin is not None:
-            process.stdin.close()
-        process.terminate()
-    await process.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 async def _alternate(
@@ -508,7 +275,7 @@ async def measure_mcp(setup: Setup) -> list[Result]:
         await asyncio.sleep(0.05)
     ask = [{"role": "user", "content": "Echo hello."}]
     through = json.dumps({"model": BENCH_MODEL, "messages": ask, "mcp_servers": ["bench"]})
-    params = StdioServerParameters(command=sys.executable, args=["-m", "proxy.bench_mcp"])
+    params = StdioServerParameters(command=sys.executable, args=["-m", "proxy.bench.mcp_server"])
     async with Client(stdio_client(params), mode="auto") as client:
         [tool] = (await client.list_tools()).tools
         definition = {"type": "function", "function": {
@@ -517,7 +284,7 @@ async def measure_mcp(setup: Setup) -> list[Result]:
         }}  # fmt: skip
 
         async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-            async with session.post(url, json=body, headers=_HEADERS) as resp:
+            async with session.post(url, json=body, headers=HEADERS) as resp:
                 return dict(await resp.json())
 
         async def direct_loop() -> float:
@@ -537,7 +304,7 @@ async def measure_mcp(setup: Setup) -> list[Result]:
 
         async def proxied_loop() -> float:
             started = time.perf_counter()
-            async with session.post(setup.proxy_url + chat, data=through, headers=_HEADERS) as r:
+            async with session.post(setup.proxy_url + chat, data=through, headers=HEADERS) as r:
                 assert (await r.json())["choices"][0]["message"]["content"] == REPLY_TEXT
             return time.perf_counter() - started
 
@@ -561,15 +328,15 @@ async def measure_mcp(setup: Setup) -> list[Result]:
     return results
 
 
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="lmbridge-bench-"))
-    fake, upstream_url = await _start_child(
-        [sys.executable, "-m", "proxy.bench_upstream"], tmp / "upstream.log"
+    fake, upstream_url = await start_child(
+        [sys.executable, "-m", "proxy.bench.upstream"], tmp / "upstream.log"
     )
     port = free_port()
     mcp_json = tmp / "mcp.json"
-    mcp_json.write_text(json.dumps({"mcpServers": {
-        "bench": {"command": sys.executable, "args": ["-m", "proxy.bench_mcp"]}}}))  # fmt: skip
+    server = {"command": sys.executable, "args": ["-m", "proxy.bench.mcp_server"]}
+    mcp_json.write_text(json.dumps({"mcpServers": {"bench": server}}))
     log = tmp / "lmbridge.log"
     try:
         daemon = await start_daemon(
@@ -662,21 +429,6 @@ def validation_cost_us(models: int = 50, calls: int = 200_000) -> float:
     return asyncio.run(run())
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}"
-    )
-
-
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"machine: {report['machine']}",
@@ -700,19 +452,3 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("writer_peak_rss_mb") is not None:
         lines.append(f"its SQLite writer process: {report['writer_peak_rss_mb']:.1f} MB")
     return "\n".join(lines) + "\n"
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    if args.real:
-        from proxy.bench_real import run_real_bench
-
-        return run_real_bench(args)
-    try:
-        report = asyncio.run(_bench(args))
-    except BenchError as exc:
-        sys.stderr.write(f"lmbridge bench: {exc}\n")
-        return 1
-    sys.stdout.write(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
