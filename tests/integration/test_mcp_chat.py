@@ -145,6 +145,7 @@ async def test_repeated_identical_call_is_not_run_again(proxy, fake_upstream):
     [
         (("calc__fail", '{"reason": "broken"}'), "The tool reported an error"),
         (("calc__add", "{not json"), "not valid JSON"),
+        (("calc__add", '{"a": ' + "1" * 5000 + ', "b": 1}'), "more than 4300 digits"),
         (("calc__add", '{"a": "x"}'), "error"),
         (("calc__add", "[1, 2]"), "must be a JSON object"),
     ],

@@ -322,6 +322,32 @@ async def test_malformed_requests_are_400_with_param(proxy, fake_upstream, body,
 
 
 @pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        (CHAT, b'"temperature"'),
+        (CHAT, b'"messages": [{"role": "user", "content": "hi"}], "seed"'),
+        ("/v1/responses", b'"input": "hi", "metadata": {"n": [1]}, "seed"'),
+        ("/v1/responses", b'"input": "hi", "max_output_tokens"'),
+        ("/v1/completions", b'"prompt": "hi", "seed"'),
+        ("/v1/embeddings", b'"input": "hi", "dimensions"'),
+    ],
+)
+async def test_an_integer_of_more_than_4300_digits_is_400_not_json(
+    proxy, fake_upstream, path, field
+):
+    """An integer longer than Python converts is a 400 "not valid JSON" on every JSON
+    route, in the OpenAI error shape, and nothing reaches the upstream."""
+    body = b'{"model": "test-model", ' + field + b": " + b"7" * 5000 + b"}"
+    resp = await proxy.post(path, data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert "not valid JSON: integer has more than 4300 digits" in error["message"]
+    assert [s.path for s in fake_upstream.seen if s.method == "POST"] == []
+
+
+@pytest.mark.parametrize(
     ("path", "body", "param"),
     [
         ("/v1/completions", {"model": "test-model"}, "prompt"),

@@ -121,3 +121,35 @@ def test_nesting_too_deep_is_a_decode_error_not_a_crash() -> None:
     for parse in (loads, loads_request):
         with pytest.raises(JSONDecodeError, match="nested too deeply"):
             parse(deep)
+
+
+LONG = "9" * 4301
+
+
+@pytest.mark.parametrize("parse", [loads, loads_request])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'{{"n": {LONG}}}',
+        f'{{"n": -{LONG}}}',
+        f'{{"deep": [[{{"n": {LONG}}}]], "seed": 123456789012345678901234567890}}',
+        f'{{"s": "1234567890123456789", "n": {LONG}}}',
+    ],
+)
+def test_an_integer_longer_than_python_converts_is_a_decode_error(parse, text) -> None:
+    """More than 4,300 digits is JSONDecodeError at the integer, not the stdlib's ValueError."""
+    with pytest.raises(JSONDecodeError, match="more than 4300 digits") as caught:
+        parse(text.encode())
+    assert caught.value.pos == text.index(LONG)
+
+
+def test_an_integer_at_the_digit_limit_is_read_exactly() -> None:
+    """4,300 digits is still a number, read without change."""
+    text = '{"n": ' + "9" * 4300 + "}"
+    assert loads(text) == loads_request(text.encode()) == {"n": int("9" * 4300)}
+
+
+def test_bytes_that_are_not_text_stay_a_unicode_error_for_loads() -> None:
+    """Only the digit limit is turned into a decode error; undecodable bytes are not."""
+    with pytest.raises(UnicodeDecodeError):
+        loads(b'{"a": "\xff", "n": 1234567890123456789012}')
