@@ -3,6 +3,14 @@
 Structured fields travel in ``extra={"fields": {...}}``. Nothing here ever
 receives a request body or an Authorization header: callers pass only ids,
 paths, models, statuses and timings.
+
+Paths, model names and ids are chosen by clients, so no character of theirs may
+reach the log raw when it could end the line, start a forged one or drive the
+terminal: every character ``str.isprintable`` refuses (C0 and C1 controls, DEL,
+U+2028/U+2029, bidi and other format characters, lone surrogates) is written as a
+backslash escape in text, as a ``\\u`` escape in JSON. A text value is quoted when
+it is empty or holds a space, ``"`` or ``=``; a traceback's lines are indented, so
+each record's first line is the only one that starts with a timestamp.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ class TextFormatter(logging.Formatter):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
         line = f"{self._stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: "
-        line += record.getMessage()
+        message = record.getMessage()
+        line += message if message.isprintable() else _escape(message, quotes=False)
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            for part in self.formatException(record.exc_info).split("\n"):
+                line += "\n  " + (part if part.isprintable() else _escape(part, quotes=False))
         return line
 
 
@@ -54,12 +64,55 @@ class JSONFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _json_line(entry)
 
 
 def _text(value: Any) -> str:
+    """A field's value in a text line: as it is when that is unambiguous, else quoted."""
     text = str(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    if text and text.isprintable() and not (" " in text or '"' in text or "=" in text):
+        return text
+    return '"' + _escape(text, quotes=True) + '"'
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+
+
+def _escape(text: str, *, quotes: bool) -> str:
+    """Backslash escapes for the characters that may not reach a text log raw, and in
+    a quoted value also for ``"`` and ``\\`` (a message is prose: they stay)."""
+    special = '"\\' if quotes else ""
+    return "".join(
+        char if char.isprintable() and char not in special else _escaped(char) for char in text
+    )
+
+
+def _escaped(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _json_line(entry: dict[str, Any]) -> str:
+    """One JSON object as a line. json.dumps escapes C0 controls itself; what else is
+    not printable (DEL, C1, U+2028, ...) can only be inside a string, where a \\u
+    escape means the same character."""
+    line = json.dumps(entry, ensure_ascii=False, default=str)
+    # isascii() is O(1), isprintable() 1.6 ns a character: the usual line costs 20 ns.
+    if (line.isascii() and "\x7f" not in line) or line.isprintable():
+        return line
+    return "".join(char if char.isprintable() else _json_escaped(char) for char in line)
+
+
+def _json_escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON escapes UTF-16 code units: a surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
@@ -107,17 +160,13 @@ class RequestLog:
     def write(self, fields: dict[str, Any]) -> None:
         now = time.time()
         if self.json:
-            line = json.dumps(
-                {
-                    "ts": round(now, 3),
-                    "level": "info",
-                    "logger": "lmbridge.request",
-                    "msg": "request",
-                    **fields,
-                },
-                ensure_ascii=False,
-                default=str,
-            )
+            line = _json_line({
+                "ts": round(now, 3),
+                "level": "info",
+                "logger": "lmbridge.request",
+                "msg": "request",
+                **fields,
+            })  # fmt: skip
         else:
             second = int(now)
             if second != self._second:

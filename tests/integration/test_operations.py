@@ -90,6 +90,26 @@ async def test_one_log_line_per_request_without_secrets_or_bodies(
     assert "sk-very-secret" not in everything and "a secret prompt" not in everything
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_a_path_cannot_forge_a_log_line(aiohttp_client, make_config, fmt):
+    """A percent-encoded newline, tab or escape in a path is written escaped: the
+    request is one line, whatever the path says."""
+    stream = io.StringIO()
+    request_log = RequestLog(fmt, stream)
+    proxy = await aiohttp_client(create_app(make_config(), request_log=request_log))
+    forged = "2026-12-03T06:59:59.999%09INFO%09lmbridge.request:%09request%09status=200"
+    resp = await proxy.get(f"/v1/responses/x%0A{forged}%1B%5B2J%E2%80%A8")
+    assert resp.status == 404
+    request_log.flush()
+    [line] = stream.getvalue().splitlines()
+    assert line.isprintable()
+    if fmt == "text":
+        assert 'path="/v1/responses/x\\n2026-12-03T06:59:59.999\\tINFO' in line
+        assert '\\x1b[2J\\u2028"' in line
+    else:
+        assert json.loads(line)["path"].startswith("/v1/responses/x\n2026-12-03T06:59:59.999\t")
+
+
 async def test_request_log_is_flushed_in_batches(aiohttp_client, make_config):
     """Lines are written together after a short interval, not one write per request."""
     stream = io.StringIO()
