@@ -18,6 +18,7 @@ import aiohttp
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config, render_toml
+from proxy.redact import redact_url
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -262,7 +263,7 @@ async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict
     async with session:
         upstream = UpstreamClient(config.upstream, session, Metrics())
         models = await ModelListReader(upstream.get_json).read()
-    where = f"listed by the upstream at {config.upstream.url}"
+    where = f"listed by the upstream at {redact_url(config.upstream.url)}"
     if daemon_first:
         where += f"; lmbridge is not running at {daemon_url(config)}"
     return [m.as_openai() for m in models.models], where

@@ -34,6 +34,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from proxy.redact import redact_url
+
 ENV_PREFIX = "LMBRIDGE_"
 # Environment variables with the prefix that are not configuration keys.
 ENV_RESERVED = frozenset({"LMBRIDGE_CONFIG"})
@@ -735,13 +737,8 @@ def _describe(error: ErrorDetails, sources: Mapping[str, str]) -> str:
 
 
 def _redact(value: Any) -> Any:
-    """A URL's user:password part is a secret too."""
-    if isinstance(value, str) and "@" in value and "://" in value:
-        scheme, _, rest = value.partition("://")
-        userinfo, at, host = rest.partition("@")
-        if at and "/" not in userinfo:
-            return f"{scheme}://***@{host}"
-    return value
+    """A URL's user:password and query values are secrets too."""
+    return redact_url(value) if isinstance(value, str) else value
 
 
 # --- rendering ------------------------------------------------------------

@@ -42,13 +42,13 @@ async def readyz(request: web.Request) -> web.Response:
             models = await app[CATALOG].get(max_age=READY_MAX_AGE)
         checks["upstream"] = {
             "ok": True,
-            "url": upstream.base_url,
+            "url": upstream.shown_url,
             "models": len(models.models),
             "api": models.dialect,
         }
     except (LMBridgeError, TimeoutError) as exc:
         message = exc.message if isinstance(exc, LMBridgeError) else "timed out"
-        checks["upstream"] = {"ok": False, "url": upstream.base_url, "error": message}
+        checks["upstream"] = {"ok": False, "url": upstream.shown_url, "error": message}
 
     try:
         async with asyncio.timeout(READY_TIMEOUT):

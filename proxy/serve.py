@@ -20,6 +20,7 @@ from proxy.app import create_app
 from proxy.config import Config
 from proxy.embedded import EmbeddedUpstream
 from proxy.keys import METRICS
+from proxy.redact import redact_url
 
 log = logging.getLogger("lmbridge")
 
@@ -60,7 +61,9 @@ async def run(
             await site.start()
             _tune_gc()
             addresses = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
-            log.info("lmbridge listening on %s (upstream %s)", addresses, config.upstream.url)
+            log.info(
+                "lmbridge listening on %s (upstream %s)", addresses, redact_url(config.upstream.url)
+            )
             if on_listening is not None:
                 host, port = runner.addresses[0][:2]
                 on_listening(f"http://{host}:{port}")

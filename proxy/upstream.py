@@ -40,6 +40,7 @@ from proxy.errors import (
 )
 from proxy.jsontext import loads
 from proxy.metrics import Metrics
+from proxy.redact import redact_url
 
 log = logging.getLogger("lmbridge.upstream")
 
@@ -106,6 +107,8 @@ class UpstreamClient:
         # What the operator can change when a prompt does not fit the model's context.
         self.context_hint = context_hint
         self.base_url = config.url
+        # As logs, metric labels, /readyz and error messages show it: without a password.
+        self.shown_url = redact_url(config.url)
         self.session = session
         self.metrics = metrics
         self.breaker = breaker or CircuitBreaker(
@@ -113,7 +116,7 @@ class UpstreamClient:
             config.circuit_cooldown,
             on_change=self._circuit_changed,
         )
-        metrics.circuit_state.labels(self.base_url).set(self.breaker.state.value)
+        metrics.circuit_state.labels(self.shown_url).set(self.breaker.state.value)
         # The socket read timeout covers the wait for the headers (first byte); once
         # they are in, _arm_idle_timeout switches the same timer to idle_timeout.
         self._timeout = aiohttp.ClientTimeout(
@@ -126,16 +129,16 @@ class UpstreamClient:
             self._base_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
     def _circuit_changed(self, state: CircuitState) -> None:
-        self.metrics.circuit_state.labels(self.base_url).set(state.value)
+        self.metrics.circuit_state.labels(self.shown_url).set(state.value)
         if state is CircuitState.OPEN:
             log.warning(
                 "circuit open for %s after %d failures; failing fast for %.0fs",
-                self.base_url,
+                self.shown_url,
                 self.breaker.failures,
                 self.breaker.cooldown,
             )
         else:
-            log.info("circuit %s for %s", state.name.lower().replace("_", "-"), self.base_url)
+            log.info("circuit %s for %s", state.name.lower().replace("_", "-"), self.shown_url)
 
     # --- requests ---------------------------------------------------------
 
@@ -238,7 +241,7 @@ class UpstreamClient:
         except aiohttp.SocketTimeoutError as exc:
             self._count_failure("first_byte_timeout")
             raise UpstreamTimeout(
-                f"The upstream at {self.base_url} did not answer within "
+                f"The upstream at {self.shown_url} did not answer within "
                 f"{self.config.first_byte_timeout:g}s (upstream.first_byte_timeout)."
             ) from exc
         except aiohttp.ClientConnectionError as exc:
@@ -247,7 +250,7 @@ class UpstreamClient:
             )
             self._count_failure("refused" if refused else "connect")
             raise _Retryable(
-                UpstreamUnavailable(_connect_message(self.base_url, exc)),
+                UpstreamUnavailable(_connect_message(self.shown_url, exc)),
                 "connect",
                 trips_breaker=not refused,
             ) from exc
@@ -295,7 +298,7 @@ class UpstreamClient:
             wait = self.breaker.retry_after()
             when = f"lmbridge fails fast for {wait:.0f}s more, then tries it again"
         error = CircuitOpen(
-            f"The upstream at {self.base_url} failed {self.breaker.failure_threshold} times in a "
+            f"The upstream at {self.shown_url} failed {self.breaker.failure_threshold} times in a "
             f"row; {when}. Check that the model server is running (LM Studio: "
             "`lms server start`)."
         )
@@ -343,7 +346,7 @@ class UpstreamClient:
     def _check_encoding(self, encoding: str) -> None:
         if encoding.lower() not in ("gzip", "x-gzip", "deflate"):
             raise UpstreamUnavailable(
-                f"The upstream at {self.base_url} answered with Content-Encoding {encoding!r}, "
+                f"The upstream at {self.shown_url} answered with Content-Encoding {encoding!r}, "
                 "which lmbridge does not decode (it asks for identity)."
             )
 
@@ -352,7 +355,7 @@ class UpstreamClient:
             return bytes(decoder.decompress(data))
         except zlib.error as exc:
             raise UpstreamUnavailable(
-                f"The upstream at {self.base_url} sent a {encoding} body that does not "
+                f"The upstream at {self.shown_url} sent a {encoding} body that does not "
                 f"decompress: {exc}"
             ) from None
 
@@ -390,12 +393,12 @@ class UpstreamClient:
         if isinstance(exc, aiohttp.ServerTimeoutError):
             self._failed("idle_timeout")
             return UpstreamTimeout(
-                f"The upstream at {self.base_url} sent nothing for "
+                f"The upstream at {self.shown_url} sent nothing for "
                 f"{self.config.idle_timeout:g}s (upstream.idle_timeout)."
             )
         self._failed("body")
         return UpstreamUnavailable(
-            f"The upstream at {self.base_url} broke off its answer: {_exc_text(exc)}"
+            f"The upstream at {self.shown_url} broke off its answer: {_exc_text(exc)}"
         )
 
     # --- JSON helpers for lmbridge's own calls ----------------------------
@@ -409,7 +412,7 @@ class UpstreamClient:
             return loads(raw)
         except ValueError as exc:
             raise UpstreamError(
-                f"The upstream at {self.base_url} answered {path} with something that is not JSON."
+                f"The upstream at {self.shown_url} answered {path} with something that is not JSON."
             ) from exc
 
 

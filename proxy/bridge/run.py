@@ -14,6 +14,7 @@ from proxy import serve
 from proxy.bridge.client import DaemonClient
 from proxy.bridge.server import Settings, build_server
 from proxy.config import Config
+from proxy.redact import redact_url
 
 log = logging.getLogger("lmbridge.bridge")
 
@@ -72,7 +73,7 @@ async def run(config: Config, transport: Transport, port: int, *, standalone: bo
     server, delegations = build_server(
         client, Settings(config.bridge.result_max_chars, config.bridge.wait_seconds)
     )
-    log.info("lmbridge mcp: %s transport, daemon %s%s", transport, url,
+    log.info("lmbridge mcp: %s transport, daemon %s%s", transport, redact_url(url),
              " (in this process)" if standalone else "")  # fmt: skip
     if transport == "stdio":
         serving = asyncio.create_task(server.run_stdio_async())

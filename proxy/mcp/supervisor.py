@@ -39,6 +39,7 @@ from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from proxy.config import MCPServerConfig
+from proxy.redact import redact_urls
 
 log = logging.getLogger("lmbridge.mcp")
 
@@ -208,7 +209,8 @@ class Supervisor:
             except Exception as exc:  # every way a server can fail ends here
                 leaf = _leaf(exc)
                 if not self._stopping:
-                    self.last_error = f"{type(leaf).__name__}: {leaf}".strip()
+                    # Shown to clients and logged: an HTTP error quotes the URL it was for.
+                    self.last_error = redact_urls(f"{type(leaf).__name__}: {leaf}".strip())
                     log.warning("MCP server %s: connection %s: %s", self.name,
                                 "lost" if connected else "failed", self.last_error)  # fmt: skip
             finally:

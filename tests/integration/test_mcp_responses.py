@@ -3,11 +3,14 @@ the scripted fake upstream."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
+import httpx2
 import pytest
 
+from proxy.mcp import supervisor
 from tests.fake_upstream import CHAT, Reply, chat_completion
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
 from tests.integration.test_responses import sse_events
@@ -225,6 +228,30 @@ async def test_remote_server_needs_approval_by_default(make_proxy, fake_upstream
     fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 1, "b": 1}'))))
     body = await create(proxy, input="1+1", tools=[tool])
     assert body["output"][-1]["type"] == "mcp_approval_request"
+
+
+async def test_an_error_quoting_a_server_url_is_shown_redacted(
+    make_proxy, fake_upstream, monkeypatch, caplog
+):
+    """An HTTP error that quotes the server's URL (as httpx's raise_for_status does)
+    reaches the listing and the log with the password and token masked. Mocked: the SDK
+    in use words its own errors without the URL."""
+
+    @contextlib.asynccontextmanager
+    async def failing(url: str, **_: object):
+        request = httpx2.Request("POST", url)
+        response = httpx2.Response(401, request=request)
+        raise httpx2.HTTPStatusError(f"Client error for url '{url}'", request=request,
+                                     response=response)  # fmt: skip
+        yield
+
+    monkeypatch.setattr(supervisor, "streamable_http_client", failing)
+    secret = {"url": "http://bob:hunter2@127.0.0.1:9/mcp?token=sk-t0ken", "start": "lazy"}
+    proxy = await make_proxy(mcp__servers={"far": secret})
+    body = await create(proxy, input="x", tools=[{"type": "mcp", "server_label": "far"}])
+    error = body["output"][0]["error"]
+    assert error == "HTTPStatusError: Client error for url 'http://***@127.0.0.1:9/mcp?token=***'"
+    assert "hunter2" not in caplog.text and "sk-t0ken" not in caplog.text
 
 
 async def test_a_made_up_tool_of_a_server_is_a_failed_mcp_call(proxy, fake_upstream):

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.logs import RequestLog
-from tests.fake_upstream import CHAT
+from tests.fake_upstream import CHAT, Reply
 
 REQUEST = {"model": "test-model", "messages": [{"role": "user", "content": "a secret prompt"}]}
 
@@ -24,6 +24,25 @@ async def test_healthz_and_readyz(proxy):
     assert body["status"] == "ready"
     assert set(body["checks"]) == {"upstream", "circuit", "storage"}
     assert body["checks"]["upstream"]["models"] == 1
+
+
+async def test_a_password_in_upstream_url_is_never_shown(make_proxy, fake_upstream, caplog):
+    """upstream.url's user:password is masked in /readyz, /metrics, error messages and
+    log lines, and still used to reach the upstream."""
+    proxy = await make_proxy(upstream__url=fake_upstream.url.replace("//", "//bob:hunter2@"),
+                             upstream__retry_attempts=1)  # fmt: skip
+    shown = fake_upstream.url.replace("//", "//***@")
+    ready = await (await proxy.get("/readyz")).json()
+    assert ready["status"] == "ready" and ready["checks"]["upstream"]["url"] == shown
+    fake_upstream.add_reply(CHAT, Reply(drop=True))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    assert resp.status == 502
+    assert (
+        f"The upstream at {shown} closed the connection" in (await resp.json())["error"]["message"]
+    )
+    metrics = await (await proxy.get("/metrics")).text()
+    assert f'lmbridge_circuit_state{{upstream="{shown}"}}' in metrics
+    assert "hunter2" not in metrics + caplog.text
 
 
 async def test_metrics_are_prometheus_text_from_the_apps_own_registry(make_proxy):

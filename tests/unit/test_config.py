@@ -645,6 +645,21 @@ def test_non_http_upstream_url_is_rejected(given):
     assert message.endswith("[from LMBRIDGE_UPSTREAM_URL]")
 
 
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("ftp://bob:hunter2@host/v1", "ftp://***@host/v1"),
+        ("ws://host/v1?api_key=sk-query-1", "ws://host/v1?api_key=***"),
+        ("ws://a@b:hunter2@host/v1#sk-frag", "ws://***@host/v1#***"),
+    ],
+)
+def test_a_refused_url_is_shown_without_its_secrets(given, shown):
+    """A URL's user:password, query values and fragment are masked in the error line."""
+    message = config_error(environ={"LMBRIDGE_UPSTREAM_URL": given})
+    assert f"got {shown!r}" in message
+    assert "hunter2" not in message and "sk-" not in message
+
+
 # --- environment value parsing -------------------------------------------------------
 
 
