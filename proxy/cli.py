@@ -168,7 +168,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.serve import run
 
     config = _load(args)
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(
+        config.logging.level,
+        config.logging.format,
+        library_level=config.logging.library_level,
+    )
     return _run_service(run(config), f"cannot listen on {config.server.host}:{config.server.port}")
 
 
@@ -284,7 +288,11 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     config = _load(args)
     # stdout belongs to the MCP protocol on stdio: every log goes to stderr.
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(
+        config.logging.level,
+        config.logging.format,
+        library_level=config.logging.library_level,
+    )
     return _run_service(
         run(config, args.transport, args.mcp_port, standalone=args.standalone), "cannot start"
     )

@@ -286,8 +286,14 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = Field(
         "text", description="text for people, json (one object per line) for machines."
     )
+    library_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning",
+        description="Log level of the libraries lmbridge uses (httpx, mcp, aiohttp, ...); "
+        "the higher of this and level applies. Below warning they log each MCP HTTP "
+        "request's URL, tokens and passwords included.",
+    )
 
-    @field_validator("level", mode="before")
+    @field_validator("level", "library_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

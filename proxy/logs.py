@@ -115,7 +115,12 @@ def _json_escaped(char: str) -> str:
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
-def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str, fmt: str, stream: TextIO | None = None, *, library_level: str = "warning"
+) -> None:
+    """Log records of ``lmbridge.*`` at ``level``, everyone else's (httpx2, mcp, aiohttp)
+    at ``library_level`` or above: libraries log what lmbridge would not (httpx2 writes
+    each request's URL at info, credentials included)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name("lmbridge")
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
@@ -124,7 +129,8 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
         if old.get_name() == "lmbridge":  # ours from an earlier call; others are left alone
             root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(LEVELS[level])
+    root.setLevel(max(LEVELS[level], LEVELS[library_level]))
+    logging.getLogger("lmbridge").setLevel(LEVELS[level])
     # aiohttp's access log is replaced by lmbridge's own request line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

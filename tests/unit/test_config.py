@@ -91,6 +91,7 @@ def dig(config: Config, dotted: str) -> Any:
         ("auth.api_keys", []),
         ("logging.level", "info"),
         ("logging.format", "text"),
+        ("logging.library_level", "warning"),
         ("embedded.enabled", False),
         ("embedded.model", None),
         ("embedded.alias", "smollm2"),
@@ -602,8 +603,9 @@ def test_every_problem_is_reported_at_once(write_toml):
 
 @pytest.mark.parametrize(("given", "level"), [("DEBUG", "debug"), ("Warning", "warning")])
 def test_log_level_is_case_insensitive(given, level):
-    """The log level may be written in any case."""
+    """The log levels may be written in any case."""
     assert load(environ={"LMBRIDGE_LOGGING_LEVEL": given}).logging.level == level
+    assert load(environ={"LMBRIDGE_LOGGING_LIBRARY_LEVEL": given}).logging.library_level == level
 
 
 # --- upstream.url -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from proxy.logs import JSONFormatter, RequestLog, TextFormatter
+from proxy.logs import JSONFormatter, RequestLog, TextFormatter, configure_logging
 
 # The issue's example: no space, so it used to be written bare.
 FORGED = "/v1/responses/x\n2026-12-03T06:59:59.999\tINFO\tlmbridge.request:\trequest\tforged=1"
@@ -125,3 +125,51 @@ def test_json_formatter_escapes_messages_and_fields():
     assert line.isprintable() and "\n" not in line
     entry = json.loads(line)
     assert (entry["msg"], entry["model"]) == (message, "\u2029")
+
+
+@pytest.fixture
+def logging_state():
+    """configure_logging changes process-wide loggers: put them back afterwards."""
+    root, own = logging.getLogger(), logging.getLogger("lmbridge")
+    handlers, levels = list(root.handlers), (root.level, own.level)
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(levels[0])
+    own.setLevel(levels[1])
+
+
+def emit_all() -> None:
+    logging.getLogger("httpx2").info("HTTP Request: POST http://bob:pw@mcp.local/mcp?token=t")
+    logging.getLogger("mcp.client.streamable_http").debug("Sending client message")
+    logging.getLogger("client").warning("library warning")
+    logging.getLogger("lmbridge.mcp").debug("own debug")
+    logging.getLogger("lmbridge.request").info("own info")
+    logging.getLogger("lmbridge").warning("own warning")
+
+
+@pytest.mark.parametrize(
+    ("level", "library_level", "shown"),
+    [
+        ("info", "warning", ["library warning", "own info", "own warning"]),
+        ("debug", "warning", ["library warning", "own debug", "own info", "own warning"]),
+        ("warning", "warning", ["library warning", "own warning"]),
+        ("error", "warning", []),
+        ("info", "info", ["HTTP Request", "library warning", "own info", "own warning"]),
+        ("warning", "debug", ["library warning", "own warning"]),
+    ],
+)
+def test_libraries_log_at_warning_unless_asked(logging_state, level, library_level, shown):
+    """lmbridge.* logs at logging.level; httpx2, mcp and other libraries only at warning
+    (logging.library_level), or higher when logging.level is: httpx2's request lines,
+    URLs with credentials, stay out by default."""
+    stream = io.StringIO()
+    configure_logging(level, "text", stream, library_level=library_level)
+    emit_all()
+    lines = stream.getvalue().splitlines()
+    assert [next(s for s in SHOWN if s in line) for line in lines] == shown
+
+
+SHOWN = ["HTTP Request", "Sending client message", "library warning", "own debug", "own info",
+         "own warning"]  # fmt: skip
