@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,6 +35,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from proxy.mcp.remote_urls import RemoteURLError, parse_pattern
 from proxy.redact import redact_url
 
 ENV_PREFIX = "LMBRIDGE_"
@@ -112,6 +114,18 @@ Duration = Annotated[
 ]  # fmt: skip
 Size = Annotated[int, BeforeValidator(parse_size), BeforeValidator(reject_bool), Field(gt=0)]
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
+
+
+def check_remote_pattern(value: str) -> str:
+    """An mcp.remote_servers entry lmbridge can match (proxy/mcp/remote_urls.py)."""
+    try:
+        parse_pattern(value)
+    except RemoteURLError as exc:
+        raise ValueError(f"this pattern {exc}") from None
+    return value
+
+
+RemotePattern = Annotated[str, AfterValidator(check_remote_pattern)]
 
 
 def default_data_dir() -> Path:
@@ -418,10 +432,11 @@ class MCPConfig(_Section):
         description="Also recognise tool calls small models write as text (<tool_call>{...}"
         '</tool_call> or a bare {"name": ..., "arguments": ...}), for offered tools only.',
     )
-    remote_servers: list[str] = Field(
+    remote_servers: list[RemotePattern] = Field(
         default_factory=list,
-        description="URL patterns (shell-style, e.g. http://127.0.0.1:*/mcp) a request may "
-        "name as server_url of an mcp tool; anything else is refused.",
+        description="URL patterns (e.g. http://127.0.0.1:*/mcp) a request may name as "
+        "server_url of an mcp tool, matched part by part (scheme, host, port, path; see "
+        "docs/mcp.md); anything else is refused.",
     )
     restart_backoff_max: Duration = Field(
         60.0, description="Longest wait between two restarts of a server that keeps failing."

@@ -9,6 +9,10 @@ Then the calls in flight fail (the tool may or may not have run: never retried),
 and the task reconnects, at once after a long-lived connection, with exponential
 backoff and jitter after quick failures, up to ``mcp.restart_backoff_max``.
 
+A server named by a request (``server_url``) may only redirect where
+``mcp.remote_servers`` allows: each redirect is checked by a response hook of the
+HTTP client before the SDK (which follows redirects within the origin) can follow it.
+
 Tool-list changes are picked up on both protocol eras: the older handshake sends a
 ``notifications/tools/list_changed`` message; the 2026 stateless protocol needs a
 ``listen`` subscription.
@@ -22,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +43,8 @@ from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from proxy.config import MCPServerConfig
-from proxy.redact import redact_urls
+from proxy.mcp.remote_urls import RemoteURL, RemoteURLError, parse_url
+from proxy.redact import redact_url, redact_urls
 
 log = logging.getLogger("lmbridge.mcp")
 
@@ -64,6 +69,10 @@ class ConnectionLost(Exception):
 
 class CallTimedOut(Exception):
     """The call took longer than the server's timeout."""
+
+
+class RedirectRefused(Exception):
+    """A server named by a request redirected where mcp.remote_servers does not allow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,8 @@ class Supervisor:
     backoff_max: float = 60.0
     on_restart: Callable[[str], None] | None = None
     on_tools: Callable[[str, list[ToolInfo]], None] | None = None
+    # For a server named by a request: which redirect targets may be followed.
+    allows_redirect: Callable[[RemoteURL], bool] | None = None
 
     state: str = "stopped"  # stopped | connecting | ready | backoff
     tools: list[ToolInfo] = field(default_factory=list)
@@ -262,11 +273,25 @@ class Supervisor:
             errlog = stack.enter_context((self.log_dir / f"mcp-{self.name}.log").open("a"))
             return _watched(stdio_client(params, errlog=errlog), lambda: self._lost(lost))
         assert config.url is not None
+        hooks = {} if self.allows_redirect is None else {
+            "response": [_redirect_guard(self.allows_redirect)]}  # fmt: skip
         if kind == "sse":
-            return _watched(sse_client(config.url, headers=headers), lambda: self._lost(lost))
+
+            def sse_http(
+                headers: dict[str, str] | None = None,
+                timeout: httpx2.Timeout | None = None,
+                auth: httpx2.Auth | None = None,
+            ) -> httpx2.AsyncClient:
+                return httpx2.AsyncClient(
+                    headers=headers, timeout=timeout, auth=auth, event_hooks=hooks
+                )
+
+            return _watched(sse_client(config.url, headers=headers, httpx_client_factory=sse_http),
+                            lambda: self._lost(lost))  # fmt: skip
         # Headers go through an httpx2 client of our own, which the stack closes.
         http = await stack.enter_async_context(httpx2.AsyncClient(
-            headers=headers, timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout))
+            headers=headers, timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout)),
+            event_hooks=hooks,
         ))  # fmt: skip
         return _watched(
             streamable_http_client(config.url, http_client=http), lambda: self._lost(lost)
@@ -491,6 +516,30 @@ class _WatchedReadStream:
 async def _watched(transport: Any, on_end: Callable[[], None]) -> AsyncIterator[Any]:
     async with transport as (read_stream, write_stream):
         yield _WatchedReadStream(read_stream, on_end), write_stream
+
+
+def _redirect_guard(
+    allows: Callable[[RemoteURL], bool],
+) -> Callable[[httpx2.Response], Awaitable[None]]:
+    """A response hook refusing a redirect whose target ``allows`` refuses; raised from
+    inside the client's send, so the target is never contacted."""
+
+    async def check(response: httpx2.Response) -> None:
+        if not response.has_redirect_location:
+            return
+        location = response.headers["Location"]
+        try:
+            target = str(response.request.url.join(location))
+            allowed = allows(parse_url(target))
+        except (httpx2.InvalidURL, RemoteURLError):
+            target, allowed = location, False
+        if not allowed:
+            raise RedirectRefused(
+                f"the server redirected to {redact_url(target)}, which mcp.remote_servers "
+                "does not allow; not followed"
+            )
+
+    return check
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

@@ -3,7 +3,8 @@
 ``{"type": "mcp", "server_label": "X"}`` means lmbridge's configured server X.
 With ``server_url`` lmbridge connects to that server for this response only, and
 only if the URL matches ``mcp.remote_servers`` (deny by default: a request must
-never make the daemon reach an address its operator did not allow). For each
+never make the daemon reach an address its operator did not allow), part by part
+(``proxy.mcp.remote_urls``); a redirect must match too. For each
 server: its tools after ``allowed_tools`` (names, or ``read_only`` from the
 tools' ``readOnlyHint``), which of them ``require_approval``, and whether its
 tool list must be shown (``mcp_list_tools``, once per server per conversation).
@@ -12,7 +13,6 @@ tool list must be shown (``mcp_list_tools``, once per server per conversation).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +21,11 @@ from typing import Any
 from proxy.config import MCPConfig, MCPServerConfig
 from proxy.errors import BadRequest
 from proxy.mcp.names import SEPARATOR, ToolDirectory, ToolRef, clean, exposed_name
+from proxy.mcp.remote_urls import RemoteURLError, allows, parse_url
 from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.servers import READY_WAIT, MCPServers
 from proxy.mcp.supervisor import Supervisor, ToolInfo
+from proxy.redact import redact_url
 from proxy.responses.builder import McpTarget
 
 
@@ -134,17 +136,25 @@ def _remote(
     tool: Mapping[str, Any], label: str, config: MCPConfig, log_dir: Path, where: str
 ) -> Supervisor:
     url = str(tool["server_url"])
-    if not any(fnmatch.fnmatchcase(url, pattern) for pattern in config.remote_servers):
+    try:
+        target = parse_url(url)
+    except RemoteURLError as exc:
+        raise BadRequest(f"The server_url {redact_url(url)!r} {exc}.",
+                         param=f"{where}.server_url") from None  # fmt: skip
+    patterns = config.remote_servers
+    if not allows(patterns, target):
         raise BadRequest(
-            f"The server_url {url!r} is not allowed: lmbridge only connects to MCP servers "
-            "its operator allows (mcp.remote_servers), and this URL matches none of them.",
+            f"The server_url {redact_url(url)!r} is not allowed: lmbridge only connects to MCP "
+            "servers its operator allows (mcp.remote_servers), and this URL matches none of them.",
             param=f"{where}.server_url",
         )
     headers = dict(tool.get("headers") or {})
     if tool.get("authorization"):
         headers["Authorization"] = f"Bearer {tool['authorization']}"
-    server = MCPServerConfig.model_validate({"url": url, "headers": headers})
-    return Supervisor(label, server, log_dir, backoff_max=config.restart_backoff_max)
+    # The URL as matched, not as written: no other parser gets to read it differently.
+    server = MCPServerConfig.model_validate({"url": target.url, "headers": headers})
+    return Supervisor(label, server, log_dir, backoff_max=config.restart_backoff_max,
+                      allows_redirect=lambda location: allows(patterns, location))  # fmt: skip
 
 
 def _allowed(allowed: Any, tool: ToolInfo) -> bool:

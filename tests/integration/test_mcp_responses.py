@@ -9,6 +9,7 @@ import sys
 
 import httpx2
 import pytest
+from aiohttp import web
 
 from proxy.mcp import supervisor
 from tests.fake_upstream import CHAT, Reply, chat_completion
@@ -221,6 +222,22 @@ async def test_allowed_remote_server_url(make_proxy, fake_upstream, remote_calc)
     assert body["output"][1]["output"] == "21"
 
 
+async def test_allowed_remote_sse_server_url(make_proxy, fake_upstream):
+    """A legacy SSE server_url works through the guarded client: the message endpoint the
+    server names (same origin, another path) is not a redirect and is used."""
+    async with served_calc("sse") as url:
+        proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/sse"])
+        tool = {"type": "mcp", "server_label": "far", "server_url": url,
+                "require_approval": "never"}  # fmt: skip
+        fake_upstream.add_reply(
+            CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 2, "b": 3}')))
+        )
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion("5")))
+        body = await create(proxy, input="2+3", tools=[tool])
+    assert [i["type"] for i in body["output"]] == ["mcp_list_tools", "mcp_call", "message"]
+    assert body["output"][1]["output"] == "5"
+
+
 async def test_remote_server_needs_approval_by_default(make_proxy, fake_upstream, remote_calc):
     """As on OpenAI, a server_url's calls need approval unless require_approval says never."""
     proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
@@ -228,6 +245,126 @@ async def test_remote_server_needs_approval_by_default(make_proxy, fake_upstream
     fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 1, "b": 1}'))))
     body = await create(proxy, input="1+1", tools=[tool])
     assert body["output"][-1]["type"] == "mcp_approval_request"
+
+
+class Target:
+    """An HTTP server on 127.0.0.1 that records what reaches it; optionally it answers
+    307 to ``redirect_to`` (a path on itself, or an absolute URL)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.redirect_to: str | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        return app
+
+    async def _any(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.method, request.path))
+        if self.redirect_to is not None and request.path in ("/mcp", "/sse"):
+            return web.Response(status=307, headers={"Location": self.redirect_to})
+        return web.Response(status=404)
+
+
+@pytest.fixture
+async def target(aiohttp_server) -> Target:
+    target = Target()
+    server = await aiohttp_server(target.app())
+    target.port = server.port
+    return target
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:1@localhost:{port}/mcp",  # the issue: a password, not a port
+        "http://127.0.0.1:{port}@localhost:{port}/mcp",
+        "http://user:pw@127.0.0.1:{port}/mcp",
+        "http://127.0.0.1:{port}\\@localhost:{port}/mcp",
+        "http://127.0.0.1:{port}/mcp\t",
+        "http://127.0.0.1:99999/mcp",
+        "http://127.0.0.1:0/mcp",
+        "ftp://127.0.0.1:{port}/mcp",
+        "http://[::1:{port}/mcp",
+        "http://127.0.0.1:{port}/x/../../admin/mcp/%2e%2e/",
+        "http://127.0.0.1:{port}/mcp%2fadmin",
+        "http://127.0.0.2:{port}/mcp",
+        "http://0x7f000002:{port}/mcp",
+    ],
+)
+async def test_server_urls_outside_the_allow_list_are_400_and_never_reached(
+    make_proxy, fake_upstream, target, url
+):
+    """Userinfo, bad ports and schemes, malformed URLs and other hosts are a 400 naming
+    tools[0].server_url; neither the named server nor the upstream hears anything."""
+    proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
+    tool = {"type": "mcp", "server_label": "far", "server_url": url.format(port=target.port)}
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x", "tools": [tool]})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["param"], error["type"]) == ("tools[0].server_url", "invalid_request_error")
+    assert "pw@" not in error["message"]
+    assert target.seen == []
+    assert fake_upstream.requests_to(CHAT) == []
+
+
+@pytest.mark.parametrize(
+    "spelling", ["2130706433", "0x7f000001", "127.1", "0177.0.0.1", "[::ffff:127.0.0.1]"]
+)
+async def test_other_spellings_of_an_allowed_host_are_that_host(
+    make_proxy, fake_upstream, remote_calc, spelling
+):
+    """A decimal, hex, short, octal or IPv4-mapped 127.0.0.1 matches 127.0.0.1 and is
+    connected as 127.0.0.1."""
+    proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
+    url = remote_calc.replace("127.0.0.1", spelling)
+    tool = {"type": "mcp", "server_label": "far", "server_url": url, "require_approval": "never"}
+    body = await create(proxy, input="x", tools=[tool])
+    listing = body["output"][0]
+    assert listing["type"] == "mcp_list_tools" and listing.get("error") is None
+    assert {t["name"] for t in listing["tools"]} >= {"add"}
+
+
+@pytest.mark.parametrize("path", ["/mcp", "/sse"])  # streamable HTTP, legacy SSE
+@pytest.mark.parametrize("where", ["other port", "same port, other path"])
+async def test_a_redirect_the_allow_list_refuses_is_not_followed(
+    make_proxy, fake_upstream, aiohttp_server, target, where, path
+):
+    """A server_url answering 307 to a URL outside mcp.remote_servers (another port, or
+    another path on the same port, which the SDK alone would follow): the connection
+    fails with the reason in the listing, and the redirect's target hears nothing."""
+    redirector = Target()
+    server = await aiohttp_server(redirector.app())
+    if where == "other port":
+        redirector.redirect_to = f"http://127.0.0.1:{target.port}{path}"
+        allowed = f"http://127.0.0.1:{server.port}{path}"
+    else:
+        redirector.redirect_to = "/admin"
+        allowed = f"http://127.0.0.1:*{path}"
+    proxy = await make_proxy(mcp__remote_servers=[allowed])
+    tool = {"type": "mcp", "server_label": "far", "require_approval": "never",
+            "server_url": f"http://127.0.0.1:{server.port}{path}"}  # fmt: skip
+    body = await create(proxy, input="x", tools=[tool])
+    listing = body["output"][0]
+    assert listing["type"] == "mcp_list_tools" and listing["tools"] == []
+    assert "which mcp.remote_servers does not allow; not followed" in listing["error"]
+    assert redirector.seen and all(seen == path for _, seen in redirector.seen)
+    assert target.seen == []
+    assert "tools" not in sent(fake_upstream)
+
+
+async def test_a_redirect_the_allow_list_accepts_is_followed(
+    make_proxy, fake_upstream, remote_calc
+):
+    """The server's own 307 from /mcp/ to /mcp, both allowed, is followed as before."""
+    proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
+    tool = {"type": "mcp", "server_label": "far", "server_url": remote_calc + "/",
+            "require_approval": "never"}  # fmt: skip
+    body = await create(proxy, input="x", tools=[tool])
+    listing = body["output"][0]
+    assert listing.get("error") is None and {t["name"] for t in listing["tools"]} >= {"add"}
 
 
 async def test_an_error_quoting_a_server_url_is_shown_redacted(

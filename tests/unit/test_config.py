@@ -662,6 +662,31 @@ def test_a_refused_url_is_shown_without_its_secrets(given, shown):
     assert "hunter2" not in message and "sk-" not in message
 
 
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("http://127.0.0.1:*/mcp?x=1", "has a ? or #"),
+        ("http://api-*.example.com/mcp", "has a * inside a host label"),
+        ("http://127.0.0.1:70000/mcp", "has a port that is not a number from 1 to 65535"),
+        ("127.0.0.1:*/mcp", "is not an http:// or https:// URL"),
+        ("http*://127.0.0.1:*/mcp", "is not an http:// or https:// URL"),
+    ],
+)
+def test_a_remote_servers_pattern_that_cannot_match_stops_start_up(write_toml, pattern, problem):
+    """Each bad mcp.remote_servers entry is one line naming its index and the problem."""
+    toml = f'[mcp]\nremote_servers = ["http://127.0.0.1:*/mcp", {pattern!r}]\n'
+    message = config_error(write_toml(toml.replace("'", '"')))
+    assert message.startswith(f"mcp.remote_servers.1: this pattern {problem}")
+    assert "[from " in message
+
+
+def test_a_remote_servers_pattern_with_a_password_is_masked(write_toml):
+    """The refused pattern is quoted without the password it carried."""
+    message = config_error(write_toml('[mcp]\nremote_servers = ["http://u:hunter2@x/mcp"]\n'))
+    assert message.startswith("mcp.remote_servers.0: this pattern has a user name or password")
+    assert "hunter2" not in message and "http://***@x/mcp" in message
+
+
 # --- environment value parsing -------------------------------------------------------
 
 
