@@ -127,9 +127,12 @@ class ResponseStore(Protocol):
         """Stored streaming events with sequence_number > starting_after; None when absent."""
         ...
 
-    async def fail_unfinished(self, now: int, message: str) -> int:
-        """Mark responses left queued or in_progress (by a daemon that stopped) failed,
-        with an error carrying ``message``; returns how many."""
+    async def fail_unfinished(
+        self, now: int, message: str, *, response_ids: tuple[str, ...] | None = None
+    ) -> int:
+        """Mark responses left queued or in_progress (by a daemon that stopped, or, with
+        ``response_ids``, just those) failed, with an error carrying ``message``, and
+        end their stored events with ``response.failed``; returns how many."""
         ...
 
     async def purge_expired(self, now: int, *, retention: int | None = None) -> int:

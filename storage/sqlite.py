@@ -289,9 +289,11 @@ class SQLiteStore:
             return None
         return [row[0] for row in rows if row[0] is not None]
 
-    async def fail_unfinished(self, now: int, message: str) -> int:
+    async def fail_unfinished(
+        self, now: int, message: str, *, response_ids: tuple[str, ...] | None = None
+    ) -> int:
         return await self._writer.submit(
-            writes.fail_unfinished, writes.FailUnfinished(now, message)
+            writes.fail_unfinished, writes.FailUnfinished(now, message, response_ids)
         )
 
     async def purge_expired(self, now: int, *, retention: int | None = None) -> int:

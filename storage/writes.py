@@ -98,6 +98,8 @@ class ItemDelete:
 class FailUnfinished:
     now: int
     message: str
+    # Only these responses; None: every unfinished one.
+    response_ids: tuple[str, ...] | None = None
 
 
 # --- responses ---
@@ -251,7 +253,8 @@ def delete_response(conn: sqlite3.Connection, ref: Ref) -> bool:
 def fail_unfinished(conn: sqlite3.Connection, fail: FailUnfinished) -> int:
     # json_valid: a body that is not JSON still gets its status column fixed rather
     # than failing the whole statement.
-    cursor = conn.execute(
+    failed = _fetchall(
+        conn,
         """
         UPDATE responses SET
             status = 'failed',
@@ -260,10 +263,31 @@ def fail_unfinished(conn: sqlite3.Connection, fail: FailUnfinished) -> int:
                 '$.error', json_object('code', 'server_error', 'message', :message))
                 ELSE body END
         WHERE status IN ('queued', 'in_progress') AND expires_at > :now
+            AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
+        RETURNING id
         """,
-        {"message": fail.message, "now": fail.now},
+        {
+            "message": fail.message,
+            "now": fail.now,
+            "ids": None if fail.response_ids is None else json.dumps(fail.response_ids),
+        },
     )
-    return cursor.rowcount
+    # Their stored events (a background response's, for replays) stopped before the
+    # end: a replay must still end with the terminal event, as a live stream would.
+    conn.executemany(
+        """
+        INSERT INTO response_events (response_id, seq, body)
+        SELECT r.id, e.seq + 1, json_object('type', 'response.failed',
+            'sequence_number', e.seq + 1,
+            'response', CASE WHEN json_valid(r.body) THEN json(r.body) ELSE NULL END)
+        FROM responses AS r
+        JOIN (SELECT MAX(seq) AS seq FROM response_events WHERE response_id = :id) AS e
+            ON e.seq IS NOT NULL
+        WHERE r.id = :id
+        """,
+        [{"id": row[0]} for row in failed],
+    )
+    return len(failed)
 
 
 @dataclass(frozen=True, slots=True)
