@@ -161,6 +161,22 @@ class ResponseStore(Protocol):
         """Append items (and push the conversation's expiry); False when it is absent."""
         ...
 
+    async def claim_conversation(
+        self, conversation_id: str, owner: str, holder: str, until: int
+    ) -> bool | None:
+        """Take the conversation for the turn ``holder`` (a response id) until ``until``
+        (unix seconds), or renew the holder's claim. True: taken; False: another turn
+        holds it; None: the conversation is absent."""
+        ...
+
+    async def release_conversation(self, conversation_id: str, holder: str) -> None:
+        """End the claim of ``holder``, if it still holds the conversation."""
+        ...
+
+    async def release_all_conversations(self) -> int:
+        """End every claim (after a restart nothing runs); returns how many."""
+        ...
+
     async def list_conversation_items(
         self, conversation_id: str, owner: str, *, after: str | None, limit: int, order: Order
     ) -> Page | None: ...

@@ -334,6 +334,19 @@ class SQLiteStore:
         add = writes.AddItems(self._ref(conversation_id, owner), items, expires_at)
         return await self._writer.submit(writes.add_conversation_items, add)
 
+    async def claim_conversation(
+        self, conversation_id: str, owner: str, holder: str, until: int
+    ) -> bool | None:
+        claim = writes.Claim(self._ref(conversation_id, owner), holder, until)
+        return await self._writer.submit(writes.claim_conversation, claim)
+
+    async def release_conversation(self, conversation_id: str, holder: str) -> None:
+        claim = writes.Claim(self._ref(conversation_id, ""), holder, 0)
+        await self._writer.submit(writes.release_conversation, claim)
+
+    async def release_all_conversations(self) -> int:
+        return await self._writer.submit(writes.release_all_conversations, None)
+
     async def list_conversation_items(
         self, conversation_id: str, owner: str, *, after: str | None, limit: int, order: Order
     ) -> Page | None:

@@ -95,6 +95,13 @@ class ItemDelete:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    conversation: Ref
+    holder: str
+    until: int
+
+
+@dataclass(frozen=True, slots=True)
 class FailUnfinished:
     now: int
     message: str
@@ -418,6 +425,45 @@ def delete_conversation_item(conn: sqlite3.Connection, delete: ItemDelete) -> bo
         (delete.item_id, ref.id, ref.owner, ref.now),
     )
     return bool(cursor.rowcount)
+
+
+@each
+def claim_conversation(conn: sqlite3.Connection, claim: Claim) -> bool | None:
+    ref = claim.conversation
+    try:
+        cursor = conn.execute(
+            "UPDATE conversations SET busy_by = ?, busy_until = ?"
+            " WHERE id = ? AND owner = ? AND expires_at > ?"
+            " AND (busy_by IS NULL OR busy_by = ? OR busy_until <= ?)",
+            (claim.holder, claim.until, ref.id, ref.owner, ref.now, claim.holder, ref.now),
+        )
+    except UnicodeEncodeError:
+        # An id with a lone surrogate (a client's "\ud83d" escape) has no UTF-8 form:
+        # no stored conversation has it.
+        return None
+    if cursor.rowcount:
+        return True
+    found = conn.execute(
+        "SELECT 1 FROM conversations WHERE id = ? AND owner = ? AND expires_at > ?",
+        (ref.id, ref.owner, ref.now),
+    ).fetchone()
+    return False if found else None
+
+
+@each
+def release_conversation(conn: sqlite3.Connection, claim: Claim) -> None:
+    # Only the holder's: a claim that lapsed and was taken by another turn stays.
+    conn.execute(
+        "UPDATE conversations SET busy_by = NULL, busy_until = 0 WHERE id = ? AND busy_by = ?",
+        (claim.conversation.id, claim.holder),
+    )
+
+
+@each
+def release_all_conversations(conn: sqlite3.Connection, _: None) -> int:
+    return conn.execute(
+        "UPDATE conversations SET busy_by = NULL, busy_until = 0 WHERE busy_by IS NOT NULL"
+    ).rowcount
 
 
 def _append_row(
