@@ -30,6 +30,7 @@ from proxy.catalog import ModelCatalog, ModelInfo
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
+    ConversationLocked,
     LMBridgeError,
     NotFound,
     PreviousResponseNotFound,
@@ -70,6 +71,10 @@ UNSTORED = "lmbridge could not store the final state of this response."
 # How often the failed state of such responses is tried again, besides after any
 # write that succeeds.
 REPAIR_INTERVAL = 5.0
+# A turn holds its conversation for this long (clock seconds) unless it renews its
+# claim, as it does every third of it while it runs: a daemon that dies mid-turn
+# leaves the conversation busy no longer than this.
+CONVERSATION_LEASE = 60
 
 
 def owner_of(api_key: bytes | None) -> str:
@@ -102,6 +107,16 @@ class Prepared:
 
 
 @dataclass
+class ConversationTurn:
+    """A turn's claim on its conversation (storage/records.py ``claim_conversation``)."""
+
+    conversation_id: str
+    owner: str
+    holder: str  # the response id
+    renewing: asyncio.Task[None] | None = None
+
+
+@dataclass
 class ResponseRun:
     """One response being produced."""
 
@@ -123,6 +138,7 @@ class ResponseRun:
     # The Response as last stored (JSON text), so that the reply need not serialise
     # it a second time; while ``unstored``, as storage will hold it.
     stored_json: str | None = None
+    turn: ConversationTurn | None = None
     _changed: asyncio.Condition | None = None
     _settled: asyncio.Event | None = None
 
@@ -197,6 +213,8 @@ class ResponsesService:
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
         self.repair_interval = REPAIR_INTERVAL
+        self.conversation_lease = CONVERSATION_LEASE
+        self.lease_renewal = CONVERSATION_LEASE / 3  # seconds of real time
         self._repairing: asyncio.Task[None] | None = None
         self._storage_works = asyncio.Event()
 
@@ -204,6 +222,23 @@ class ResponsesService:
 
     async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
         request = parse_create(body, self.ids)
+        response_id = self.ids("resp")
+        # Before its items are read: the turn sees every turn before it.
+        turn = await self._claim(request, owner, response_id)
+        try:
+            run = await self._create(request, owner, response_id)
+        except BaseException:
+            if turn is not None:
+                await asyncio.shield(self._release(turn))
+            raise
+        run.turn = turn
+        if request.background:
+            self.running[run.id] = run
+            run.task = self.tasks.spawn(self._run_background(run), f"response {run.id}")
+            run.task.add_done_callback(lambda _: run.settled.set())  # whatever happened
+        return run
+
+    async def _create(self, request: CreateRequest, owner: str, response_id: str) -> ResponseRun:
         prepared = await self.prepare(request, owner)
         if not (prepared.system or prepared.new_messages or prepared.approved) and all(
             turn == "[]" for turn in prepared.history
@@ -215,7 +250,6 @@ class ResponsesService:
                 param="input",
             )
         created_at = int(self.clock())
-        response_id = self.ids("resp")
         response = response_object(
             request, response_id=response_id, model=prepared.model.id, created_at=created_at
         )
@@ -229,10 +263,54 @@ class ResponsesService:
         if request.background:
             await run.record(builder.start(queued=True))
             await self._save(run)  # acknowledged as queued only once it is durable
-            self.running[run.id] = run
-            run.task = self.tasks.spawn(self._run_background(run), f"response {run.id}")
-            run.task.add_done_callback(lambda _: run.settled.set())  # whatever happened
         return run
+
+    # --- conversations: one turn at a time -------------------------------
+
+    async def _claim(
+        self, request: CreateRequest, owner: str, response_id: str
+    ) -> ConversationTurn | None:
+        """Take the request's conversation for this turn, or ConversationLocked. A turn
+        with ``store: false`` appends nothing, so it takes nothing."""
+        if request.conversation_id is None or not request.store:
+            return None
+        turn = ConversationTurn(request.conversation_id, owner, response_id)
+        claimed = await self.store.claim_conversation(
+            turn.conversation_id, owner, response_id, self._lease_end()
+        )
+        if claimed is False:
+            raise ConversationLocked(
+                f"Another response is in progress in conversation '{turn.conversation_id}'; "
+                "a conversation takes one turn at a time. Retry once it has finished.",
+                param="conversation",
+            )
+        if claimed is None:
+            return None  # absent: prepare() answers 404
+        turn.renewing = self.tasks.spawn(self._renew(turn), f"claim on {turn.conversation_id}")
+        return turn
+
+    def _lease_end(self) -> int:
+        return int(self.clock()) + int(self.conversation_lease)
+
+    async def _renew(self, turn: ConversationTurn) -> None:
+        while True:
+            await asyncio.sleep(self.lease_renewal)
+            try:
+                await self.store.claim_conversation(
+                    turn.conversation_id, turn.owner, turn.holder, self._lease_end()
+                )
+            except StorageError as exc:
+                log.warning("could not renew the claim on a conversation: %s", exc)
+
+    async def _release(self, turn: ConversationTurn) -> None:
+        """After the turn's final state is stored (the next turn must see its items)."""
+        if turn.renewing is not None:
+            turn.renewing.cancel()
+        try:
+            await self.store.release_conversation(turn.conversation_id, turn.holder)
+        except StorageError as exc:
+            log.warning("could not release a conversation (free again in %gs at most): %s",
+                        self.conversation_lease, exc)  # fmt: skip
 
     async def prepare(self, request: CreateRequest, owner: str) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")
@@ -370,6 +448,13 @@ class ResponsesService:
         Foreground requests run this in their handler; when the client goes away
         the task is cancelled and the partial response is stored as cancelled.
         """
+        try:
+            return await self._execute(run, sink)
+        finally:
+            if run.turn is not None:
+                await asyncio.shield(self._release(run.turn))
+
+    async def _execute(self, run: ResponseRun, sink: Sink) -> dict[str, Any]:
         builder = run.builder
         request = run.request
         streamed = request.stream or request.background
@@ -839,12 +924,14 @@ class ResponsesService:
     # --- lifecycle --------------------------------------------------------
 
     async def recover(self) -> None:
-        """After a restart nothing is running: what was left unfinished has failed."""
+        """After a restart nothing is running: what was left unfinished has failed, and
+        no turn holds a conversation."""
         count = await self.store.fail_unfinished(
             int(self.clock()), "The daemon restarted before this response finished."
         )
         if count:
             log.warning("marked %d unfinished background response(s) failed", count)
+        await self.store.release_all_conversations()
 
     async def purge_forever(self) -> None:
         interval = self.config.responses.purge_interval
