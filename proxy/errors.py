@@ -13,6 +13,7 @@ Code anywhere below the handlers raises one of these; the error middleware
     ├── NotFound                       404 not_found
     │   ├── ModelNotFound              404 model_not_found
     │   └── PreviousResponseNotFound   404 previous_response_not_found
+    ├── ConversationLocked             409 conversation_locked (Retry-After)
     ├── PayloadTooLarge                413 request_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     └── UpstreamError                  502 upstream_error
@@ -109,6 +110,16 @@ class ModelNotFound(NotFound):
 
 class PreviousResponseNotFound(NotFound):
     code = "previous_response_not_found"
+
+
+class ConversationLocked(LMBridgeError):
+    """Another turn runs in the conversation: it takes one at a time. A 409, which the
+    openai SDKs retry by themselves after Retry-After."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conversation_locked"
+    retry_after = 1.0
 
 
 class PayloadTooLarge(LMBridgeError):

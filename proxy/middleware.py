@@ -40,7 +40,7 @@ from proxy.keys import (
     WARNING,
 )
 from proxy.sse import encode_event
-from storage.errors import StorageError
+from storage.errors import DatabaseReplaced, StorageError
 
 log = logging.getLogger("lmbridge.request")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -153,6 +153,17 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
         # A write to a client that went away: nothing failed, nobody is left to tell.
         return 499, error_body("The client closed the connection.", "client_gone")
     fields = {"fields": {"request_id": request_id}}
+    if isinstance(exc, DatabaseReplaced):
+        # Retrying cannot help until an operator restarts the daemon: say so.
+        log.error("storage failed: %s", exc, extra=fields)
+        return 503, error_body(
+            f"The database file of lmbridge was removed or replaced while it ran, so "
+            f"nothing of this request was kept (request id {request_id}); lmbridge must "
+            "be restarted.",
+            "server_error",
+            None,
+            "storage_unavailable",
+        )
     if isinstance(exc, StorageError):
         # Disk full, locked by another process, the writer process gone: the daemon
         # cannot keep what it would acknowledge, so the client is told to retry.

@@ -87,7 +87,17 @@ MCP_LISTED = """
 ALTER TABLE responses ADD COLUMN mcp_listed TEXT NOT NULL DEFAULT '[]';
 """
 
+# A conversation takes one turn at a time: the turn running in it (its response id)
+# and until when its claim holds unless renewed (unix seconds). A lease rather than a
+# lock held in memory: it holds for every daemon sharing the database, and one that
+# stops without releasing it holds it no longer than that.
+CONVERSATION_LEASE = """
+ALTER TABLE conversations ADD COLUMN busy_by TEXT;
+ALTER TABLE conversations ADD COLUMN busy_until INTEGER NOT NULL DEFAULT 0;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "responses and conversations", RESPONSES),
     Migration(2, "MCP servers listed along a chain", MCP_LISTED),
+    Migration(3, "the turn running in a conversation", CONVERSATION_LEASE),
 )

@@ -127,9 +127,12 @@ class ResponseStore(Protocol):
         """Stored streaming events with sequence_number > starting_after; None when absent."""
         ...
 
-    async def fail_unfinished(self, now: int, message: str) -> int:
-        """Mark responses left queued or in_progress (by a daemon that stopped) failed,
-        with an error carrying ``message``; returns how many."""
+    async def fail_unfinished(
+        self, now: int, message: str, *, response_ids: tuple[str, ...] | None = None
+    ) -> int:
+        """Mark responses left queued or in_progress (by a daemon that stopped, or, with
+        ``response_ids``, just those) failed, with an error carrying ``message``, and
+        end their stored events with ``response.failed``; returns how many."""
         ...
 
     async def purge_expired(self, now: int, *, retention: int | None = None) -> int:
@@ -156,6 +159,22 @@ class ResponseStore(Protocol):
         self, conversation_id: str, owner: str, items: tuple[StoredItem, ...], expires_at: int
     ) -> bool:
         """Append items (and push the conversation's expiry); False when it is absent."""
+        ...
+
+    async def claim_conversation(
+        self, conversation_id: str, owner: str, holder: str, until: int
+    ) -> bool | None:
+        """Take the conversation for the turn ``holder`` (a response id) until ``until``
+        (unix seconds), or renew the holder's claim. True: taken; False: another turn
+        holds it; None: the conversation is absent."""
+        ...
+
+    async def release_conversation(self, conversation_id: str, holder: str) -> None:
+        """End the claim of ``holder``, if it still holds the conversation."""
+        ...
+
+    async def release_all_conversations(self) -> int:
+        """End every claim (after a restart nothing runs); returns how many."""
         ...
 
     async def list_conversation_items(

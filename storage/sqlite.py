@@ -24,7 +24,7 @@ import aiosqlite
 
 from storage import writes
 from storage.chain_cache import ChainCache
-from storage.errors import StorageError
+from storage.errors import DatabaseReplaced, StorageError
 from storage.migrations import MIGRATIONS, Migration
 from storage.records import (
     Chain,
@@ -35,9 +35,10 @@ from storage.records import (
     StoredItem,
 )
 from storage.writer import Writer, WriteStats
+from storage.writer_process import file_identity
 from storage.writes import Ref
 
-__all__ = ["SQLiteStore", "StorageError"]
+__all__ = ["DatabaseReplaced", "SQLiteStore", "StorageError"]
 
 Clock = Callable[[], float]
 
@@ -124,9 +125,15 @@ class SQLiteStore:
     """A ``ResponseStore`` (storage/records.py) on one SQLite file."""
 
     def __init__(
-        self, path: Path, writer: Writer, reader: aiosqlite.Connection, clock: Clock
+        self,
+        path: Path,
+        writer: Writer,
+        reader: aiosqlite.Connection,
+        clock: Clock,
+        identity: tuple[int, int] | None = None,
     ) -> None:
         self.path = path
+        self._identity = identity
         self._writer = writer
         self._reader = reader
         self._clock = clock
@@ -153,8 +160,11 @@ class SQLiteStore:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as exc:
             raise StorageError(f"cannot open the database {path}: {exc}") from exc
+        # The file this daemon works on: the writer stops writing once the path holds
+        # another file or none (storage/writer_process.py).
+        identity = file_identity(path)
         # The writer process creates the schema; the reader opens after it.
-        writer = Writer(path, busy_ms=busy_ms, migrations=migrations)
+        writer = Writer(path, busy_ms=busy_ms, migrations=migrations, identity=identity)
         await writer.start()
         reader: aiosqlite.Connection | None = None
         try:
@@ -167,7 +177,7 @@ class SQLiteStore:
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"cannot open the database {path}: {exc}") from exc
             raise
-        return cls(path, writer, reader, clock)
+        return cls(path, writer, reader, clock, identity)
 
     async def close(self) -> None:
         try:
@@ -181,7 +191,10 @@ class SQLiteStore:
 
     async def ping(self) -> None:
         """Raise StorageError unless the database answers a query and its writer
-        process runs (a dead one is started again here)."""
+        process runs (a dead one is started again here); DatabaseReplaced when the file
+        at the path is no longer the one opened."""
+        if self._identity is not None and file_identity(self.path) != self._identity:
+            raise DatabaseReplaced(self.path)
         await self._writer.ensure_running()
         await self._read("SELECT 1 FROM schema_migrations LIMIT 1", ())
 
@@ -276,9 +289,11 @@ class SQLiteStore:
             return None
         return [row[0] for row in rows if row[0] is not None]
 
-    async def fail_unfinished(self, now: int, message: str) -> int:
+    async def fail_unfinished(
+        self, now: int, message: str, *, response_ids: tuple[str, ...] | None = None
+    ) -> int:
         return await self._writer.submit(
-            writes.fail_unfinished, writes.FailUnfinished(now, message)
+            writes.fail_unfinished, writes.FailUnfinished(now, message, response_ids)
         )
 
     async def purge_expired(self, now: int, *, retention: int | None = None) -> int:
@@ -318,6 +333,19 @@ class SQLiteStore:
     ) -> bool:
         add = writes.AddItems(self._ref(conversation_id, owner), items, expires_at)
         return await self._writer.submit(writes.add_conversation_items, add)
+
+    async def claim_conversation(
+        self, conversation_id: str, owner: str, holder: str, until: int
+    ) -> bool | None:
+        claim = writes.Claim(self._ref(conversation_id, owner), holder, until)
+        return await self._writer.submit(writes.claim_conversation, claim)
+
+    async def release_conversation(self, conversation_id: str, holder: str) -> None:
+        claim = writes.Claim(self._ref(conversation_id, ""), holder, 0)
+        await self._writer.submit(writes.release_conversation, claim)
+
+    async def release_all_conversations(self) -> int:
+        return await self._writer.submit(writes.release_all_conversations, None)
 
     async def list_conversation_items(
         self, conversation_id: str, owner: str, *, after: str | None, limit: int, order: Order

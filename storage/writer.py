@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from storage.errors import StorageError
+from storage.errors import DatabaseReplaced, StorageError
 from storage.writer_process import Apply, Start, frame, reference, resolve, split_frames
 
 log = logging.getLogger("lmbridge.storage")
@@ -113,10 +113,12 @@ class Writer:
         *,
         busy_ms: int,
         migrations: tuple[Any, ...] = (),
+        identity: tuple[int, int] | None = None,
     ) -> None:
         self._path = path
         self._busy_ms = busy_ms
         self._migrations = migrations
+        self._identity = identity
         self._child: _Child | None = None
         self._starting: asyncio.Lock | None = None
         self._outbox: list[tuple[str, bool, Any]] = []
@@ -151,10 +153,13 @@ class Writer:
         except OSError as exc:
             raise StorageError(f"cannot start the writer process for {self._path}: {exc}") from exc
         assert child.stdin is not None
-        child.stdin.write(frame(Start(str(self._path), self._busy_ms, self._migrations)))
+        start = Start(str(self._path), self._busy_ms, self._migrations, self._identity)
+        child.stdin.write(frame(start))
         kind, detail = await child.hello
         if kind != "ready":
             await self._stop(child)
+            if kind == "replaced":
+                raise DatabaseReplaced(self._path)
             raise StorageError(str(detail))
         if child.gone.done():
             raise StorageError(f"the writer process for {self._path} exited right after start")
@@ -287,6 +292,8 @@ class Writer:
                 future.set_result(result)
             elif result[0] == "storage":
                 future.set_exception(StorageError(result[1]))
+            elif result[0] == "replaced":
+                future.set_exception(DatabaseReplaced(self._path))
             else:
                 future.set_exception(result[1])
 

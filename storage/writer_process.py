@@ -8,12 +8,20 @@ GIL: under load that work took a fifth of the loop's time as a thread.
 Protocol: frames of an 8-byte big-endian length and a pickle, in both directions.
   parent -> child  first ``Start``; then lists of jobs ``(apply, in_transaction, arg)``,
                    ``apply`` named ``"module:qualname"``
-  child -> parent  first ``("ready", None)`` or ``("failed", message)``; then, for
-                   every batch, ``(writes, batches, results)``: the commits made and
-                   one ``(ok, value)`` per job, in the order the jobs came
-An error result is ``("storage", message)`` for the database's own errors, or
+  child -> parent  first ``("ready", None)``, ``("failed", message)`` or
+                   ``("replaced", None)``; then, for every batch,
+                   ``(writes, batches, results)``: the commits made and one
+                   ``(ok, value)`` per job, in the order the jobs came
+An error result is ``("storage", message)`` for the database's own errors,
+``("replaced", None)`` when the file at the path is no longer the one opened, or
 ``("raise", exception)`` for anything else (a bug, which reaches its caller as
 itself). End of stdin means: finish what came, then exit.
+
+The file's identity (device and inode, taken by the daemon when it opened the
+database) is checked with one ``stat`` after each batch commits and before any of
+it is acknowledged: once the file was deleted (its directory removed, say) or
+replaced, commits land in a file that no later start will open, so they are
+reported as failed, and so is every batch after them.
 
 A batch is everything that has arrived (at most ``MAX_BATCH`` jobs), run in one
 transaction (``BEGIN IMMEDIATE ... COMMIT``, ``synchronous=FULL``): the fsync is paid
@@ -74,6 +82,17 @@ class Start:
     path: str
     busy_ms: int
     migrations: tuple[Any, ...]  # storage.migrations.Migration
+    # (st_dev, st_ino) of the file the daemon opened; None: not checked.
+    identity: tuple[int, int] | None = None
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def frame(value: object) -> bytes:
@@ -329,13 +348,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def serve(conn: sqlite3.Connection, path: str, source: _Input, out_fd: int) -> None:
+def serve(
+    conn: sqlite3.Connection,
+    path: str,
+    source: _Input,
+    out_fd: int,
+    identity: tuple[int, int] | None = None,
+) -> None:
     committer = Committer(conn, path)
     reported = (0, 0)
+    replaced = False
     while jobs := source.take(MAX_BATCH):
-        committer.run(jobs)
+        if not replaced:
+            committer.run(jobs)
+            # After the commit, not before: a file removed while the batch ran must not
+            # see it acknowledged. One stat per batch, in this process, not per write.
+            replaced = identity is not None and file_identity(path) != identity
         done = (committer.writes, committer.batches)
-        results = [job.result for job in jobs]
+        if replaced:
+            results: list[Any] = [(False, ("replaced", None))] * len(jobs)
+        else:
+            results = [job.result for job in jobs]
         _write_all(out_fd, frame((done[0] - reported[0], done[1] - reported[1], results)))
         reported = done
 
@@ -358,6 +391,11 @@ def main() -> None:
     [start] = source.read_frames() or [None]
     if not isinstance(start, Start):
         return
+    # A new process after one died: the file may be gone, and connect() would create
+    # an empty one in its place.
+    if start.identity is not None and file_identity(start.path) != start.identity:
+        _write_all(out_fd, frame(("replaced", None)))
+        return
     try:
         conn = open_writer(start)
     except Exception as exc:
@@ -365,7 +403,7 @@ def main() -> None:
         return
     _write_all(out_fd, frame(("ready", None)))
     try:
-        serve(conn, start.path, source, out_fd)
+        serve(conn, start.path, source, out_fd, start.identity)
     except BrokenPipeError:
         pass  # the daemon is gone; what it sent has been committed
     finally:

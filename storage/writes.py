@@ -95,9 +95,18 @@ class ItemDelete:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    conversation: Ref
+    holder: str
+    until: int
+
+
+@dataclass(frozen=True, slots=True)
 class FailUnfinished:
     now: int
     message: str
+    # Only these responses; None: every unfinished one.
+    response_ids: tuple[str, ...] | None = None
 
 
 # --- responses ---
@@ -251,7 +260,8 @@ def delete_response(conn: sqlite3.Connection, ref: Ref) -> bool:
 def fail_unfinished(conn: sqlite3.Connection, fail: FailUnfinished) -> int:
     # json_valid: a body that is not JSON still gets its status column fixed rather
     # than failing the whole statement.
-    cursor = conn.execute(
+    failed = _fetchall(
+        conn,
         """
         UPDATE responses SET
             status = 'failed',
@@ -260,10 +270,31 @@ def fail_unfinished(conn: sqlite3.Connection, fail: FailUnfinished) -> int:
                 '$.error', json_object('code', 'server_error', 'message', :message))
                 ELSE body END
         WHERE status IN ('queued', 'in_progress') AND expires_at > :now
+            AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
+        RETURNING id
         """,
-        {"message": fail.message, "now": fail.now},
+        {
+            "message": fail.message,
+            "now": fail.now,
+            "ids": None if fail.response_ids is None else json.dumps(fail.response_ids),
+        },
     )
-    return cursor.rowcount
+    # Their stored events (a background response's, for replays) stopped before the
+    # end: a replay must still end with the terminal event, as a live stream would.
+    conn.executemany(
+        """
+        INSERT INTO response_events (response_id, seq, body)
+        SELECT r.id, e.seq + 1, json_object('type', 'response.failed',
+            'sequence_number', e.seq + 1,
+            'response', CASE WHEN json_valid(r.body) THEN json(r.body) ELSE NULL END)
+        FROM responses AS r
+        JOIN (SELECT MAX(seq) AS seq FROM response_events WHERE response_id = :id) AS e
+            ON e.seq IS NOT NULL
+        WHERE r.id = :id
+        """,
+        [{"id": row[0]} for row in failed],
+    )
+    return len(failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +425,45 @@ def delete_conversation_item(conn: sqlite3.Connection, delete: ItemDelete) -> bo
         (delete.item_id, ref.id, ref.owner, ref.now),
     )
     return bool(cursor.rowcount)
+
+
+@each
+def claim_conversation(conn: sqlite3.Connection, claim: Claim) -> bool | None:
+    ref = claim.conversation
+    try:
+        cursor = conn.execute(
+            "UPDATE conversations SET busy_by = ?, busy_until = ?"
+            " WHERE id = ? AND owner = ? AND expires_at > ?"
+            " AND (busy_by IS NULL OR busy_by = ? OR busy_until <= ?)",
+            (claim.holder, claim.until, ref.id, ref.owner, ref.now, claim.holder, ref.now),
+        )
+    except UnicodeEncodeError:
+        # An id with a lone surrogate (a client's "\ud83d" escape) has no UTF-8 form:
+        # no stored conversation has it.
+        return None
+    if cursor.rowcount:
+        return True
+    found = conn.execute(
+        "SELECT 1 FROM conversations WHERE id = ? AND owner = ? AND expires_at > ?",
+        (ref.id, ref.owner, ref.now),
+    ).fetchone()
+    return False if found else None
+
+
+@each
+def release_conversation(conn: sqlite3.Connection, claim: Claim) -> None:
+    # Only the holder's: a claim that lapsed and was taken by another turn stays.
+    conn.execute(
+        "UPDATE conversations SET busy_by = NULL, busy_until = 0 WHERE id = ? AND busy_by = ?",
+        (claim.conversation.id, claim.holder),
+    )
+
+
+@each
+def release_all_conversations(conn: sqlite3.Connection, _: None) -> int:
+    return conn.execute(
+        "UPDATE conversations SET busy_by = NULL, busy_until = 0 WHERE busy_by IS NOT NULL"
+    ).rowcount
 
 
 def _append_row(

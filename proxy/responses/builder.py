@@ -565,6 +565,11 @@ class ResponseBuilder:
         events.append(self._event("response.incomplete", response=self.snapshot()))
         return events
 
+    def end_as(self, response: dict[str, Any]) -> list[Event]:
+        """The terminal event for ``response``, a final state other than the one built
+        (what storage holds when it could not take the built one)."""
+        return [self._event(TERMINAL_EVENTS[response["status"]], response=response)]
+
     def _settle(
         self,
         status: str,
@@ -579,6 +584,16 @@ class ResponseBuilder:
         response["incomplete_details"] = incomplete_details
         response["usage"] = self.usage
         response["completed_at"] = int(self._clock()) if status == "completed" else None
+
+
+# The event that ends a stream, by the Response's final status (OpenAI has no
+# response.cancelled: a cancelled stream ends with response.incomplete).
+TERMINAL_EVENTS = {
+    "completed": "response.completed",
+    "failed": "response.failed",
+    "incomplete": "response.incomplete",
+    "cancelled": "response.incomplete",
+}
 
 
 def replay_events(response: dict[str, Any]) -> list[Event]:
@@ -645,9 +660,6 @@ def replay_events(response: dict[str, Any]) -> list[Event]:
                 )
             )
         events.append(event("response.output_item.done", output_index=index, item=item))
-    final = {
-        "completed": "response.completed",
-        "failed": "response.failed",
-    }.get(response.get("status", ""), "response.incomplete")
+    final = TERMINAL_EVENTS.get(response.get("status", ""), "response.incomplete")
     events.append(event(final, response=response))
     return events

@@ -8,7 +8,10 @@ WebSocket mode can reuse it as it is.
 
 Durability: a response is written (and committed) before the client sees its
 final state: before the JSON reply, before ``response.completed``, and before
-a background response is acknowledged as queued.
+a background response is acknowledged as queued. A background response's final
+state must reach storage, where it is polled and replayed from: when storage
+cannot take it, the response ends failed, and is stored so as soon as storage
+works again (``_store_final``, ``_repair``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from proxy.catalog import ModelCatalog, ModelInfo
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
+    ConversationLocked,
     LMBridgeError,
     NotFound,
     PreviousResponseNotFound,
@@ -40,6 +44,7 @@ from proxy.mcp.results import error_output
 from proxy.mcp.servers import MCPServers
 from proxy.responses import render
 from proxy.responses.builder import (
+    TERMINAL_EVENTS,
     Event,
     McpTarget,
     PendingMcpCall,
@@ -53,6 +58,7 @@ from proxy.responses.render import ChatTools, ToolNames
 from proxy.responses.request import CreateRequest, normalize_item, parse_create
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
+from storage.errors import StorageError
 from storage.records import ResponseRecord, ResponseStore, StoredItem
 
 log = logging.getLogger("lmbridge.responses")
@@ -60,6 +66,15 @@ log = logging.getLogger("lmbridge.responses")
 CHAT_PATH = chat_upstream.CHAT_PATH
 ROUTE = "/v1/responses"
 Sink = Callable[[list[Event]], Awaitable[None]]
+
+UNSTORED = "lmbridge could not store the final state of this response."
+# How often the failed state of such responses is tried again, besides after any
+# write that succeeds.
+REPAIR_INTERVAL = 5.0
+# A turn holds its conversation for this long (clock seconds) unless it renews its
+# claim, as it does every third of it while it runs: a daemon that dies mid-turn
+# leaves the conversation busy no longer than this.
+CONVERSATION_LEASE = 60
 
 
 def owner_of(api_key: bytes | None) -> str:
@@ -92,6 +107,16 @@ class Prepared:
 
 
 @dataclass
+class ConversationTurn:
+    """A turn's claim on its conversation (storage/records.py ``claim_conversation``)."""
+
+    conversation_id: str
+    owner: str
+    holder: str  # the response id
+    renewing: asyncio.Task[None] | None = None
+
+
+@dataclass
 class ResponseRun:
     """One response being produced."""
 
@@ -103,10 +128,19 @@ class ResponseRun:
     finished: bool = False
     task: asyncio.Task[Any] | None = None
     cancel_requested: bool = False
+    # A background run has begun (a cancel before then is seen when it begins: a task
+    # cancelled before its first step never runs its clean-up).
+    started: bool = False
+    # Its final state is decided: a cancel can no longer change it.
+    settling: bool = False
+    # Storage could not take its final state: it is failed, and stored so later.
+    unstored: bool = False
     # The Response as last stored (JSON text), so that the reply need not serialise
-    # it a second time.
+    # it a second time; while ``unstored``, as storage will hold it.
     stored_json: str | None = None
+    turn: ConversationTurn | None = None
     _changed: asyncio.Condition | None = None
+    _settled: asyncio.Event | None = None
 
     @property
     def changed(self) -> asyncio.Condition:
@@ -114,6 +148,13 @@ class ResponseRun:
         if self._changed is None:
             self._changed = asyncio.Condition()
         return self._changed
+
+    @property
+    def settled(self) -> asyncio.Event:
+        """Set once a background run's final state is stored (or, ``unstored``, known)."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        return self._settled
 
     @property
     def request(self) -> CreateRequest:
@@ -168,13 +209,36 @@ class ResponsesService:
         self.tasks = tasks
         self.clock = clock
         self.ids = ids
+        # Background runs not yet stored in their final state: running, or unstored.
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
+        self.repair_interval = REPAIR_INTERVAL
+        self.conversation_lease = CONVERSATION_LEASE
+        self.lease_renewal = CONVERSATION_LEASE / 3  # seconds of real time
+        self._repairing: asyncio.Task[None] | None = None
+        self._storage_works = asyncio.Event()
 
     # --- create -----------------------------------------------------------
 
     async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
         request = parse_create(body, self.ids)
+        response_id = self.ids("resp")
+        # Before its items are read: the turn sees every turn before it.
+        turn = await self._claim(request, owner, response_id)
+        try:
+            run = await self._create(request, owner, response_id)
+        except BaseException:
+            if turn is not None:
+                await asyncio.shield(self._release(turn))
+            raise
+        run.turn = turn
+        if request.background:
+            self.running[run.id] = run
+            run.task = self.tasks.spawn(self._run_background(run), f"response {run.id}")
+            run.task.add_done_callback(lambda _: run.settled.set())  # whatever happened
+        return run
+
+    async def _create(self, request: CreateRequest, owner: str, response_id: str) -> ResponseRun:
         prepared = await self.prepare(request, owner)
         if not (prepared.system or prepared.new_messages or prepared.approved) and all(
             turn == "[]" for turn in prepared.history
@@ -186,7 +250,6 @@ class ResponsesService:
                 param="input",
             )
         created_at = int(self.clock())
-        response_id = self.ids("resp")
         response = response_object(
             request, response_id=response_id, model=prepared.model.id, created_at=created_at
         )
@@ -200,9 +263,54 @@ class ResponsesService:
         if request.background:
             await run.record(builder.start(queued=True))
             await self._save(run)  # acknowledged as queued only once it is durable
-            self.running[run.id] = run
-            run.task = self.tasks.spawn(self._run_background(run), f"response {run.id}")
         return run
+
+    # --- conversations: one turn at a time -------------------------------
+
+    async def _claim(
+        self, request: CreateRequest, owner: str, response_id: str
+    ) -> ConversationTurn | None:
+        """Take the request's conversation for this turn, or ConversationLocked. A turn
+        with ``store: false`` appends nothing, so it takes nothing."""
+        if request.conversation_id is None or not request.store:
+            return None
+        turn = ConversationTurn(request.conversation_id, owner, response_id)
+        claimed = await self.store.claim_conversation(
+            turn.conversation_id, owner, response_id, self._lease_end()
+        )
+        if claimed is False:
+            raise ConversationLocked(
+                f"Another response is in progress in conversation '{turn.conversation_id}'; "
+                "a conversation takes one turn at a time. Retry once it has finished.",
+                param="conversation",
+            )
+        if claimed is None:
+            return None  # absent: prepare() answers 404
+        turn.renewing = self.tasks.spawn(self._renew(turn), f"claim on {turn.conversation_id}")
+        return turn
+
+    def _lease_end(self) -> int:
+        return int(self.clock()) + int(self.conversation_lease)
+
+    async def _renew(self, turn: ConversationTurn) -> None:
+        while True:
+            await asyncio.sleep(self.lease_renewal)
+            try:
+                await self.store.claim_conversation(
+                    turn.conversation_id, turn.owner, turn.holder, self._lease_end()
+                )
+            except StorageError as exc:
+                log.warning("could not renew the claim on a conversation: %s", exc)
+
+    async def _release(self, turn: ConversationTurn) -> None:
+        """After the turn's final state is stored (the next turn must see its items)."""
+        if turn.renewing is not None:
+            turn.renewing.cancel()
+        try:
+            await self.store.release_conversation(turn.conversation_id, turn.holder)
+        except StorageError as exc:
+            log.warning("could not release a conversation (free again in %gs at most): %s",
+                        self.conversation_lease, exc)  # fmt: skip
 
     async def prepare(self, request: CreateRequest, owner: str) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")
@@ -340,13 +448,23 @@ class ResponsesService:
         Foreground requests run this in their handler; when the client goes away
         the task is cancelled and the partial response is stored as cancelled.
         """
+        try:
+            return await self._execute(run, sink)
+        finally:
+            if run.turn is not None:
+                await asyncio.shield(self._release(run.turn))
+
+    async def _execute(self, run: ResponseRun, sink: Sink) -> dict[str, Any]:
         builder = run.builder
         request = run.request
         streamed = request.stream or request.background
+        run.started = True
         try:
             if not request.background:
                 await sink(builder.start())
             else:
+                if run.cancel_requested:  # cancelled while queued
+                    raise asyncio.CancelledError
                 await sink(builder.in_progress())
                 await self._save(run)
             await self._rounds(run, sink, streamed)
@@ -356,13 +474,13 @@ class ResponsesService:
                 final = builder.fail("server_error", "The daemon stopped while this response ran.")
             else:
                 final = builder.cancel()  # cancelled by the client, or the client went away
-            await asyncio.shield(self._save(run, final))
+            final = await asyncio.shield(self._store_final(run, final))
             await _deliver(sink, final)
             raise
         except UpstreamError as exc:
             code = _failure_code(exc)
             final = builder.fail(_response_error_code(exc, code), exc.message, kind=code)
-            await self._save(run, final)
+            final = await self._store_final(run, final)
             await sink(final)
             if not streamed:
                 raise _client_error(exc, code, run.id) from exc
@@ -370,7 +488,7 @@ class ResponsesService:
         finally:
             if run.prepared.mcp is not None:
                 await asyncio.shield(run.prepared.mcp.close())
-        await self._save(run, final)
+        final = await self._store_final(run, final)
         await sink(final)
         return builder.response
 
@@ -461,11 +579,17 @@ class ResponsesService:
     async def _run_background(self, run: ResponseRun) -> None:
         try:
             await self.execute(run, run.record)
+        except Exception:
+            if not run.settling:  # storage failed as it began, or a bug: it still ends
+                failed = run.builder.fail("server_error", "lmbridge failed while this ran.")
+                await run.record(await self._store_final(run, failed))
+            raise
         finally:
             async with run.changed:
                 run.finished = True
                 run.changed.notify_all()
-            self.running.pop(run.id, None)
+            if not run.unstored:
+                self.running.pop(run.id, None)
 
     def _chat_body(
         self,
@@ -542,6 +666,73 @@ class ResponsesService:
 
     # --- storing ----------------------------------------------------------
 
+    async def _store_final(self, run: ResponseRun, final: list[Event]) -> list[Event]:
+        """Store the final state; the events to send once it is stored.
+
+        A foreground response that cannot be stored fails its request (nothing of it
+        was acknowledged). A background one was acknowledged as queued and is polled
+        and replayed from storage, so its end must get there: a writer process that
+        died is replaced by the next write (tried once more, unless it had committed);
+        when storage cannot take it, the response ends failed, as storage will hold
+        it once it works again."""
+        run.settling = True
+        if not run.request.background:
+            await self._save(run, final)
+            return final
+        try:
+            try:
+                await self._save(run, final)
+            except StorageError:
+                if await self._stored_status(run) != run.response["status"]:
+                    await self._save(run, final)
+        except StorageError as exc:
+            log.error("background response %s: its final state could not be stored: %s",
+                      run.id, exc)  # fmt: skip
+            final = await self._fail_unstored(run)
+        run.settled.set()
+        return final
+
+    async def _stored_status(self, run: ResponseRun) -> str | None:
+        stored = await self.store.get_response(run.id, run.prepared.owner)
+        return None if stored is None else loads(stored).get("status")
+
+    async def _fail_unstored(self, run: ResponseRun) -> list[Event]:
+        """End a background response as failed, in the state storage holds it in (its
+        last stored state, failed), and get that stored now or as soon as it can be."""
+        body = loads(run.stored_json) if run.stored_json else run.builder.snapshot()
+        body["status"] = "failed"
+        body["error"] = {"code": "server_error", "message": UNSTORED}
+        run.stored_json = dumps(body)
+        try:
+            # One small update, where the whole final state did not fit.
+            await self.store.fail_unfinished(int(self.clock()), UNSTORED, response_ids=(run.id,))
+        except StorageError:
+            run.unstored = True
+            if self._repairing is None or self._repairing.done():
+                self._repairing = self.tasks.spawn(self._repair(), "store unstored responses")
+        return run.builder.end_as(body)
+
+    async def _repair(self) -> None:
+        """Store the unstored responses as failed once storage works again: after any
+        save that succeeds, or every ``repair_interval`` seconds."""
+        while ids := tuple(r.id for r in self.running.values() if r.unstored):
+            self._storage_works.clear()
+            try:
+                await self.store.fail_unfinished(int(self.clock()), UNSTORED, response_ids=ids)
+            except StorageError:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.repair_interval):
+                        await self._storage_works.wait()
+                continue
+            for response_id in ids:
+                run = self.running.get(response_id)
+                if run is not None and run.unstored:
+                    run.unstored = False
+                    if run.finished:  # else _run_background lets it go as it ends
+                        del self.running[response_id]
+            log.warning("stored %d background response(s) as failed: their final state "
+                        "could not be stored", len(ids))  # fmt: skip
+
     async def _save(self, run: ResponseRun, pending: Sequence[Event] = ()) -> None:
         """Store the response; ``pending`` are its events not yet handed to the sink
         (they are stored with it, then sent: nothing is sent before it is durable)."""
@@ -578,10 +769,16 @@ class ResponsesService:
         )
         await self.store.save_response(record)
         run.stored_json = body
+        if self._repairing is not None:
+            self._storage_works.set()
 
     # --- reading ----------------------------------------------------------
 
     async def get(self, response_id: str, owner: str) -> str:
+        run = self.running.get(response_id)
+        if run is not None and run.unstored and run.prepared.owner == owner:
+            assert run.stored_json is not None
+            return run.stored_json
         stored = await self.store.get_response(response_id, owner)
         if stored is None:
             raise _response_not_found(response_id)
@@ -602,35 +799,41 @@ class ResponsesService:
             for text in kept:
                 yield loads(text)
             return
-        for event in replay_events(loads(stored)):
+        body = loads(stored)
+        if body.get("background") and starting_after is not None:
+            # Past the last stored event: a replay still ends with the terminal event.
+            terminal = TERMINAL_EVENTS.get(body.get("status", ""))
+            if terminal is not None:
+                yield {"type": terminal, "sequence_number": starting_after + 1, "response": body}
+            return
+        for event in replay_events(body):
             if starting_after is None or event["sequence_number"] > starting_after:
                 yield event
 
     async def delete(self, response_id: str, owner: str) -> None:
         run = self.running.get(response_id)
-        if run is not None and run.prepared.owner == owner and run.task is not None:
-            run.cancel_requested = True
-            run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await run.task
+        if run is not None and run.prepared.owner == owner:
+            await _stop(run)
         if not await self.store.delete_response(response_id, owner):
             raise _response_not_found(response_id)
+        if run is not None and run.unstored:
+            run.unstored = False
+            self.running.pop(response_id, None)
 
     async def cancel(self, response_id: str, owner: str) -> str:
+        """Cancel a background response; the state it is left in, once stored: cancelled,
+        or the final state it had reached when the cancel came."""
+        run = self.running.get(response_id)
+        if run is not None and run.prepared.owner == owner:
+            await _stop(run)
+            if run.stored_json is not None:
+                return run.stored_json
         stored = await self.get(response_id, owner)
-        body = loads(stored)
-        if not body.get("background"):
+        if not loads(stored).get("background"):
             raise BadRequest(
                 "Only responses created with 'background': true can be cancelled.",
                 param="response_id",
             )
-        run = self.running.get(response_id)
-        if run is not None and run.task is not None and not run.task.done():
-            run.cancel_requested = True
-            run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run.task
-            return await self.get(response_id, owner)
         return stored
 
     async def input_items(
@@ -721,12 +924,14 @@ class ResponsesService:
     # --- lifecycle --------------------------------------------------------
 
     async def recover(self) -> None:
-        """After a restart nothing is running: what was left unfinished has failed."""
+        """After a restart nothing is running: what was left unfinished has failed, and
+        no turn holds a conversation."""
         count = await self.store.fail_unfinished(
             int(self.clock()), "The daemon restarted before this response finished."
         )
         if count:
             log.warning("marked %d unfinished background response(s) failed", count)
+        await self.store.release_all_conversations()
 
     async def purge_forever(self) -> None:
         interval = self.config.responses.purge_interval
@@ -807,6 +1012,14 @@ def _client_error(exc: UpstreamError, code: str, response_id: str) -> LMBridgeEr
 
 def _response_not_found(response_id: str) -> NotFound:
     return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+
+
+async def _stop(run: ResponseRun) -> None:
+    """Cancel a background run unless its final state is decided; wait until it is stored."""
+    run.cancel_requested = True
+    if not run.settling and run.started and run.task is not None:
+        run.task.cancel()
+    await run.settled.wait()
 
 
 async def _deliver(sink: Sink, events: list[Event]) -> None:

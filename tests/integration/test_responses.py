@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 
@@ -787,3 +788,26 @@ async def test_a_replay_that_fails_after_it_began_ends_with_an_error_event(proxy
     assert events[0]["code"] == "internal_error"
     assert events[0]["sequence_number"] == 0
     assert "unhandled error" in caplog.text
+
+
+async def test_a_removed_database_directory_fails_writes_and_readiness(make_proxy, tmp_path):
+    """The database's directory removed under the running daemon: writes answer 503
+    storage_unavailable saying the file was removed and that lmbridge must be restarted,
+    and /readyz fails on storage with that reason, instead of acknowledging writes that
+    a restart would lose."""
+    proxy = await make_proxy(storage__path=str(tmp_path / "data" / "lmbridge.db"))
+    await create(proxy, input="before")
+    shutil.rmtree(tmp_path / "data")
+    resp = await proxy.post(R, json={"model": "test-model", "input": "after"})
+    assert resp.status == 503
+    error = (await resp.json())["error"]
+    assert error["code"] == "storage_unavailable"
+    assert "removed or replaced" in error["message"]
+    assert "restarted" in error["message"]
+    conv = await proxy.post("/v1/conversations", json={})
+    assert conv.status == 503
+    ready = await proxy.get("/readyz")
+    assert ready.status == 503
+    body = await ready.json()
+    assert body["failing"] == ["storage"]
+    assert "removed or replaced" in body["checks"]["storage"]["error"]

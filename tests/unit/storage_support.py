@@ -4,6 +4,7 @@ that injects a fault into the writer process."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from typing import Any
 
@@ -44,3 +45,11 @@ def limit_pages(conn: sqlite3.Connection, extra: int) -> None:
     writer process, which finds it by name like the writes of storage/writes.py."""
     [pages] = conn.execute("PRAGMA page_count").fetchone()
     conn.execute(f"PRAGMA max_page_count={pages + extra}")
+
+
+@each
+def exit_writer(conn: sqlite3.Connection, status: int) -> None:
+    """The writer process exits on the spot, as when it is killed: what it committed
+    before stays, and nothing it had not answered is acknowledged. Submitted with
+    ``submit_alone`` it runs after the transaction of the writes handed over before it."""
+    os._exit(status)

@@ -257,3 +257,43 @@ async def test_expired_conversation_is_absent(store, clock):
     assert await store.find_item("a", "alice") is None
     assert await store.add_conversation_items("conv_1", "alice", items("b"), NOW + 999) is False
     assert await store.delete_conversation("conv_1", "alice") is False
+
+
+async def test_a_conversation_is_claimed_by_one_turn_at_a_time(store):
+    """A claim holds the conversation against other turns, is renewed by its holder, and
+    once released is free for the next turn."""
+    await store.create_conversation(conversation())
+    assert await store.claim_conversation("conv_1", "alice", "resp_a", NOW + 60) is True
+    assert await store.claim_conversation("conv_1", "alice", "resp_b", NOW + 60) is False
+    assert await store.claim_conversation("conv_1", "alice", "resp_a", NOW + 120) is True
+    await store.release_conversation("conv_1", "resp_b")  # not the holder: no effect
+    assert await store.claim_conversation("conv_1", "alice", "resp_b", NOW + 60) is False
+    await store.release_conversation("conv_1", "resp_a")
+    assert await store.claim_conversation("conv_1", "alice", "resp_b", NOW + 60) is True
+
+
+async def test_a_claim_not_renewed_lapses(store, clock):
+    """A claim whose holder stopped renewing it (a daemon that died) lapses at its time,
+    and the next turn may take the conversation."""
+    await store.create_conversation(conversation())
+    assert await store.claim_conversation("conv_1", "alice", "resp_a", NOW + 60) is True
+    clock.now = NOW + 59
+    assert await store.claim_conversation("conv_1", "alice", "resp_b", NOW + 119) is False
+    clock.now = NOW + 60
+    assert await store.claim_conversation("conv_1", "alice", "resp_b", NOW + 120) is True
+
+
+async def test_claiming_an_absent_conversation_says_so(store):
+    """An absent conversation, or another owner's, cannot be claimed: None, not False."""
+    await store.create_conversation(conversation())
+    assert await store.claim_conversation("conv_none", "alice", "resp_a", NOW + 60) is None
+    assert await store.claim_conversation("conv_1", "bob", "resp_a", NOW + 60) is None
+
+
+async def test_every_claim_ends_at_once_after_a_restart(store):
+    """release_all_conversations frees every conversation (nothing runs after a restart)."""
+    for name in ("conv_1", "conv_2"):
+        await store.create_conversation(conversation(name))
+        assert await store.claim_conversation(name, "alice", f"resp_{name}", NOW + 60)
+    assert await store.release_all_conversations() == 2
+    assert await store.claim_conversation("conv_2", "alice", "resp_new", NOW + 60) is True

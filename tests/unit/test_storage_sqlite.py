@@ -280,3 +280,34 @@ async def test_fail_unfinished_leaves_expired_and_non_json_bodies_readable(store
     assert await store.fail_unfinished(NOW + 1, "restarted") == 1
     assert await store.get_response("resp_odd", "alice") == "not json"
     assert await store.fail_unfinished(NOW + 1, "restarted") == 0
+
+
+async def test_fail_unfinished_of_some_responses_leaves_the_others(store):
+    """With response_ids, only those unfinished responses are failed; others keep running."""
+    for name in ("resp_a", "resp_b"):
+        await store.save_response(response(name, status="in_progress", background=True))
+
+    assert await store.fail_unfinished(NOW, "not stored", response_ids=("resp_a",)) == 1
+    assert json.loads(await store.get_response("resp_a", "alice"))["status"] == "failed"
+    assert json.loads(await store.get_response("resp_b", "alice"))["status"] == "in_progress"
+
+
+async def test_failed_unfinished_responses_replay_to_a_terminal_event(store):
+    """The stored events of a response failed while unfinished end with response.failed,
+    next in sequence and carrying the failed response, so a replay ends as a stream does."""
+    events = tuple(
+        json.dumps({"type": kind, "sequence_number": n})
+        for n, kind in enumerate(("response.created", "response.queued", "response.in_progress"))
+    )
+    await store.save_response(
+        response("resp_1", status="in_progress", background=True, events=events)
+    )
+
+    assert await store.fail_unfinished(NOW, "The daemon restarted.") == 1
+    stored = await store.get_events("resp_1", "alice", starting_after=None)
+    assert stored[:3] == list(events)
+    last = json.loads(stored[-1])
+    assert last["type"] == "response.failed"
+    assert last["sequence_number"] == 3
+    assert last["response"] == json.loads(await store.get_response("resp_1", "alice"))
+    assert last["response"]["status"] == "failed"

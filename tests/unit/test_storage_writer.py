@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import shutil
 import signal
+import sqlite3
 import sys
 import time
 import types
@@ -21,7 +23,7 @@ import pytest
 from proxy.bench.processes import writer_processes
 from storage.migrations import Migration
 from storage.records import ConversationRecord, ResponseRecord, StoredItem
-from storage.sqlite import SQLiteStore, StorageError
+from storage.sqlite import DatabaseReplaced, SQLiteStore, StorageError
 from storage.writer_process import frame, split_frames
 from tests.unit.storage_support import limit_pages
 
@@ -423,3 +425,54 @@ async def test_a_write_function_must_be_found_by_its_name(store):
 
     with pytest.raises(TypeError, match="module-level write function"):
         await store._writer.submit(local, None)
+
+
+@pytest.fixture
+async def store_in_dir(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = await SQLiteStore.open(tmp_path / "data" / "lmbridge.db", clock=lambda: NOW)
+    yield store
+    await store.close()
+
+
+def replace_with_another_database(path: Path) -> None:
+    other = path.with_name("other.db")
+    sqlite3.connect(other).close()
+    os.replace(other, path)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(lambda path: shutil.rmtree(path.parent), id="directory removed"),
+        pytest.param(lambda path: path.unlink(), id="file deleted"),
+        pytest.param(lambda path: path.rename(path.with_name("moved.db")), id="file moved"),
+        pytest.param(replace_with_another_database, id="file replaced"),
+    ],
+)
+async def test_writes_stop_once_the_database_file_is_not_the_one_opened(store_in_dir, how):
+    """A database file removed or replaced under the store fails every later write and
+    ping with DatabaseReplaced, which says to restart, instead of acknowledging writes
+    that the next start would not find."""
+    store = store_in_dir
+    await store.save_response(response("resp_before"))
+    how(store.path)
+    for n in range(2):
+        with pytest.raises(DatabaseReplaced, match=r"removed or replaced.*restart lmbridge"):
+            await store.save_response(response(f"resp_after_{n}"))
+    with pytest.raises(DatabaseReplaced):
+        await store.ping()
+
+
+async def test_a_new_writer_process_does_not_recreate_a_removed_database(store_in_dir):
+    """A writer process started after the file was deleted refuses to start, rather than
+    creating an empty database at the path for writes that a restart would not see."""
+    store = store_in_dir
+    os.kill(writer_pid(store), signal.SIGKILL)
+    for _ in range(200):
+        if store._writer.pid is None:
+            break
+        await asyncio.sleep(0.01)
+    store.path.unlink()
+    with pytest.raises(DatabaseReplaced):
+        await store.save_response(response("resp_after"))
+    assert not store.path.exists()
