@@ -179,6 +179,32 @@ class ServerConfig(_Section):
         description="On SIGTERM/SIGINT, how long in-flight requests and streams may run "
         "before they are cut.",
     )
+    header_timeout: Duration = Field(
+        10.0,
+        gt=0,
+        description="Time allowed for a request's head (request line and headers) to arrive, "
+        "from its first byte (a new connection: from its opening). Then the connection is "
+        "closed, with a 408 if part of the head came.",
+    )
+    body_timeout: Duration = Field(
+        60.0,
+        gt=0,
+        description="Time allowed for a request body to arrive once its head is in; a slower "
+        "body gets 408 and its connection is closed. Answers and streams are never timed.",
+    )
+    idle_timeout: Duration = Field(
+        120.0,
+        gt=0,
+        description="How long a keep-alive connection may wait, idle, for its next request "
+        "(above the 90 s that Go's HTTP clients keep idle connections).",
+    )
+    max_connections: Count = Field(
+        512,
+        ge=1,
+        description="Client connections open at once; one more is answered 503 and closed. "
+        "lmbridge raises its open-file limit to fit them if it can, else lowers this to what "
+        "the limit leaves room for (logged).",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host names the daemon answers to besides IP addresses, localhost and "

@@ -1,7 +1,9 @@
 """The one exception tree of lmbridge, and its OpenAI error shape.
 
 Code anywhere below the handlers raises one of these; the error middleware
-(``proxy.middleware``) is the only place that turns them into responses::
+(``proxy.middleware``) is the only place that turns them into responses, but for what
+happens before a request exists (a refused connection, a head that never came), which
+``proxy.listener`` answers itself::
 
     LMBridgeError                      500 server_error
     ├── BadRequest                     400 invalid_request_error (param)
@@ -13,9 +15,11 @@ Code anywhere below the handlers raises one of these; the error middleware
     ├── NotFound                       404 not_found
     │   ├── ModelNotFound              404 model_not_found
     │   └── PreviousResponseNotFound   404 previous_response_not_found
+    ├── RequestTimeout                 408 request_timeout
     ├── ConversationLocked             409 conversation_locked (Retry-After)
     ├── PayloadTooLarge                413 request_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
+    ├── TooManyConnections             503 too_many_connections
     └── UpstreamError                  502 upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable
         ├── UpstreamTimeout            504 upstream_timeout
@@ -112,6 +116,14 @@ class PreviousResponseNotFound(NotFound):
     code = "previous_response_not_found"
 
 
+class RequestTimeout(LMBridgeError):
+    """The client did not send its request head or body in time."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ConversationLocked(LMBridgeError):
     """Another turn runs in the conversation: it takes one at a time. A 409, which the
     openai SDKs retry by themselves after Retry-After."""
@@ -132,6 +144,15 @@ class UnsupportedMediaType(LMBridgeError):
     status = 415
     error_type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class TooManyConnections(LMBridgeError):
+    """server.max_connections are open: a new connection is answered this and closed."""
+
+    status = 503
+    error_type = "server_error"
+    code = "too_many_connections"
+    retry_after = 1.0
 
 
 class UpstreamError(LMBridgeError):

@@ -118,8 +118,15 @@ class Metrics:
             ["model", "direction"],
         )
         self.in_flight = 0
+        self.client_connections = 0
+        self.client_connections_closed = LabelledCounter(
+            "lmbridge_client_connections_closed",
+            "Client connections lmbridge closed, by reason: limit (refused, "
+            "server.max_connections open), header_timeout, body_timeout, idle.",
+            ["reason"],
+        )
         hot = (self.requests, self.request_seconds, self.upstream_seconds, self.ttft_seconds,
-               self.tokens)  # fmt: skip
+               self.tokens, self.client_connections_closed)  # fmt: skip
         metrics = self
 
         class HotCollector(Collector):
@@ -128,6 +135,11 @@ class Metrics:
                     yield metric.family()
                 yield GaugeMetricFamily(
                     "lmbridge_requests_in_flight", "Requests being handled now.", metrics.in_flight
+                )
+                yield GaugeMetricFamily(
+                    "lmbridge_client_connections",
+                    "Client connections open now.",
+                    metrics.client_connections,
                 )
 
         r.register(HotCollector())

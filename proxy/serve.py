@@ -9,17 +9,21 @@ then whatever is left is cancelled and the app's resources are closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import resource
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.config import Config
+from proxy.config import Config, ServerConfig
+from proxy.connections import plan_file_limit
 from proxy.embedded import EmbeddedUpstream
 from proxy.keys import METRICS
+from proxy.listener import ClientSite, quiet_accept_errors
 from proxy.redact import redact_url
 
 log = logging.getLogger("lmbridge")
@@ -49,39 +53,86 @@ async def run(
                 update={"upstream": config.upstream.model_copy(update={"url": url})}
             )
         app = create_app(config)
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=config.server.shutdown_grace,
-        )
-        await runner.setup()
+        max_connections = fit_file_limit(config)
+        restore_handler = quiet_accept_errors(loop)
         try:
-            site = web.TCPSite(runner, config.server.host, config.server.port)
-            await site.start()
-            _tune_gc()
-            addresses = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
-            log.info(
-                "lmbridge listening on %s (upstream %s)", addresses, redact_url(config.upstream.url)
-            )
-            if on_listening is not None:
-                host, port = runner.addresses[0][:2]
-                on_listening(f"http://{host}:{port}")
-            await stop.wait()
-            in_flight = app[METRICS].requests_in_flight()
-            log.info(
-                "shutting down: %d request(s) in flight, waiting up to %gs",
-                in_flight,
-                config.server.shutdown_grace,
-            )
+            async with listening(app, config.server, max_connections=max_connections) as runner:
+                _tune_gc()
+                addresses = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
+                log.info(
+                    "lmbridge listening on %s (upstream %s)",
+                    addresses,
+                    redact_url(config.upstream.url),
+                )
+                if on_listening is not None:
+                    host, port = runner.addresses[0][:2]
+                    on_listening(f"http://{host}:{port}")
+                await stop.wait()
+                in_flight = app[METRICS].requests_in_flight()
+                log.info(
+                    "shutting down: %d request(s) in flight, waiting up to %gs",
+                    in_flight,
+                    config.server.shutdown_grace,
+                )
         finally:
-            await runner.cleanup()
+            restore_handler()
         log.info("stopped")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if embedded is not None:
             await embedded.stop()
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    app: web.Application, server: ServerConfig, *, max_connections: int | None = None
+) -> AsyncIterator[web.AppRunner]:
+    """Serve ``app`` on ``server.host``:``server.port`` through lmbridge's own listener
+    (read deadlines, at most ``max_connections`` clients) until the block ends, then let
+    in-flight requests finish for ``server.shutdown_grace``."""
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=server.shutdown_grace,
+    )
+    await runner.setup()
+    try:
+        site = ClientSite(runner, server, app[METRICS], max_connections=max_connections)
+        await site.start()
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+def fit_file_limit(config: Config) -> int:
+    """Raise the open-file soft limit to what server.max_connections needs beside the
+    upstream pool, as far as the hard limit allows (systemd's default soft limit is
+    1,024, macOS's 256); returns the client connections the limit leaves room for."""
+    wanted_max = config.server.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted_max
+    upstream = config.upstream.max_connections
+    unlimited = hard == resource.RLIM_INFINITY
+    limit, room = plan_file_limit(wanted_max, upstream, soft, -1 if unlimited else hard)
+    if limit > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            log.info("raised the open-file limit from %d to %d", soft, limit)
+        except (ValueError, OSError):
+            limit, room = plan_file_limit(wanted_max, upstream, soft, soft)
+    if room < wanted_max:
+        log.warning(
+            "the open-file limit (%d) leaves room for %d client connections, fewer than "
+            "server.max_connections (%d): more are refused. Raise LimitNOFILE (systemd) or "
+            "ulimit -n.",
+            limit,
+            room,
+            wanted_max,
+        )
+    return room
 
 
 # Young objects collected every this many net allocations instead of Python's 700.

@@ -373,7 +373,8 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
         (
             "[server]\nbogus = 1\n",
             "server.bogus: unknown key (known keys of [server]: host, port, max_body_size, "
-            "shutdown_grace, allowed_hosts, cors_origins)",
+            "shutdown_grace, header_timeout, body_timeout, idle_timeout, max_connections, "
+            "allowed_hosts, cors_origins)",
         ),
         (
             "[models]\naliases = {}\ncache = 5\n",

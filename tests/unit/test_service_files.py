@@ -94,3 +94,19 @@ def test_the_documented_check_config_sees_what_the_service_sees():
     assert any(v.startswith("LMBRIDGE_STORAGE_PATH=") for v in variables)
     for variable in variables:
         assert f"-E {variable}" in command
+
+
+@pytest.mark.parametrize("unit", ["lmbridge.service", "lmbridge.user.service"])
+def test_the_units_leave_room_for_the_default_connections(unit):
+    """Each unit's hard open-file limit fits server.max_connections, the upstream pool and
+    lmbridge's own files (lmbridge raises its soft limit to that), while the soft limit
+    its child programs inherit stays at select()'s 1024."""
+    from proxy.config import Config
+    from proxy.connections import RESERVED_FILES
+
+    (limit,) = settings(SYSTEMD / unit, "LimitNOFILE")
+    soft, hard = (int(n) for n in limit.split(":"))
+    config = Config()
+    needed = config.server.max_connections + config.upstream.max_connections + RESERVED_FILES
+    assert soft == 1024
+    assert hard >= needed
