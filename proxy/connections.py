@@ -1,7 +1,7 @@
 """Client connections, the pure part: when a connection must have sent more, how many
-connections the open-file limit leaves room for, answers written before any request
-exists, and log lines that must not flood. No I/O; ``proxy.listener`` applies them to
-aiohttp's protocol.
+connections the open-file limit leaves room for, what to answer bytes that are not
+HTTP, answers written before any request exists, and log lines that must not flood. No
+I/O; ``proxy.listener`` applies them to aiohttp's protocol.
 
 A connection owes the daemon, in turn: the head of its first request (from its opening,
 ``server.header_timeout``), that request's body (``server.body_timeout``), nothing while
@@ -18,7 +18,20 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Literal
 
-from proxy.errors import LMBridgeError
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+)
+
+from proxy.errors import (
+    HeadersTooLarge,
+    LMBridgeError,
+    MalformedRequest,
+    URITooLong,
+)
 from proxy.jsontext import dumps_bytes
 
 Reason = Literal["header", "body", "idle"]
@@ -184,3 +197,50 @@ def http_response(error: LMBridgeError, extra_headers: Mapping[str, str] | None 
         f"{name}: {value}\r\n" for name, value in headers.items()
     )
     return (head + "\r\n").encode("ascii") + body
+
+
+def http_error(
+    exc: BaseException | None,
+    *,
+    request_line_too_long: bool,
+    max_line_size: int,
+    max_headers: int,
+) -> LMBridgeError:
+    """What to answer a request head aiohttp's HTTP parser rejected (no handler sees it).
+    Messages never quote the client's bytes: they may hold a key."""
+    if isinstance(exc, LineTooLong):
+        if request_line_too_long:
+            return URITooLong(
+                f"The request line (method, URL, version) is longer than the {max_line_size} "
+                "bytes lmbridge reads; send long parameters in the JSON body."
+            )
+        return HeadersTooLarge(
+            f"A request header is longer than the {max_line_size} bytes lmbridge reads."
+        )
+    text = exc.message if isinstance(exc, HttpProcessingError) else ""
+    if isinstance(exc, BadHttpMessage) and text.startswith("Too many headers"):
+        return HeadersTooLarge(
+            f"The request has more than the {max_headers} headers lmbridge reads."
+        )
+    if isinstance(exc, BadHttpMethod) and "HTTPS" in text:
+        return MalformedRequest(
+            "This port speaks plain HTTP and received TLS: use http://, not https://, for "
+            "lmbridge (or put a TLS proxy in front of it).",
+            code="tls_on_http_port",
+        )
+    return MalformedRequest(f"The request is not valid HTTP/1.1: {_reason(exc)}.")
+
+
+def body_error(exc: BaseException | None) -> MalformedRequest:
+    """What to answer a request whose body aiohttp's parser could not read: broken chunked
+    framing, an encoding it cannot decode."""
+    return MalformedRequest(f"The request body could not be read: {_reason(exc)}.")
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, InvalidHeader):
+        return "a header holds a character HTTP does not allow"
+    if not isinstance(exc, HttpProcessingError):
+        return "it is not valid HTTP/1.1"
+    # aiohttp's wording up to its first colon: after it come the client's bytes.
+    return exc.message.split(":", 1)[0].strip().rstrip(".")[:200] or "it is not valid HTTP/1.1"

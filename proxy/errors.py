@@ -7,7 +7,8 @@ happens before a request exists (a refused connection, a head that never came), 
 
     LMBridgeError                      500 server_error
     ├── BadRequest                     400 invalid_request_error (param)
-    │   └── ModelRequired              400 model_required
+    │   ├── ModelRequired              400 model_required
+    │   └── MalformedRequest           400 malformed_request (not HTTP/1.1 aiohttp reads)
     ├── Unauthorized                   401 invalid_api_key
     ├── Forbidden                      403
     │   ├── HostNotAllowed             403 host_not_allowed
@@ -18,7 +19,9 @@ happens before a request exists (a refused connection, a head that never came), 
     ├── RequestTimeout                 408 request_timeout
     ├── ConversationLocked             409 conversation_locked (Retry-After)
     ├── PayloadTooLarge                413 request_too_large
+    ├── URITooLong                     414 uri_too_long
     ├── UnsupportedMediaType           415 unsupported_media_type
+    ├── HeadersTooLarge                431 headers_too_large
     ├── TooManyConnections             503 too_many_connections
     └── UpstreamError                  502 upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable
@@ -78,6 +81,12 @@ class BadRequest(LMBridgeError):
 
 class ModelRequired(BadRequest):
     code = "model_required"
+
+
+class MalformedRequest(BadRequest):
+    """Bytes aiohttp's HTTP parser rejects: no handler ever sees the request."""
+
+    code = "malformed_request"
 
 
 class Unauthorized(LMBridgeError):
@@ -140,10 +149,22 @@ class PayloadTooLarge(LMBridgeError):
     code = "request_too_large"
 
 
+class URITooLong(LMBridgeError):
+    status = 414
+    error_type = "invalid_request_error"
+    code = "uri_too_long"
+
+
 class UnsupportedMediaType(LMBridgeError):
     status = 415
     error_type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class HeadersTooLarge(LMBridgeError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class TooManyConnections(LMBridgeError):

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
@@ -37,10 +37,13 @@ from proxy.config import ServerConfig
 from proxy.connections import (
     OncePerInterval,
     ReadClock,
+    body_error,
+    http_error,
     http_response,
     times,
 )
-from proxy.errors import RequestTimeout, TooManyConnections
+from proxy.errors import LMBridgeError, RequestTimeout, TooManyConnections, error_body
+from proxy.jsontext import dumps_bytes
 from proxy.metrics import Metrics
 
 log = logging.getLogger("lmbridge.connections")
@@ -132,7 +135,7 @@ class ClientSite(web.BaseSite):
         refusal.connection_made(transport)
         self.closed("limit")
 
-    def closed(self, reason: str) -> None:
+    def closed(self, reason: str, error: LMBridgeError | None = None) -> None:
         """lmbridge closed a client connection (or answered it and will close it)."""
         self.metrics.client_connections_closed.inc((reason,))
         if reason == "idle":
@@ -162,12 +165,27 @@ class ClientSite(web.BaseSite):
                 config.body_timeout,
                 times(count),
             )
+        elif reason == "malformed" and error is not None:
+            log.info(
+                "answered %d %s to bytes that are not valid HTTP/1.1%s",
+                error.status,
+                error.code,
+                times(count),
+            )
 
 
 class ClientConnection(RequestHandler):
     """One client connection: aiohttp's request handling, with lmbridge's deadlines."""
 
-    __slots__ = ("_body", "_clock", "_line_length", "_site", "_timer")
+    __slots__ = (
+        "_body",
+        "_clock",
+        "_line_done",
+        "_line_length",
+        "_line_too_long",
+        "_site",
+        "_timer",
+    )
 
     def __init__(self, site: ClientSite, manager: Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -179,8 +197,11 @@ class ClientConnection(RequestHandler):
         self._timer: asyncio.TimerHandle | None = None
         # The body stream of the last parsed head, while its bytes are still coming.
         self._body: StreamReader | None = None
-        # Bytes of the current head before its first line feed (None once it came).
-        self._line_length: int | None = 0
+        # The request line of the head being received: its bytes so far, whether it ended;
+        # and whether the head the parser rejected had one too long (414, not 431).
+        self._line_length = 0
+        self._line_done = False
+        self._line_too_long = False
 
     # --- the connection ------------------------------------------------------------
 
@@ -200,12 +221,24 @@ class ClientConnection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         receiving_body = self._body is not None
+        if not receiving_body:
+            self._count_line(data)
         queued = len(self._messages)
         super().data_received(data)
         now = self._loop.time()
         parsed = list(islice(self._messages, queued, None))
         for message, payload in parsed:
-            self._line_length = 0
+            if isinstance(message, RawRequestMessage):
+                self._line_length, self._line_done = 0, False
+            elif self._body is not None:
+                # The parser failed inside a body (bad chunked framing): aiohttp would queue
+                # the error as the next request and leave this one waiting for the rest.
+                error = body_error(getattr(message, "exc", None))
+                self._site.closed("malformed", error)
+                self._fail_body(error)
+                continue
+            else:
+                self._line_too_long = self._line_length > self.max_line_size
             body_follows = isinstance(message, RawRequestMessage) and not payload.is_eof()
             self._clock.head_received(now, body_follows=body_follows)
             if body_follows:
@@ -213,16 +246,14 @@ class ClientConnection(RequestHandler):
                 payload.on_eof(self._body_complete)
         if not parsed and not receiving_body and data:
             self._clock.head_bytes(now)
-            self._count_line(data)
         self._arm()
 
     def _count_line(self, data: bytes) -> None:
-        if self._line_length is None:
+        if self._line_done:
             return
         end = data.find(b"\n")
         self._line_length += len(data) if end < 0 else end
-        if end >= 0:
-            self._line_length = None
+        self._line_done = end >= 0
 
     def _body_complete(self) -> None:
         self._body = None
@@ -237,6 +268,55 @@ class ClientConnection(RequestHandler):
         finally:
             self._clock.answered(self._loop.time())
             self._arm()
+
+    # --- errors --------------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        """The answer to bytes aiohttp's parser rejected, or to an exception that escaped
+        the middleware: JSON in the OpenAI shape (aiohttp's is text/plain, with a
+        traceback in the log)."""
+        if status >= 500:
+            log.error("unhandled error outside the request middleware", exc_info=exc)
+            body = error_body(
+                "lmbridge failed while handling this request; see the daemon's log.",
+                "server_error",
+                None,
+                "internal_error",
+            )
+        else:
+            error = self._error(exc)
+            self._site.closed("malformed", error)
+            status, body = error.status, error.body()
+        if request.writer.output_size > 0:
+            # Part of an answer went out: no other can follow (aiohttp's own rule).
+            raise ConnectionError("an answer was under way; the connection is closed")
+        response = web.Response(
+            body=dumps_bytes(body), status=status, content_type="application/json"
+        )
+        response.force_close()
+        return response
+
+    def _error(self, exc: BaseException | None) -> LMBridgeError:
+        return http_error(
+            exc,
+            request_line_too_long=self._line_too_long,
+            max_line_size=self.max_line_size,
+            max_headers=self.max_headers,
+        )
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        if isinstance(kw.get("exc_info"), RequestPayloadError | LMBridgeError):
+            # A body that failed (an encoding aiohttp cannot decode, or ended by a deadline
+            # here) fails again when aiohttp reads its rest to discard it, after the
+            # answer: the client was told already, no traceback is due.
+            return
+        super().log_exception(*args, **kw)
 
     # --- deadlines -----------------------------------------------------------------
 

@@ -122,7 +122,7 @@ class Metrics:
         self.client_connections_closed = LabelledCounter(
             "lmbridge_client_connections_closed",
             "Client connections lmbridge closed, by reason: limit (refused, "
-            "server.max_connections open), header_timeout, body_timeout, idle.",
+            "server.max_connections open), header_timeout, body_timeout, idle, malformed.",
             ["reason"],
         )
         hot = (self.requests, self.request_seconds, self.upstream_seconds, self.ttft_seconds,

@@ -17,9 +17,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
+from proxy.connections import body_error
 from proxy.errors import BadRequest, UpstreamError
 from proxy.jsontext import JSONDecodeError, dumps_bytes, loads_request
 from proxy.keys import (
@@ -86,9 +88,18 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request body, or a 400 when aiohttp could not read it (an encoding it cannot
+    decode)."""
+    try:
+        return await request.read()
+    except RequestPayloadError as exc:
+        raise body_error(exc.__cause__) from exc
+
+
 async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     """The raw body and its parsed JSON object, or a 400 that says what is wrong."""
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:

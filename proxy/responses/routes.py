@@ -26,7 +26,7 @@ from proxy.keys import (
     WARNING,
 )
 from proxy.middleware import describe_error, end_stream, stream_headers
-from proxy.passthrough import read_json_object
+from proxy.passthrough import read_body, read_json_object
 from proxy.responses.builder import Event
 from proxy.responses.objects import conversation_object, deleted, list_page
 from proxy.responses.service import normalize_conversation_items
@@ -196,7 +196,7 @@ def _retention(request: web.Request) -> int:
 
 async def create_conversation(request: web.Request) -> web.Response:
     body: dict[str, Any] = {}
-    if await request.read():
+    if await read_body(request):
         _, body = await read_json_object(request)
     service = request.app[RESPONSES]
     metadata = _metadata(body.get("metadata"))

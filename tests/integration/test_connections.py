@@ -1,5 +1,5 @@
-"""Client connections through the daemon's own listener (``serve.listening``), with real
-sockets on 127.0.0.1: read deadlines, the connection cap, and what each answers.
+"""Client connections through the daemon's own listener (the ``serve`` fixture), with
+real sockets on 127.0.0.1: read deadlines, the connection cap, and what each answers.
 
 Timeouts are configured tiny so that a deadline passes quickly; nothing here asserts a
 duration (``asyncio.wait_for`` only keeps a broken test from hanging).
@@ -10,66 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
-import pytest
-
-from proxy.app import create_app
-from proxy.serve import listening
 from tests.fake_upstream import CHAT, Reply, chunk
-
-GUARD = 10.0  # seconds before a test that waits for the daemon gives up
-HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-Serve = Callable[..., Awaitable[int]]
-
-
-@pytest.fixture
-async def serve(make_config: Any) -> AsyncIterator[Serve]:
-    """Start the app behind lmbridge's listener on a free port of 127.0.0.1, with the
-    given settings (``server__header_timeout=0.2``); returns the port."""
-    stack: list[Any] = []
-
-    async def start(**overrides: Any) -> int:
-        config = make_config(server__port=0, **overrides)
-        context = listening(create_app(config), config.server)
-        runner = await context.__aenter__()
-        stack.append(context)
-        return int(runner.addresses[0][1])
-
-    yield start
-    for context in reversed(stack):
-        await context.__aexit__(None, None, None)
-
-
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port)
-
-
-async def until_closed(reader: asyncio.StreamReader) -> bytes:
-    """Everything the daemon sends until it closes the connection."""
-    return await asyncio.wait_for(reader.read(), GUARD)
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length, leaving the connection open."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD)
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body
-
-
-def parse(raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
-    return int(status_line.split()[1]), headers, json.loads(body)
+from tests.raw_http import GUARD, HEALTHZ, connect, parse, read_response, until_closed
 
 
 async def test_a_head_sent_in_part_gets_408_and_is_closed_after_the_header_timeout(serve):

@@ -1,5 +1,5 @@
 """The pure rules of client connections: read deadlines, log gates, the open-file limit,
-raw answers, and quiet accept errors."""
+raw answers, parser errors, and quiet accept errors."""
 
 from __future__ import annotations
 
@@ -10,12 +10,21 @@ import logging
 import resource
 
 import pytest
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    InvalidHeader,
+    LineTooLong,
+    TransferEncodingError,
+)
 
 from proxy.connections import (
     RESERVED_FILES,
     Deadline,
     OncePerInterval,
     ReadClock,
+    body_error,
+    http_error,
     http_response,
     plan_file_limit,
 )
@@ -220,3 +229,36 @@ def test_serve_lowers_its_connections_to_what_the_file_limit_allows(
     assert room == 1024 - config.upstream.max_connections - RESERVED_FILES
     (line,) = [r.getMessage() for r in caplog.records]
     assert "server.max_connections" in line and "LimitNOFILE" in line
+
+
+@pytest.mark.parametrize(
+    ("exc", "line_too_long", "status", "code"),
+    [
+        (LineTooLong(b"x" * 100, 8190), True, 414, "uri_too_long"),
+        (LineTooLong(b"x" * 100, 8190), False, 431, "headers_too_large"),
+        (BadHttpMessage("Too many headers received"), False, 431, "headers_too_large"),
+        (BadHttpMethod(error="Received HTTPS traffic on an HTTP port"), False, 400,
+         "tls_on_http_port"),
+        (InvalidHeader(b"Bearer sk-secret\x00"), False, 400, "malformed_request"),
+        (BadHttpMessage("Invalid character in chunk size:\n\n  b'sk-secret'\n    ^"), False,
+         400, "malformed_request"),
+        (None, False, 400, "malformed_request"),
+    ],
+    ids=["url", "header", "header-count", "tls", "invalid-header", "chunk", "unknown"],
+)  # fmt: skip
+def test_what_the_parser_rejects_maps_to_a_status_and_code(exc, line_too_long, status, code):
+    """Each parser error has its status and code, and the message never quotes the
+    client's bytes."""
+    error = http_error(exc, request_line_too_long=line_too_long, max_line_size=8190,
+                       max_headers=128)  # fmt: skip
+    assert (error.status, error.code) == (status, code)
+    assert "sk-secret" not in error.message
+    assert "xxx" not in error.message
+
+
+def test_a_body_that_cannot_be_read_is_a_400_saying_why():
+    """A body aiohttp could not decode is a malformed request, with aiohttp's reason and
+    none of the bytes."""
+    error = body_error(TransferEncodingError("Invalid character in chunk size:\n  b'secret'"))
+    assert (error.status, error.code) == (400, "malformed_request")
+    assert error.message == "The request body could not be read: Invalid character in chunk size."
