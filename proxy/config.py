@@ -376,6 +376,18 @@ class ResponsesConfig(_Section):
     purge_interval: Duration = Field(
         3600.0, description="How often expired responses and conversations are purged."
     )
+    max_input_items: Count = Field(
+        50_000,
+        ge=1,
+        description="Most items one request's 'input' may hold; more get 400. A million-token "
+        "context holds about this many of the smallest items.",
+    )
+    max_history_items: Count = Field(
+        100_000,
+        ge=1,
+        description="Most stored items of a conversation one turn may carry as history; more "
+        "get 400 (start a new conversation or delete items).",
+    )
     unsupported_tools: Literal["drop", "reject"] = Field(
         "drop",
         description="Tool types the upstream cannot serve (web_search, file_search, "

@@ -240,6 +240,16 @@ def _is_context_overflow(status: int, error: dict[str, Any], message: str) -> bo
     return status in (400, 413) and bool(_CONTEXT_WORDING.search(message))
 
 
+def too_many_items(param: str, limit: int, setting: str, advice: str = "") -> BadRequest:
+    """An array of the request longer than a setting allows."""
+    return BadRequest(
+        f"'{param}' holds more than {limit} items, the most lmbridge takes in one request "
+        f"({setting}){advice}.",
+        param=param,
+        code="too_many_items",
+    )
+
+
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

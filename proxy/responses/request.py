@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, too_many_items
 from proxy.ids import new_id
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -85,7 +85,12 @@ class CreateRequest:
     include: list[str] = field(default_factory=list)
 
 
-def parse_create(body: Mapping[str, Any], ids: Callable[[str], str] = new_id) -> CreateRequest:
+def parse_create(
+    body: Mapping[str, Any],
+    ids: Callable[[str], str] = new_id,
+    *,
+    max_input_items: int | None = None,
+) -> CreateRequest:
     """Check a create body; raise BadRequest naming the parameter that is wrong."""
     check = _Checker(body)
     model = check.optional_str("model")
@@ -157,7 +162,7 @@ def parse_create(body: Mapping[str, Any], ids: Callable[[str], str] = new_id) ->
     return CreateRequest(
         raw=dict(body),
         model=model or None,
-        input=normalize_input(body.get("input"), ids),
+        input=normalize_input(body.get("input"), ids, max_items=max_input_items),
         instructions=instructions,
         previous_response_id=previous,
         conversation_id=conversation_id,
@@ -385,7 +390,9 @@ def _instructions_from_items(items: list[Any]) -> str:
 # --- input items -----------------------------------------------------------
 
 
-def normalize_input(value: Any, ids: Callable[[str], str] = new_id) -> list[dict[str, Any]]:
+def normalize_input(
+    value: Any, ids: Callable[[str], str] = new_id, *, max_items: int | None = None
+) -> list[dict[str, Any]]:
     """The request's ``input`` as a list of complete items (ids assigned, content as parts)."""
     if value is None:
         return []
@@ -393,7 +400,17 @@ def normalize_input(value: Any, ids: Callable[[str], str] = new_id) -> list[dict
         return [_message({"role": "user", "content": value}, "input[0]", ids)]
     if not isinstance(value, list):
         raise BadRequest("'input' must be a string or an array of items.", param="input")
+    if max_items is not None and len(value) > max_items:
+        raise too_many_items("input", max_items, *INPUT_LIMIT)
     return [normalize_item(item, f"input[{i}]", ids) for i, item in enumerate(value)]
+
+
+# The setting that bounds 'input', and what to do instead of sending more.
+INPUT_LIMIT = (
+    "responses.max_input_items",
+    "; continue with 'previous_response_id' or 'conversation' rather than sending the whole "
+    "history again",
+)
 
 
 def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) -> dict[str, Any]:

@@ -220,8 +220,11 @@ class ResponsesService:
 
     # --- create -----------------------------------------------------------
 
+    def parse(self, body: dict[str, Any]) -> CreateRequest:
+        return parse_create(body, self.ids, max_input_items=self.config.responses.max_input_items)
+
     async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
-        request = parse_create(body, self.ids)
+        request = self.parse(body)
         response_id = self.ids("resp")
         # Before its items are read: the turn sees every turn before it.
         turn = await self._claim(request, owner, response_id)
@@ -344,6 +347,16 @@ class ResponsesService:
                     f"Conversation with id '{request.conversation_id}' not found.",
                     param="conversation",
                     code="conversation_not_found",
+                )
+            limit = self.config.responses.max_history_items
+            if len(items) > limit:
+                raise BadRequest(
+                    f"Conversation '{request.conversation_id}' holds {len(items)} items, more "
+                    f"than the {limit} one turn carries as history "
+                    "(responses.max_history_items): start a new conversation, or delete "
+                    "old items.",
+                    param="conversation",
+                    code="too_many_items",
                 )
             if items:
                 parsed = [loads(i.json) for i in items]
@@ -856,7 +869,7 @@ class ResponsesService:
         """What the next turn's input would cost: the upstream tokenises the rendered
         prompt (one token generated), so the count is the upstream's own."""
         body = {**body, "stream": False, "background": False, "store": False}
-        prepared = await self.prepare(parse_create(body, self.ids), owner)
+        prepared = await self.prepare(self.parse(body), owner)
         settings = {**prepared.settings, "max_tokens": 1, "temperature": 0}
         messages = render.join_message_arrays(
             [dumps(prepared.system), *self._fit_history(prepared),
@@ -877,7 +890,7 @@ class ResponsesService:
         if not body.get("model"):
             raise BadRequest("Missing required parameter: 'model'.", param="model")
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
-        prepared = await self.prepare(parse_create(body, self.ids), owner)
+        prepared = await self.prepare(self.parse(body), owner)
         transcript = render.join_message_arrays(
             [*self._fit_history(prepared), dumps(prepared.new_messages)]
         )

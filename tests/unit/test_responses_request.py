@@ -707,3 +707,14 @@ def test_item_reference_type_optional(item: dict[str, Any]) -> None:
 def test_enum_settings_checked(body: dict[str, Any], param: str) -> None:
     """Settings with a closed set of values refuse anything else with their param."""
     assert bad_param(body) == param
+
+
+def test_more_input_items_than_the_limit_are_refused_naming_the_setting() -> None:
+    """An input longer than max_input_items is a 400 on 'input' that names
+    responses.max_input_items; one at the limit is read."""
+    items = [{"role": "user", "content": "hi"}] * 4
+    assert len(parse_create({"input": items[:3]}, counter_ids(), max_input_items=3).input) == 3
+    with pytest.raises(BadRequest) as info:
+        parse_create({"input": items}, counter_ids(), max_input_items=3)
+    assert (info.value.param, info.value.code) == ("input", "too_many_items")
+    assert "responses.max_input_items" in info.value.message
