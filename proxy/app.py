@@ -27,6 +27,7 @@ from proxy.keys import (
     TASKS,
     TURNS,
     UPSTREAM,
+    WORKER,
 )
 from proxy.logs import RequestLog
 from proxy.mcp import routes as mcp_routes
@@ -36,7 +37,7 @@ from proxy.metrics import Metrics
 from proxy.middleware import handle_request
 from proxy.responses import routes as responses_routes
 from proxy.responses.service import ResponsesService, owner_of
-from proxy.tasks import BackgroundTasks
+from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
 from storage.sqlite import SQLiteStore
 
@@ -64,6 +65,7 @@ def create_app(
     app[API_KEYS] = {key: owner_of(key) for key in keys}
     app[BROWSERS] = BrowserPolicy(config.server.allowed_hosts, config.server.cors_origins)
     app[TURNS] = TurnMemory()
+    app.cleanup_ctx.append(_worker_ctx)
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
     app.cleanup_ctx.append(_mcp_ctx)
@@ -120,6 +122,15 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
     return ctx
 
 
+async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    worker = WorkerThread()
+    app[WORKER] = worker
+    try:
+        yield
+    finally:
+        worker.close()
+
+
 async def _mcp_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     servers = MCPServers(config.mcp, app[METRICS], log_dir=config.storage.path.parent)
@@ -135,7 +146,7 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
     service = ResponsesService(
-        app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks, app[MCP]
+        app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks, app[MCP], app[WORKER]
     )
     app[RESPONSES] = service
     await service.recover()

@@ -39,6 +39,7 @@ really failed (clients retry 5xx).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.jsontext import loads
@@ -240,14 +241,22 @@ def _is_context_overflow(status: int, error: dict[str, Any], message: str) -> bo
     return status in (400, 413) and bool(_CONTEXT_WORDING.search(message))
 
 
-def too_many_items(param: str, limit: int, setting: str, advice: str = "") -> BadRequest:
-    """An array of the request longer than a setting allows."""
-    return BadRequest(
-        f"'{param}' holds more than {limit} items, the most lmbridge takes in one request "
-        f"({setting}){advice}.",
-        param=param,
-        code="too_many_items",
-    )
+@dataclass(frozen=True, slots=True)
+class ItemLimit:
+    """The most elements an array of a request may hold, and the setting that says so."""
+
+    count: int
+    setting: str
+    advice: str = ""  # what to do instead, after "; "
+
+    def refuse(self, param: str) -> BadRequest:
+        advice = f"; {self.advice}" if self.advice else ""
+        return BadRequest(
+            f"'{param}' holds more than {self.count} items, the most lmbridge takes in one "
+            f"request ({self.setting}){advice}.",
+            param=param,
+            code="too_many_items",
+        )
 
 
 def error_body(

@@ -17,6 +17,7 @@ than one per id (a create makes four or five ids; the syscalls showed in profile
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 _TIME_DIGITS = 14  # microseconds since 1970 fit in 14 hex digits until the year 4253
@@ -28,16 +29,19 @@ class _RandomHex:
     def __init__(self) -> None:
         self._block = ""
         self._used = 0
+        # Large inputs get their ids in a worker thread while the event loop makes others.
+        self._lock = threading.Lock()
 
     def take(self) -> str:
-        if self._used >= _BLOCK:
-            self._block = ""
-        if not self._block:
-            self._block = os.urandom(_RANDOM_BYTES * _BLOCK).hex()
-            self._used = 0
-        start = self._used * _RANDOM_BYTES * 2
-        self._used += 1
-        return self._block[start : start + _RANDOM_BYTES * 2]
+        with self._lock:
+            if self._used >= _BLOCK:
+                self._block = ""
+            if not self._block:
+                self._block = os.urandom(_RANDOM_BYTES * _BLOCK).hex()
+                self._used = 0
+            start = self._used * _RANDOM_BYTES * 2
+            self._used += 1
+            return self._block[start : start + _RANDOM_BYTES * 2]
 
 
 _random = _RandomHex()

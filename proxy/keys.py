@@ -12,7 +12,7 @@ from proxy.mcp.servers import MCPServers
 from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.responses.service import ResponsesService
-from proxy.tasks import BackgroundTasks
+from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from storage.sqlite import SQLiteStore
 
@@ -23,6 +23,8 @@ CATALOG = web.AppKey("catalog", ModelCatalog)
 STORE = web.AppKey("store", SQLiteStore)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 TASKS = web.AppKey("tasks", BackgroundTasks)
+# The CPU work of large requests, off the event loop.
+WORKER = web.AppKey("worker", WorkerThread)
 MCP = web.AppKey("mcp", MCPServers)
 # The MCP steps of chat-completions turns handed back to the client mid-loop.
 TURNS = web.AppKey("turns", TurnMemory)

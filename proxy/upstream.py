@@ -14,6 +14,7 @@ stream that has started is never retried.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 import zlib
@@ -45,6 +46,8 @@ from proxy.redact import redact_url
 log = logging.getLogger("lmbridge.upstream")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+# Request bodies above this are streamed upstream (aiohttp's own threshold for warning).
+LARGE_UPLOAD = 1 << 20
 
 
 class _Retryable(Exception):
@@ -234,9 +237,12 @@ class UpstreamClient:
         self, method: str, url: str, body: bytes | None, headers: dict[str, str], route: str
     ) -> aiohttp.ClientResponse:
         started = time.perf_counter()
+        # A large body goes out 64 KB at a time, the event loop served in between; as
+        # bytes it would be copied to the socket's buffer in one go.
+        data = io.BytesIO(body) if body is not None and len(body) > LARGE_UPLOAD else body
         try:
             resp = await self.session.request(
-                method, url, data=body, headers=headers, timeout=self._timeout
+                method, url, data=data, headers=headers, timeout=self._timeout
             )
         except aiohttp.SocketTimeoutError as exc:
             self._count_failure("first_byte_timeout")

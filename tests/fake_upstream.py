@@ -136,7 +136,7 @@ class FakeUpstream:
     # --- the app ----------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=200 * 2**20)  # large-request tests
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/api/v0/models", self._lmstudio_v0)
         app.router.add_get("/api/v1/models", self._lmstudio_v1)

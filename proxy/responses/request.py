@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import BadRequest, too_many_items
+from proxy.errors import BadRequest, ItemLimit
 from proxy.ids import new_id
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -401,16 +401,18 @@ def normalize_input(
     if not isinstance(value, list):
         raise BadRequest("'input' must be a string or an array of items.", param="input")
     if max_items is not None and len(value) > max_items:
-        raise too_many_items("input", max_items, *INPUT_LIMIT)
+        raise input_limit(max_items).refuse("input")
     return [normalize_item(item, f"input[{i}]", ids) for i, item in enumerate(value)]
 
 
-# The setting that bounds 'input', and what to do instead of sending more.
-INPUT_LIMIT = (
-    "responses.max_input_items",
-    "; continue with 'previous_response_id' or 'conversation' rather than sending the whole "
-    "history again",
-)
+def input_limit(count: int) -> ItemLimit:
+    """responses.max_input_items, as the limit of 'input'."""
+    return ItemLimit(
+        count,
+        "responses.max_input_items",
+        "continue with 'previous_response_id' or 'conversation' rather than sending the "
+        "whole history again",
+    )
 
 
 def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, ItemLimit, NotFound
 from proxy.jsontext import dumps, loads
 from proxy.keys import (
     CATALOG,
@@ -29,6 +29,7 @@ from proxy.middleware import describe_error, end_stream, stream_headers
 from proxy.passthrough import read_body, read_json_object
 from proxy.responses.builder import Event
 from proxy.responses.objects import conversation_object, deleted, list_page
+from proxy.responses.request import input_limit
 from proxy.responses.service import normalize_conversation_items
 from proxy.sse import DONE_EVENT
 from storage.records import ConversationRecord, StoredItem
@@ -114,8 +115,12 @@ async def _end_with_error(
 # --- responses ---------------------------------------------------------------
 
 
+def _input_limits(request: web.Request) -> dict[str, ItemLimit]:
+    return {"input": input_limit(request.app[CONFIG].responses.max_input_items)}
+
+
 async def create_response(request: web.Request) -> web.StreamResponse:
-    _, body = await read_json_object(request)
+    _, body = await read_json_object(request, _input_limits(request))
     service = request.app[RESPONSES]
     run = await service.create(body, request[OWNER])
     prepared = run.prepared
@@ -177,13 +182,13 @@ async def list_input_items(request: web.Request) -> web.Response:
 
 
 async def input_tokens(request: web.Request) -> web.Response:
-    _, body = await read_json_object(request)
+    _, body = await read_json_object(request, _input_limits(request))
     count = await request.app[RESPONSES].input_tokens(body, request[OWNER])
     return _json({"object": "response.input_tokens", "input_tokens": count})
 
 
 async def compact(request: web.Request) -> web.Response:
-    _, body = await read_json_object(request)
+    _, body = await read_json_object(request, _input_limits(request))
     return _json(await request.app[RESPONSES].compact(body, request[OWNER]))
 
 

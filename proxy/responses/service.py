@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from proxy import chat_upstream
@@ -56,7 +57,7 @@ from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.render import ChatTools, ToolNames
 from proxy.responses.request import CreateRequest, normalize_item, parse_create
-from proxy.tasks import BackgroundTasks
+from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from storage.errors import StorageError
 from storage.records import ResponseRecord, ResponseStore, StoredItem
@@ -104,6 +105,8 @@ class Prepared:
     # Calls the client approved (mcp_approval_response): the request item and its target.
     approved: list[tuple[dict[str, Any], McpTarget]] = field(default_factory=list)
     mcp_listed: tuple[str, ...] = ()
+    # The input items as stored, made at the first save.
+    stored_inputs: tuple[StoredItem, ...] | None = None
 
 
 @dataclass
@@ -198,6 +201,7 @@ class ResponsesService:
         catalog: ModelCatalog,
         tasks: BackgroundTasks,
         mcp: MCPServers,
+        worker: WorkerThread,
         *,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
@@ -217,14 +221,19 @@ class ResponsesService:
         self.lease_renewal = CONVERSATION_LEASE / 3  # seconds of real time
         self._repairing: asyncio.Task[None] | None = None
         self._storage_works = asyncio.Event()
+        self.worker = worker
 
     # --- create -----------------------------------------------------------
 
-    def parse(self, body: dict[str, Any]) -> CreateRequest:
-        return parse_create(body, self.ids, max_input_items=self.config.responses.max_input_items)
+    async def parse(self, body: dict[str, Any]) -> CreateRequest:
+        def parse() -> CreateRequest:
+            limit = self.config.responses.max_input_items
+            return parse_create(body, self.ids, max_input_items=limit)
+
+        return await self.worker.run_if(_count(body.get("input")) > LARGE_INPUT, parse)
 
     async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
-        request = self.parse(body)
+        request = await self.parse(body)
         response_id = self.ids("resp")
         # Before its items are read: the turn sees every turn before it.
         turn = await self._claim(request, owner, response_id)
@@ -359,13 +368,11 @@ class ResponsesService:
                     code="too_many_items",
                 )
             if items:
-                parsed = [loads(i.json) for i in items]
-                rendered = dumps(render.render_items(
-                    parsed, tools.names, images=model.vision is not False,
-                ))  # fmt: skip
+                rendered, listed_before = await self.worker.run_if(
+                    len(items) > LARGE_INPUT,
+                    partial(_render_stored, items, tools.names, images=model.vision is not False),
+                )
                 history, history_tokens = [rendered], [render.estimate_tokens(rendered)]
-                listed_before = {i["server_label"] for i in parsed
-                                 if i.get("type") == "mcp_list_tools"}  # fmt: skip
         input_items = await self._resolve_references(request.input, owner)
         # A client that re-sends the whole history (no previous_response_id) sends the
         # listings too: those servers are listed already.
@@ -396,8 +403,11 @@ class ResponsesService:
             history=history,
             history_tokens=history_tokens,
             input_items=input_items,
-            new_messages=render.render_items(
-                input_items, tools.names, images=model.vision is not False
+            new_messages=await self.worker.run_if(
+                len(input_items) > LARGE_INPUT,
+                partial(
+                    render.render_items, input_items, tools.names, images=model.vision is not False
+                ),
             ),
             owner=owner,
             mcp=setup,
@@ -749,20 +759,31 @@ class ResponsesService:
     async def _save(self, run: ResponseRun, pending: Sequence[Event] = ()) -> None:
         """Store the response; ``pending`` are its events not yet handed to the sink
         (they are stored with it, then sent: nothing is sent before it is durable)."""
-        request = run.request
-        if not request.store:
+        if not run.request.store:
             return
+        large = len(run.prepared.input_items) > LARGE_INPUT
+        record = await self.worker.run_if(large, partial(self._record, run, pending))
+        await self.store.save_response(record)
+        run.stored_json = record.body
+        if self._repairing is not None:
+            self._storage_works.set()
+
+    def _record(self, run: ResponseRun, pending: Sequence[Event]) -> ResponseRecord:
+        request = run.request
         response = run.builder.response
         output = response["output"]
         output_items = tuple(_stored(item) for item in output)
         turn = dumps(_turn_messages(run.prepared, output))
         finished = response["status"] not in ("queued", "in_progress")
-        input_items = tuple(_stored(item) for item in run.prepared.input_items)
+        prepared = run.prepared
+        if prepared.stored_inputs is None:  # the same at every save of a background response
+            prepared.stored_inputs = tuple(_stored(item) for item in prepared.input_items)
+        input_items = prepared.stored_inputs
         conversation_items: tuple[StoredItem, ...] = ()
         if request.conversation_id is not None and finished:
             conversation_items = input_items + output_items
         body = dumps(response)
-        record = ResponseRecord(
+        return ResponseRecord(
             id=run.id,
             owner=run.prepared.owner,
             created_at=run.created_at,
@@ -780,10 +801,6 @@ class ResponsesService:
             conversation_items=conversation_items,
             mcp_listed=run.prepared.mcp_listed,
         )
-        await self.store.save_response(record)
-        run.stored_json = body
-        if self._repairing is not None:
-            self._storage_works.set()
 
     # --- reading ----------------------------------------------------------
 
@@ -869,7 +886,7 @@ class ResponsesService:
         """What the next turn's input would cost: the upstream tokenises the rendered
         prompt (one token generated), so the count is the upstream's own."""
         body = {**body, "stream": False, "background": False, "store": False}
-        prepared = await self.prepare(self.parse(body), owner)
+        prepared = await self.prepare(await self.parse(body), owner)
         settings = {**prepared.settings, "max_tokens": 1, "temperature": 0}
         messages = render.join_message_arrays(
             [dumps(prepared.system), *self._fit_history(prepared),
@@ -890,7 +907,7 @@ class ResponsesService:
         if not body.get("model"):
             raise BadRequest("Missing required parameter: 'model'.", param="model")
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
-        prepared = await self.prepare(self.parse(body), owner)
+        prepared = await self.prepare(await self.parse(body), owner)
         transcript = render.join_message_arrays(
             [*self._fit_history(prepared), dumps(prepared.new_messages)]
         )
@@ -958,6 +975,26 @@ class ResponsesService:
             except Exception:
                 log.exception("purging expired responses failed")
             await asyncio.sleep(interval)
+
+
+# Inputs and histories with more items than this are read and rendered in the worker
+# thread: at about 10 µs an item, more would hold the event loop for over 10 ms.
+LARGE_INPUT = 1000
+
+
+def _count(value: Any) -> int:
+    return len(value) if isinstance(value, list) else 1
+
+
+def _render_stored(
+    items: Sequence[StoredItem], names: ToolNames, *, images: bool
+) -> tuple[str, set[str]]:
+    """A conversation's stored items as one chat message array text, and the MCP servers
+    they listed."""
+    parsed = [loads(i.json) for i in items]
+    rendered = dumps(render.render_items(parsed, names, images=images))
+    listed = {i["server_label"] for i in parsed if i.get("type") == "mcp_list_tools"}
+    return rendered, listed
 
 
 def _turn_messages(prepared: Prepared, output: list[dict[str, Any]]) -> list[dict[str, Any]]:

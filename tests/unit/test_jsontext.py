@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 
-from proxy.jsontext import JSONDecodeError, dumps, dumps_bytes, loads, loads_request
+from proxy.jsontext import (
+    JSONDecodeError,
+    TooManyItems,
+    dumps,
+    dumps_bytes,
+    dumps_bytes_in_pieces,
+    loads,
+    loads_request,
+    loads_request_in_pieces,
+)
 
 BIG = 123456789012345678901234567890
 
@@ -126,7 +135,7 @@ def test_nesting_too_deep_is_a_decode_error_not_a_crash() -> None:
 LONG = "9" * 4301
 
 
-@pytest.mark.parametrize("parse", [loads, loads_request])
+@pytest.mark.parametrize("parse", [loads, loads_request, loads_request_in_pieces])
 @pytest.mark.parametrize(
     "text",
     [
@@ -153,3 +162,73 @@ def test_bytes_that_are_not_text_stay_a_unicode_error_for_loads() -> None:
     """Only the digit limit is turned into a decode error; undecodable bytes are not."""
     with pytest.raises(UnicodeDecodeError):
         loads(b'{"a": "\xff", "n": 1234567890123456789012}')
+
+
+# --- large request bodies, read and written in pieces ------------------------------
+
+BODIES: list[bytes] = [
+    *(dumps_bytes(value) for value in VALUES if not isinstance(value, dict) or
+      all(isinstance(key, str) for key in value)),
+    b' \n{ "model" : "m" , "input" : [ {"role": "user"} , 1 , [ ] , "x" ] , "n": {} } \n',
+    b'{"a": [], "b": {}, "a": [1]}',  # a repeated key: the last one counts
+    b'{"seed": [123456789012345678901234567890], "s": "\\ud83d \\u00e9"}',
+    '{"é": ["✓", {"😀": null}]}'.encode(),
+    b"[1, [2, [3]], {}]",
+    b'"just a string"',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", BODIES)
+def test_a_body_read_in_pieces_is_the_same_value(text: bytes) -> None:
+    """What loads_request_in_pieces reads is what loads_request reads."""
+    assert loads_request_in_pieces(text) == loads_request(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a": NaN}',
+        b'{"input": [1, -Infinity]}',
+        b'{"a": 1e400}',
+        b'{"a": 1',
+        b'{"a": [1, 2}',
+        b'{"a": [1,]}',
+        b'{"a": 1,}',
+        b'{"a" 1}',
+        b"{'a': 1}",
+        b'{"a": 1} trailing',
+        b'{"a": "tab\tinside"}',
+        b"",
+        "\ufeff{}".encode(),
+    ],
+)
+def test_a_body_read_in_pieces_refuses_what_loads_request_refuses(text: bytes) -> None:
+    """The same texts are refused, each with a message and a position."""
+    with pytest.raises(JSONDecodeError):
+        loads_request(text)
+    with pytest.raises(JSONDecodeError) as caught:
+        loads_request_in_pieces(text)
+    assert caught.value.msg and caught.value.lineno >= 1
+
+
+def test_a_body_read_in_pieces_must_be_utf8_and_not_too_deep() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        loads_request_in_pieces(b'{"a": "\xff"}')
+    with pytest.raises(JSONDecodeError, match="nested too deeply"):
+        loads_request_in_pieces(b'{"a": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}")
+
+
+def test_an_array_over_its_limit_stops_the_reading() -> None:
+    """A top-level array longer than its limit raises TooManyItems naming it, before
+    the rest of the body is read (a syntax error further on is never reached)."""
+    text = b'{"input": [1, 2, 3, 4], "rest": [' + b"oops"
+    with pytest.raises(TooManyItems) as caught:
+        loads_request_in_pieces(text, {"input": 3})
+    assert (caught.value.key, caught.value.limit) == ("input", 3)
+    assert loads_request_in_pieces(b'{"input": [1, 2, 3]}', {"input": 3}) == {"input": [1, 2, 3]}
+
+
+@pytest.mark.parametrize("value", [json.loads(text) for text in BODIES])
+def test_a_body_written_in_pieces_is_the_same_bytes(value: Any) -> None:
+    """dumps_bytes_in_pieces writes what dumps_bytes writes."""
+    assert dumps_bytes_in_pieces(value) == dumps_bytes(value)
