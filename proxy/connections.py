@@ -121,16 +121,26 @@ class ReadClock:
         else:
             self._idle_since = now
 
-    def deadline(self) -> Deadline | None:
+    def due(self) -> float | None:
+        """When the next deadline passes (``deadline`` says which), allocating nothing:
+        it is asked after every read and every answer."""
         if self._body_since is not None:
-            return Deadline(self._body_since + self.body_timeout, "body")
+            return self._body_since + self.body_timeout
         if self.unanswered:
             return None
         if self._head_since is not None:
-            return Deadline(self._head_since + self.header_timeout, "header")
+            return self._head_since + self.header_timeout
         if self._idle_since is not None:
-            return Deadline(self._idle_since + self.idle_timeout, "idle")
+            return self._idle_since + self.idle_timeout
         return None
+
+    def deadline(self) -> Deadline | None:
+        when = self.due()
+        if when is None:
+            return None
+        if self._body_since is not None:
+            return Deadline(when, "body")
+        return Deadline(when, "header" if self._head_since is not None else "idle")
 
 
 class OncePerInterval:

@@ -226,8 +226,8 @@ class ClientConnection(RequestHandler):
         queued = len(self._messages)
         super().data_received(data)
         now = self._loop.time()
-        parsed = list(islice(self._messages, queued, None))
-        for message, payload in parsed:
+        parsed = len(self._messages) - queued
+        for message, payload in islice(self._messages, queued, None) if parsed else ():
             if isinstance(message, RawRequestMessage):
                 self._line_length, self._line_done = 0, False
             elif self._body is not None:
@@ -260,14 +260,14 @@ class ClientConnection(RequestHandler):
         self._clock.body_received()
         self._arm()
 
-    async def finish_response(
-        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
-    ) -> tuple[StreamResponse, bool]:
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            self._clock.answered(self._loop.time())
-            self._arm()
+    def log_access(
+        self, request: BaseRequest, response: StreamResponse, time: float | None
+    ) -> None:
+        # aiohttp calls this once per answer, when it is written (or the client has gone):
+        # the one synchronous hook at that point. Its access log is off (lmbridge writes
+        # its own request line).
+        self._clock.answered(self._loop.time())
+        self._arm()
 
     # --- errors --------------------------------------------------------------------
 
@@ -321,15 +321,17 @@ class ClientConnection(RequestHandler):
     # --- deadlines -----------------------------------------------------------------
 
     def _arm(self) -> None:
-        deadline = self._clock.deadline()
+        """Make sure a timer fires by the deadline. A timer set for earlier is left: when
+        it fires it looks again (so a busy connection costs no timer per request)."""
+        when = self._clock.due()
+        if when is None or self.transport is None:
+            return
         timer = self._timer
         if timer is not None:
-            if deadline is not None and timer.when() == deadline.when:
+            if timer.when() <= when:
                 return
             timer.cancel()
-            self._timer = None
-        if deadline is not None and self.transport is not None:
-            self._timer = self._loop.call_at(deadline.when, self._expired)
+        self._timer = self._loop.call_at(when, self._expired)
 
     def _disarm(self) -> None:
         if self._timer is not None:
