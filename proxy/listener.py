@@ -11,7 +11,9 @@ request body. ``ClientConnection`` keeps aiohttp's parser and request flow and a
 timer of its own from a ``ReadClock``; aiohttp's keep-alive timer stays, set beyond every
 deadline of ours, as a backstop. To see a head complete before its handler runs it reads
 ``RequestHandler._messages``, the queue of parsed heads and their body streams: aiohttp
-has no public hook at that point.
+has no public hook at that point. An answer's end it learns from ``log_access``, which
+aiohttp calls once per answer written. The parser's errors it answers in
+``handle_error``, aiohttp's one place for them.
 """
 
 from __future__ import annotations
