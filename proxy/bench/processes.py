@@ -41,11 +41,14 @@ async def start_child(args: list[str], log: Path) -> tuple[asyncio.subprocess.Pr
         raise BenchError(f"{' '.join(args[1:])} did not start:\n{last_lines(log)}") from None
 
 
-async def start_daemon(args: list[str], log: Path) -> asyncio.subprocess.Process:
-    """``lmbridge serve ARGS`` from this installation, its output in ``log``."""
+async def start_daemon(
+    args: list[str], log: Path, command: list[str] | None = None
+) -> asyncio.subprocess.Process:
+    """``lmbridge serve ARGS`` (``command``, else this installation's), its output in
+    ``log``."""
     with log.open("ab") as output:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", *args,
+            *(command or [sys.executable, "-m", "proxy"]), "serve", *args,
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
         )  # fmt: skip

@@ -78,6 +78,11 @@ REPAIR_INTERVAL = 5.0
 CONVERSATION_LEASE = 60
 
 
+# A release that failed is tried again after 0.25 s, then at doubling intervals.
+RELEASE_RETRY_FIRST = 0.25
+RELEASE_RETRIES = 8
+
+
 def owner_of(api_key: bytes | None) -> str:
     """Stored objects belong to the hash of the key that created them ("" without keys)."""
     return hashlib.sha256(api_key).hexdigest()[:32] if api_key else ""
@@ -321,8 +326,22 @@ class ResponsesService:
         try:
             await self.store.release_conversation(turn.conversation_id, turn.holder)
         except StorageError as exc:
-            log.warning("could not release a conversation (free again in %gs at most): %s",
-                        self.conversation_lease, exc)  # fmt: skip
+            # A writer that died is replaced on the next write: try again shortly rather
+            # than leave the conversation locked for the rest of the lease.
+            log.warning("could not release a conversation, trying again: %s", exc)
+            self.tasks.spawn(self._release_later(turn), f"release {turn.conversation_id}")
+
+    async def _release_later(self, turn: ConversationTurn) -> None:
+        delay = RELEASE_RETRY_FIRST
+        for _ in range(RELEASE_RETRIES):
+            await asyncio.sleep(delay)
+            try:
+                await self.store.release_conversation(turn.conversation_id, turn.holder)
+                return
+            except StorageError:
+                delay = min(delay * 2, self.lease_renewal)
+        log.warning("could not release a conversation (free again in %gs at most)",
+                    self.conversation_lease)  # fmt: skip
 
     async def prepare(self, request: CreateRequest, owner: str) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")

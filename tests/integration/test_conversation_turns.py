@@ -161,3 +161,35 @@ async def test_turns_continuing_one_response_branch_from_it(proxy, fake_upstream
         "more",
     ]
     assert right["previous_response_id"] == root["id"]
+
+
+async def test_a_release_that_fails_is_tried_again(proxy, fake_upstream, monkeypatch):
+    """When storing the end of a turn's claim fails (the writer died at that moment),
+    the conversation is freed as soon as storage works again, not after the lease."""
+    from storage.errors import StorageError
+
+    conv = await conversation(proxy)
+    store = proxy.server.app[STORE]
+    real = store.release_conversation
+    failures = [StorageError("the writer process is gone")]
+
+    async def release_once_failing(*args):
+        if failures:
+            raise failures.pop()
+        return await real(*args)
+
+    monkeypatch.setattr(store, "release_conversation", release_once_failing)
+    proxy.server.app[RESPONSES].lease_renewal = 0.05
+    await create(proxy, input="one", conversation=conv)
+    assert not failures
+
+    async def free() -> bool:
+        resp = await proxy.post(R, json={"model": "test-model", "input": "x", "conversation": conv})
+        return resp.status == 200
+
+    for _ in range(100):
+        if await free():
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the conversation stayed locked")
