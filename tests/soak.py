@@ -162,13 +162,17 @@ async def verify(
     """Every acknowledged id is readable; a sample is continuable."""
     missing: list[str] = []
     unfinished = 0
-    for response_id in ids:
-        async with session.get(f"{base}{RESPONSES}/{response_id}") as resp:
+    gate = asyncio.Semaphore(32)
+
+    async def check(response_id: str) -> None:
+        nonlocal unfinished
+        async with gate, session.get(f"{base}{RESPONSES}/{response_id}") as resp:
             if resp.status != 200:
                 missing.append(response_id)
-                continue
-            if (await resp.json())["status"] in ("queued", "in_progress"):
+            elif (await resp.json())["status"] in ("queued", "in_progress"):
                 unfinished += 1
+
+    await asyncio.gather(*(check(response_id) for response_id in ids))
     continued = 0
     for response_id in random.sample(ids, min(sample, len(ids))):
         body = {"model": BENCH_MODEL, "input": "Again.", "previous_response_id": response_id}
