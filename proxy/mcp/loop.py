@@ -27,7 +27,8 @@ from typing import Any
 from proxy.jsontext import JSONDecodeError, loads
 from proxy.mcp.names import ToolDirectory, ToolRef
 from proxy.mcp.results import ToolOutput, error_output
-from proxy.mcp.rounds import Call, Round, chat_usage, sum_usage
+from proxy.mcp.rounds import Call, Round
+from proxy.usage import add_usage, chat_usage
 
 log = logging.getLogger("lmbridge.mcp")
 
@@ -126,7 +127,7 @@ class ToolLoop:
                 assert complete is not None
                 reply.feed_completion(await complete(request))
             reply.finish()
-            usage = sum_usage(usage, reply.usage)
+            usage = add_usage(usage, reply.usage)
             last = reply
             calls = reply.mcp_calls
             if not calls or forced_final:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.mcp.text_calls import find_text_calls
-from proxy.responses.builder import add_usage, usage_from_chat
+from proxy.tool_deltas import arguments_piece, delta_index, merge_name
+from proxy.usage import usage_from_chat
 
 
 @dataclass
@@ -104,9 +105,8 @@ class Round:
         return [out]
 
     def _call_delta(self, delta: dict[str, Any], position: int) -> list[dict[str, Any]]:
-        index = delta.get("index")
-        if not isinstance(index, int) or isinstance(index, bool):
-            index = self._index_without_index(delta, position)
+        ids = {index: call.id for index, call in self.calls.items()}
+        index = delta_index(delta, position, ids, self.calls)
         call = self.calls.get(index)
         if call is None:
             call = self.calls[index] = Call(index)
@@ -116,10 +116,10 @@ class Round:
             delta["function"] if isinstance(delta.get("function"), dict) else {}
         )
         name = function.get("name")
-        if isinstance(name, str) and name and name != call.name:
-            call.name = call.name + name if call.kind == "pending" and call.name else name
-        arguments = function.get("arguments")
-        if isinstance(arguments, str) and arguments:
+        if isinstance(name, str):
+            call.name = merge_name(call.name, name)
+        arguments = arguments_piece(function.get("arguments"))
+        if arguments is not None:
             call.arguments.append(arguments)
         if call.kind == "pending" and call.name:
             call.kind = "client" if self._is_client_tool(call.name) else "mcp"
@@ -139,15 +139,6 @@ class Round:
             relayed["index"] = call.client_index
             out.append(relayed)
         return out
-
-    def _index_without_index(self, delta: dict[str, Any], position: int) -> int:
-        given = delta.get("id")
-        if isinstance(given, str) and given:
-            for index, call in self.calls.items():
-                if call.id == given:
-                    return index
-            return max([*self.calls, -1]) + 1
-        return max(self.calls) if self.calls else position
 
     # --- a whole completion ------------------------------------------------
 
@@ -213,22 +204,3 @@ class Round:
         if calls:
             message["tool_calls"] = [c.as_chat() for c in calls]
         return message
-
-
-def sum_usage(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    return add_usage(a, b)
-
-
-def chat_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Responses-form usage back to the chat completions form."""
-    if usage is None:
-        return None
-    return {
-        "prompt_tokens": usage["input_tokens"],
-        "completion_tokens": usage["output_tokens"],
-        "total_tokens": usage["total_tokens"],
-        "prompt_tokens_details": {"cached_tokens": usage["input_tokens_details"]["cached_tokens"]},
-        "completion_tokens_details": {
-            "reasoning_tokens": usage["output_tokens_details"]["reasoning_tokens"]
-        },
-    }

@@ -16,7 +16,6 @@ Upstream quirks absorbed here: tool-call deltas that repeat ``id`` and
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,53 +24,10 @@ from typing import Any
 
 from proxy.ids import new_id
 from proxy.responses.render import ToolNames
+from proxy.tool_deltas import arguments_piece, delta_index, merge_name
+from proxy.usage import add_usage, usage_from_chat
 
 Event = dict[str, Any]
-
-
-def usage_from_chat(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not isinstance(usage, dict):
-        return None
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {
-            "cached_tokens": _int(prompt_details.get("cached_tokens")),
-            "cache_write_tokens": 0,
-        },
-        "output_tokens": completion,
-        "output_tokens_details": {
-            "reasoning_tokens": _int(completion_details.get("reasoning_tokens")),
-        },
-        "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
-    }
-
-
-def add_usage(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Usage summed over several upstream calls (tool loops)."""
-    if a is None or b is None:
-        return a or b
-    return {
-        "input_tokens": a["input_tokens"] + b["input_tokens"],
-        "input_tokens_details": {
-            "cached_tokens": a["input_tokens_details"]["cached_tokens"]
-            + b["input_tokens_details"]["cached_tokens"],
-            "cache_write_tokens": 0,
-        },
-        "output_tokens": a["output_tokens"] + b["output_tokens"],
-        "output_tokens_details": {
-            "reasoning_tokens": a["output_tokens_details"]["reasoning_tokens"]
-            + b["output_tokens_details"]["reasoning_tokens"]
-        },
-        "total_tokens": a["total_tokens"] + b["total_tokens"],
-    }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 # What _event returns when nobody will see the events (a non-streamed foreground
@@ -270,9 +226,8 @@ class ResponseBuilder:
         return events
 
     def _call_delta(self, delta: dict[str, Any], position: int) -> list[Event]:
-        index = delta.get("index")
-        if not isinstance(index, int) or isinstance(index, bool):
-            index = self._index_without_index(delta, position)
+        ids = {index: call.call_id for index, call in self._calls.items()}
+        index = delta_index(delta, position, ids, [*self._calls, *self._dropped_calls])
         if index in self._dropped_calls:
             return []
         function: dict[str, Any] = (
@@ -309,13 +264,10 @@ class ResponseBuilder:
             self._calls[index] = call
             _, added = self._add_item(body, call)
             events.append(added)
-        elif name and name != call.flat_name and call.kind == "function":
-            # llama-cpp-python repeats the whole name in every delta; a few servers
-            # stream it in pieces.
-            self._set_name(call, call.flat_name + name)
-        if isinstance(arguments, dict):  # a server that sends parsed arguments
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        if isinstance(arguments, str) and arguments:
+        elif call.kind == "function":
+            self._set_name(call, merge_name(call.flat_name, name))
+        arguments = arguments_piece(arguments)
+        if arguments is not None:
             call.arguments.append(arguments)
             kind = {"function": "response.function_call_arguments.delta",
                     "mcp": "response.mcp_call_arguments.delta"}.get(call.kind)  # fmt: skip
@@ -324,19 +276,6 @@ class ResponseBuilder:
                     kind, item_id=call.body["id"], output_index=call.index, delta=arguments,
                 ))  # fmt: skip
         return events
-
-    def _index_without_index(self, delta: dict[str, Any], position: int) -> int:
-        """Some servers omit ``index``: a delta with a known id continues that call, a new
-        id starts a new call, and a delta with neither continues the latest one."""
-        given = delta.get("id")
-        if isinstance(given, str) and given:
-            for index, call in self._calls.items():
-                if call.call_id == given:
-                    return index
-            return max([*self._calls, *self._dropped_calls, -1]) + 1
-        if self._calls:
-            return max(self._calls)
-        return position
 
     def _set_name(self, call: _Call, flat: str) -> None:
         call.flat_name = flat

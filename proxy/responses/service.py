@@ -51,7 +51,6 @@ from proxy.responses.builder import (
     PendingMcpCall,
     ResponseBuilder,
     replay_events,
-    usage_from_chat,
 )
 from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
 from proxy.responses.objects import list_page, response_object
@@ -59,6 +58,7 @@ from proxy.responses.render import ChatTools, ToolNames
 from proxy.responses.request import CreateRequest, normalize_item, parse_create
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
+from proxy.usage import usage_from_chat
 from storage.errors import StorageError
 from storage.records import ResponseRecord, ResponseStore, StoredItem
 

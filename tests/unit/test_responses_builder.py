@@ -23,15 +23,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from proxy.errors import CircuitOpen, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
 from proxy.responses import service
-from proxy.responses.builder import (
-    ResponseBuilder,
-    add_usage,
-    replay_events,
-    usage_from_chat,
-)
+from proxy.responses.builder import ResponseBuilder, replay_events
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.render import convert_tools
 from proxy.responses.request import parse_create
+from proxy.usage import usage_from_chat
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 # The union's members by their ``type``, to report a failed validation readably.
@@ -1046,80 +1042,6 @@ def test_feed_ignores_empty_and_malformed_chunks(junk: dict[str, Any]) -> None:
     assert builder.feed(junk) == []
     assert builder.output == []
     assert builder.finish_reason is None
-
-
-# --- usage --------------------------------------------------------------------------------
-
-ZERO_DETAILS = {"cached_tokens": 0, "cache_write_tokens": 0}
-USAGE_CASES = [
-    ("none", None, None),
-    ("not-an-object", "12", None),
-    ("full", CHAT_USAGE, USAGE),
-    (
-        "no-details",
-        {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        {
-            "input_tokens": 5,
-            "input_tokens_details": ZERO_DETAILS,
-            "output_tokens": 7,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 12,
-        },
-    ),
-    (
-        "no-total",
-        {"prompt_tokens": 5, "completion_tokens": 7, "prompt_tokens_details": None},
-        {
-            "input_tokens": 5,
-            "input_tokens_details": ZERO_DETAILS,
-            "output_tokens": 7,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 12,
-        },
-    ),
-    (
-        "junk-values",
-        {"prompt_tokens": "5", "completion_tokens": True, "total_tokens": None},
-        {
-            "input_tokens": 0,
-            "input_tokens_details": ZERO_DETAILS,
-            "output_tokens": 0,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 0,
-        },
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ("chat", "expected"), [c[1:] for c in USAGE_CASES], ids=[c[0] for c in USAGE_CASES]
-)
-def test_usage_from_chat(chat: Any, expected: dict[str, Any] | None) -> None:
-    """Chat usage maps to Responses usage (input/cached/output/reasoning/total tokens)."""
-    assert usage_from_chat(chat) == expected
-
-
-def test_add_usage() -> None:
-    """Usage of several upstream calls is summed; a missing side leaves the other."""
-    other = usage_from_chat(
-        {
-            "prompt_tokens": 10,
-            "completion_tokens": 2,
-            "total_tokens": 12,
-            "prompt_tokens_details": {"cached_tokens": 3},
-            "completion_tokens_details": {"reasoning_tokens": 1},
-        }
-    )
-    assert add_usage(None, None) is None
-    assert add_usage(USAGE, None) == USAGE
-    assert add_usage(None, USAGE) == USAGE
-    assert add_usage(USAGE, other) == {
-        "input_tokens": 130,
-        "input_tokens_details": {"cached_tokens": 103, "cache_write_tokens": 0},
-        "output_tokens": 32,
-        "output_tokens_details": {"reasoning_tokens": 13},
-        "total_tokens": 162,
-    }
 
 
 # --- objects ------------------------------------------------------------------------------
