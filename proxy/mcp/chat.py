@@ -17,8 +17,9 @@ from proxy import chat_upstream
 from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamError
 from proxy.keys import CONFIG, MCP, METRICS, OPEN_STREAM, OWNER, TURNS, UPSTREAM
-from proxy.mcp.loop import LIMIT_NOTE, LoopResult, ToolLoop
+from proxy.mcp.loop import LoopResult, ToolLoop
 from proxy.mcp.names import ToolRef
+from proxy.mcp.policy import LIMIT_NOTE
 from proxy.mcp.results import ToolOutput
 from proxy.middleware import stream_headers
 from proxy.sse import DONE_EVENT, encode_event

@@ -17,15 +17,14 @@ without it the loop returns one chat completion.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.jsontext import JSONDecodeError, loads
 from proxy.mcp.names import ToolDirectory, ToolRef
+from proxy.mcp.policy import LIMIT_NOTE, Answered, LoopPolicy
 from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.rounds import Call, Round
 from proxy.usage import add_usage, chat_usage
@@ -39,11 +38,6 @@ StreamChat = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 # One upstream chat call, not streamed: the completion.
 CompleteChat = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 Emit = Callable[[list[dict[str, Any]]], Awaitable[None]]
-
-LIMIT_NOTE = (
-    "The tool-call limit of this request is reached: answer now with what you have, "
-    "without calling more tools."
-)
 
 
 @dataclass
@@ -90,7 +84,7 @@ class ToolLoop:
         self.text_tool_calls = text_tool_calls
         self.images = images
         self.traces: list[ToolTrace] = []
-        self._seen: dict[tuple[str, str], ToolOutput] = {}
+        self.policy = LoopPolicy(max_rounds=max_rounds, max_tool_calls=max_tool_calls)
 
     async def run(
         self,
@@ -104,11 +98,12 @@ class ToolLoop:
         usage: dict[str, Any] | None = None
         stream_id: str | None = None
         last: Round | None = None
-        rounds = 0
+        policy = self.policy
         forced_final = False
         ended_mid_round = False
         while True:
-            rounds += 1
+            policy.next_round()
+            rounds = policy.rounds
             request = {**body, "messages": messages}
             if forced_final:
                 request["tool_choice"] = "none"
@@ -144,12 +139,12 @@ class ToolLoop:
             if reply.client_calls:
                 ended_mid_round = True
                 break  # the client's tools: its turn now (MCP calls of this turn are done)
-            if rounds >= self.max_rounds or len(self.traces) >= self.max_tool_calls:
+            if policy.must_finish():
                 log.info(
                     "tool loop limit reached after %d round(s), %d call(s): asking for the"
                     " final answer",
                     rounds,
-                    len(self.traces),
+                    policy.calls,
                 )
                 messages.append({"role": "user", "content": LIMIT_NOTE})
                 forced_final = True
@@ -158,13 +153,8 @@ class ToolLoop:
         return LoopResult(completion, self.traces, rounds, messages, ended_mid_round)
 
     async def _run_calls(self, calls: Sequence[Call]) -> list[ToolOutput]:
-        budget = self.max_tool_calls - len(self.traces)
-        runs = []
-        for position, call in enumerate(calls):
-            if position >= budget:
-                runs.append(self._skipped(call))
-            else:
-                runs.append(self._run_one(call))
+        # Admitted in call order, run together.
+        runs = [self._run_one(call) if self.policy.admit() else self._skipped() for call in calls]
         return list(await asyncio.gather(*runs))
 
     def _unknown(self, name: str) -> ToolOutput:
@@ -174,8 +164,8 @@ class ToolLoop:
             + (", ".join(names) or "none")
         )
 
-    async def _skipped(self, call: Call) -> ToolOutput:
-        return error_output("not run: the tool-call limit of this request is reached")
+    async def _skipped(self) -> ToolOutput:
+        return self.policy.over_budget()
 
     async def _run_one(self, call: Call) -> ToolOutput:
         ref = self.directory.route(call.name)
@@ -183,33 +173,13 @@ class ToolLoop:
         repeated = False
         if ref is None:
             output = self._unknown(call.name)
-            self.traces.append(ToolTrace(call.id, None, call.name, call.arguments_text,
-                                         output, 0.0))  # fmt: skip
-            return output
-        try:
-            arguments = loads(call.arguments_text or "{}")
-        except JSONDecodeError as exc:
-            output = error_output(
-                f"the arguments are not valid JSON ({exc.msg}); send a JSON "
-                "object that matches the tool's schema"
-            )
         else:
-            if not isinstance(arguments, dict):
-                output = error_output("the arguments must be a JSON object")
+            decision = self.policy.decide(call.name, call.arguments_text)
+            if isinstance(decision, Answered):
+                output, repeated = decision.output, decision.repeated
             else:
-                key = (call.name, json.dumps(arguments, sort_keys=True))
-                earlier = self._seen.get(key)
-                if earlier is not None:
-                    repeated = True
-                    output = ToolOutput(
-                        f"{earlier.text}\n[lmbridge: same call with the same arguments as "
-                        "before in this request; this is that call's result, not run again]",
-                        earlier.is_error,
-                        earlier.images,
-                    )
-                else:
-                    output = await self.call_tool(ref, arguments)
-                    self._seen[key] = output
+                output = await self.call_tool(ref, decision.arguments)
+                self.policy.remember(decision, output)
         self.traces.append(ToolTrace(call.id, ref, call.name, call.arguments_text, output,
                                      time.perf_counter() - started, repeated))  # fmt: skip
         return output

@@ -40,8 +40,7 @@ from proxy.errors import (
 )
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
-from proxy.mcp.loop import LIMIT_NOTE
-from proxy.mcp.results import error_output
+from proxy.mcp.policy import LIMIT_NOTE, Answered, Decision, LoopPolicy
 from proxy.mcp.servers import MCPServers
 from proxy.responses import render
 from proxy.responses.builder import (
@@ -543,6 +542,7 @@ class ResponsesService:
         max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
         max_rounds = min(limits.max_rounds, prepared.request.mcp_max_rounds or 1 << 30)
         extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
+        policy = LoopPolicy(max_rounds=max_rounds, max_tool_calls=max_calls)
         if setup is not None:
             for label, tools, error in setup.to_list:
                 await sink(builder.list_tools(label, tools, error))
@@ -551,13 +551,12 @@ class ResponsesService:
                                                request_item.get("arguments") or "{}",
                                                request_item["id"])  # fmt: skip
                 await sink(builder.added_events(pending))
-                await self._run_mcp(setup, pending, target, builder, sink)
+                decision = policy.decide(pending.flat_name, pending.arguments)
+                await self._run_mcp(setup, pending, target, decision, policy, builder, sink)
                 extra += render.render_items([pending.item], prepared.tools.names)
-        calls_made = 0
-        rounds = 0
         forced = False
         while True:
-            rounds += 1
+            policy.next_round()
             first_item = len(builder.items)
             overrides = {"tool_choice": "none"} if forced else None
             if streamed:
@@ -572,21 +571,27 @@ class ResponsesService:
             runnable = [p for p in pending_calls if p.call.kind == "mcp"]
             if not forced:
                 # Also when the client's own tools or an approval end the loop below: the
-                # MCP calls of the same turn run first.
-                await asyncio.gather(*(
-                    self._run_mcp(setup, p, setup.targets[p.flat_name], builder, sink)
+                # MCP calls of the same turn run first. Admitted in order, run together.
+                decisions = [
+                    policy.decide(p.flat_name, p.arguments)
+                    if policy.admit()
+                    else Answered(policy.over_budget())
                     for p in runnable
+                ]
+                await asyncio.gather(*(
+                    self._run_mcp(setup, p, setup.targets[p.flat_name], decision, policy,
+                                  builder, sink)
+                    for p, decision in zip(runnable, decisions, strict=True)
                 ))  # fmt: skip
-            calls_made += len(runnable)
             waits_for_client = any(p.call.kind == "approval" for p in pending_calls) or any(
                 call["status"] == "in_progress" for call in builder.function_calls()
             )
             if forced or not runnable or waits_for_client:
                 return
             extra += render.render_items(builder.output[first_item:], prepared.tools.names)
-            if rounds >= max_rounds or calls_made >= max_calls:
+            if policy.must_finish():
                 log.info("tool loop limit reached after %d round(s), %d call(s): asking for "
-                         "the final answer", rounds, calls_made)  # fmt: skip
+                         "the final answer", policy.rounds, policy.calls)  # fmt: skip
                 extra.append({"role": "user", "content": LIMIT_NOTE})
                 forced = True
             builder.new_round()
@@ -596,18 +601,16 @@ class ResponsesService:
         setup: McpSetup,
         pending: PendingMcpCall,
         target: McpTarget,
+        decision: Decision,
+        policy: LoopPolicy,
         builder: ResponseBuilder,
         sink: Sink,
     ) -> None:
-        try:
-            arguments = loads(pending.arguments or "{}")
-        except ValueError as exc:
-            output = error_output(f"the arguments are not valid JSON ({exc})")
+        if isinstance(decision, Answered):
+            output = decision.output
         else:
-            if not isinstance(arguments, dict):
-                output = error_output("the arguments must be a JSON object")
-            else:
-                output = await run_mcp_call(setup, self.mcp, target, arguments)
+            output = await run_mcp_call(setup, self.mcp, target, decision.arguments)
+            policy.remember(decision, output)
         error: dict[str, Any] | None = None
         if output.is_error:
             error = (

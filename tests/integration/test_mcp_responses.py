@@ -490,3 +490,27 @@ async def test_bad_mcp_max_rounds_is_400(proxy):
     resp = await proxy.post(R, json={"model": "test-model", "input": "x", "mcp_max_rounds": 0})
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "mcp_max_rounds"
+
+
+async def test_the_loop_skips_repeats_and_stops_at_the_budget_inside_a_round(
+    make_proxy, fake_upstream
+):
+    """The Responses loop follows the same rules as chat completions' (proxy/mcp/policy):
+    a repeated identical call is answered from the first result, not run again, and a
+    round with more calls than the budget left runs only those within it."""
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__max_tool_calls=2)
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__add", '{"a": 1, "b": 1}'))))
+    second = tool_calls(
+        ("c2", "calc__add", '{"b": 1, "a": 1}'), ("c3", "calc__add", '{"a": 5, "b": 5}')
+    )
+    fake_upstream.add_reply(CHAT, Reply(json=second))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2")))
+    body = await create(proxy, input="1+1?", tools=[CALC_TOOL])
+    first, repeated, over = [item for item in body["output"] if item["type"] == "mcp_call"]
+    assert first["output"] == "2"
+    assert repeated["output"].startswith("2") and "not run again" in repeated["output"]
+    assert over["status"] == "failed" and "limit" in json.dumps(over["error"])
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_mcp_tool_calls_total{outcome="ok",server="calc",tool="add"} 1.0' in metrics
+    final = fake_upstream.requests_to(CHAT)[-1].body
+    assert final["tool_choice"] == "none"  # the budget is spent: the answer is asked for
