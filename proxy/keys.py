@@ -1,39 +1,46 @@
-"""Typed keys for what the app and each request share (aiohttp AppKey/RequestKey)."""
+"""Typed keys for what the app and each request share (aiohttp AppKey/RequestKey).
+
+The classes are imported for the type checker only: importing this module (every
+handler does) loads none of the packages whose objects the keys hold.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
-from proxy.browsers import BrowserPolicy
-from proxy.catalog import ModelCatalog
-from proxy.config import Config
-from proxy.logs import RequestLog
-from proxy.mcp.servers import MCPServers
-from proxy.mcp.turns import TurnMemory
-from proxy.metrics import Metrics
-from proxy.responses.service import ResponsesService
-from proxy.tasks import BackgroundTasks, WorkerThread
-from proxy.upstream import UpstreamClient
-from storage.sqlite import SQLiteStore
+if TYPE_CHECKING:
+    from proxy.browsers import BrowserPolicy
+    from proxy.catalog import ModelCatalog
+    from proxy.config import Config
+    from proxy.logs import RequestLog
+    from proxy.mcp.servers import MCPServers
+    from proxy.mcp.turns import TurnMemory
+    from proxy.metrics import Metrics
+    from proxy.responses.service import ResponsesService
+    from proxy.tasks import BackgroundTasks, WorkerThread
+    from proxy.upstream import UpstreamClient
+    from storage.sqlite import SQLiteStore
 
-CONFIG = web.AppKey("config", Config)
-METRICS = web.AppKey("metrics", Metrics)
-UPSTREAM = web.AppKey("upstream", UpstreamClient)
-CATALOG = web.AppKey("catalog", ModelCatalog)
-STORE = web.AppKey("store", SQLiteStore)
-REQUEST_LOG = web.AppKey("request_log", RequestLog)
-TASKS = web.AppKey("tasks", BackgroundTasks)
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
+CATALOG: web.AppKey[ModelCatalog] = web.AppKey("catalog")
+STORE: web.AppKey[SQLiteStore] = web.AppKey("store")
+REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
+TASKS: web.AppKey[BackgroundTasks] = web.AppKey("tasks")
 # The CPU work of large requests, off the event loop.
-WORKER = web.AppKey("worker", WorkerThread)
-MCP = web.AppKey("mcp", MCPServers)
+WORKER: web.AppKey[WorkerThread] = web.AppKey("worker")
+MCP: web.AppKey[MCPServers] = web.AppKey("mcp")
 # The MCP steps of chat-completions turns handed back to the client mid-loop.
-TURNS = web.AppKey("turns", TurnMemory)
-RESPONSES = web.AppKey("responses", ResponsesService)
+TURNS: web.AppKey[TurnMemory] = web.AppKey("turns")
+RESPONSES: web.AppKey[ResponsesService] = web.AppKey("responses")
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.
-API_KEYS = web.AppKey("api_keys", dict)
+API_KEYS: web.AppKey[dict[bytes, str]] = web.AppKey("api_keys")
 # server.allowed_hosts and server.cors_origins, applied to every request.
-BROWSERS = web.AppKey("browsers", BrowserPolicy)
+BROWSERS: web.AppKey[BrowserPolicy] = web.AppKey("browsers")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
