@@ -79,18 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.real:
-        from proxy.bench.real import run_real_bench
+    import importlib
 
-        return run_real_bench(args)
-    from proxy.bench.fake import format_report, run
+    from proxy.embedded import EmbeddedError
+
+    chosen = importlib.import_module("proxy.bench.real" if args.real else "proxy.bench.fake")
 
     try:
-        report = asyncio.run(run(args))
-    except BenchError as exc:
+        report = asyncio.run(chosen.run(args))
+    except (BenchError, EmbeddedError) as exc:
         sys.stderr.write(f"lmbridge bench: {exc}\n")
         return 1
-    sys.stdout.write(format_report(report))
+    sys.stdout.write(chosen.format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -12,9 +12,6 @@ straight to llama.cpp with its cache disabled (``cache_prompt: false``).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +19,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.bench.processes import BenchError, free_port, start_daemon, stop, wait_ready
+from proxy.bench.processes import free_port, start_daemon, stop, wait_ready
 from proxy.config import EmbeddedConfig
-from proxy.embedded import EmbeddedError, EmbeddedUpstream
+from proxy.embedded import EmbeddedUpstream
 
 RULES = [
     "Read the files you change before you change them.",
@@ -58,7 +55,7 @@ QUESTIONS = [
 ]
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="lmbridge-bench-real-"))
     embedded = EmbeddedUpstream(EmbeddedConfig(context_length=4096, parallel=1), tmp / "llama.log")
     upstream = await embedded.start()
@@ -153,7 +150,7 @@ async def _cold_prompt(
     }
 
 
-def format_real(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any]) -> str:
     lines = [
         "prompt cache across one /v1/responses chain on llama.cpp (SmolLM2-135M):",
         "",
@@ -169,15 +166,3 @@ def format_real(report: dict[str, Any]) -> str:
         f"{cold['prompt_tokens']} prompt tokens, {cold['seconds']:.3f} s"
     )
     return "\n".join(lines) + "\n"
-
-
-def run_real_bench(args: argparse.Namespace) -> int:
-    try:
-        report = asyncio.run(_run(args))
-    except (BenchError, EmbeddedError) as exc:
-        sys.stderr.write(f"lmbridge bench --real: {exc}\n")
-        return 1
-    sys.stdout.write(format_real(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
