@@ -6,37 +6,29 @@ store -> respond. The transport is not known here: ``execute`` hands events to
 a sink (an SSE writer, a background response's event log, or nothing), so the
 WebSocket mode can reuse it as it is.
 
-Durability: a response is written (and committed) before the client sees its
-final state: before the JSON reply, before ``response.completed``, and before
-a background response is acknowledged as queued. A background response's final
-state must reach storage, where it is polled and replayed from: when storage
-cannot take it, the response ends failed, and is stored so as soon as storage
-works again (``_store_final``, ``_repair``).
+Beside it, each in a module of its own: the run and its readers (``runs``), one turn
+at a time per conversation (``claims``), the turn sent upstream and fitted to the
+context (``upstream_turn``), storing and the durability rules (``recorder``), and
+what a failure becomes (``failures``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any
 
-from proxy import chat_upstream
-from proxy.catalog import ModelCatalog, ModelInfo
+from proxy.catalog import ModelCatalog
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
-    ConversationLocked,
-    LMBridgeError,
     NotFound,
     PreviousResponseNotFound,
     UpstreamError,
-    UpstreamStatus,
 )
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
@@ -51,149 +43,37 @@ from proxy.responses.builder import (
     ResponseBuilder,
     replay_events,
 )
+from proxy.responses.claims import ConversationClaims
+from proxy.responses.failures import (
+    client_error,
+    failure_code,
+    response_error_code,
+    response_not_found,
+)
 from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
 from proxy.responses.objects import list_page, response_object
-from proxy.responses.render import ChatTools, ToolNames
+from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
+from proxy.responses.render import ToolNames
 from proxy.responses.request import CreateRequest, normalize_item, parse_create
+from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, stop
+from proxy.responses.upstream_turn import (
+    CHAT_PATH,
+    ROUTE,
+    complete_chat,
+    fit_history,
+    stream_chat,
+)
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from proxy.usage import usage_from_chat
-from storage.errors import StorageError
-from storage.records import ResponseRecord, ResponseStore, StoredItem
+from storage.records import ResponseStore, StoredItem
 
 log = logging.getLogger("lmbridge.responses")
-
-CHAT_PATH = chat_upstream.CHAT_PATH
-ROUTE = "/v1/responses"
-Sink = Callable[[list[Event]], Awaitable[None]]
-
-UNSTORED = "lmbridge could not store the final state of this response."
-# How often the failed state of such responses is tried again, besides after any
-# write that succeeds.
-REPAIR_INTERVAL = 5.0
-# A turn holds its conversation for this long (clock seconds) unless it renews its
-# claim, as it does every third of it while it runs: a daemon that dies mid-turn
-# leaves the conversation busy no longer than this.
-CONVERSATION_LEASE = 60
-
-
-# A release that failed is tried again after 0.25 s, then at doubling intervals.
-RELEASE_RETRY_FIRST = 0.25
-RELEASE_RETRIES = 8
 
 
 def owner_of(api_key: bytes | None) -> str:
     """Stored objects belong to the hash of the key that created them ("" without keys)."""
     return hashlib.sha256(api_key).hexdigest()[:32] if api_key else ""
-
-
-async def _discard(events: list[Event]) -> None:
-    return None
-
-
-@dataclass
-class Prepared:
-    """Everything the upstream call needs, loaded and rendered."""
-
-    request: CreateRequest
-    model: ModelInfo
-    tools: ChatTools
-    settings: dict[str, Any]
-    system: list[dict[str, Any]]
-    history: list[str]  # JSON array texts, oldest turn first
-    history_tokens: list[int]
-    input_items: list[dict[str, Any]]
-    new_messages: list[dict[str, Any]]
-    owner: str
-    mcp: McpSetup | None = None
-    # Calls the client approved (mcp_approval_response): the request item and its target.
-    approved: list[tuple[dict[str, Any], McpTarget]] = field(default_factory=list)
-    mcp_listed: tuple[str, ...] = ()
-    # The input items as stored, made at the first save.
-    stored_inputs: tuple[StoredItem, ...] | None = None
-
-
-@dataclass
-class ConversationTurn:
-    """A turn's claim on its conversation (storage/records.py ``claim_conversation``)."""
-
-    conversation_id: str
-    owner: str
-    holder: str  # the response id
-    renewing: asyncio.Task[None] | None = None
-
-
-@dataclass
-class ResponseRun:
-    """One response being produced."""
-
-    id: str
-    prepared: Prepared
-    builder: ResponseBuilder
-    created_at: int
-    events: list[Event] = field(default_factory=list)
-    finished: bool = False
-    task: asyncio.Task[Any] | None = None
-    cancel_requested: bool = False
-    # A background run has begun (a cancel before then is seen when it begins: a task
-    # cancelled before its first step never runs its clean-up).
-    started: bool = False
-    # Its final state is decided: a cancel can no longer change it.
-    settling: bool = False
-    # Storage could not take its final state: it is failed, and stored so later.
-    unstored: bool = False
-    # The Response as last stored (JSON text), so that the reply need not serialise
-    # it a second time; while ``unstored``, as storage will hold it.
-    stored_json: str | None = None
-    turn: ConversationTurn | None = None
-    _changed: asyncio.Condition | None = None
-    _settled: asyncio.Event | None = None
-
-    @property
-    def changed(self) -> asyncio.Condition:
-        """Wakes readers of a background response (made only for those)."""
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
-
-    @property
-    def settled(self) -> asyncio.Event:
-        """Set once a background run's final state is stored (or, ``unstored``, known)."""
-        if self._settled is None:
-            self._settled = asyncio.Event()
-        return self._settled
-
-    @property
-    def request(self) -> CreateRequest:
-        return self.prepared.request
-
-    @property
-    def response(self) -> dict[str, Any]:
-        return self.builder.response
-
-    async def record(self, events: list[Event]) -> None:
-        """The sink of a background response: keep the events, wake the readers."""
-        if not events:
-            return
-        async with self.changed:
-            self.events.extend(events)
-            self.changed.notify_all()
-
-    async def follow(self, starting_after: int | None) -> AsyncIterator[Event]:
-        """Events so far (after ``starting_after``), then live ones until the end."""
-        position = 0
-        while True:
-            async with self.changed:
-                while position >= len(self.events) and not self.finished:
-                    await self.changed.wait()
-                batch = self.events[position:]
-                position = len(self.events)
-                done = self.finished
-            for event in batch:
-                if starting_after is None or event["sequence_number"] > starting_after:
-                    yield event
-            if done and position >= len(self.events):
-                return
 
 
 class ResponsesService:
@@ -220,12 +100,12 @@ class ResponsesService:
         # Background runs not yet stored in their final state: running, or unstored.
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
-        self.repair_interval = REPAIR_INTERVAL
-        self.conversation_lease = CONVERSATION_LEASE
-        self.lease_renewal = CONVERSATION_LEASE / 3  # seconds of real time
-        self._repairing: asyncio.Task[None] | None = None
-        self._storage_works = asyncio.Event()
+        self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
+        self.recorder = ResponseRecorder(
+            store, worker, tasks, self.running,
+            retention=int(config.responses.retention), clock=lambda: self.clock(),
+        )  # fmt: skip
 
     # --- create -----------------------------------------------------------
 
@@ -240,12 +120,12 @@ class ResponsesService:
         request = await self.parse(body)
         response_id = self.ids("resp")
         # Before its items are read: the turn sees every turn before it.
-        turn = await self._claim(request, owner, response_id)
+        turn = await self.claims.claim(request.conversation_id, request.store, owner, response_id)
         try:
             run = await self._create(request, owner, response_id)
         except BaseException:
             if turn is not None:
-                await asyncio.shield(self._release(turn))
+                await asyncio.shield(self.claims.release(turn))
             raise
         run.turn = turn
         if request.background:
@@ -278,69 +158,8 @@ class ResponsesService:
         run = ResponseRun(response_id, prepared, builder, created_at)
         if request.background:
             await run.record(builder.start(queued=True))
-            await self._save(run)  # acknowledged as queued only once it is durable
+            await self.recorder.save(run)  # acknowledged as queued only once it is durable
         return run
-
-    # --- conversations: one turn at a time -------------------------------
-
-    async def _claim(
-        self, request: CreateRequest, owner: str, response_id: str
-    ) -> ConversationTurn | None:
-        """Take the request's conversation for this turn, or ConversationLocked. A turn
-        with ``store: false`` appends nothing, so it takes nothing."""
-        if request.conversation_id is None or not request.store:
-            return None
-        turn = ConversationTurn(request.conversation_id, owner, response_id)
-        claimed = await self.store.claim_conversation(
-            turn.conversation_id, owner, response_id, self._lease_end()
-        )
-        if claimed is False:
-            raise ConversationLocked(
-                f"Another response is in progress in conversation '{turn.conversation_id}'; "
-                "a conversation takes one turn at a time. Retry once it has finished.",
-                param="conversation",
-            )
-        if claimed is None:
-            return None  # absent: prepare() answers 404
-        turn.renewing = self.tasks.spawn(self._renew(turn), f"claim on {turn.conversation_id}")
-        return turn
-
-    def _lease_end(self) -> int:
-        return int(self.clock()) + int(self.conversation_lease)
-
-    async def _renew(self, turn: ConversationTurn) -> None:
-        while True:
-            await asyncio.sleep(self.lease_renewal)
-            try:
-                await self.store.claim_conversation(
-                    turn.conversation_id, turn.owner, turn.holder, self._lease_end()
-                )
-            except StorageError as exc:
-                log.warning("could not renew the claim on a conversation: %s", exc)
-
-    async def _release(self, turn: ConversationTurn) -> None:
-        """After the turn's final state is stored (the next turn must see its items)."""
-        if turn.renewing is not None:
-            turn.renewing.cancel()
-        try:
-            await self.store.release_conversation(turn.conversation_id, turn.holder)
-        except StorageError as exc:
-            # A writer that died is replaced on the next write: try again shortly rather
-            # than leave the conversation locked for the rest of the lease.
-            log.warning("could not release a conversation, trying again: %s", exc)
-            self.tasks.spawn(self._release_later(turn), f"release {turn.conversation_id}")
-
-    async def _release_later(self, turn: ConversationTurn) -> None:
-        delay = RELEASE_RETRY_FIRST
-        for _ in range(RELEASE_RETRIES):
-            await asyncio.sleep(delay)
-            try:
-                await self.store.release_conversation(turn.conversation_id, turn.holder)
-                return
-            except StorageError:
-                delay = min(delay * 2, self.lease_renewal)
-        log.warning("could not release a conversation (free again in %gs at most)",
-                    self.conversation_lease)  # fmt: skip
 
     async def prepare(self, request: CreateRequest, owner: str) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")
@@ -483,7 +302,7 @@ class ResponsesService:
 
     # --- running ----------------------------------------------------------
 
-    async def execute(self, run: ResponseRun, sink: Sink = _discard) -> dict[str, Any]:
+    async def execute(self, run: ResponseRun, sink: Sink = discard) -> dict[str, Any]:
         """Produce the response, handing events to ``sink``; store it; return it.
 
         Foreground requests run this in their handler; when the client goes away
@@ -493,7 +312,7 @@ class ResponsesService:
             return await self._execute(run, sink)
         finally:
             if run.turn is not None:
-                await asyncio.shield(self._release(run.turn))
+                await asyncio.shield(self.claims.release(run.turn))
 
     async def _execute(self, run: ResponseRun, sink: Sink) -> dict[str, Any]:
         builder = run.builder
@@ -507,7 +326,7 @@ class ResponsesService:
                 if run.cancel_requested:  # cancelled while queued
                     raise asyncio.CancelledError
                 await sink(builder.in_progress())
-                await self._save(run)
+                await self.recorder.save(run)
             await self._rounds(run, sink, streamed)
             final = builder.finish()
         except asyncio.CancelledError:
@@ -515,21 +334,21 @@ class ResponsesService:
                 final = builder.fail("server_error", "The daemon stopped while this response ran.")
             else:
                 final = builder.cancel()  # cancelled by the client, or the client went away
-            final = await asyncio.shield(self._store_final(run, final))
-            await _deliver(sink, final)
+            final = await asyncio.shield(self.recorder.store_final(run, final))
+            await deliver(sink, final)
             raise
         except UpstreamError as exc:
-            code = _failure_code(exc)
-            final = builder.fail(_response_error_code(exc, code), exc.message, kind=code)
-            final = await self._store_final(run, final)
+            code = failure_code(exc)
+            final = builder.fail(response_error_code(exc, code), exc.message, kind=code)
+            final = await self.recorder.store_final(run, final)
             await sink(final)
             if not streamed:
-                raise _client_error(exc, code, run.id) from exc
+                raise client_error(exc, code, run.id) from exc
             return builder.response
         finally:
             if run.prepared.mcp is not None:
                 await asyncio.shield(run.prepared.mcp.close())
-        final = await self._store_final(run, final)
+        final = await self.recorder.store_final(run, final)
         await sink(final)
         return builder.response
 
@@ -560,10 +379,12 @@ class ResponsesService:
             first_item = len(builder.items)
             overrides = {"tool_choice": "none"} if forced else None
             if streamed:
-                async for chunk in self._stream_chat(prepared, extra, overrides):
+                async for chunk in stream_chat(self.upstream, prepared, extra, overrides):
                     await sink(builder.feed(chunk))
             else:
-                builder.feed_completion(await self._complete_chat(prepared, extra, overrides))
+                builder.feed_completion(
+                    await complete_chat(self.upstream, prepared, extra, overrides)
+                )
             if setup is None:
                 return
             events, pending_calls = builder.finish_round()
@@ -627,7 +448,7 @@ class ResponsesService:
         except Exception:
             if not run.settling:  # storage failed as it began, or a bug: it still ends
                 failed = run.builder.fail("server_error", "lmbridge failed while this ran.")
-                await run.record(await self._store_final(run, failed))
+                await run.record(await self.recorder.store_final(run, failed))
             raise
         finally:
             async with run.changed:
@@ -636,193 +457,7 @@ class ResponsesService:
             if not run.unstored:
                 self.running.pop(run.id, None)
 
-    def _chat_body(
-        self,
-        prepared: Prepared,
-        history: list[str],
-        *,
-        stream: bool,
-        extra: list[dict[str, Any]] | None = None,
-        overrides: dict[str, Any] | None = None,
-    ) -> bytes:
-        messages = render.join_message_arrays([
-            dumps(prepared.system), *history,
-            dumps([*prepared.new_messages, *(extra or ())]),
-        ])  # fmt: skip
-        settings = {**prepared.settings, **overrides} if overrides else prepared.settings
-        return render.chat_body_bytes(settings, messages, stream=stream)
-
-    async def _open_chat(
-        self,
-        prepared: Prepared,
-        *,
-        stream: bool,
-        extra: list[dict[str, Any]] | None = None,
-        overrides: dict[str, Any] | None = None,
-    ) -> Any:
-        """Send the chat request, dropping the oldest turns while the upstream says the
-        context is exceeded (``truncation: "auto"`` only)."""
-        history = self._fit_history(prepared)
-        while True:
-            body = self._chat_body(prepared, history, stream=stream, extra=extra,
-                                   overrides=overrides)  # fmt: skip
-            try:
-                return await self.upstream.open("POST", CHAT_PATH, body=body, route=ROUTE)
-            except UpstreamStatus as exc:
-                if not (exc.context_overflow and prepared.request.truncation == "auto"
-                        and history):  # fmt: skip
-                    raise
-                history = history[len(history) // 2 + (len(history) % 2) :]
-
-    def _fit_history(self, prepared: Prepared) -> list[str]:
-        history = prepared.history
-        context = prepared.model.context_length
-        if prepared.request.truncation != "auto" or context is None or not history:
-            return history
-        fixed = render.estimate_tokens(dumps(prepared.system + prepared.new_messages))
-        budget = context - (prepared.request.max_output_tokens or min(1024, context // 4)) - fixed
-        tokens = list(prepared.history_tokens)
-        start = 0
-        while start < len(history) and sum(tokens[start:]) > budget:
-            start += 1
-        if start:
-            log.info("truncation: dropped the %d oldest turn(s) to fit %d tokens", start, context)
-        return history[start:]
-
-    async def _complete_chat(
-        self,
-        prepared: Prepared,
-        extra: list[dict[str, Any]] | None = None,
-        overrides: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        resp = await self._open_chat(prepared, stream=False, extra=extra, overrides=overrides)
-        return await chat_upstream.read_completion(self.upstream, resp)
-
-    async def _stream_chat(
-        self,
-        prepared: Prepared,
-        extra: list[dict[str, Any]] | None = None,
-        overrides: dict[str, Any] | None = None,
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        resp = await self._open_chat(prepared, stream=True, extra=extra, overrides=overrides)
-        async with contextlib.aclosing(chat_upstream.read_chunks(self.upstream, resp)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     # --- storing ----------------------------------------------------------
-
-    async def _store_final(self, run: ResponseRun, final: list[Event]) -> list[Event]:
-        """Store the final state; the events to send once it is stored.
-
-        A foreground response that cannot be stored fails its request (nothing of it
-        was acknowledged). A background one was acknowledged as queued and is polled
-        and replayed from storage, so its end must get there: a writer process that
-        died is replaced by the next write (tried once more, unless it had committed);
-        when storage cannot take it, the response ends failed, as storage will hold
-        it once it works again."""
-        run.settling = True
-        if not run.request.background:
-            await self._save(run, final)
-            return final
-        try:
-            try:
-                await self._save(run, final)
-            except StorageError:
-                if await self._stored_status(run) != run.response["status"]:
-                    await self._save(run, final)
-        except StorageError as exc:
-            log.error("background response %s: its final state could not be stored: %s",
-                      run.id, exc)  # fmt: skip
-            final = await self._fail_unstored(run)
-        run.settled.set()
-        return final
-
-    async def _stored_status(self, run: ResponseRun) -> str | None:
-        stored = await self.store.get_response(run.id, run.prepared.owner)
-        return None if stored is None else loads(stored).get("status")
-
-    async def _fail_unstored(self, run: ResponseRun) -> list[Event]:
-        """End a background response as failed, in the state storage holds it in (its
-        last stored state, failed), and get that stored now or as soon as it can be."""
-        body = loads(run.stored_json) if run.stored_json else run.builder.snapshot()
-        body["status"] = "failed"
-        body["error"] = {"code": "server_error", "message": UNSTORED}
-        run.stored_json = dumps(body)
-        try:
-            # One small update, where the whole final state did not fit.
-            await self.store.fail_unfinished(int(self.clock()), UNSTORED, response_ids=(run.id,))
-        except StorageError:
-            run.unstored = True
-            if self._repairing is None or self._repairing.done():
-                self._repairing = self.tasks.spawn(self._repair(), "store unstored responses")
-        return run.builder.end_as(body)
-
-    async def _repair(self) -> None:
-        """Store the unstored responses as failed once storage works again: after any
-        save that succeeds, or every ``repair_interval`` seconds."""
-        while ids := tuple(r.id for r in self.running.values() if r.unstored):
-            self._storage_works.clear()
-            try:
-                await self.store.fail_unfinished(int(self.clock()), UNSTORED, response_ids=ids)
-            except StorageError:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.repair_interval):
-                        await self._storage_works.wait()
-                continue
-            for response_id in ids:
-                run = self.running.get(response_id)
-                if run is not None and run.unstored:
-                    run.unstored = False
-                    if run.finished:  # else _run_background lets it go as it ends
-                        del self.running[response_id]
-            log.warning("stored %d background response(s) as failed: their final state "
-                        "could not be stored", len(ids))  # fmt: skip
-
-    async def _save(self, run: ResponseRun, pending: Sequence[Event] = ()) -> None:
-        """Store the response; ``pending`` are its events not yet handed to the sink
-        (they are stored with it, then sent: nothing is sent before it is durable)."""
-        if not run.request.store:
-            return
-        large = len(run.prepared.input_items) > LARGE_INPUT
-        record = await self.worker.run_if(large, partial(self._record, run, pending))
-        await self.store.save_response(record)
-        run.stored_json = record.body
-        if self._repairing is not None:
-            self._storage_works.set()
-
-    def _record(self, run: ResponseRun, pending: Sequence[Event]) -> ResponseRecord:
-        request = run.request
-        response = run.builder.response
-        output = response["output"]
-        output_items = tuple(_stored(item) for item in output)
-        turn = dumps(_turn_messages(run.prepared, output))
-        finished = response["status"] not in ("queued", "in_progress")
-        prepared = run.prepared
-        if prepared.stored_inputs is None:  # the same at every save of a background response
-            prepared.stored_inputs = tuple(_stored(item) for item in prepared.input_items)
-        input_items = prepared.stored_inputs
-        conversation_items: tuple[StoredItem, ...] = ()
-        if request.conversation_id is not None and finished:
-            conversation_items = input_items + output_items
-        body = dumps(response)
-        return ResponseRecord(
-            id=run.id,
-            owner=run.prepared.owner,
-            created_at=run.created_at,
-            expires_at=run.created_at + int(self.config.responses.retention),
-            status=response["status"],
-            body=body,
-            previous_response_id=request.previous_response_id,
-            conversation_id=request.conversation_id,
-            background=request.background,
-            input_items=input_items,
-            output_items=output_items,
-            turn_messages=turn,
-            turn_tokens=render.estimate_tokens(turn),
-            events=tuple(dumps(e) for e in [*run.events, *pending]) if request.background else (),
-            conversation_items=conversation_items,
-            mcp_listed=run.prepared.mcp_listed,
-        )
 
     # --- reading ----------------------------------------------------------
 
@@ -833,7 +468,7 @@ class ResponsesService:
             return run.stored_json
         stored = await self.store.get_response(response_id, owner)
         if stored is None:
-            raise _response_not_found(response_id)
+            raise response_not_found(response_id)
         return stored
 
     async def events(
@@ -865,9 +500,9 @@ class ResponsesService:
     async def delete(self, response_id: str, owner: str) -> None:
         run = self.running.get(response_id)
         if run is not None and run.prepared.owner == owner:
-            await _stop(run)
+            await stop(run)
         if not await self.store.delete_response(response_id, owner):
-            raise _response_not_found(response_id)
+            raise response_not_found(response_id)
         if run is not None and run.unstored:
             run.unstored = False
             self.running.pop(response_id, None)
@@ -877,7 +512,7 @@ class ResponsesService:
         or the final state it had reached when the cancel came."""
         run = self.running.get(response_id)
         if run is not None and run.prepared.owner == owner:
-            await _stop(run)
+            await stop(run)
             if run.stored_json is not None:
                 return run.stored_json
         stored = await self.get(response_id, owner)
@@ -899,7 +534,7 @@ class ResponsesService:
             order=order,  # type: ignore[arg-type]
         )
         if page is None:
-            raise _response_not_found(response_id)
+            raise response_not_found(response_id)
         return list_page([loads(i.json) for i in page.items], page.has_more)
 
     # --- counting and compacting ------------------------------------------
@@ -911,7 +546,7 @@ class ResponsesService:
         prepared = await self.prepare(await self.parse(body), owner)
         settings = {**prepared.settings, "max_tokens": 1, "temperature": 0}
         messages = render.join_message_arrays(
-            [dumps(prepared.system), *self._fit_history(prepared),
+            [dumps(prepared.system), *fit_history(prepared),
              dumps(prepared.new_messages)]
         )  # fmt: skip
         resp = await self.upstream.open(
@@ -931,7 +566,7 @@ class ResponsesService:
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
         prepared = await self.prepare(await self.parse(body), owner)
         transcript = render.join_message_arrays(
-            [*self._fit_history(prepared), dumps(prepared.new_messages)]
+            [*fit_history(prepared), dumps(prepared.new_messages)]
         )
         instruction = {
             "role": "system",
@@ -999,11 +634,6 @@ class ResponsesService:
             await asyncio.sleep(interval)
 
 
-# Inputs and histories with more items than this are read and rendered in the worker
-# thread: at about 10 µs an item, more would hold the event loop for over 10 ms.
-LARGE_INPUT = 1000
-
-
 def _count(value: Any) -> int:
     return len(value) if isinstance(value, list) else 1
 
@@ -1017,24 +647,6 @@ def _render_stored(
     rendered = dumps(render.render_items(parsed, names, images=images))
     listed = {i["server_label"] for i in parsed if i.get("type") == "mcp_list_tools"}
     return rendered, listed
-
-
-def _turn_messages(prepared: Prepared, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chat messages of this turn: its input, then its output. After a user, system
-    or developer message nothing of the input can merge with the output (an assistant
-    message takes the calls after it), so the input's rendering from ``prepare`` is
-    reused; otherwise both are rendered together."""
-    images = prepared.model.vision is not False
-    inputs = prepared.input_items
-    last = inputs[-1] if inputs else None
-    if last is not None and last.get("type") == "message" and last.get("role") != "assistant":
-        output_messages = render.render_items(output, prepared.tools.names, images=images)
-        return [*prepared.new_messages, *output_messages]
-    return render.render_items([*inputs, *output], prepared.tools.names, images=images)
-
-
-def _stored(item: dict[str, Any]) -> StoredItem:
-    return StoredItem(item["id"], dumps(item))
 
 
 def _transcript(messages_json: str) -> str:
@@ -1051,53 +663,6 @@ def _transcript(messages_json: str) -> str:
             content = f"{content or ''} [called {calls}]".strip()
         lines.append(f"{message.get('role')}: {content or ''}")
     return "\n".join(lines)
-
-
-def _failure_code(exc: UpstreamError) -> str:
-    if isinstance(exc, UpstreamStatus) and exc.context_overflow:
-        return "context_length_exceeded"
-    return exc.code or "upstream_error"
-
-
-def _response_error_code(exc: UpstreamError, code: str) -> str:
-    """The Response's ``error.code``: one of the API's codes (the SDK's models accept no
-    other); lmbridge's own, finer code goes in ``error.type``. The context error keeps
-    its well-known code, which clients test for."""
-    if code == "context_length_exceeded":
-        return code
-    if isinstance(exc, UpstreamStatus) and exc.status < 500:
-        return "rate_limit_exceeded" if exc.status == 429 else "invalid_prompt"
-    return "server_error"
-
-
-def _client_error(exc: UpstreamError, code: str, response_id: str) -> LMBridgeError:
-    """What a non-streamed create answers when the upstream failed: the request's own
-    fault (context too long) is a 400, anything else keeps the upstream's status."""
-    note = f" (response {response_id} was stored with status 'failed')"
-    if code == "context_length_exceeded":
-        return BadRequest(exc.message + note, param="input", code=code)
-    if isinstance(exc, UpstreamStatus) and exc.status < 500:
-        return BadRequest(exc.message + note, code=code)
-    exc.extend_message(note)
-    return exc
-
-
-def _response_not_found(response_id: str) -> NotFound:
-    return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
-
-
-async def _stop(run: ResponseRun) -> None:
-    """Cancel a background run unless its final state is decided; wait until it is stored."""
-    run.cancel_requested = True
-    if not run.settling and run.started and run.task is not None:
-        run.task.cancel()
-    await run.settled.wait()
-
-
-async def _deliver(sink: Sink, events: list[Event]) -> None:
-    """Best effort for the last events of a cancelled run (the client may be gone)."""
-    with contextlib.suppress(Exception):
-        await asyncio.shield(sink(events))
 
 
 def normalize_conversation_items(items: Any, ids: Callable[[str], str]) -> list[dict[str, Any]]:

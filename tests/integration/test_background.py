@@ -19,7 +19,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.keys import RESPONSES, STORE
-from proxy.responses.service import UNSTORED
+from proxy.responses.recorder import UNSTORED
 from storage.sqlite import SQLiteStore, StorageError
 from tests.fake_upstream import CHAT, Reply, chunk
 from tests.integration.test_responses import R, create, sse_events

@@ -112,7 +112,7 @@ async def test_a_turn_longer_than_the_claim_keeps_renewing_it(proxy, fake_upstre
     service = proxy.server.app[RESPONSES]
     clock = Clock(int(time.time()))
     service.clock = clock
-    service.lease_renewal = 0.01
+    service.claims.renewal = 0.01
     release = asyncio.Event()
     fake_upstream.add_reply(CHAT, Reply(stream=[chunk("slow"), release, chunk(finish="stop")]))
     first = asyncio.ensure_future(
@@ -179,7 +179,7 @@ async def test_a_release_that_fails_is_tried_again(proxy, fake_upstream, monkeyp
         return await real(*args)
 
     monkeypatch.setattr(store, "release_conversation", release_once_failing)
-    proxy.server.app[RESPONSES].lease_renewal = 0.05
+    proxy.server.app[RESPONSES].claims.renewal = 0.05
     await create(proxy, input="one", conversation=conv)
     assert not failures
 

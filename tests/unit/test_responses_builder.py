@@ -22,7 +22,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
 from proxy.errors import CircuitOpen, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
-from proxy.responses import service
+from proxy.responses import failures
 from proxy.responses.builder import ResponseBuilder, replay_events
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.render import convert_tools
@@ -1207,11 +1207,11 @@ def test_list_page(items: list[Any], has_more: bool, expected: dict[str, Any]) -
 def test_failure_codes_are_the_apis(exc: Any, code: str, kind: str | None) -> None:
     """A failed response carries one of the API's error codes, lmbridge's own in error.type,
     and its response.failed event is a valid SDK event."""
-    own = service._failure_code(exc)
+    own = failures.failure_code(exc)
     assert own == kind or kind is None
     builder = make_builder()
     events = builder.start() + builder.feed(text("x"))
-    events += builder.fail(service._response_error_code(exc, own), exc.message, kind=own)
+    events += builder.fail(failures.response_error_code(exc, own), exc.message, kind=own)
     validate_event(events[-1])
     assert builder.response["error"]["code"] == code
 
