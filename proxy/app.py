@@ -19,6 +19,7 @@ from proxy.keys import (
     BROWSERS,
     CATALOG,
     CONFIG,
+    CONVERSATIONS,
     MCP,
     METRICS,
     REQUEST_LOG,
@@ -36,6 +37,7 @@ from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
 from proxy.responses import routes as responses_routes
+from proxy.responses.conversations import ConversationService
 from proxy.responses.service import ResponsesService, owner_of
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
@@ -149,6 +151,12 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
         app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks, app[MCP], app[WORKER]
     )
     app[RESPONSES] = service
+    app[CONVERSATIONS] = ConversationService(
+        app[STORE],
+        retention=int(app[CONFIG].responses.retention),
+        clock=lambda: service.clock(),
+        ids=service.ids,
+    )
     await service.recover()
     tasks.spawn(service.purge_forever(), "purge expired responses")
     try:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.mcp.servers import MCPServers
     from proxy.mcp.turns import TurnMemory
     from proxy.metrics import Metrics
+    from proxy.responses.conversations import ConversationService
     from proxy.responses.service import ResponsesService
     from proxy.tasks import BackgroundTasks, WorkerThread
     from proxy.upstream import UpstreamClient
@@ -36,6 +37,7 @@ MCP: web.AppKey[MCPServers] = web.AppKey("mcp")
 # The MCP steps of chat-completions turns handed back to the client mid-loop.
 TURNS: web.AppKey[TurnMemory] = web.AppKey("turns")
 RESPONSES: web.AppKey[ResponsesService] = web.AppKey("responses")
+CONVERSATIONS: web.AppKey[ConversationService] = web.AppKey("conversations")
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.
 API_KEYS: web.AppKey[dict[bytes, str]] = web.AppKey("api_keys")

@@ -9,15 +9,16 @@ the Open Responses spec expects and the OpenAI SDKs ignore).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from aiohttp import web
 
-from proxy.errors import BadRequest, ItemLimit, NotFound
-from proxy.jsontext import dumps, loads
+from proxy.errors import BadRequest, ItemLimit
+from proxy.jsontext import dumps
 from proxy.keys import (
     CATALOG,
     CONFIG,
+    CONVERSATIONS,
     MODEL,
     OPEN_STREAM,
     OWNER,
@@ -28,11 +29,9 @@ from proxy.keys import (
 from proxy.middleware import describe_error, end_stream, stream_headers
 from proxy.passthrough import read_body, read_json_object
 from proxy.responses.builder import Event
-from proxy.responses.objects import conversation_object, deleted, list_page
+from proxy.responses.objects import deleted
 from proxy.responses.request import input_limit
-from proxy.responses.service import normalize_conversation_items
 from proxy.sse import DONE_EVENT
-from storage.records import ConversationRecord, StoredItem
 
 JSON = "application/json"
 
@@ -195,116 +194,51 @@ async def compact(request: web.Request) -> web.Response:
 # --- conversations -----------------------------------------------------------
 
 
-def _retention(request: web.Request) -> int:
-    return int(request.app[CONFIG].responses.retention)
+def _ids(request: web.Request) -> tuple[str, str]:
+    return request.match_info["conversation_id"], request[OWNER]
 
 
 async def create_conversation(request: web.Request) -> web.Response:
     body: dict[str, Any] = {}
     if await read_body(request):
         _, body = await read_json_object(request)
-    service = request.app[RESPONSES]
-    metadata = _metadata(body.get("metadata"))
-    items = normalize_conversation_items(body.get("items") or [], service.ids)
-    now = int(service.clock())
-    conversation_id = service.ids("conv")
-    await service.store.create_conversation(ConversationRecord(
-        id=conversation_id, owner=request[OWNER], created_at=now,
-        expires_at=now + _retention(request), metadata=dumps(metadata),
-        items=tuple(StoredItem(i["id"], dumps(i)) for i in items),
-    ))  # fmt: skip
-    return _json(conversation_object(conversation_id, now, metadata))
-
-
-async def _conversation(request: web.Request) -> ConversationRecord:
-    conversation_id = request.match_info["conversation_id"]
-    record = await request.app[RESPONSES].store.get_conversation(conversation_id, request[OWNER])
-    if record is None:
-        raise _conversation_not_found(conversation_id)
-    return record
+    return _json(await request.app[CONVERSATIONS].create(body, request[OWNER]))
 
 
 async def get_conversation(request: web.Request) -> web.Response:
-    record = await _conversation(request)
-    return _json(conversation_object(record.id, record.created_at, loads(record.metadata)))
+    return _json(await request.app[CONVERSATIONS].get(*_ids(request)))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
     _, body = await read_json_object(request)
-    service = request.app[RESPONSES]
-    conversation_id = request.match_info["conversation_id"]
-    metadata = _metadata(body.get("metadata"))
-    record = await service.store.update_conversation(
-        conversation_id, request[OWNER], metadata=dumps(metadata),
-        expires_at=int(service.clock()) + _retention(request),
-    )  # fmt: skip
-    if record is None:
-        raise _conversation_not_found(conversation_id)
-    return _json(conversation_object(record.id, record.created_at, metadata))
+    return _json(await request.app[CONVERSATIONS].update(*_ids(request), body))
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
-    conversation_id = request.match_info["conversation_id"]
-    if not await request.app[RESPONSES].store.delete_conversation(conversation_id, request[OWNER]):
-        raise _conversation_not_found(conversation_id)
-    return _json(deleted(conversation_id, "conversation.deleted"))
+    return _json(await request.app[CONVERSATIONS].delete(*_ids(request)))
 
 
 async def add_items(request: web.Request) -> web.Response:
     _, body = await read_json_object(request)
-    service = request.app[RESPONSES]
-    conversation_id = request.match_info["conversation_id"]
-    items = normalize_conversation_items(body.get("items"), service.ids)
-    added = await service.store.add_conversation_items(
-        conversation_id, request[OWNER], tuple(StoredItem(i["id"], dumps(i))
-                                               for i in items),
-        int(service.clock()) + _retention(request),
-    )  # fmt: skip
-    if not added:
-        raise _conversation_not_found(conversation_id)
-    return _json(list_page(items, False))
+    return _json(await request.app[CONVERSATIONS].add_items(*_ids(request), body))
 
 
 async def list_items(request: web.Request) -> web.Response:
     after, limit, order = _paging(request)
-    conversation_id = request.match_info["conversation_id"]
-    page = await request.app[RESPONSES].store.list_conversation_items(
-        conversation_id,
-        request[OWNER],
-        after=after,
-        limit=limit,
-        order=order,  # type: ignore[arg-type]
+    page = await request.app[CONVERSATIONS].list_items(
+        *_ids(request), after=after, limit=limit, order=order
     )
-    if page is None:
-        raise _conversation_not_found(conversation_id)
-    return _json(list_page([loads(i.json) for i in page.items], page.has_more))
+    return _json(page)
 
 
 async def get_item(request: web.Request) -> web.Response:
-    conversation_id = request.match_info["conversation_id"]
     item_id = request.match_info["item_id"]
-    item = await request.app[RESPONSES].store.get_conversation_item(
-        conversation_id, request[OWNER], item_id
-    )
-    if item is None:
-        await _conversation(request)
-        raise NotFound(
-            f"Item with id '{item_id}' not found.", param="item_id", code="item_not_found"
-        )
-    return _json_text(item.json)
+    return _json_text(await request.app[CONVERSATIONS].get_item(*_ids(request), item_id))
 
 
 async def delete_item(request: web.Request) -> web.Response:
-    conversation_id = request.match_info["conversation_id"]
     item_id = request.match_info["item_id"]
-    store = request.app[RESPONSES].store
-    if not await store.delete_conversation_item(conversation_id, request[OWNER], item_id):
-        await _conversation(request)
-        raise NotFound(
-            f"Item with id '{item_id}' not found.", param="item_id", code="item_not_found"
-        )
-    record = await _conversation(request)
-    return _json(conversation_object(record.id, record.created_at, loads(record.metadata)))
+    return _json(await request.app[CONVERSATIONS].delete_item(*_ids(request), item_id))
 
 
 # --- parameters -------------------------------------------------------------
@@ -320,35 +254,18 @@ def _optional_int(request: web.Request, name: str) -> int | None:
         raise BadRequest(f"'{name}' must be an integer.", param=name) from None
 
 
-def _paging(request: web.Request) -> tuple[str | None, int, str]:
+def _paging(request: web.Request) -> tuple[str | None, int, Literal["asc", "desc"]]:
     limit = _optional_int(request, "limit")
     if limit is None:
         limit = 20
     if not 1 <= limit <= 100:
         raise BadRequest("'limit' must be between 1 and 100.", param="limit")
-    order = request.query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise BadRequest("'order' must be 'asc' or 'desc'.", param="order")
+    order: Literal["asc", "desc"]
+    match request.query.get("order", "desc"):
+        case "asc":
+            order = "asc"
+        case "desc":
+            order = "desc"
+        case _:
+            raise BadRequest("'order' must be 'asc' or 'desc'.", param="order")
     return request.query.get("after") or None, limit, order
-
-
-def _metadata(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if (
-        not isinstance(value, dict)
-        or len(value) > 16
-        or not all(isinstance(v, str) for v in value.values())
-    ):
-        raise BadRequest(
-            "'metadata' must be an object of at most 16 string values.", param="metadata"
-        )
-    return value
-
-
-def _conversation_not_found(conversation_id: str) -> NotFound:
-    return NotFound(
-        f"Conversation with id '{conversation_id}' not found.",
-        param="conversation_id",
-        code="conversation_not_found",
-    )

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from proxy.catalog import ModelCatalog
 from proxy.config import Config
@@ -54,7 +54,7 @@ from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
 from proxy.responses.render import ToolNames
-from proxy.responses.request import CreateRequest, normalize_item, parse_create
+from proxy.responses.request import CreateRequest, parse_create
 from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, stop
 from proxy.responses.upstream_turn import (
     CHAT_PATH,
@@ -524,14 +524,16 @@ class ResponsesService:
         return stored
 
     async def input_items(
-        self, response_id: str, owner: str, *, after: str | None, limit: int, order: str
+        self,
+        response_id: str,
+        owner: str,
+        *,
+        after: str | None,
+        limit: int,
+        order: Literal["asc", "desc"],
     ) -> dict[str, Any]:
         page = await self.store.list_input_items(
-            response_id,
-            owner,
-            after=after,
-            limit=limit,
-            order=order,  # type: ignore[arg-type]
+            response_id, owner, after=after, limit=limit, order=order
         )
         if page is None:
             raise response_not_found(response_id)
@@ -663,11 +665,3 @@ def _transcript(messages_json: str) -> str:
             content = f"{content or ''} [called {calls}]".strip()
         lines.append(f"{message.get('role')}: {content or ''}")
     return "\n".join(lines)
-
-
-def normalize_conversation_items(items: Any, ids: Callable[[str], str]) -> list[dict[str, Any]]:
-    if not isinstance(items, list):
-        raise BadRequest("'items' must be an array of items.", param="items")
-    if len(items) > 20:
-        raise BadRequest("At most 20 items can be added at a time.", param="items")
-    return [normalize_item(item, f"items[{i}]", ids) for i, item in enumerate(items)]

@@ -135,3 +135,12 @@ def test_the_app_keys_load_no_package():
     """proxy/keys.py names its classes for the type checker only."""
     loaded = imports(top_level_only=True)["proxy.keys"]
     assert not [i for i in loaded if reaches(i, "proxy") or reaches(i, "storage")]
+
+
+@pytest.mark.parametrize("module", ["proxy.responses.routes", "proxy.passthrough", "proxy.app"])
+def test_handlers_reach_storage_through_a_service(module):
+    """Routes parse, call a service and render: they hold no storage call of their own
+    (the app only opens the store it hands to the services)."""
+    imported = imports(top_level_only=False)[module]
+    allowed = {"storage.sqlite", "storage.sqlite.SQLiteStore"} if module == "proxy.app" else set()
+    assert not [i for i in imported if reaches(i, "storage") and i not in allowed], module
