@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -26,15 +26,13 @@ from proxy.catalog import ModelCatalog
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
-    NotFound,
-    PreviousResponseNotFound,
     UpstreamError,
 )
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.policy import LIMIT_NOTE, Answered, Decision, LoopPolicy
 from proxy.mcp.servers import MCPServers
-from proxy.responses import render
+from proxy.responses import compaction, render
 from proxy.responses.builder import (
     TERMINAL_EVENTS,
     Event,
@@ -53,9 +51,9 @@ from proxy.responses.failures import (
 from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
-from proxy.responses.render import ToolNames
 from proxy.responses.request import CreateRequest, parse_create
 from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, stop
+from proxy.responses.state import approvals, load_history, resolve_references
 from proxy.responses.upstream_turn import (
     CHAT_PATH,
     ROUTE,
@@ -66,7 +64,7 @@ from proxy.responses.upstream_turn import (
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from proxy.usage import usage_from_chat
-from storage.records import ResponseStore, StoredItem
+from storage.records import ResponseStore
 
 log = logging.getLogger("lmbridge.responses")
 
@@ -166,51 +164,13 @@ class ResponsesService:
         tools = render.convert_tools(
             request, reject_unsupported=self.config.responses.unsupported_tools == "reject"
         )
-        history: list[str] = []
-        history_tokens: list[int] = []
-        listed_before: set[str] = set()
-        if request.previous_response_id is not None:
-            chain = await self.store.load_chain(request.previous_response_id, owner)
-            if chain is None:
-                raise PreviousResponseNotFound(
-                    f"Previous response with id '{request.previous_response_id}' not found.",
-                    param="previous_response_id",
-                )
-            if chain.broken_at is not None:
-                raise PreviousResponseNotFound(
-                    f"Previous response '{request.previous_response_id}' cannot be continued: "
-                    f"an earlier response of its chain ('{chain.broken_at}') was deleted or "
-                    "has expired.",
-                    param="previous_response_id",
-                )
-            history = list(chain.turn_messages)
-            history_tokens = list(chain.turn_tokens)
-            listed_before = set(chain.mcp_listed)
-        elif request.conversation_id is not None:
-            items = await self.store.all_conversation_items(request.conversation_id, owner)
-            if items is None:
-                raise NotFound(
-                    f"Conversation with id '{request.conversation_id}' not found.",
-                    param="conversation",
-                    code="conversation_not_found",
-                )
-            limit = self.config.responses.max_history_items
-            if len(items) > limit:
-                raise BadRequest(
-                    f"Conversation '{request.conversation_id}' holds {len(items)} items, more "
-                    f"than the {limit} one turn carries as history "
-                    "(responses.max_history_items): start a new conversation, or delete "
-                    "old items.",
-                    param="conversation",
-                    code="too_many_items",
-                )
-            if items:
-                rendered, listed_before = await self.worker.run_if(
-                    len(items) > LARGE_INPUT,
-                    partial(_render_stored, items, tools.names, images=model.vision is not False),
-                )
-                history, history_tokens = [rendered], [render.estimate_tokens(rendered)]
-        input_items = await self._resolve_references(request.input, owner)
+        history = await load_history(
+            self.store, self.worker, request, owner, tools.names,
+            images=model.vision is not False,
+            max_items=self.config.responses.max_history_items,
+        )  # fmt: skip
+        listed_before = history.listed
+        input_items = await resolve_references(self.store, request.input, owner)
         # A client that re-sends the whole history (no previous_response_id) sends the
         # listings too: those servers are listed already.
         listed_before |= {i["server_label"] for i in input_items
@@ -221,7 +181,7 @@ class ResponsesService:
             setup = await setup_mcp(request.tools, request.tool_choice, self.mcp, self.config.mcp,
                                     listed_before, self.config.storage.path.parent)  # fmt: skip
         try:
-            approved = await self._approvals(input_items, owner, setup)
+            approved = await approvals(self.store, input_items, owner, setup)
         except BaseException:
             if setup is not None:
                 await setup.close()
@@ -237,8 +197,8 @@ class ResponsesService:
             tools=tools,
             settings=settings,
             system=render.system_messages(request),
-            history=history,
-            history_tokens=history_tokens,
+            history=history.turns,
+            history_tokens=history.tokens,
             input_items=input_items,
             new_messages=await self.worker.run_if(
                 len(input_items) > LARGE_INPUT,
@@ -251,54 +211,6 @@ class ResponsesService:
             approved=approved,
             mcp_listed=setup.listed if setup is not None else tuple(sorted(listed_before)),
         )
-
-    async def _approvals(
-        self, items: list[dict[str, Any]], owner: str, setup: McpSetup | None
-    ) -> list[tuple[dict[str, Any], McpTarget]]:
-        """The calls approved by mcp_approval_response items, with what they call."""
-        approved: list[tuple[dict[str, Any], McpTarget]] = []
-        for index, item in enumerate(items):
-            if item["type"] != "mcp_approval_response":
-                continue
-            stored = await self.store.find_item(item["approval_request_id"], owner)
-            request_item = loads(stored.json) if stored is not None else None
-            if request_item is None or request_item.get("type") != "mcp_approval_request":
-                raise NotFound(
-                    f"Approval request '{item['approval_request_id']}' not found.",
-                    param=f"input[{index}].approval_request_id", code="item_not_found",
-                )  # fmt: skip
-            if not item["approve"]:
-                continue
-            target = None
-            if setup is not None:
-                target = next((t for t in setup.targets.values()
-                               if t.label == request_item["server_label"]
-                               and t.tool == request_item["name"]), None)  # fmt: skip
-            if target is None:
-                raise BadRequest(
-                    f"The approved call to {request_item['name']!r} of the MCP server "
-                    f"{request_item['server_label']!r} needs that server's mcp tool in 'tools'.",
-                    param=f"input[{index}]",
-                )
-            approved.append((request_item, target))
-        return approved
-
-    async def _resolve_references(
-        self, items: list[dict[str, Any]], owner: str
-    ) -> list[dict[str, Any]]:
-        resolved = []
-        for index, item in enumerate(items):
-            if item["type"] != "item_reference":
-                resolved.append(item)
-                continue
-            stored = await self.store.find_item(item["id"], owner)
-            if stored is None:
-                raise NotFound(
-                    f"Item with id '{item['id']}' not found.", param=f"input[{index}].id",
-                    code="item_not_found",
-                )  # fmt: skip
-            resolved.append(loads(stored.json))
-        return resolved
 
     # --- running ----------------------------------------------------------
 
@@ -567,48 +479,11 @@ class ResponsesService:
             raise BadRequest("Missing required parameter: 'model'.", param="model")
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
         prepared = await self.prepare(await self.parse(body), owner)
-        transcript = render.join_message_arrays(
-            [*fit_history(prepared), dumps(prepared.new_messages)]
-        )
-        instruction = {
-            "role": "system",
-            "content": "Summarise the conversation below so that it can be continued from "
-            "the summary alone: keep the user's goals, decisions, facts, names, open "
-            "questions and the state of any task. Write the summary only.",
-        }
-        request_messages = [instruction, {"role": "user", "content": _transcript(transcript)}]
-        settings = {
-            k: v
-            for k, v in prepared.settings.items()
-            if k not in ("tools", "tool_choice", "response_format")
-        }
         resp = await self.upstream.open(
-            "POST", CHAT_PATH,
-            body=render.chat_body_bytes(settings, dumps(request_messages), stream=False),
-            route=ROUTE,
-        )  # fmt: skip
+            "POST", CHAT_PATH, body=compaction.request_body(prepared), route=ROUTE
+        )
         completion = loads(await self.upstream.read_body(resp))
-        names = ToolNames()
-        builder = ResponseBuilder({}, names, ids=self.ids, clock=self.clock)
-        builder.feed_completion(completion)
-        summary = "".join(
-            part.get("text", "")
-            for item in builder.output if item["type"] == "message"
-            for part in item["content"]
-        )  # fmt: skip
-        return {
-            "id": self.ids("cmp"),
-            "object": "response.compaction",
-            "created_at": int(self.clock()),
-            "output": [
-                {
-                    "id": self.ids("cmp"),
-                    "type": "compaction",
-                    "encrypted_content": render.encode_compaction(summary.strip()),
-                }
-            ],
-            "usage": builder.usage or usage_from_chat({}),
-        }
+        return compaction.compaction_object(completion, ids=self.ids, clock=self.clock)
 
     # --- lifecycle --------------------------------------------------------
 
@@ -638,30 +513,3 @@ class ResponsesService:
 
 def _count(value: Any) -> int:
     return len(value) if isinstance(value, list) else 1
-
-
-def _render_stored(
-    items: Sequence[StoredItem], names: ToolNames, *, images: bool
-) -> tuple[str, set[str]]:
-    """A conversation's stored items as one chat message array text, and the MCP servers
-    they listed."""
-    parsed = [loads(i.json) for i in items]
-    rendered = dumps(render.render_items(parsed, names, images=images))
-    listed = {i["server_label"] for i in parsed if i.get("type") == "mcp_list_tools"}
-    return rendered, listed
-
-
-def _transcript(messages_json: str) -> str:
-    lines = []
-    for message in loads(messages_json):
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if message.get("tool_calls"):
-            calls = ", ".join(
-                f"{c['function']['name']}({c['function']['arguments']})"
-                for c in message["tool_calls"]
-            )
-            content = f"{content or ''} [called {calls}]".strip()
-        lines.append(f"{message.get('role')}: {content or ''}")
-    return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import Any
 
 from proxy import passthrough
 from proxy.passthrough import LARGE_BODY
-from proxy.responses import service
+from proxy.responses import service, state
 from tests.fake_upstream import CHAT
 
 R = "/v1/responses"
@@ -148,7 +148,7 @@ async def test_a_long_conversation_is_rendered_off_the_event_loop(
     for _ in range(service.LARGE_INPUT // 20):
         assert (await proxy.post(path, json={"items": items})).status == 200
     released = threading.Event()
-    monkeypatch.setattr(service, "_render_stored", blocked_until(released, service._render_stored))
+    monkeypatch.setattr(state, "_render_stored", blocked_until(released, state._render_stored))
     request = proxy.post(
         R, json={"model": "test-model", "conversation": conversation["id"], "input": "next"}
     )

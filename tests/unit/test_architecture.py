@@ -29,6 +29,7 @@ PURE = [
     "proxy.responses.render",
     "proxy.responses.builder",
     "proxy.responses.objects",
+    "proxy.responses.failures",
 ]
 IO_MODULES = ("aiohttp", "aiosqlite", "sqlite3", "asyncio", "mcp", "httpx2", "socket",
               "subprocess", "storage", "proxy.upstream", "proxy.keys", "proxy.app")  # fmt: skip
