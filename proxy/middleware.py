@@ -22,8 +22,10 @@ from proxy.errors import (
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
+    UpstreamError,
     error_body,
 )
+from proxy.event_stream import REQUEST_ID_HEADER, WARNING_HEADER, EventStream
 from proxy.keys import (
     API_KEYS,
     BROWSERS,
@@ -39,24 +41,10 @@ from proxy.keys import (
     STARTED,
     WARNING,
 )
-from proxy.sse import encode_event
 from storage.errors import DatabaseReplaced, StorageError
 
 log = logging.getLogger("lmbridge.request")
-REQUEST_ID_HEADER = "X-Request-ID"
-WARNING_HEADER = "X-LMBridge-Warning"
-
-
-def stream_headers(request: web.Request) -> dict[str, str]:
-    """The headers lmbridge adds to a stream it opens itself (a plain response gets them
-    from ``handle_request``)."""
-    headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
-    if WARNING in request:
-        headers[WARNING_HEADER] = request[WARNING]
-    cors = request.get(CORS)
-    if cors is not None:
-        headers.update(cors)
-    return headers
+__all__ = ["REQUEST_ID_HEADER", "WARNING_HEADER", "describe_error", "handle_request"]
 
 
 # Request ids: a random prefix per process and a counter, unique across
@@ -108,11 +96,12 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         except Exception as exc:
             code, body = describe_error(exc, request_id)
-            stream = request.get(OPEN_STREAM)
+            stream: EventStream | None = request.get(OPEN_STREAM)
             if stream is None:
                 response = _error_response(code, body, exc)
             else:
-                response = await end_stream(request, stream, encode_event(body))
+                await stream.fail(body, interrupted=isinstance(exc, UpstreamError))
+                response = await stream.open()
         status = 499 if request.get(CLIENT_GONE) else response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
@@ -193,21 +182,6 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
         None,
         "internal_error",
     )
-
-
-async def end_stream(
-    request: web.Request, stream: web.StreamResponse, last_event: bytes
-) -> web.StreamResponse:
-    """Its status and part of its body are out: no error response can follow. The error
-    goes as the stream's last event (here the shape of the OpenAI SDKs' streaming
-    errors; the Responses routes send their API's own), so that the client raises it
-    instead of waiting for an end that never comes."""
-    try:
-        await stream.write(last_event)
-        await stream.write_eof()
-    except (ConnectionResetError, ClientConnectionResetError):
-        request[CLIENT_GONE] = True
-    return stream
 
 
 def _error_response(status: int, body: dict[str, object], exc: Exception | None) -> web.Response:

@@ -24,6 +24,7 @@ from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
+from proxy.event_stream import EventStream
 from proxy.jsontext import (
     JSONDecodeError,
     TooManyItems,
@@ -40,7 +41,6 @@ from proxy.keys import (
     MCP,
     METRICS,
     MODEL,
-    OPEN_STREAM,
     REQUEST_ID,
     STARTED,
     UPSTREAM,
@@ -48,8 +48,8 @@ from proxy.keys import (
     WORKER,
 )
 from proxy.mcp.chat import chat_with_tools
-from proxy.middleware import REQUEST_ID_HEADER, stream_headers
-from proxy.sse import DONE_EVENT, encode_event
+from proxy.middleware import REQUEST_ID_HEADER
+from proxy.sse import DONE_EVENT
 
 log = logging.getLogger("lmbridge.upstream")
 
@@ -224,20 +224,15 @@ async def relay_stream(
     """
     upstream = request.app[UPSTREAM]
     metrics = request.app[METRICS]
-    headers = _client_headers(resp)
-    headers["Cache-Control"] = "no-cache"
-    headers["X-Accel-Buffering"] = "no"
-    headers.update(stream_headers(request))
-    response = web.StreamResponse(status=resp.status, headers=headers)
+    stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
     observer = StreamObserver()
     failure: UpstreamError | None = None
     try:
-        await response.prepare(request)
-        request[OPEN_STREAM] = response
+        response = await stream.open()
         async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
             try:
                 async for chunk in chunks:
-                    await response.write(chunk)
+                    await response.write(chunk)  # as it came: the hot loop of a relay
                     if observer.data_events == 0:
                         if observer.feed(chunk):
                             metrics.ttft_seconds.observe(
@@ -249,21 +244,9 @@ async def relay_stream(
                 failure = exc
         observer.finish()
         if failure is not None and not observer.finished and not observer.done:
-            await response.write(
-                encode_event(
-                    {
-                        "error": {
-                            "message": f"The upstream stream was interrupted: {failure.message}",
-                            "type": failure.error_type,
-                            "param": None,
-                            "code": failure.code,
-                        }
-                    }
-                )
-            )
-        elif not observer.done:
-            await response.write(DONE_EVENT)
-        await response.write_eof()
+            await stream.fail(failure.body(), interrupted=True)
+        else:
+            await stream.finish(b"" if observer.done else DONE_EVENT)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         request[CLIENT_GONE] = True
     if observer.usage is not None:
@@ -277,7 +260,9 @@ async def relay_stream(
             _error_kind(observer.upstream_error["error"]),
             extra={"fields": {"request_id": request[REQUEST_ID], "model": model}},
         )
-    return response
+    if stream.response is None:  # the client went away before the headers
+        return web.Response(status=499)
+    return stream.response
 
 
 def _upstream_headers(request: web.Request) -> dict[str, str]:

@@ -15,14 +15,13 @@ from aiohttp import web
 
 from proxy import chat_upstream
 from proxy.catalog import ModelInfo
-from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import CONFIG, MCP, METRICS, OPEN_STREAM, OWNER, TURNS, UPSTREAM
+from proxy.errors import BadRequest
+from proxy.event_stream import EventStream
+from proxy.keys import CONFIG, MCP, METRICS, OWNER, TURNS, UPSTREAM
 from proxy.mcp.loop import LoopResult, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.policy import LIMIT_NOTE
 from proxy.mcp.results import ToolOutput
-from proxy.middleware import stream_headers
-from proxy.sse import DONE_EVENT, encode_event
 
 ROUTE = "/v1/chat/completions"
 # Names the requested servers that were not connected (their tools were not offered).
@@ -102,46 +101,25 @@ async def _stream(
     upstream = request.app[UPSTREAM]
     options = body.get("stream_options") or {}
     include_usage = bool(options.get("include_usage"))
-    response: web.StreamResponse | None = None
+    stream = EventStream(request, "chat", headers)
     stream_id = "chatcmpl-lmbridge"
-
-    async def open_stream() -> web.StreamResponse:
-        nonlocal response
-        if response is None:
-            response = web.StreamResponse(headers={
-                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no", **stream_headers(request), **headers,
-            })  # fmt: skip
-            await response.prepare(request)
-            request[OPEN_STREAM] = response
-        return response
 
     async def emit(chunks: list[dict[str, Any]]) -> None:
         nonlocal stream_id
         stream_id = chunks[0].get("id", stream_id)
-        sse = await open_stream()
-        await sse.write(b"".join(encode_event(chunk) for chunk in chunks))
+        await stream.send(chunks)
 
-    try:
-        result = await loop.run(
-            body, stream=lambda b: chat_upstream.stream(upstream, b, ROUTE), emit=emit
-        )
-    except UpstreamError as exc:
-        if response is None:
-            raise  # nothing sent yet: a plain HTTP error
-        await response.write(encode_event({"error": {
-            "message": f"The upstream stream was interrupted: {exc.message}",
-            "type": exc.error_type, "param": None, "code": exc.code,
-        }}))  # fmt: skip
-        await response.write_eof()
-        return response
-    sse = await open_stream()
+    # An upstream failure before anything was sent is a plain HTTP error; after, the
+    # middleware ends the stream with it.
+    result = await loop.run(
+        body, stream=lambda b: chat_upstream.stream(upstream, b, ROUTE), emit=emit
+    )
     closing = ToolLoop.closing_chunks(result, stream_id, body.get("model"), include_usage)
-    await sse.write(b"".join(encode_event(chunk) for chunk in closing) + DONE_EVENT)
-    await sse.write_eof()
+    await stream.send(closing)
+    response = await stream.finish()
     _count_usage(request, model, result)
     _remember_hidden_steps(request, result, sent, last_sent)
-    return sse
+    return response
 
 
 def _count_usage(request: web.Request, model: str, result: LoopResult) -> None:

@@ -1,37 +1,34 @@
 """HTTP routes of the Responses and Conversations APIs: parse, call the service, render.
 
-Streams are written as SSE, each event as ``event: <type>`` plus one ``data:``
-line, never split across writes (some clients drop an event whose closing
-blank line arrives in a separate read), and end with ``data: [DONE]`` (which
-the Open Responses spec expects and the OpenAI SDKs ignore).
+Streams go through ``proxy.event_stream`` (SSE, ``event: <type>`` plus one ``data:``
+line per event, ending with ``data: [DONE]``, which the Open Responses spec expects and
+the OpenAI SDKs ignore); an error after a stream began is ended there by the
+middleware, with the API's ``error`` event.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from aiohttp import web
 
 from proxy.errors import BadRequest, ItemLimit
+from proxy.event_stream import EventStream
 from proxy.jsontext import dumps
 from proxy.keys import (
     CATALOG,
     CONFIG,
     CONVERSATIONS,
     MODEL,
-    OPEN_STREAM,
     OWNER,
-    REQUEST_ID,
     RESPONSES,
     WARNING,
 )
-from proxy.middleware import describe_error, end_stream, stream_headers
 from proxy.passthrough import read_body, read_json_object
 from proxy.responses.builder import Event
 from proxy.responses.objects import deleted
 from proxy.responses.request import input_limit
-from proxy.sse import DONE_EVENT
 
 JSON = "application/json"
 
@@ -66,49 +63,12 @@ def _json(value: Any, status: int = 200) -> web.Response:
 # --- SSE -------------------------------------------------------------------
 
 
-def _frame(events: list[Event]) -> bytes:
-    return b"".join(
-        b"event: " + e["type"].encode() + b"\ndata: " + dumps(e).encode() + b"\n\n" for e in events
-    )
-
-
-async def _open_sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-        **stream_headers(request),
-    })  # fmt: skip
-    await response.prepare(request)
-    request[OPEN_STREAM] = response
-    return response
-
-
 async def _stream(request: web.Request, events: AsyncIterator[Event]) -> web.StreamResponse:
-    response = await _open_sse(request)
-    sequence = 0
-    try:
-        async for event in events:
-            await response.write(_frame([event]))
-            sequence = int(event.get("sequence_number", sequence)) + 1
-    except Exception as exc:
-        await _end_with_error(request, response, exc, sequence)
-        return response
-    await response.write(DONE_EVENT)
-    await response.write_eof()
-    return response
-
-
-async def _end_with_error(
-    request: web.Request, response: web.StreamResponse, exc: Exception, sequence: int
-) -> None:
-    """A stream under way cannot change its status any more: it ends with the Responses
-    API's ``error`` event, saying what the status and body would have said."""
-    _, body = describe_error(exc, request[REQUEST_ID])
-    error = cast(dict[str, Any], body["error"])
-    event = {"type": "error", "code": error["code"], "message": error["message"],
-             "param": error["param"], "sequence_number": sequence}  # fmt: skip
-    await end_stream(request, response, _frame([event]))
+    stream = EventStream(request, "responses")
+    await stream.open()
+    async for event in events:
+        await stream.send([event])
+    return await stream.finish()
 
 
 # --- responses ---------------------------------------------------------------
@@ -135,20 +95,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if not run.request.stream:
         final = await service.execute(run)
         return _json_text(run.stored_json) if run.stored_json else _json(final)
-    response = await _open_sse(request)
-
-    async def sink(events: list[Event]) -> None:
-        if events:
-            await response.write(_frame(events))
-
-    try:
-        await service.execute(run, sink)
-    except Exception as exc:
-        await _end_with_error(request, response, exc, run.builder.sequence)
-        return response
-    await response.write(DONE_EVENT)
-    await response.write_eof()
-    return response
+    stream = EventStream(request, "responses")
+    await stream.open()
+    await service.execute(run, stream.send)
+    return await stream.finish()
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:

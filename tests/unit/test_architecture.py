@@ -145,3 +145,14 @@ def test_handlers_reach_storage_through_a_service(module):
     imported = imports(top_level_only=False)[module]
     allowed = {"storage.sqlite", "storage.sqlite.SQLiteStore"} if module == "proxy.app" else set()
     assert not [i for i in imported if reaches(i, "storage") and i not in allowed], module
+
+
+def test_one_module_opens_event_streams():
+    """Every streamed answer is opened, written and ended by proxy/event_stream.py, so
+    that errors after the headers have one shape per API and another transport can take
+    its place."""
+    for path in (ROOT / "proxy").rglob("*.py"):
+        if path.name == "event_stream.py" or "bench" in path.parts:
+            continue
+        text = path.read_text()
+        assert "StreamResponse(" not in text and ".prepare(request)" not in text, path

@@ -1,0 +1,143 @@
+"""The one place where a stream of events reaches the client: an SSE answer opened,
+written event by event, and ended, with a ``[DONE]`` or with an error in the shape its
+API's clients raise.
+
+Two kinds, by the API:
+
+- ``chat`` (chat completions, pass-through and tool loops): ``data:`` lines; an error
+  is ``data: {"error": {...}}``, which the OpenAI SDKs raise as ``APIError``;
+- ``responses``: ``event: TYPE`` plus ``data:``; an error is the Responses API's
+  ``error`` event, numbered after the last event sent.
+
+Code that produces events never writes to the socket itself: it hands them here (or,
+for a Responses run, to a sink that ends here), so that another transport (the
+WebSocket mode of ``/v1/responses``) can take this module's place. An exception after
+the stream has begun is ended here too, by the middleware (``fail``), never by the
+handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from aiohttp import ClientConnectionResetError, web
+
+from proxy.jsontext import dumps
+from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, WARNING
+from proxy.sse import DONE_EVENT, encode_event
+
+Kind = Literal["chat", "responses"]
+REQUEST_ID_HEADER = "X-Request-ID"
+WARNING_HEADER = "X-LMBridge-Warning"
+
+
+def stream_headers(request: web.Request) -> dict[str, str]:
+    """The headers lmbridge adds to a stream it opens itself (a plain response gets them
+    from the middleware)."""
+    headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
+    if WARNING in request:
+        headers[WARNING_HEADER] = request[WARNING]
+    cors = request.get(CORS)
+    if cors is not None:
+        headers.update(cors)
+    return headers
+
+
+INTERRUPTED = "The upstream stream was interrupted: "
+
+
+def responses_frame(events: Iterable[Mapping[str, Any]]) -> bytes:
+    """Responses events as one write: each ``event:`` and its ``data:`` line together
+    (some clients drop an event whose closing blank line comes in a later read)."""
+    return b"".join(
+        b"event: " + str(e["type"]).encode() + b"\ndata: " + dumps(e).encode() + b"\n\n"
+        for e in events
+    )
+
+
+class EventStream:
+    def __init__(
+        self,
+        request: web.Request,
+        kind: Kind,
+        headers: Mapping[str, str] | None = None,
+        *,
+        status: int = 200,
+    ) -> None:
+        self.request = request
+        self.kind = kind
+        self._headers = headers or {}
+        self._status = status
+        self.response: web.StreamResponse | None = None
+        # The sequence number an error event of a Responses stream takes.
+        self.next_sequence = 0
+
+    @property
+    def opened(self) -> bool:
+        return self.response is not None
+
+    async def open(self) -> web.StreamResponse:
+        """Send the status and headers (once); from now on an error can only end it."""
+        if self.response is None:
+            response = web.StreamResponse(
+                status=self._status,
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    **stream_headers(self.request),
+                    **self._headers,
+                },
+            )
+            await response.prepare(self.request)
+            self.response = response
+            self.request[OPEN_STREAM] = self
+        return self.response
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        """Events as one write, in this stream's frame."""
+        if not events:
+            return
+        if self.kind == "responses":
+            data = responses_frame(events)
+            self.next_sequence = int(events[-1].get("sequence_number", -1)) + 1
+        else:
+            data = b"".join(encode_event(event) for event in events)
+        await self.send_bytes(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Bytes already framed (a pass-through relays the upstream's as they come)."""
+        response = await self.open()
+        await response.write(data)
+
+    async def finish(self, last: bytes = DONE_EVENT) -> web.StreamResponse:
+        response = await self.open()
+        await self._end(response, last)
+        return response
+
+    async def fail(self, body: Mapping[str, Any], *, interrupted: bool = False) -> None:
+        """End with an error: the status and body an HTTP answer would have had, as this
+        API's error event. ``interrupted``: the upstream broke off a chat stream."""
+        error = dict(body["error"])
+        if self.kind == "responses":
+            event = {
+                "type": "error",
+                "code": error.get("code"),
+                "message": error.get("message"),
+                "param": error.get("param"),
+                "sequence_number": self.next_sequence,
+            }
+            last = responses_frame([event])
+        else:
+            if interrupted:
+                error["message"] = INTERRUPTED + str(error.get("message"))
+            last = encode_event({"error": error})
+        await self._end(await self.open(), last)
+
+    async def _end(self, response: web.StreamResponse, last: bytes) -> None:
+        try:
+            await response.write(last)
+            await response.write_eof()
+        except (ConnectionResetError, ClientConnectionResetError):
+            self.request[CLIENT_GONE] = True
