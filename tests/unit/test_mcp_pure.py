@@ -1,0 +1,259 @@
+"""The pure parts of lmbridge's MCP client, as tables: tool names, results as the model
+reads them, tool calls written as text, one round of a chat tool loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.mcp.names import MAX_LENGTH, ToolDirectory, ToolRef, exposed_name
+from proxy.mcp.results import cut, error_output, render_result
+from proxy.mcp.rounds import Round
+from proxy.mcp.text_calls import TextCall, find_text_calls
+
+# --- names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server", "tool", "name"),
+    [
+        ("time", "get_current_time", "time__get_current_time"),
+        ("my.server", "read file", "my_server__read_file"),
+        ("files", "dir/list", "files__dir_list"),
+        ("ü", "tool", "___tool"),
+    ],
+)
+def test_exposed_names_follow_openais_rules(server, tool, name):
+    """Server and tool joined by '__', every other character than [A-Za-z0-9_-] made '_'."""
+    assert exposed_name(server, tool) == name
+
+
+def test_long_names_are_cut_and_stay_distinct():
+    """Names over 64 characters are cut with a hash of the full pair."""
+    a = exposed_name("server", "t" * 100 + "a")
+    b = exposed_name("server", "t" * 100 + "b")
+    assert len(a) == len(b) == MAX_LENGTH
+    assert a != b
+
+
+def test_the_directory_routes_by_exposed_name_only():
+    """Two tools that clean to the same name get distinct names; each routes back to its
+    own server and tool; a bare tool name routes nowhere."""
+    directory = ToolDirectory()
+    first = directory.add("my.server", "add")
+    second = directory.add("my_server", "add")
+    assert first == "my_server__add" and second != first
+    assert directory.route(first) == ToolRef("my.server", "add")
+    assert directory.route(second) == ToolRef("my_server", "add")
+    assert directory.add("my.server", "add") == first  # the same pair again
+    assert directory.route("add") is None and "add" not in directory
+
+
+# --- results -------------------------------------------------------------------------
+
+IMAGE = {"type": "image", "data": "aGVsbG8=", "mimeType": "image/png"}
+
+
+@pytest.mark.parametrize(
+    ("result", "images", "text", "error", "image_parts"),
+    [
+        ({"content": [{"type": "text", "text": "5"}]}, False, "5", False, 0),
+        ({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, False,
+         "a\nb", False, 0),
+        ({"content": [], "structuredContent": {"x": 1}}, False, '{"x": 1}', False, 0),
+        ({"content": []}, False, "(the tool returned nothing)", False, 0),
+        ({"content": [{"type": "text", "text": "no"}], "isError": True}, False,
+         "The tool reported an error: no", True, 0),
+        ({"content": [IMAGE]}, True, "[image image/png: shown below]", False, 1),
+        ({"content": [IMAGE]}, False,
+         "[image image/png, 6 bytes: not shown, the model does not read images]", False, 0),
+        ({"content": [{"type": "audio", "mimeType": "audio/wav", "data": ""}]}, False,
+         "[audio audio/wav: not shown]", False, 0),
+        ({"content": [{"type": "resource", "resource": {"uri": "file:///a", "text": "hi"}}]},
+         False, "[resource file:///a]\nhi", False, 0),
+        ({"content": [{"type": "resource_link", "name": "a", "uri": "file:///a"}]}, False,
+         "[resource link: a file:///a]", False, 0),
+    ],
+)  # fmt: skip
+def test_results_as_the_model_reads_them(result, images, text, error, image_parts):
+    """Text stays text, structured content is JSON when there is no text, images are
+    parts for models that read them and a note for others, resources a summary."""
+    output = render_result(result, images=images, max_chars=1000)
+    assert (output.text, output.is_error, len(output.images)) == (text, error, image_parts)
+
+
+def test_long_results_are_cut_with_a_marker():
+    """A result over the limit keeps its head and says how much was cut."""
+    assert cut("x" * 10, 10) == "x" * 10
+    assert cut("x" * 15, 10) == "x" * 10 + "\n[... 5 more characters cut by lmbridge]"
+
+
+def test_a_failure_to_run_is_a_protocol_error_result():
+    """lmbridge's own failures read as the call's result, marked as not the tool's."""
+    output = error_output("timed out")
+    assert output.text == "The tool call failed: timed out"
+    assert (output.is_error, output.kind) == (True, "protocol")
+
+
+# --- tool calls written as text -------------------------------------------------------
+
+OFFERED = {"calc__add"}
+
+
+@pytest.mark.parametrize(
+    ("content", "calls", "rest"),
+    [
+        ('<tool_call>{"name": "calc__add", "arguments": {"a": 1}}</tool_call>',
+         [TextCall("calc__add", '{"a": 1}')], ""),
+        ('Let me add.\n<tool_call>\n{"name": "calc__add", "arguments": "{\\"a\\": 1}"}\n'
+         "</tool_call>", [TextCall("calc__add", '{"a": 1}')], "Let me add."),
+        ('{"name": "calc__add", "parameters": {"a": 2}}', [TextCall("calc__add", '{"a": 2}')],
+         ""),
+        ('```json\n{"name": "calc__add", "arguments": {}}\n```', [TextCall("calc__add", "{}")],
+         ""),
+        ('{"name": "rm_rf", "arguments": {}}', [], '{"name": "rm_rf", "arguments": {}}'),
+        ("<tool_call>not json</tool_call>", [], "<tool_call>not json</tool_call>"),
+        ('The answer is {"name": "calc__add"} in prose.', [],
+         'The answer is {"name": "calc__add"} in prose.'),
+        ("Plain answer.", [], "Plain answer."),
+    ],
+)  # fmt: skip
+def test_calls_written_as_text(content, calls, rest):
+    """Only offered names and whole JSON objects count; anything else stays text."""
+    assert find_text_calls(content, OFFERED) == (calls, rest)
+
+
+# --- one round of the chat loop --------------------------------------------------------
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+
+def call_delta(index: int, call_id: str = "", name: str = "", args: str = "") -> dict:
+    function = {k: v for k, v in (("name", name), ("arguments", args)) if v}
+    delta: dict[str, Any] = {"index": index, "function": function}
+    if call_id:
+        delta["id"] = call_id
+    return {"tool_calls": [delta]}
+
+
+def test_a_round_holds_back_mcp_calls_and_relays_the_rest():
+    """Content passes at once; an MCP call's deltas are held (lmbridge runs it); a client
+    call is relayed renumbered from 0; the finish reason and usage wait for the end."""
+    reply = Round({"calc__add"}, client_tools={"lookup"})
+    assert reply.feed(chunk({"role": "assistant", "content": "Adding"})) != []
+    assert reply.feed(chunk(call_delta(0, "m1", "calc__add", '{"a":'))) == []
+    assert reply.feed(chunk(call_delta(0, args=" 1}"))) == []
+    relayed = reply.feed(chunk(call_delta(1, "k1", "lookup", "{}")))
+    assert relayed[0]["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
+    assert reply.feed(chunk({}, "tool_calls")) == []
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert reply.feed({"id": "c1", "choices": [], "usage": usage}) == []
+    reply.finish()
+    assert [(c.id, c.name, c.arguments_text) for c in reply.mcp_calls] == [
+        ("m1", "calc__add", '{"a": 1}')
+    ]
+    assert [c.name for c in reply.client_calls] == ["lookup"]
+    assert reply.finish_reason == "tool_calls"
+    assert reply.usage is not None and reply.usage["total_tokens"] == 5
+    message = reply.assistant_message(include_client_calls=False)
+    assert message["content"] == "Adding"
+    assert [c["id"] for c in message["tool_calls"]] == ["m1"]
+
+
+def test_a_round_of_a_whole_completion():
+    """A non-streamed reply is read the same way, calls decided by the calls, not by a
+    finish reason of 'stop'."""
+    reply = Round({"calc__add"})
+    call = {"id": "m1", "type": "function", "function": {"name": "calc__add", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    reply.feed_completion({"id": "c2", "choices": [{"finish_reason": "stop", "message": message}]})
+    reply.finish()
+    assert [c.id for c in reply.mcp_calls] == ["m1"]
+
+
+@pytest.mark.parametrize(("enabled", "found"), [(True, 1), (False, 0)])
+def test_text_calls_only_when_enabled(enabled, found):
+    """With mcp.text_tool_calls, a reply that is only a call written as text is a call."""
+    reply = Round({"calc__add"}, text_tool_calls=enabled)
+    reply.feed(chunk({"content": '{"name": "calc__add", "arguments": {"a": 1}}'}))
+    reply.finish()
+    assert len(reply.mcp_calls) == found
+    assert ("".join(reply.content) == "") is enabled
+
+
+# --- the chat loop, driven by scripted replies and a scripted tool ----------------------
+
+
+def completion(content: str | None = None, *calls: tuple[str, str, str]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+            for i, n, a in calls
+        ]
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    return {"id": "c", "choices": [{"message": message, "finish_reason": "stop"}],
+            "usage": usage}  # fmt: skip
+
+
+async def run_loop(replies: list[dict[str, Any]], **limits: Any) -> tuple[Any, list, list]:
+    from proxy.mcp.loop import ToolLoop
+    from proxy.mcp.results import ToolOutput
+
+    directory = ToolDirectory()
+    directory.add("calc", "add")
+    sent: list[dict[str, Any]] = []
+    ran: list[tuple[ToolRef, dict[str, Any]]] = []
+
+    async def complete(body: dict[str, Any]) -> dict[str, Any]:
+        sent.append(body)
+        return replies.pop(0)
+
+    async def call_tool(ref: ToolRef, arguments: dict[str, Any]) -> ToolOutput:
+        ran.append((ref, arguments))
+        return ToolOutput(str(sum(arguments.values())))
+
+    loop = ToolLoop(directory, call_tool, client_tools={"lookup"},
+                    max_rounds=limits.get("max_rounds", 5),
+                    max_tool_calls=limits.get("max_tool_calls", 5))  # fmt: skip
+    body = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
+    return await loop.run(body, complete=complete), sent, ran
+
+
+async def test_the_loop_runs_calls_until_an_answer():
+    """Model -> tool -> model: the result goes back with the call's id, usage is summed."""
+    result, sent, ran = await run_loop([
+        completion(None, ("c1", "calc__add", '{"a": 2, "b": 3}')), completion("5"),
+    ])  # fmt: skip
+    assert ran == [(ToolRef("calc", "add"), {"a": 2, "b": 3})]
+    assert sent[1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": "5"}
+    assert result.completion["choices"][0]["message"]["content"] == "5"
+    assert result.completion["usage"]["total_tokens"] == 14
+    assert result.rounds == 2
+
+
+async def test_a_client_call_ends_the_loop_after_the_mcp_calls_of_its_round():
+    """A call to the client's own tool goes back to the client; the MCP call beside it
+    ran first."""
+    result, sent, ran = await run_loop([
+        completion(None, ("c1", "calc__add", '{"a": 1}'), ("k1", "lookup", "{}")),
+    ])  # fmt: skip
+    assert len(ran) == 1 and len(sent) == 1
+    assert result.completion["choices"][0]["finish_reason"] == "tool_calls"
+    assert [c["id"] for c in result.completion["choices"][0]["message"]["tool_calls"]] == ["k1"]
+    assert result.ended_mid_round
+
+
+async def test_at_the_limit_the_answer_is_asked_for():
+    """After max_rounds rounds with calls, one more request with tool_choice none."""
+    result, sent, ran = await run_loop(
+        [completion(None, ("c1", "calc__add", '{"a": 1}')),
+         completion(None, ("c2", "calc__add", '{"a": 2}')), completion("done")],
+        max_rounds=2,
+    )  # fmt: skip
+    assert len(ran) == 2 and sent[2]["tool_choice"] == "none"
+    assert result.completion["choices"][0]["message"]["content"] == "done"
