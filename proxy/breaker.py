@@ -30,7 +30,7 @@ class CircuitBreaker:
     ) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
-        self._clock = clock
+        self.clock = clock
         self._on_change = on_change
         self.state = CircuitState.CLOSED
         self.failures = 0
@@ -42,7 +42,7 @@ class CircuitBreaker:
         if self.state is CircuitState.CLOSED:
             return True
         if self.state is CircuitState.OPEN:
-            if self._clock() - self.opened_at < self.cooldown:
+            if self.clock() - self.opened_at < self.cooldown:
                 return False
             self._set(CircuitState.HALF_OPEN)
         if self._probe_in_flight:
@@ -60,7 +60,7 @@ class CircuitBreaker:
         self.failures += 1
         self._probe_in_flight = False
         if self.state is CircuitState.HALF_OPEN or self.failures >= self.failure_threshold:
-            self.opened_at = self._clock()
+            self.opened_at = self.clock()
             if self.state is not CircuitState.OPEN:
                 self._set(CircuitState.OPEN)
 
@@ -72,7 +72,7 @@ class CircuitBreaker:
         """Seconds until an open circuit lets a probe through."""
         if self.state is not CircuitState.OPEN:
             return 0.0
-        return max(0.0, self.cooldown - (self._clock() - self.opened_at))
+        return max(0.0, self.cooldown - (self.clock() - self.opened_at))
 
     def _set(self, state: CircuitState) -> None:
         self.state = state

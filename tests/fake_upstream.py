@@ -32,6 +32,7 @@ class Reply:
     stream: list[Any] | None = None
     done: bool = True  # end a stream with data: [DONE]
     delay: float = 0.0  # before the headers
+    hold: asyncio.Event | None = None  # before the headers, until the test sets it
     cut: bool = False  # after the stream items, drop the connection (no [DONE], no EOF)
     stall: bool = False  # after the stream items, send nothing more until cancelled
     drop: bool = False  # close the connection without any answer
@@ -206,6 +207,8 @@ class FakeUpstream:
     async def _answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        if reply.hold is not None:
+            await reply.hold.wait()
         if reply.drop:
             assert request.transport is not None
             request.transport.close()

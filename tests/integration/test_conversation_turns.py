@@ -8,10 +8,10 @@ import sqlite3
 import time
 
 from proxy.keys import RESPONSES, STORE
+from tests.clock import FakeClock
 from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
 from tests.integration.test_background import until
 from tests.integration.test_responses import R, create, sent
-from tests.unit.storage_support import Clock
 
 
 async def conversation(proxy) -> str:
@@ -110,7 +110,7 @@ async def test_a_turn_longer_than_the_claim_keeps_renewing_it(proxy, fake_upstre
     gets 409 rather than running on a history without it."""
     conv = await conversation(proxy)
     service = proxy.server.app[RESPONSES]
-    clock = Clock(int(time.time()))
+    clock = FakeClock(int(time.time()))
     service.clock = clock
     service.claims.renewal = 0.01
     release = asyncio.Event()

@@ -9,7 +9,10 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 
+from proxy.keys import UPSTREAM
+from tests.clock import FakeClock
 from tests.fake_upstream import CHAT, Reply, chat_completion
+from tests.integration.test_background import until
 
 REQUEST = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -166,6 +169,8 @@ async def test_circuit_opens_fails_fast_and_closes_after_a_probe(make_proxy, fak
         upstream__circuit_cooldown=0.3,
     )
     await proxy.get("/v1/models")
+    clock = FakeClock()
+    proxy.server.app[UPSTREAM].breaker.clock = clock
     fake_upstream.add_reply(CHAT, Reply(status=502, json={"error": {"message": "bad"}}), times=2)
     for _ in range(2):
         assert (await proxy.post(CHAT, json=REQUEST)).status == 502
@@ -183,7 +188,7 @@ async def test_circuit_opens_fails_fast_and_closes_after_a_probe(make_proxy, fak
     assert "circuit" in body["failing"]
     assert await metric(proxy, "lmbridge_circuit_state") == 2
 
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)  # past the cool-down
     assert (await proxy.post(CHAT, json=REQUEST)).status == 200
     assert await metric(proxy, "lmbridge_circuit_state") == 0
     assert (await proxy.get("/readyz")).status == 200
@@ -197,14 +202,18 @@ async def test_only_one_probe_in_half_open(make_proxy, fake_upstream):
         upstream__circuit_cooldown=0.1,
     )
     await proxy.get("/v1/models")
+    clock = FakeClock()
+    proxy.server.app[UPSTREAM].breaker.clock = clock
     fake_upstream.add_reply(CHAT, Reply(status=502, json={"error": {"message": "bad"}}))
     assert (await proxy.post(CHAT, json=REQUEST)).status == 502
-    await asyncio.sleep(0.15)
-    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(), delay=0.3))
+    clock.advance(0.15)  # past the cool-down
+    release = asyncio.Event()
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(), hold=release))
     probe = asyncio.ensure_future(proxy.post(CHAT, json=REQUEST))
-    await asyncio.sleep(0.1)
+    await until(lambda: len(fake_upstream.requests_to(CHAT)) == 2, "the probe went upstream")
     other = await proxy.post(CHAT, json=REQUEST)
     assert other.status == 503
+    release.set()
     assert (await probe).status == 200
 
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from storage.sqlite import SQLiteStore
-from tests.unit.storage_support import Clock
+from tests.clock import FakeClock
+from tests.unit.storage_support import NOW
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(NOW)
 
 
 @pytest.fixture
-async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[SQLiteStore]:
+async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SQLiteStore]:
     store = await SQLiteStore.open(tmp_path / "lmbridge.db", clock=clock)
     yield store
     await store.close()

@@ -14,14 +14,6 @@ from storage.writer_process import each
 NOW = 1_700_000_000
 
 
-class Clock:
-    def __init__(self, now: int = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def items(*ids: str) -> tuple[StoredItem, ...]:
     return tuple(StoredItem(i, json.dumps({"id": i, "type": "message"})) for i in ids)
 

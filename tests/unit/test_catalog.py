@@ -26,18 +26,7 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamUnavailable,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
+from tests.clock import FakeClock
 
 # --- realistic payloads -----------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from proxy.mcp.turns import TurnMemory
+from tests.clock import FakeClock
 
 
 def call(call_id: str, name: str, arguments: str = "{}") -> dict:
@@ -18,14 +19,6 @@ MCP_STEP = [
 ]
 HANDED = {"role": "assistant", "content": "Asking.", "tool_calls": [call("u1", "ask", '{"q":1}')]}
 RESULT = {"role": "tool", "tool_call_id": "u1", "content": "yes"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_turn_ended_mid_round_gets_its_calls_and_results_back() -> None:
@@ -71,7 +64,7 @@ def test_arguments_match_however_the_client_serialised_them() -> None:
 
 
 def test_entries_expire_and_the_oldest_go_first() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     memory = TurnMemory(max_entries=2, ttl=10, clock=clock)
     for n in range(3):
         memory.remember("", [call(f"u{n}", "ask")], MCP_STEP, ended_mid_round=False, follows=USER)

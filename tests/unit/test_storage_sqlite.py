@@ -15,7 +15,8 @@ import pytest
 from storage.migrations import MIGRATIONS, Migration
 from storage.records import ConversationRecord, StoredItem
 from storage.sqlite import SQLiteStore, StorageError
-from tests.unit.storage_support import NOW, Clock, response
+from tests.clock import FakeClock
+from tests.unit.storage_support import NOW, response
 
 LATEST = max(m.version for m in MIGRATIONS)
 
@@ -26,7 +27,7 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(path: Path, clock: Clock) -> AsyncIterator[SQLiteStore]:
+async def store(path: Path, clock: FakeClock) -> AsyncIterator[SQLiteStore]:
     store = await SQLiteStore.open(path, clock=clock)
     yield store
     await store.close()
