@@ -83,16 +83,18 @@ def request_bytes(body: dict[str, Any], *, stream: bool) -> bytes:
 
 
 async def complete(upstream: UpstreamClient, body: dict[str, Any], route: str) -> dict[str, Any]:
-    resp = await upstream.open("POST", CHAT_PATH, body=request_bytes(body, stream=False),
-                               route=route)  # fmt: skip
+    resp = await upstream.open(
+        "POST", CHAT_PATH, body=request_bytes(body, stream=False), route=route
+    )
     return await read_completion(upstream, resp)
 
 
 async def stream(
     upstream: UpstreamClient, body: dict[str, Any], route: str
 ) -> AsyncGenerator[dict[str, Any], None]:
-    resp = await upstream.open("POST", CHAT_PATH, body=request_bytes(body, stream=True),
-                               route=route)  # fmt: skip
+    resp = await upstream.open(
+        "POST", CHAT_PATH, body=request_bytes(body, stream=True), route=route
+    )
     async with contextlib.aclosing(read_chunks(upstream, resp)) as chunks:
         async for chunk in chunks:
             yield chunk

@@ -114,14 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="run lmbridge as an MCP server (stdio) so that coding assistants can hand "
         "work to local models",
     )
-    mcp.add_argument("--url", help="the daemon to talk to (default: where the configuration's "
-                     "daemon listens, http://127.0.0.1:1235)")  # fmt: skip
-    mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio",
-                     help="stdio (default) or streamable HTTP on 127.0.0.1")  # fmt: skip
-    mcp.add_argument("--port", dest="mcp_port", metavar="P", type=int, default=1236,
-                     help="port of the HTTP transport (default 1236)")  # fmt: skip
-    mcp.add_argument("--standalone", action="store_true",
-                     help="run the daemon in this process instead of talking to one")  # fmt: skip
+    mcp.add_argument(
+        "--url",
+        help="the daemon to talk to (default: where the configuration's "
+        "daemon listens, http://127.0.0.1:1235)",
+    )
+    mcp.add_argument(
+        "--transport",
+        choices=["stdio", "http"],
+        default="stdio",
+        help="stdio (default) or streamable HTTP on 127.0.0.1",
+    )
+    mcp.add_argument(
+        "--port",
+        dest="mcp_port",
+        metavar="P",
+        type=int,
+        default=1236,
+        help="port of the HTTP transport (default 1236)",
+    )
+    mcp.add_argument(
+        "--standalone",
+        action="store_true",
+        help="run the daemon in this process instead of talking to one",
+    )
     # Without --standalone these would do nothing: cmd_mcp refuses them.
     _add_config_flags(mcp, "upstream", "storage", "logging", "mcp", "embedded")
     mcp.set_defaults(func=cmd_mcp)
@@ -230,8 +246,13 @@ def render_models(models: list[dict[str, Any]]) -> str:
         context = m.get("max_context_length")
         supports = m.get("supports_tools")
         tools = "-" if supports is None else "yes" if supports else "no (template drops them)"
-        row = (name, str(m.get("type", "-")), str(m.get("state", "-")),
-               str(context) if context else "-", tools)  # fmt: skip
+        row = (
+            name,
+            str(m.get("type", "-")),
+            str(m.get("state", "-")),
+            str(context) if context else "-",
+            tools,
+        )
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join(
@@ -277,8 +298,12 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     from proxy.bridge.run import run
     from proxy.logs import configure_logging
 
-    daemon_only = {"--upstream": args.upstream, "--db": args.db, "--mcp-config": args.mcp_config,
-                   "--embedded": args.embedded}  # fmt: skip
+    daemon_only = {
+        "--upstream": args.upstream,
+        "--db": args.db,
+        "--mcp-config": args.mcp_config,
+        "--embedded": args.embedded,
+    }
     given = [flag for flag, value in daemon_only.items() if value is not None]
     if given and not args.standalone:
         _fail(

@@ -109,9 +109,11 @@ def reject_bool(value: Any) -> Any:
 
 Count = Annotated[int, BeforeValidator(reject_bool)]
 Duration = Annotated[
-    float, BeforeValidator(parse_duration), BeforeValidator(reject_bool),
+    float,
+    BeforeValidator(parse_duration),
+    BeforeValidator(reject_bool),
     Field(ge=0, allow_inf_nan=False),
-]  # fmt: skip
+]
 Size = Annotated[int, BeforeValidator(parse_size), BeforeValidator(reject_bool), Field(gt=0)]
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
 

@@ -126,13 +126,20 @@ def context_hint(config: EmbeddedConfig) -> str:
 def child_argv(config: EmbeddedConfig, model: Path) -> list[str]:
     """The command line of the child that runs llama.cpp."""
     return [
-        sys.executable, "-m", "proxy.embedded",
-        "--model", str(model),
-        "--alias", config.alias,
-        "--context-length", str(config.context_length),
-        "--parallel", str(config.parallel),
-        "--threads", str(config.threads or os.cpu_count() or 1),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "proxy.embedded",
+        "--model",
+        str(model),
+        "--alias",
+        config.alias,
+        "--context-length",
+        str(config.context_length),
+        "--parallel",
+        str(config.parallel),
+        "--threads",
+        str(config.threads or os.cpu_count() or 1),
+    ]
 
 
 async def renders_tools(url: str) -> bool | None:

@@ -61,8 +61,12 @@ async def readyz(request: web.Request) -> web.Response:
     # MCP servers are reported, not required: the daemon serves without them.
     mcp = app[MCP].status()
     failing = [name for name, check in checks.items() if not check["ok"]]
-    body = {"status": "ready" if ready else "not_ready", "failing": failing, "checks": checks,
-            "mcp_servers": mcp}  # fmt: skip
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "failing": failing,
+        "checks": checks,
+        "mcp_servers": mcp,
+    }
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -166,13 +166,15 @@ class RequestLog:
     def write(self, fields: dict[str, Any]) -> None:
         now = time.time()
         if self.json:
-            line = _json_line({
-                "ts": round(now, 3),
-                "level": "info",
-                "logger": "lmbridge.request",
-                "msg": "request",
-                **fields,
-            })  # fmt: skip
+            line = _json_line(
+                {
+                    "ts": round(now, 3),
+                    "level": "info",
+                    "logger": "lmbridge.request",
+                    "msg": "request",
+                    **fields,
+                }
+            )
         else:
             second = int(now)
             if second != self._second:

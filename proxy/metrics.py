@@ -22,9 +22,24 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 _BUCKET_NAMES = (*(repr(b) for b in _LATENCY_BUCKETS), "+Inf")  # as prometheus-client names them
 
 
@@ -125,8 +140,14 @@ class Metrics:
             "server.max_connections open), header_timeout, body_timeout, idle, malformed.",
             ["reason"],
         )
-        hot = (self.requests, self.request_seconds, self.upstream_seconds, self.ttft_seconds,
-               self.tokens, self.client_connections_closed)  # fmt: skip
+        hot = (
+            self.requests,
+            self.request_seconds,
+            self.upstream_seconds,
+            self.ttft_seconds,
+            self.tokens,
+            self.client_connections_closed,
+        )
         metrics = self
 
         class HotCollector(Collector):

@@ -119,14 +119,16 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         metrics.count_request(route, model, status, elapsed)
         request_log = app[REQUEST_LOG]
         if request_log.enabled and route not in _QUIET_ROUTES:
-            request_log.write({
-                "request_id": request_id,
-                "method": request.method,
-                "path": request.path,
-                "model": model,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 2),
-            })  # fmt: skip
+            request_log.write(
+                {
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.path,
+                    "model": model,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                }
+            )
 
 
 _QUIET_ROUTES = frozenset({"/healthz", "/metrics"})

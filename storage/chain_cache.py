@@ -76,8 +76,12 @@ class ChainCache:
             self._drop(record.id)  # it will change again
             return
         if record.previous_response_id is None:
-            chain = Chain((record.id,), (record.turn_messages,), (record.turn_tokens,),
-                          mcp_listed=record.mcp_listed)  # fmt: skip
+            chain = Chain(
+                (record.id,),
+                (record.turn_messages,),
+                (record.turn_tokens,),
+                mcp_listed=record.mcp_listed,
+            )
             self.put(record.id, record.owner, chain, record.expires_at)
             return
         parent = self._entries.get(record.previous_response_id)

@@ -92,11 +92,13 @@ class _Child(asyncio.SubprocessProtocol):
         # Called once the process has exited and its pipes are drained: every answer
         # it sent has been read.
         if not self.hello.done():
-            self.hello.set_result((
-                "failed",
-                f"cannot start the writer process for {self.writer._path}: it exited at "
-                f"start with status {self.returncode()} (its error is on stderr)",
-            ))  # fmt: skip
+            self.hello.set_result(
+                (
+                    "failed",
+                    f"cannot start the writer process for {self.writer._path}: it exited at "
+                    f"start with status {self.returncode()} (its error is on stderr)",
+                )
+            )
         if self.transport is not None:
             self.transport.close()
         self.gone.set_result(None)
@@ -147,9 +149,16 @@ class Writer:
         try:
             _, child = await loop.subprocess_exec(
                 lambda: _Child(self),
-                sys.executable, "-I", "-S", "-c", _BOOT, *paths,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-            )  # fmt: skip
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _BOOT,
+                *paths,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+            )
         except OSError as exc:
             raise StorageError(f"cannot start the writer process for {self._path}: {exc}") from exc
         assert child.stdin is not None

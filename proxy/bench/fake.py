@@ -116,21 +116,31 @@ async def measure_passthrough(setup: Setup) -> list[Result]:
     for label, body in (("plain", PLAIN_BODY), ("stream (20 chunks)", STREAM_BODY)):
 
         async def rps(base: str, body: bytes = body) -> Load:
-            return await throughput(session, base + chat, body, args.concurrency,
-                                    args.duration, setup.pid_of(base))  # fmt: skip
+            return await throughput(
+                session, base + chat, body, args.concurrency, args.duration, setup.pid_of(base)
+            )
 
         d, p = await _alternate(setup, rps)
-        results.append(Result(
-            f"{label}: requests/s at concurrency {args.concurrency}",
-            _median_rps(d), _median_rps(p), "req/s",
-            note=f"proxy/direct = {_median_rps(p) / _median_rps(d):.0%}",
-        ))  # fmt: skip
+        results.append(
+            Result(
+                f"{label}: requests/s at concurrency {args.concurrency}",
+                _median_rps(d),
+                _median_rps(p),
+                "req/s",
+                note=f"proxy/direct = {_median_rps(p) / _median_rps(d):.0%}",
+            )
+        )
         cpu_d, cpu_p = cpu_per_request_us(d), cpu_per_request_us(p)
         if cpu_d is not None and cpu_p is not None:
-            results.append(Result(
-                f"{label}: CPU per request, upstream vs lmbridge", cpu_d, cpu_p, "us",
-                note="lmbridge's own; the upstream's is the same either way",
-            ))  # fmt: skip
+            results.append(
+                Result(
+                    f"{label}: CPU per request, upstream vs lmbridge",
+                    cpu_d,
+                    cpu_p,
+                    "us",
+                    note="lmbridge's own; the upstream's is the same either way",
+                )
+            )
         lat_d: list[float] = []
         lat_p: list[float] = []
         for _ in range(args.rounds):
@@ -169,8 +179,9 @@ async def measure_responses(setup: Setup) -> list[Result]:
 
     async def rps(kind: str) -> Load:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/responses"
-        return await throughput(session, base + path, bodies[kind], args.concurrency,
-                                args.duration, setup.daemon_pid)  # fmt: skip
+        return await throughput(
+            session, base + path, bodies[kind], args.concurrency, args.duration, setup.daemon_pid
+        )
 
     setup.at(base)
     await rps("store")  # warm up
@@ -182,18 +193,28 @@ async def measure_responses(setup: Setup) -> list[Result]:
     results = []
     for kind in ("store", "no store"):
         ratio = _median_rps(loads[kind]) / _median_rps(chat)
-        results.append(Result(
-            f"/v1/responses ({kind}) vs chat pass-through, req/s at concurrency "
-            f"{args.concurrency}", _median_rps(chat), _median_rps(loads[kind]), "req/s",
-            note=f"responses/chat = {ratio:.0%}",
-        ))  # fmt: skip
+        results.append(
+            Result(
+                f"/v1/responses ({kind}) vs chat pass-through, req/s at concurrency "
+                f"{args.concurrency}",
+                _median_rps(chat),
+                _median_rps(loads[kind]),
+                "req/s",
+                note=f"responses/chat = {ratio:.0%}",
+            )
+        )
         cpu_chat, cpu_responses = cpu_per_request_us(chat), cpu_per_request_us(loads[kind])
         if cpu_chat is not None and cpu_responses is not None:
-            results.append(Result(
-                f"lmbridge CPU per request: chat pass-through vs /v1/responses ({kind})",
-                cpu_chat, cpu_responses, "us",
-                note=f"responses/chat = {cpu_responses / cpu_chat:.1f}x (with its writer process)",
-            ))  # fmt: skip
+            factor = cpu_responses / cpu_chat
+            results.append(
+                Result(
+                    f"lmbridge CPU per request: chat pass-through vs /v1/responses ({kind})",
+                    cpu_chat,
+                    cpu_responses,
+                    "us",
+                    note=f"responses/chat = {factor:.1f}x (with its writer process)",
+                )
+            )
 
     setup.unpinned()
     turns = args.chain_turns
@@ -228,10 +249,15 @@ async def measure_responses(setup: Setup) -> list[Result]:
         )
         proxied += await latencies(session, base + "/v1/responses", continue_body, 1)
     d, p = statistics.median(direct) * 1000, statistics.median(proxied) * 1000
-    results.append(Result(
-        f"turn {turns} of one chain vs the same history sent directly (p50)", d, p, "ms",
-        note=f"lmbridge/direct = {p / d:.1f}x ({len(direct_body) / 1e3:.0f} kB of history)",
-    ))  # fmt: skip
+    results.append(
+        Result(
+            f"turn {turns} of one chain vs the same history sent directly (p50)",
+            d,
+            p,
+            "ms",
+            note=f"lmbridge/direct = {p / d:.1f}x ({len(direct_body) / 1e3:.0f} kB of history)",
+        )
+    )
     # The same, continuing from turns whose chains are no longer in the daemon's memory
     # (as after a restart): the chain is read from SQLite, one query each.
     half = turns // 2
@@ -252,10 +278,15 @@ async def measure_responses(setup: Setup) -> list[Result]:
         )
         cold += await latencies(session, base + "/v1/responses", body_cold, 1)
     d, p = statistics.median(cold_direct) * 1000, statistics.median(cold) * 1000
-    results.append(Result(
-        f"turn ~{half} from a chain read from SQLite (p50)", d, p, "ms",
-        note=f"lmbridge/direct = {p / d:.1f}x ({len(history_half) / 1e3:.0f} kB of history)",
-    ))  # fmt: skip
+    results.append(
+        Result(
+            f"turn ~{half} from a chain read from SQLite (p50)",
+            d,
+            p,
+            "ms",
+            note=f"lmbridge/direct = {p / d:.1f}x ({len(history_half) / 1e3:.0f} kB of history)",
+        )
+    )
     return results
 
 
@@ -278,10 +309,14 @@ async def measure_mcp(setup: Setup) -> list[Result]:
     params = StdioServerParameters(command=sys.executable, args=["-m", "proxy.bench.mcp_server"])
     async with Client(stdio_client(params), mode="auto") as client:
         [tool] = (await client.list_tools()).tools
-        definition = {"type": "function", "function": {
-            "name": f"bench__{tool.name}", "description": tool.description,
-            "parameters": tool.input_schema,
-        }}  # fmt: skip
+        definition = {
+            "type": "function",
+            "function": {
+                "name": f"bench__{tool.name}",
+                "description": tool.description,
+                "parameters": tool.input_schema,
+            },
+        }
 
         async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
             async with session.post(url, json=body, headers=HEADERS) as resp:
@@ -299,7 +334,7 @@ async def measure_mcp(setup: Setup) -> list[Result]:
                 message,
                 {"role": "tool", "tool_call_id": call["id"], "content": text},
             ]
-            await post(setup.upstream_url + chat, body)  # fmt: skip
+            await post(setup.upstream_url + chat, body)
             return time.perf_counter() - started
 
         async def proxied_loop() -> float:
@@ -321,10 +356,15 @@ async def measure_mcp(setup: Setup) -> list[Result]:
     results = []
     for q in (50, 99):
         d, p = percentile(direct, q) * 1000, percentile(proxied, q) * 1000
-        results.append(Result(
-            f"MCP tool loop (2 rounds): p{q} latency at concurrency 1",
-            d, p, "ms", note=f"added {p - d:+.2f} ms (direct: the client runs the loop)",
-        ))  # fmt: skip
+        results.append(
+            Result(
+                f"MCP tool loop (2 rounds): p{q} latency at concurrency 1",
+                d,
+                p,
+                "ms",
+                note=f"added {p - d:+.2f} ms (direct: the client runs the loop)",
+            )
+        )
     return results
 
 
@@ -340,10 +380,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     log = tmp / "lmbridge.log"
     try:
         daemon = await start_daemon(
-            ["--upstream", upstream_url, "--port", str(port), "--db", str(tmp / "bench.db"),
-             "--mcp-config", str(mcp_json), "--log-level", args.log_level],
+            [
+                "--upstream",
+                upstream_url,
+                "--port",
+                str(port),
+                "--db",
+                str(tmp / "bench.db"),
+                "--mcp-config",
+                str(mcp_json),
+                "--log-level",
+                args.log_level,
+            ],
             log,
-        )  # fmt: skip
+        )
     except BaseException:
         await stop(fake)
         raise
@@ -403,8 +453,9 @@ def validation_cost_us(models: int = 50, calls: int = 200_000) -> float:
 
     listing = ModelList.build(
         [ModelInfo(f"publisher/model-{i}", "llm", "loaded") for i in range(models)],
-        "openai", time.monotonic(),
-    )  # fmt: skip
+        "openai",
+        time.monotonic(),
+    )
 
     reads = 0
 

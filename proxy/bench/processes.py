@@ -48,10 +48,14 @@ async def start_daemon(
     ``log``."""
     with log.open("ab") as output:
         return await asyncio.create_subprocess_exec(
-            *(command or [sys.executable, "-m", "proxy"]), "serve", *args,
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            *(command or [sys.executable, "-m", "proxy"]),
+            "serve",
+            *args,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "LMBRIDGE_CONFIG": os.devnull},
-        )  # fmt: skip
+        )
 
 
 async def wait_ready(

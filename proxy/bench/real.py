@@ -63,10 +63,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     log = tmp / "lmbridge.log"
     try:
         daemon = await start_daemon(
-            ["--upstream", upstream, "--port", str(port), "--db", str(tmp / "bench.db"),
-             "--log-level", "warning"],
+            [
+                "--upstream",
+                upstream,
+                "--port",
+                str(port),
+                "--db",
+                str(tmp / "bench.db"),
+                "--log-level",
+                "warning",
+            ],
             log,
-        )  # fmt: skip
+        )
     except BaseException:
         await embedded.stop()
         raise
@@ -93,13 +101,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 elapsed = time.perf_counter() - started
                 previous = response["id"]
                 usage = response["usage"] or {}
-                turns.append({
-                    "turn": index + 1,
-                    "prompt_tokens": usage.get("input_tokens"),
-                    "cached_tokens": (usage.get("input_tokens_details") or {}).get(
-                        "cached_tokens"),
-                    "seconds": round(elapsed, 3),
-                })  # fmt: skip
+                turns.append(
+                    {
+                        "turn": index + 1,
+                        "prompt_tokens": usage.get("input_tokens"),
+                        "cached_tokens": (usage.get("input_tokens_details") or {}).get(
+                            "cached_tokens"
+                        ),
+                        "seconds": round(elapsed, 3),
+                    }
+                )
             # The last turn's prompt once more, straight to llama.cpp, cache disabled.
             cold = await _cold_prompt(session, upstream, instructions, previous, base)
     finally:

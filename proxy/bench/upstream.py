@@ -23,12 +23,19 @@ REPLY_TEXT = "Hello from the bench."
 
 def _completion(n: int) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-bench{n}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-bench{n}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": BENCH_MODEL,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": REPLY_TEXT}}],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": REPLY_TEXT},
+            }
+        ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
-    }  # fmt: skip
+    }
 
 
 def _tool_call(n: int, tool: str) -> dict[str, Any]:
@@ -36,10 +43,17 @@ def _tool_call(n: int, tool: str) -> dict[str, Any]:
     body = _completion(n)
     choice = body["choices"][0]
     choice["finish_reason"] = "tool_calls"
-    choice["message"] = {"role": "assistant", "content": None, "tool_calls": [{
-        "id": f"call_{n}", "type": "function",
-        "function": {"name": tool, "arguments": '{"text": "hello"}'},
-    }]}  # fmt: skip
+    choice["message"] = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": f"call_{n}",
+                "type": "function",
+                "function": {"name": tool, "arguments": '{"text": "hello"}'},
+            }
+        ],
+    }
     return body
 
 
@@ -48,9 +62,13 @@ def _chunk(n: int, i: int) -> bytes:
     if i == 0:
         delta["role"] = "assistant"
     finish = "stop" if i == STREAM_CHUNKS - 1 else None
-    body = {"id": f"chatcmpl-bench{n}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": BENCH_MODEL,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    body = {
+        "id": f"chatcmpl-bench{n}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": BENCH_MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 

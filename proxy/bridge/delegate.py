@@ -57,8 +57,9 @@ class Delegations:
     async def start(self, body: dict[str, Any]) -> Delegation:
         """Create the response; raises what the daemon refused it with."""
         run = Delegation()
-        run.task = asyncio.create_task(self._follow(run, {**body, "background": True,
-                                                           "stream": True}))  # fmt: skip
+        run.task = asyncio.create_task(
+            self._follow(run, {**body, "background": True, "stream": True})
+        )
         started = asyncio.create_task(run.started.wait())
         await asyncio.wait({started, run.task}, return_when=asyncio.FIRST_COMPLETED)
         started.cancel()
@@ -77,8 +78,9 @@ class Delegations:
         for run in self._runs.values():
             if run.task is not None:
                 run.task.cancel()
-        await asyncio.gather(*(r.task for r in self._runs.values() if r.task),
-                             return_exceptions=True)  # fmt: skip
+        await asyncio.gather(
+            *(r.task for r in self._runs.values() if r.task), return_exceptions=True
+        )
 
     async def _follow(self, run: Delegation, body: dict[str, Any]) -> None:
         try:
@@ -113,8 +115,13 @@ class Delegations:
             began = run._began.pop(str(item["id"]), None)
             ms = None if began is None else (time.monotonic() - began) * 1000
             error = item.get("error")
-            step = Step(str(item.get("server_label")), str(item.get("name")), error is None,
-                        ms, error_summary(error))  # fmt: skip
+            step = Step(
+                str(item.get("server_label")),
+                str(item.get("name")),
+                error is None,
+                ms,
+                error_summary(error),
+            )
             run.steps.append(step)
             took = f" in {ms:.0f} ms" if ms is not None else ""
             outcome = "ok" if step.ok else "error"

@@ -73,8 +73,12 @@ async def run(config: Config, transport: Transport, port: int, *, standalone: bo
     server, delegations = build_server(
         client, Settings(config.bridge.result_max_chars, config.bridge.wait_seconds)
     )
-    log.info("lmbridge mcp: %s transport, daemon %s%s", transport, redact_url(url),
-             " (in this process)" if standalone else "")  # fmt: skip
+    log.info(
+        "lmbridge mcp: %s transport, daemon %s%s",
+        transport,
+        redact_url(url),
+        " (in this process)" if standalone else "",
+    )
     if transport == "stdio":
         serving = asyncio.create_task(server.run_stdio_async())
     else:

@@ -99,11 +99,22 @@ def build_server(client: DaemonClient, settings: Settings) -> tuple[MCPServer, D
         """One question to a local model, without history. Returns its answer (or the
         JSON object, with json_schema)."""
         body: dict[str, Any] = {"input": prompt, "store": True}
-        _put(body, model=model, instructions=system, temperature=temperature,
-             max_output_tokens=max_tokens)  # fmt: skip
+        _put(
+            body,
+            model=model,
+            instructions=system,
+            temperature=temperature,
+            max_output_tokens=max_tokens,
+        )
         if json_schema is not None:
-            body["text"] = {"format": {"type": "json_schema", "name": "answer",
-                                       "schema": json_schema, "strict": True}}  # fmt: skip
+            body["text"] = {
+                "format": {
+                    "type": "json_schema",
+                    "name": "answer",
+                    "schema": json_schema,
+                    "strict": True,
+                }
+            }
         with _tool_errors():
             response = await client.post("/v1/responses", body)
         answer = text.output_text(response)
@@ -114,8 +125,9 @@ def build_server(client: DaemonClient, settings: Settings) -> tuple[MCPServer, D
                 raise ToolError(
                     f"the model's answer is not valid JSON (it began: {answer[:200]!r})"
                 ) from None
-        hint = (f"call get_response(response_id={response.get('id')!r}, offset={{offset}}) "
-                "for the rest")  # fmt: skip
+        hint = (
+            f"call get_response(response_id={response.get('id')!r}, offset={{offset}}) for the rest"
+        )
         return text.cut(answer, limit, 0, hint)[0]
 
     @server.tool()
@@ -138,8 +150,13 @@ def build_server(client: DaemonClient, settings: Settings) -> tuple[MCPServer, D
         """One turn of a conversation that lmbridge remembers. Returns the answer and the
         response_id to pass as previous_response_id next time."""
         body: dict[str, Any] = {"input": input, "store": True}
-        _put(body, model=model, previous_response_id=previous_response_id,
-             instructions=instructions, max_output_tokens=max_tokens)  # fmt: skip
+        _put(
+            body,
+            model=model,
+            previous_response_id=previous_response_id,
+            instructions=instructions,
+            max_output_tokens=max_tokens,
+        )
         with _tool_errors():
             response = await client.post("/v1/responses", body)
         return text.response_result(response, [], max_chars=limit)
@@ -184,9 +201,11 @@ def build_server(client: DaemonClient, settings: Settings) -> tuple[MCPServer, D
         with _tool_errors():
             servers = await _servers(client, mcp_servers)
             body: dict[str, Any] = {
-                "input": task, "instructions": DELEGATE_INSTRUCTIONS, "store": True,
+                "input": task,
+                "instructions": DELEGATE_INSTRUCTIONS,
+                "store": True,
                 "tools": [{"type": "mcp", "server_label": name} for name in servers],
-            }  # fmt: skip
+            }
             _put(body, model=model, mcp_max_rounds=max_rounds)
             run = await delegations.start(body)
         wait = settings.wait_seconds if wait_seconds is None else wait_seconds
@@ -262,5 +281,8 @@ async def _servers(client: DaemonClient, wanted: list[str] | str) -> list[str]:
     listing = await client.get("/v1/mcp/servers")
     # "all": those a task can use on its own; a server that needs approval is used only
     # when named, since its first call would stop the task.
-    return [s["name"] for s in listing.get("data") or []
-            if s.get("state") != "disabled" and not s.get("require_approval")]  # fmt: skip
+    return [
+        s["name"]
+        for s in listing.get("data") or []
+        if s.get("state") != "disabled" and not s.get("require_approval")
+    ]

@@ -19,8 +19,11 @@ class Step:
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"server": self.server, "tool": self.tool,
-                               "outcome": "ok" if self.ok else "error"}  # fmt: skip
+        out: dict[str, Any] = {
+            "server": self.server,
+            "tool": self.tool,
+            "outcome": "ok" if self.ok else "error",
+        }
         if self.ms is not None:
             out["ms"] = round(self.ms)
         if self.error:
@@ -33,14 +36,19 @@ def models(listing: dict[str, Any]) -> dict[str, Any]:
     for model in listing.get("data") or []:
         if not isinstance(model, dict) or "alias_for" in model:
             continue
-        rows.append({
-            "id": model.get("id"),
-            "type": model.get("type", "unknown"),
-            "state": model.get("state", "unknown"),
-            "context_length": model.get("max_context_length"),
-        })  # fmt: skip
-    aliases = {m["id"]: m["alias_for"] for m in listing.get("data") or []
-               if isinstance(m, dict) and "alias_for" in m}  # fmt: skip
+        rows.append(
+            {
+                "id": model.get("id"),
+                "type": model.get("type", "unknown"),
+                "state": model.get("state", "unknown"),
+                "context_length": model.get("max_context_length"),
+            }
+        )
+    aliases = {
+        m["id"]: m["alias_for"]
+        for m in listing.get("data") or []
+        if isinstance(m, dict) and "alias_for" in m
+    }
     return {"models": rows, **({"aliases": aliases} if aliases else {})}
 
 
@@ -151,8 +159,11 @@ def response_result(
 def embeddings(body: dict[str, Any], max_chars: int) -> dict[str, Any]:
     vectors = [d.get("embedding") for d in body.get("data") or [] if isinstance(d, dict)]
     dimensions = len(vectors[0]) if vectors and isinstance(vectors[0], list) else 0
-    result: dict[str, Any] = {"model": body.get("model"), "count": len(vectors),
-                              "dimensions": dimensions}  # fmt: skip
+    result: dict[str, Any] = {
+        "model": body.get("model"),
+        "count": len(vectors),
+        "dimensions": dimensions,
+    }
     # About 20 characters a number once serialised.
     if len(vectors) * dimensions * 20 <= max_chars:
         result["vectors"] = vectors

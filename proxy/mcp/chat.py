@@ -41,7 +41,7 @@ async def chat_with_tools(
     clash = sorted(
         {t.get("function", {}).get("name") for t in client_tools if isinstance(t, dict)}
         & set(offer.directory.by_name)
-    )  # fmt: skip
+    )
     if clash:
         raise BadRequest(
             f"The client tool name(s) {', '.join(map(str, clash))} clash with MCP tools of "

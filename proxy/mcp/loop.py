@@ -107,8 +107,13 @@ class ToolLoop:
             request = {**body, "messages": messages}
             if forced_final:
                 request["tool_choice"] = "none"
-            reply = Round(self.directory, stream_id=stream_id, client_tools=self.client_tools,
-                          text_tool_calls=self.text_tool_calls, number=rounds)  # fmt: skip
+            reply = Round(
+                self.directory,
+                stream_id=stream_id,
+                client_tools=self.client_tools,
+                text_tool_calls=self.text_tool_calls,
+                number=rounds,
+            )
             if stream is not None:
                 async for chunk in stream(request):
                     relayed = reply.feed(chunk)
@@ -180,8 +185,17 @@ class ToolLoop:
             else:
                 output = await self.call_tool(ref, decision.arguments)
                 self.policy.remember(decision, output)
-        self.traces.append(ToolTrace(call.id, ref, call.name, call.arguments_text, output,
-                                     time.perf_counter() - started, repeated))  # fmt: skip
+        self.traces.append(
+            ToolTrace(
+                call.id,
+                ref,
+                call.name,
+                call.arguments_text,
+                output,
+                time.perf_counter() - started,
+                repeated,
+            )
+        )
         return output
 
     def _final_completion(
@@ -216,10 +230,18 @@ class ToolLoop:
     ) -> list[dict[str, Any]]:
         """What ends a streamed loop: one finish_reason, then the summed usage if asked."""
         choice = result.completion["choices"][0]
-        base = {"id": stream_id, "object": "chat.completion.chunk",
-                "created": result.completion["created"], "model": model}  # fmt: skip
-        chunks = [{**base, "choices": [{"index": 0, "delta": {},
-                                        "finish_reason": choice["finish_reason"]}]}]  # fmt: skip
+        base = {
+            "id": stream_id,
+            "object": "chat.completion.chunk",
+            "created": result.completion["created"],
+            "model": model,
+        }
+        chunks = [
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+            }
+        ]
         if include_usage and "usage" in result.completion:
             chunks.append({**base, "choices": [], "usage": result.completion["usage"]})
         return chunks

@@ -40,14 +40,23 @@ class Call:
         return "".join(self.arguments)
 
     def as_chat(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments_text}}  # fmt: skip
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments_text},
+        }
 
 
 class Round:
-    def __init__(self, mcp_tools: Container[str], *, stream_id: str | None = None,
-                 text_tool_calls: bool = False, number: int = 1,
-                 client_tools: Container[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        mcp_tools: Container[str],
+        *,
+        stream_id: str | None = None,
+        text_tool_calls: bool = False,
+        number: int = 1,
+        client_tools: Container[str] | None = None,
+    ) -> None:
         self.mcp_tools = mcp_tools
         # Known: a call to a name that is neither an MCP tool nor one of these is run by
         # the loop (as an "unknown tool" result for the model), not sent to the client.
@@ -100,8 +109,13 @@ class Round:
         out = {k: v for k, v in chunk.items() if k != "usage"}
         if self.stream_id is not None:
             out["id"] = self.stream_id
-        out["choices"] = [{**{k: v for k, v in choice.items() if k != "finish_reason"},
-                           "delta": out_delta, "finish_reason": None}]  # fmt: skip
+        out["choices"] = [
+            {
+                **{k: v for k, v in choice.items() if k != "finish_reason"},
+                "delta": out_delta,
+                "finish_reason": None,
+            }
+        ]
         return [out]
 
     def _call_delta(self, delta: dict[str, Any], position: int) -> list[dict[str, Any]]:

@@ -141,8 +141,11 @@ class MCPServers:
         for supervisor, is_ready in zip(chosen, ready, strict=True):
             if not is_ready:
                 offer.missing.append(supervisor.name)
-                log.warning("MCP server %s is not connected (%s): its tools are not offered",
-                            supervisor.name, supervisor.last_error or supervisor.state)  # fmt: skip
+                log.warning(
+                    "MCP server %s is not connected (%s): its tools are not offered",
+                    supervisor.name,
+                    supervisor.last_error or supervisor.state,
+                )
                 continue
             for tool in self.tools_of(supervisor.name):
                 if tool_filter is not None and not tool_filter(supervisor.name, tool):
@@ -150,9 +153,16 @@ class MCPServers:
                 name = offer.directory.add(supervisor.name, tool.name)
                 offer.infos[name] = tool
                 description = tool.description or f"{tool.name} (MCP server {supervisor.name})"
-                offer.tools.append({"type": "function", "function": {
-                    "name": name, "description": description, "parameters": tool.input_schema,
-                }})  # fmt: skip
+                offer.tools.append(
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": name,
+                            "description": description,
+                            "parameters": tool.input_schema,
+                        },
+                    }
+                )
         return offer
 
     def tools_of(self, name: str) -> list[ToolInfo]:
@@ -195,13 +205,22 @@ class MCPServers:
         elapsed = time.perf_counter() - started
         self.metrics.mcp_calls.labels(ref.server, ref.tool, outcome).inc()
         self.metrics.mcp_call_seconds.labels(ref.server).observe(elapsed)
-        log.info("mcp call", extra={"fields": {
-            "server": ref.server, "tool": ref.tool, "outcome": outcome,
-            "duration_ms": round(elapsed * 1000, 1),
-        }})  # fmt: skip
+        log.info(
+            "mcp call",
+            extra={
+                "fields": {
+                    "server": ref.server,
+                    "tool": ref.tool,
+                    "outcome": outcome,
+                    "duration_ms": round(elapsed * 1000, 1),
+                }
+            },
+        )
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("mcp call arguments", extra={"fields": {
-                "server": ref.server, "tool": ref.tool, "arguments": arguments}})  # fmt: skip
+            log.debug(
+                "mcp call arguments",
+                extra={"fields": {"server": ref.server, "tool": ref.tool, "arguments": arguments}},
+            )
         return output
 
     # --- reporting --------------------------------------------------------------
@@ -210,17 +229,29 @@ class MCPServers:
         """Every configured server with its state and the tools the model may be offered
         (after allowed/denied lists); disabled ones too, so that none looks forgotten."""
         described = [
-            {"name": name, "state": s.state, "error": s.last_error,
-             "require_approval": s.config.require_approval,
-             "tools": [{"name": t.name, "description": t.description, "read_only": t.read_only}
-                       for t in self.tools_of(name)]}
+            {
+                "name": name,
+                "state": s.state,
+                "error": s.last_error,
+                "require_approval": s.config.require_approval,
+                "tools": [
+                    {"name": t.name, "description": t.description, "read_only": t.read_only}
+                    for t in self.tools_of(name)
+                ],
+            }
             for name, s in self.supervisors.items()
-        ]  # fmt: skip
+        ]
         described += [
-            {"name": name, "state": "disabled", "error": None,
-             "require_approval": server.require_approval, "tools": []}
-            for name, server in self.config.servers.items() if server.disabled
-        ]  # fmt: skip
+            {
+                "name": name,
+                "state": "disabled",
+                "error": None,
+                "require_approval": server.require_approval,
+                "tools": [],
+            }
+            for name, server in self.config.servers.items()
+            if server.disabled
+        ]
         return described
 
     def status(self) -> dict[str, Any]:

@@ -222,8 +222,12 @@ class Supervisor:
                 if not self._stopping:
                     # Shown to clients and logged: an HTTP error quotes the URL it was for.
                     self.last_error = redact_urls(f"{type(leaf).__name__}: {leaf}".strip())
-                    log.warning("MCP server %s: connection %s: %s", self.name,
-                                "lost" if connected else "failed", self.last_error)  # fmt: skip
+                    log.warning(
+                        "MCP server %s: connection %s: %s",
+                        self.name,
+                        "lost" if connected else "failed",
+                        self.last_error,
+                    )
             finally:
                 self._ready.clear()
                 self._fail_inflight(
@@ -273,8 +277,11 @@ class Supervisor:
             errlog = stack.enter_context((self.log_dir / f"mcp-{self.name}.log").open("a"))
             return _watched(stdio_client(params, errlog=errlog), lambda: self._lost(lost))
         assert config.url is not None
-        hooks = {} if self.allows_redirect is None else {
-            "response": [_redirect_guard(self.allows_redirect)]}  # fmt: skip
+        hooks = (
+            {}
+            if self.allows_redirect is None
+            else {"response": [_redirect_guard(self.allows_redirect)]}
+        )
         if kind == "sse":
 
             def sse_http(
@@ -286,13 +293,18 @@ class Supervisor:
                     headers=headers, timeout=timeout, auth=auth, event_hooks=hooks
                 )
 
-            return _watched(sse_client(config.url, headers=headers, httpx_client_factory=sse_http),
-                            lambda: self._lost(lost))  # fmt: skip
+            return _watched(
+                sse_client(config.url, headers=headers, httpx_client_factory=sse_http),
+                lambda: self._lost(lost),
+            )
         # Headers go through an httpx2 client of our own, which the stack closes.
-        http = await stack.enter_async_context(httpx2.AsyncClient(
-            headers=headers, timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout)),
-            event_hooks=hooks,
-        ))  # fmt: skip
+        http = await stack.enter_async_context(
+            httpx2.AsyncClient(
+                headers=headers,
+                timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout)),
+                event_hooks=hooks,
+            )
+        )
         return _watched(
             streamable_http_client(config.url, http_client=http), lambda: self._lost(lost)
         )
@@ -305,9 +317,13 @@ class Supervisor:
         self.state = "ready"
         self._ready.set()
         self._settle_attempt()
-        log.info("MCP server %s: connected in %.0f ms (protocol %s), %d tools", self.name,
-                 (time.monotonic() - started) * 1000, client.protocol_version,
-                 len(self.tools))  # fmt: skip
+        log.info(
+            "MCP server %s: connected in %.0f ms (protocol %s), %d tools",
+            self.name,
+            (time.monotonic() - started) * 1000,
+            client.protocol_version,
+            len(self.tools),
+        )
         if self.on_tools is not None:
             self.on_tools(self.name, self.tools)
         async with anyio.create_task_group() as group:
@@ -320,8 +336,11 @@ class Supervisor:
             group.start_soon(watchdog)
             group.start_soon(self._refresh_tools, client)
             capabilities = client.server_capabilities.tools
-            if (client.protocol_version in MODERN_PROTOCOL_VERSIONS
-                    and capabilities is not None and capabilities.list_changed):  # fmt: skip
+            if (
+                client.protocol_version in MODERN_PROTOCOL_VERSIONS
+                and capabilities is not None
+                and capabilities.list_changed
+            ):
                 group.start_soon(self._listen, client, lost)
             while True:
                 item = await self._queue.get()
@@ -335,8 +354,9 @@ class Supervisor:
             return
         self._inflight.add(call)
         try:
-            result = await client.call_tool(call.tool, call.arguments,
-                                            read_timeout_seconds=call.timeout)  # fmt: skip
+            result = await client.call_tool(
+                call.tool, call.arguments, read_timeout_seconds=call.timeout
+            )
         except MCPError as exc:
             if exc.code == CONNECTION_CLOSED:
                 _settle(
@@ -379,8 +399,9 @@ class Supervisor:
             with anyio.fail_after(5):
                 await client.list_tools(cache_mode="bypass")
         except Exception as exc:
-            log.warning("MCP server %s: health check failed (%s): reconnecting", self.name,
-                        _leaf(exc))  # fmt: skip
+            log.warning(
+                "MCP server %s: health check failed (%s): reconnecting", self.name, _leaf(exc)
+            )
             self._lost(lost)
 
     # --- tool-list changes ----------------------------------------------------

@@ -184,45 +184,74 @@ class ResponseBuilder:
         events: list[Event] = []
         if self._reasoning is None or not self._reasoning.open:
             events += self._close_text()
-            body: dict[str, Any] = {"id": self._ids("rs"), "type": "reasoning", "summary": [],
-                                    "content": [], "status": "in_progress"}  # fmt: skip
+            body: dict[str, Any] = {
+                "id": self._ids("rs"),
+                "type": "reasoning",
+                "summary": [],
+                "content": [],
+                "status": "in_progress",
+            }
             self._reasoning, added = self._add_item(body)
             events.append(added)
             body["content"].append({"type": "reasoning_text", "text": ""})
-            events.append(self._event(
-                "response.content_part.added", item_id=body["id"],
-                output_index=self._reasoning.index, content_index=0,
-                part={"type": "reasoning_text", "text": ""},
-            ))  # fmt: skip
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=body["id"],
+                    output_index=self._reasoning.index,
+                    content_index=0,
+                    part={"type": "reasoning_text", "text": ""},
+                )
+            )
         item = self._reasoning
         item.body["content"][0]["text"] += text
-        events.append(self._event(
-            "response.reasoning_text.delta", item_id=item.body["id"], output_index=item.index,
-            content_index=0, delta=text,
-        ))  # fmt: skip
+        events.append(
+            self._event(
+                "response.reasoning_text.delta",
+                item_id=item.body["id"],
+                output_index=item.index,
+                content_index=0,
+                delta=text,
+            )
+        )
         return events
 
     def _text_delta(self, text: str) -> list[Event]:
         events: list[Event] = []
         if self._text is None or not self._text.open:
             events += self._close_reasoning()
-            body: dict[str, Any] = {"id": self._ids("msg"), "type": "message",
-                                    "status": "in_progress", "role": "assistant",
-                                    "content": []}  # fmt: skip
+            body: dict[str, Any] = {
+                "id": self._ids("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
             self._text, added = self._add_item(body)
             events.append(added)
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             body["content"].append(self._copy(part))
-            events.append(self._event(
-                "response.content_part.added", item_id=body["id"], output_index=self._text.index,
-                content_index=0, part=part,
-            ))  # fmt: skip
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=body["id"],
+                    output_index=self._text.index,
+                    content_index=0,
+                    part=part,
+                )
+            )
         item = self._text
         item.body["content"][0]["text"] += text
-        events.append(self._event(
-            "response.output_text.delta", item_id=item.body["id"], output_index=item.index,
-            content_index=0, delta=text, logprobs=[],
-        ))  # fmt: skip
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=item.body["id"],
+                output_index=item.index,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
         return events
 
     def _call_delta(self, delta: dict[str, Any], position: int) -> list[Event]:
@@ -247,19 +276,37 @@ class ResponseBuilder:
             target = self.mcp.get(name)
             body: dict[str, Any]
             if target is None:
-                body = {"id": self._ids("fc"), "type": "function_call", "status": "in_progress",
-                        "call_id": call_id, "name": "", "arguments": ""}  # fmt: skip
+                body = {
+                    "id": self._ids("fc"),
+                    "type": "function_call",
+                    "status": "in_progress",
+                    "call_id": call_id,
+                    "name": "",
+                    "arguments": "",
+                }
                 call = _Call(0, body, call_id=call_id)
                 self._set_name(call, name)
             elif target.approval:
-                body = {"id": self._ids("mcpr"), "type": "mcp_approval_request",
-                        "server_label": target.label, "name": target.tool,
-                        "arguments": ""}  # fmt: skip
+                body = {
+                    "id": self._ids("mcpr"),
+                    "type": "mcp_approval_request",
+                    "server_label": target.label,
+                    "name": target.tool,
+                    "arguments": "",
+                }
                 call = _Call(0, body, flat_name=name, kind="approval", call_id=call_id)
             else:
-                body = {"id": self._ids("mcp"), "type": "mcp_call", "server_label": target.label,
-                        "name": target.tool, "arguments": "", "status": "in_progress",
-                        "output": None, "error": None, "approval_request_id": None}  # fmt: skip
+                body = {
+                    "id": self._ids("mcp"),
+                    "type": "mcp_call",
+                    "server_label": target.label,
+                    "name": target.tool,
+                    "arguments": "",
+                    "status": "in_progress",
+                    "output": None,
+                    "error": None,
+                    "approval_request_id": None,
+                }
                 call = _Call(0, body, flat_name=name, kind="mcp", call_id=call_id)
             self._calls[index] = call
             _, added = self._add_item(body, call)
@@ -269,12 +316,19 @@ class ResponseBuilder:
         arguments = arguments_piece(arguments)
         if arguments is not None:
             call.arguments.append(arguments)
-            kind = {"function": "response.function_call_arguments.delta",
-                    "mcp": "response.mcp_call_arguments.delta"}.get(call.kind)  # fmt: skip
+            kind = {
+                "function": "response.function_call_arguments.delta",
+                "mcp": "response.mcp_call_arguments.delta",
+            }.get(call.kind)
             if kind is not None:
-                events.append(self._event(
-                    kind, item_id=call.body["id"], output_index=call.index, delta=arguments,
-                ))  # fmt: skip
+                events.append(
+                    self._event(
+                        kind,
+                        item_id=call.body["id"],
+                        output_index=call.index,
+                        delta=arguments,
+                    )
+                )
         return events
 
     def _set_name(self, call: _Call, flat: str) -> None:
@@ -295,13 +349,25 @@ class ResponseBuilder:
         part = body["content"][0]
         body["status"] = status
         return [
-            self._event("response.output_text.done", item_id=body["id"], output_index=item.index,
-                        content_index=0, text=part["text"], logprobs=[]),
-            self._event("response.content_part.done", item_id=body["id"],
-                        output_index=item.index, content_index=0, part=self._copy(part)),
-            self._event("response.output_item.done", output_index=item.index,
-                        item=self._copy(body)),
-        ]  # fmt: skip
+            self._event(
+                "response.output_text.done",
+                item_id=body["id"],
+                output_index=item.index,
+                content_index=0,
+                text=part["text"],
+                logprobs=[],
+            ),
+            self._event(
+                "response.content_part.done",
+                item_id=body["id"],
+                output_index=item.index,
+                content_index=0,
+                part=self._copy(part),
+            ),
+            self._event(
+                "response.output_item.done", output_index=item.index, item=self._copy(body)
+            ),
+        ]
 
     def _close_reasoning(self, status: str = "completed") -> list[Event]:
         item = self._reasoning
@@ -312,13 +378,24 @@ class ResponseBuilder:
         part = body["content"][0]
         body["status"] = status
         return [
-            self._event("response.reasoning_text.done", item_id=body["id"],
-                        output_index=item.index, content_index=0, text=part["text"]),
-            self._event("response.content_part.done", item_id=body["id"],
-                        output_index=item.index, content_index=0, part=self._copy(part)),
-            self._event("response.output_item.done", output_index=item.index,
-                        item=self._copy(body)),
-        ]  # fmt: skip
+            self._event(
+                "response.reasoning_text.done",
+                item_id=body["id"],
+                output_index=item.index,
+                content_index=0,
+                text=part["text"],
+            ),
+            self._event(
+                "response.content_part.done",
+                item_id=body["id"],
+                output_index=item.index,
+                content_index=0,
+                part=self._copy(part),
+            ),
+            self._event(
+                "response.output_item.done", output_index=item.index, item=self._copy(body)
+            ),
+        ]
 
     def _close_calls(self, status: str = "completed") -> list[Event]:
         events: list[Event] = []
@@ -332,10 +409,15 @@ class ResponseBuilder:
             body = call.body
             body["arguments"] = "".join(call.arguments)
             body["status"] = status
-            events.append(self._event(
-                "response.function_call_arguments.done", item_id=body["id"],
-                output_index=call.index, name=body["name"], arguments=body["arguments"],
-            ))  # fmt: skip
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=body["id"],
+                    output_index=call.index,
+                    name=body["name"],
+                    arguments=body["arguments"],
+                )
+            )
             events.append(
                 self._event(
                     "response.output_item.done", output_index=call.index, item=self._copy(body)
@@ -367,8 +449,9 @@ class ResponseBuilder:
         body["arguments"] = "".join(call.arguments)
         if call.kind == "mcp":
             body["status"] = "incomplete" if status == "completed" else status
-        return [self._event("response.output_item.done", output_index=call.index,
-                            item=self._copy(body))]  # fmt: skip
+        return [
+            self._event("response.output_item.done", output_index=call.index, item=self._copy(body))
+        ]
 
     # --- tool loops (MCP) -------------------------------------------------
 
@@ -376,19 +459,32 @@ class ResponseBuilder:
         self, label: str, tools: list[dict[str, Any]], error: str | None = None
     ) -> list[Event]:
         """An mcp_list_tools item: the tools of one server, once per conversation."""
-        body: dict[str, Any] = {"id": self._ids("mcpl"), "type": "mcp_list_tools",
-                                "server_label": label, "tools": [], "error": None}  # fmt: skip
+        body: dict[str, Any] = {
+            "id": self._ids("mcpl"),
+            "type": "mcp_list_tools",
+            "server_label": label,
+            "tools": [],
+            "error": None,
+        }
         item, added = self._add_item(body)
         item.open = False
-        events = [added, self._event("response.mcp_list_tools.in_progress",
-                                     item_id=body["id"], output_index=item.index)]  # fmt: skip
+        events = [
+            added,
+            self._event(
+                "response.mcp_list_tools.in_progress", item_id=body["id"], output_index=item.index
+            ),
+        ]
         body["tools"] = tools
         body["error"] = error
         kind = "failed" if error else "completed"
-        events.append(self._event(f"response.mcp_list_tools.{kind}", item_id=body["id"],
-                                  output_index=item.index))  # fmt: skip
-        events.append(self._event("response.output_item.done", output_index=item.index,
-                                  item=self._copy(body)))  # fmt: skip
+        events.append(
+            self._event(
+                f"response.mcp_list_tools.{kind}", item_id=body["id"], output_index=item.index
+            )
+        )
+        events.append(
+            self._event("response.output_item.done", output_index=item.index, item=self._copy(body))
+        )
         return events
 
     def finish_round(self) -> tuple[list[Event], list[PendingMcpCall]]:
@@ -404,17 +500,26 @@ class ResponseBuilder:
             body["arguments"] = "".join(call.arguments)
             if call.kind == "approval":
                 call.open = False
-                events.append(self._event("response.output_item.done", output_index=call.index,
-                                          item=self._copy(body)))  # fmt: skip
+                events.append(
+                    self._event(
+                        "response.output_item.done", output_index=call.index, item=self._copy(body)
+                    )
+                )
             else:
-                events.append(self._event(
-                    "response.mcp_call_arguments.done", item_id=body["id"],
-                    output_index=call.index, arguments=body["arguments"],
-                ))  # fmt: skip
-                events.append(self._event("response.mcp_call.in_progress", item_id=body["id"],
-                                          output_index=call.index))  # fmt: skip
-            pending.append(PendingMcpCall(body, call.flat_name, body["arguments"],
-                                          call))  # fmt: skip
+                events.append(
+                    self._event(
+                        "response.mcp_call_arguments.done",
+                        item_id=body["id"],
+                        output_index=call.index,
+                        arguments=body["arguments"],
+                    )
+                )
+                events.append(
+                    self._event(
+                        "response.mcp_call.in_progress", item_id=body["id"], output_index=call.index
+                    )
+                )
+            pending.append(PendingMcpCall(body, call.flat_name, body["arguments"], call))
         return events, pending
 
     def complete_mcp(
@@ -428,20 +533,27 @@ class ResponseBuilder:
         body["status"] = "failed" if error else "completed"
         kind = "failed" if error else "completed"
         return [
-            self._event(f"response.mcp_call.{kind}", item_id=body["id"],
-                        output_index=call.index),
-            self._event("response.output_item.done", output_index=call.index,
-                        item=self._copy(body)),
-        ]  # fmt: skip
+            self._event(f"response.mcp_call.{kind}", item_id=body["id"], output_index=call.index),
+            self._event(
+                "response.output_item.done", output_index=call.index, item=self._copy(body)
+            ),
+        ]
 
     def add_mcp_call(
         self, label: str, tool: str, arguments: str, approval_request_id: str
     ) -> PendingMcpCall:
         """An approved call, run at the start of the next response (no model reply made it)."""
-        body: dict[str, Any] = {"id": self._ids("mcp"), "type": "mcp_call", "server_label": label,
-                                "name": tool, "arguments": arguments, "status": "in_progress",
-                                "output": None, "error": None,
-                                "approval_request_id": approval_request_id}  # fmt: skip
+        body: dict[str, Any] = {
+            "id": self._ids("mcp"),
+            "type": "mcp_call",
+            "server_label": label,
+            "name": tool,
+            "arguments": arguments,
+            "status": "in_progress",
+            "output": None,
+            "error": None,
+            "approval_request_id": approval_request_id,
+        }
         call = _Call(0, body, kind="mcp", call_id=approval_request_id)
         self._add_item(body, call)
         return PendingMcpCall(body, "", arguments, call)
@@ -450,13 +562,21 @@ class ResponseBuilder:
         """The opening events of a call made by ``add_mcp_call``."""
         body = pending.call.body
         return [
-            self._event("response.output_item.added", output_index=pending.call.index,
-                        item=self._copy({**body, "status": "in_progress"})),
-            self._event("response.mcp_call_arguments.done", item_id=body["id"],
-                        output_index=pending.call.index, arguments=body["arguments"]),
-            self._event("response.mcp_call.in_progress", item_id=body["id"],
-                        output_index=pending.call.index),
-        ]  # fmt: skip
+            self._event(
+                "response.output_item.added",
+                output_index=pending.call.index,
+                item=self._copy({**body, "status": "in_progress"}),
+            ),
+            self._event(
+                "response.mcp_call_arguments.done",
+                item_id=body["id"],
+                output_index=pending.call.index,
+                arguments=body["arguments"],
+            ),
+            self._event(
+                "response.mcp_call.in_progress", item_id=body["id"], output_index=pending.call.index
+            ),
+        ]
 
     def new_round(self) -> None:
         """Before the next upstream reply of a tool loop: calls are numbered anew, usage
@@ -547,8 +667,14 @@ def replay_events(response: dict[str, Any]) -> list[Event]:
         return out
 
     start = copy.deepcopy(response)
-    start.update(status="in_progress", output=[], usage=None, error=None,
-                 incomplete_details=None, completed_at=None)  # fmt: skip
+    start.update(
+        status="in_progress",
+        output=[],
+        usage=None,
+        error=None,
+        incomplete_details=None,
+        completed_at=None,
+    )
     events = [
         event("response.created", response=start),
         event("response.in_progress", response=copy.deepcopy(start)),

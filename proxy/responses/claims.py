@@ -102,5 +102,4 @@ class ConversationClaims:
                 return
             except StorageError:
                 delay = min(delay * 2, self.renewal)
-        log.warning("could not release a conversation (free again in %gs at most)",
-                    self.lease)  # fmt: skip
+        log.warning("could not release a conversation (free again in %gs at most)", self.lease)

@@ -87,8 +87,9 @@ async def setup_mcp(
             label = tool["server_label"]
             where = f"tools[{index}]"
             if label in setup.by_label or label in setup.remote:
-                raise BadRequest(f"The server_label {label!r} is used twice.",
-                                 param=f"{where}.server_label")  # fmt: skip
+                raise BadRequest(
+                    f"The server_label {label!r} is used twice.", param=f"{where}.server_label"
+                )
             if tool.get("server_url"):
                 supervisor = _remote(tool, label, config, log_dir, where)
                 setup.remote[label] = supervisor
@@ -114,11 +115,16 @@ async def setup_mcp(
                 name = directory.add(label, info.name)
                 approval = _needs_approval(tool.get("require_approval"), info, default_approval)
                 setup.targets.offered[name] = McpTarget(label, info.name, approval)
-                setup.chat_tools.append({"type": "function", "function": {
-                    "name": name,
-                    "description": info.description or f"{info.name} (MCP server {label})",
-                    "parameters": info.input_schema,
-                }})  # fmt: skip
+                setup.chat_tools.append(
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": name,
+                            "description": info.description or f"{info.name} (MCP server {label})",
+                            "parameters": info.input_schema,
+                        },
+                    }
+                )
             if label not in listed:
                 error = None if ready else (supervisor.last_error or "the server is not connected")
                 setup.to_list.append((label, [_tool_json(t) for t in chosen], error))
@@ -139,8 +145,9 @@ def _remote(
     try:
         target = parse_url(url)
     except RemoteURLError as exc:
-        raise BadRequest(f"The server_url {redact_url(url)!r} {exc}.",
-                         param=f"{where}.server_url") from None  # fmt: skip
+        raise BadRequest(
+            f"The server_url {redact_url(url)!r} {exc}.", param=f"{where}.server_url"
+        ) from None
     patterns = config.remote_servers
     if not allows(patterns, target):
         raise BadRequest(
@@ -153,8 +160,13 @@ def _remote(
         headers["Authorization"] = f"Bearer {tool['authorization']}"
     # The URL as matched, not as written: no other parser gets to read it differently.
     server = MCPServerConfig.model_validate({"url": target.url, "headers": headers})
-    return Supervisor(label, server, log_dir, backoff_max=config.restart_backoff_max,
-                      allows_redirect=lambda location: allows(patterns, location))  # fmt: skip
+    return Supervisor(
+        label,
+        server,
+        log_dir,
+        backoff_max=config.restart_backoff_max,
+        allows_redirect=lambda location: allows(patterns, location),
+    )
 
 
 def _allowed(allowed: Any, tool: ToolInfo) -> bool:
@@ -187,8 +199,12 @@ def _needs_approval(setting: Any, tool: ToolInfo, default: bool) -> bool:
 
 
 def _tool_json(tool: ToolInfo) -> dict[str, Any]:
-    return {"name": tool.name, "input_schema": tool.input_schema,
-            "description": tool.description or None, "annotations": tool.annotations}  # fmt: skip
+    return {
+        "name": tool.name,
+        "input_schema": tool.input_schema,
+        "description": tool.description or None,
+        "annotations": tool.annotations,
+    }
 
 
 def _tool_choice(choice: Any, setup: McpSetup) -> Any:
@@ -197,8 +213,10 @@ def _tool_choice(choice: Any, setup: McpSetup) -> Any:
     label = choice.get("server_label")
     names = [n for n, t in setup.targets.items() if t.label == label]
     if not names:
-        raise BadRequest(f"'tool_choice' names the MCP server {label!r}, which has no tools "
-                         "in this request.", param="tool_choice.server_label")  # fmt: skip
+        raise BadRequest(
+            f"'tool_choice' names the MCP server {label!r}, which has no tools in this request.",
+            param="tool_choice.server_label",
+        )
     if choice.get("name"):
         name = exposed_name(str(label), str(choice["name"]))
         if name not in setup.targets.offered:

@@ -13,24 +13,33 @@ def tools_echo(request: CreateRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for tool in request.tools:
         if tool.get("type") == "function":
-            out.append({
-                "type": "function",
-                "name": tool["name"],
-                "description": tool.get("description"),
-                "parameters": tool.get("parameters"),
-                "strict": tool.get("strict"),
-            })  # fmt: skip
+            out.append(
+                {
+                    "type": "function",
+                    "name": tool["name"],
+                    "description": tool.get("description"),
+                    "parameters": tool.get("parameters"),
+                    "strict": tool.get("strict"),
+                }
+            )
         elif tool.get("type") == "namespace":
-            out.append({
-                "type": "namespace",
-                "name": tool["name"],
-                "description": tool.get("description") or "",
-                "tools": [
-                    {"type": "function", "name": m["name"], "description": m.get("description"),
-                     "parameters": m.get("parameters"), "strict": m.get("strict")}
-                    for m in tool["tools"]
-                ],
-            })  # fmt: skip
+            out.append(
+                {
+                    "type": "namespace",
+                    "name": tool["name"],
+                    "description": tool.get("description") or "",
+                    "tools": [
+                        {
+                            "type": "function",
+                            "name": m["name"],
+                            "description": m.get("description"),
+                            "parameters": m.get("parameters"),
+                            "strict": m.get("strict"),
+                        }
+                        for m in tool["tools"]
+                    ],
+                }
+            )
         else:
             out.append(dict(tool))
     return out

@@ -79,8 +79,9 @@ class ResponseRecorder:
                 if await self._stored_status(run) != run.response["status"]:
                     await self.save(run, final)
         except StorageError as exc:
-            log.error("background response %s: its final state could not be stored: %s",
-                      run.id, exc)  # fmt: skip
+            log.error(
+                "background response %s: its final state could not be stored: %s", run.id, exc
+            )
             final = await self._fail_unstored(run)
         run.settled.set()
         return final
@@ -123,8 +124,10 @@ class ResponseRecorder:
                     run.unstored = False
                     if run.finished:  # else _run_background lets it go as it ends
                         del self.running[response_id]
-            log.warning("stored %d background response(s) as failed: their final state "
-                        "could not be stored", len(ids))  # fmt: skip
+            log.warning(
+                "stored %d background response(s) as failed: their final state could not be stored",
+                len(ids),
+            )
 
     async def save(self, run: ResponseRun, pending: Sequence[Event] = ()) -> None:
         """Store the response; ``pending`` are its events not yet handed to the sink

@@ -25,12 +25,25 @@ log = logging.getLogger("lmbridge.responses")
 
 NAMESPACE_SEPARATOR = "__"
 # Tool types a chat completion upstream cannot run (OpenAI runs them server-side).
-HOSTED_TOOL_TYPES = frozenset({
-    "web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
-    "file_search", "local_shell", "shell", "apply_patch", "image_generation",
-    "code_interpreter", "computer", "computer_use", "computer_use_preview", "custom",
-    "tool_search",
-})  # fmt: skip
+HOSTED_TOOL_TYPES = frozenset(
+    {
+        "web_search",
+        "web_search_preview",
+        "web_search_2025_08_26",
+        "web_search_preview_2025_03_11",
+        "file_search",
+        "local_shell",
+        "shell",
+        "apply_patch",
+        "image_generation",
+        "code_interpreter",
+        "computer",
+        "computer_use",
+        "computer_use_preview",
+        "custom",
+        "tool_search",
+    }
+)
 COMPACTION_PREFIX = "Summary of the conversation so far:\n"
 
 
@@ -174,8 +187,9 @@ def render_items(
                 results.clear()
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             if kind == "mcp_call":
-                results.append({"role": "tool", "tool_call_id": item["id"],
-                                "content": mcp_call_text(item)})  # fmt: skip
+                results.append(
+                    {"role": "tool", "tool_call_id": item["id"], "content": mcp_call_text(item)}
+                )
             continue
         messages += results
         results.clear()
@@ -185,16 +199,29 @@ def render_items(
                 messages.append(message)
         elif kind == "function_call_output":
             messages.append(
-                {"role": "tool", "tool_call_id": item["call_id"],
-                 "content": _tool_output_text(item["output"])}
-            )  # fmt: skip
+                {
+                    "role": "tool",
+                    "tool_call_id": item["call_id"],
+                    "content": _tool_output_text(item["output"]),
+                }
+            )
         elif kind == "mcp_call":  # an approved call: its request was the assistant's call
-            messages.append({"role": "tool", "tool_call_id": item["approval_request_id"],
-                             "content": mcp_call_text(item)})  # fmt: skip
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item["approval_request_id"],
+                    "content": mcp_call_text(item),
+                }
+            )
         elif kind == "mcp_approval_response" and not item.get("approve"):
             reason = f" Reason: {item['reason']}" if item.get("reason") else ""
-            messages.append({"role": "tool", "tool_call_id": item["approval_request_id"],
-                             "content": f"The user denied this tool call.{reason}"})  # fmt: skip
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item["approval_request_id"],
+                    "content": f"The user denied this tool call.{reason}",
+                }
+            )
         elif kind == "compaction":
             messages.append(
                 {"role": "user", "content": COMPACTION_PREFIX + decode_compaction(item)}
@@ -215,8 +242,11 @@ def _as_call(item: Mapping[str, Any], names: ToolNames) -> dict[str, Any] | None
         name, call_id = exposed_name(item["server_label"], item["name"]), item["id"]
     else:
         return None
-    return {"id": call_id, "type": "function",
-            "function": {"name": name, "arguments": item.get("arguments") or "{}"}}  # fmt: skip
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": item.get("arguments") or "{}"},
+    }
 
 
 def mcp_call_text(item: Mapping[str, Any]) -> str:
@@ -226,8 +256,11 @@ def mcp_call_text(item: Mapping[str, Any]) -> str:
     error = item.get("error")
     if isinstance(error, dict):
         content = error.get("content")
-        texts = [b.get("text", "") for b in content if isinstance(b, dict)] if isinstance(
-            content, list) else []  # fmt: skip
+        texts = (
+            [b.get("text", "") for b in content if isinstance(b, dict)]
+            if isinstance(content, list)
+            else []
+        )
         detail = error.get("message") or "\n".join(texts) or json.dumps(content)
         return str(detail) if texts else f"The tool call failed: {detail}"
     return f"The tool call failed: {error}" if error else "(no result)"

@@ -309,17 +309,21 @@ def _check_mcp_tool(tool: dict[str, Any], where: str) -> None:
             param=f"{where}.server_label",
         )
     if tool.get("connector_id") is not None:
-        raise BadRequest("OpenAI's connectors are not available through lmbridge; use "
-                         "'server_url' or a server of lmbridge's configuration.",
-                         param=f"{where}.connector_id")  # fmt: skip
+        raise BadRequest(
+            "OpenAI's connectors are not available through lmbridge; use "
+            "'server_url' or a server of lmbridge's configuration.",
+            param=f"{where}.connector_id",
+        )
     url = tool.get("server_url")
     if url is not None and (not isinstance(url, str) or not re.match(r"^https?://", url)):
-        raise BadRequest("'server_url' must be an http:// or https:// URL.",
-                         param=f"{where}.server_url")  # fmt: skip
+        raise BadRequest(
+            "'server_url' must be an http:// or https:// URL.", param=f"{where}.server_url"
+        )
     headers = tool.get("headers")
-    if headers is not None and (not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    )):  # fmt: skip
+    if headers is not None and (
+        not isinstance(headers, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+    ):
         raise BadRequest("'headers' must be an object of strings.", param=f"{where}.headers")
     if tool.get("authorization") is not None and not isinstance(tool["authorization"], str):
         raise BadRequest("'authorization' must be a string.", param=f"{where}.authorization")
@@ -343,9 +347,11 @@ def _check_mcp_tool(tool: dict[str, Any], where: str) -> None:
             and all(isinstance(v, dict) and _is_tool_filter(v) for v in approval.values())
         )
     ):
-        raise BadRequest("'require_approval' must be 'always', 'never' or an object with "
-                         "'always' and/or 'never' tool filters.",
-                         param=f"{where}.require_approval")  # fmt: skip
+        raise BadRequest(
+            "'require_approval' must be 'always', 'never' or an object with "
+            "'always' and/or 'never' tool filters.",
+            param=f"{where}.require_approval",
+        )
 
 
 def _is_tool_filter(value: dict[str, Any]) -> bool:
@@ -469,8 +475,10 @@ def normalize_item(item: Any, where: str, ids: Callable[[str], str] = new_id) ->
             )
     elif kind == "mcp_approval_response":
         if not isinstance(item.get("approval_request_id"), str):
-            raise BadRequest("An mcp_approval_response needs the 'approval_request_id' it "
-                             "answers.", param=f"{where}.approval_request_id")  # fmt: skip
+            raise BadRequest(
+                "An mcp_approval_response needs the 'approval_request_id' it answers.",
+                param=f"{where}.approval_request_id",
+            )
         if not isinstance(item.get("approve"), bool):
             raise BadRequest("'approve' must be true or false.", param=f"{where}.approve")
     elif kind == "reasoning":

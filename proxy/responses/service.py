@@ -101,9 +101,13 @@ class ResponsesService:
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
         self.recorder = ResponseRecorder(
-            store, worker, tasks, self.running,
-            retention=int(config.responses.retention), clock=lambda: self.clock(),
-        )  # fmt: skip
+            store,
+            worker,
+            tasks,
+            self.running,
+            retention=int(config.responses.retention),
+            clock=lambda: self.clock(),
+        )
 
     # --- create -----------------------------------------------------------
 
@@ -148,11 +152,14 @@ class ResponsesService:
             request, response_id=response_id, model=prepared.model.id, created_at=created_at
         )
         builder = ResponseBuilder(
-            response, prepared.tools.names, ids=self.ids,
-            max_tool_calls=request.max_tool_calls, clock=self.clock,
+            response,
+            prepared.tools.names,
+            ids=self.ids,
+            max_tool_calls=request.max_tool_calls,
+            clock=self.clock,
             emit=request.stream or request.background,
             mcp=prepared.mcp.targets if prepared.mcp is not None else None,
-        )  # fmt: skip
+        )
         run = ResponseRun(response_id, prepared, builder, created_at)
         if request.background:
             await run.record(builder.start(queued=True))
@@ -165,21 +172,34 @@ class ResponsesService:
             request, reject_unsupported=self.config.responses.unsupported_tools == "reject"
         )
         history = await load_history(
-            self.store, self.worker, request, owner, tools.names,
+            self.store,
+            self.worker,
+            request,
+            owner,
+            tools.names,
             images=model.vision is not False,
             max_items=self.config.responses.max_history_items,
-        )  # fmt: skip
+        )
         listed_before = history.listed
         input_items = await resolve_references(self.store, request.input, owner)
         # A client that re-sends the whole history (no previous_response_id) sends the
         # listings too: those servers are listed already.
-        listed_before |= {i["server_label"] for i in input_items
-                          if i.get("type") == "mcp_list_tools" and "server_label" in i}  # fmt: skip
+        listed_before |= {
+            i["server_label"]
+            for i in input_items
+            if i.get("type") == "mcp_list_tools" and "server_label" in i
+        }
         settings = render.chat_settings(request, model.id, tools)
         setup = None
         if any(tool.get("type") == "mcp" for tool in request.tools):
-            setup = await setup_mcp(request.tools, request.tool_choice, self.mcp, self.config.mcp,
-                                    listed_before, self.config.storage.path.parent)  # fmt: skip
+            setup = await setup_mcp(
+                request.tools,
+                request.tool_choice,
+                self.mcp,
+                self.config.mcp,
+                listed_before,
+                self.config.storage.path.parent,
+            )
         try:
             approved = await approvals(self.store, input_items, owner, setup)
         except BaseException:
@@ -278,9 +298,12 @@ class ResponsesService:
             for label, tools, error in setup.to_list:
                 await sink(builder.list_tools(label, tools, error))
             for request_item, target in prepared.approved:
-                pending = builder.add_mcp_call(target.label, target.tool,
-                                               request_item.get("arguments") or "{}",
-                                               request_item["id"])  # fmt: skip
+                pending = builder.add_mcp_call(
+                    target.label,
+                    target.tool,
+                    request_item.get("arguments") or "{}",
+                    request_item["id"],
+                )
                 await sink(builder.added_events(pending))
                 decision = policy.decide(pending.flat_name, pending.arguments)
                 await self._run_mcp(setup, pending, target, decision, policy, builder, sink)
@@ -311,11 +334,14 @@ class ResponsesService:
                     else Answered(policy.over_budget())
                     for p in runnable
                 ]
-                await asyncio.gather(*(
-                    self._run_mcp(setup, p, setup.targets[p.flat_name], decision, policy,
-                                  builder, sink)
-                    for p, decision in zip(runnable, decisions, strict=True)
-                ))  # fmt: skip
+                await asyncio.gather(
+                    *(
+                        self._run_mcp(
+                            setup, p, setup.targets[p.flat_name], decision, policy, builder, sink
+                        )
+                        for p, decision in zip(runnable, decisions, strict=True)
+                    )
+                )
             waits_for_client = any(p.call.kind == "approval" for p in pending_calls) or any(
                 call["status"] == "in_progress" for call in builder.function_calls()
             )
@@ -323,8 +349,12 @@ class ResponsesService:
                 return
             extra += render.render_items(builder.output[first_item:], prepared.tools.names)
             if policy.must_finish():
-                log.info("tool loop limit reached after %d round(s), %d call(s): asking for "
-                         "the final answer", policy.rounds, policy.calls)  # fmt: skip
+                log.info(
+                    "tool loop limit reached after %d round(s), %d call(s): asking for "
+                    "the final answer",
+                    policy.rounds,
+                    policy.calls,
+                )
                 extra.append({"role": "user", "content": LIMIT_NOTE})
                 forced = True
             builder.new_round()
@@ -347,11 +377,13 @@ class ResponsesService:
         error: dict[str, Any] | None = None
         if output.is_error:
             error = (
-                {"type": "mcp_tool_execution_error",
-                 "content": [{"type": "text", "text": output.text}]}
+                {
+                    "type": "mcp_tool_execution_error",
+                    "content": [{"type": "text", "text": output.text}],
+                }
                 if output.kind == "tool"
                 else {"type": "mcp_protocol_error", "code": -32000, "message": output.text}
-            )  # fmt: skip
+            )
         await sink(builder.complete_mcp(pending, None if error else output.text, error))
 
     async def _run_background(self, run: ResponseRun) -> None:
@@ -460,13 +492,14 @@ class ResponsesService:
         prepared = await self.prepare(await self.parse(body), owner)
         settings = {**prepared.settings, "max_tokens": 1, "temperature": 0}
         messages = render.join_message_arrays(
-            [dumps(prepared.system), *fit_history(prepared),
-             dumps(prepared.new_messages)]
-        )  # fmt: skip
+            [dumps(prepared.system), *fit_history(prepared), dumps(prepared.new_messages)]
+        )
         resp = await self.upstream.open(
-            "POST", CHAT_PATH, body=render.chat_body_bytes(settings, messages, stream=False),
+            "POST",
+            CHAT_PATH,
+            body=render.chat_body_bytes(settings, messages, stream=False),
             route=ROUTE,
-        )  # fmt: skip
+        )
         completion = loads(await self.upstream.read_body(resp) or b"{}")
         usage = usage_from_chat(completion.get("usage") if isinstance(completion, dict) else None)
         if usage and usage["input_tokens"]:

@@ -96,15 +96,21 @@ async def approvals(
         if request_item is None or request_item.get("type") != "mcp_approval_request":
             raise NotFound(
                 f"Approval request '{item['approval_request_id']}' not found.",
-                param=f"input[{index}].approval_request_id", code="item_not_found",
-            )  # fmt: skip
+                param=f"input[{index}].approval_request_id",
+                code="item_not_found",
+            )
         if not item["approve"]:
             continue
         target = None
         if setup is not None:
-            target = next((t for t in setup.targets.values()
-                           if t.label == request_item["server_label"]
-                           and t.tool == request_item["name"]), None)  # fmt: skip
+            target = next(
+                (
+                    t
+                    for t in setup.targets.values()
+                    if t.label == request_item["server_label"] and t.tool == request_item["name"]
+                ),
+                None,
+            )
         if target is None:
             raise BadRequest(
                 f"The approved call to {request_item['name']!r} of the MCP server "
@@ -126,9 +132,10 @@ async def resolve_references(
         stored = await store.find_item(item["id"], owner)
         if stored is None:
             raise NotFound(
-                f"Item with id '{item['id']}' not found.", param=f"input[{index}].id",
+                f"Item with id '{item['id']}' not found.",
+                param=f"input[{index}].id",
                 code="item_not_found",
-            )  # fmt: skip
+            )
         resolved.append(loads(stored.json))
     return resolved
 

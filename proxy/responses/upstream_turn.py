@@ -31,10 +31,13 @@ def chat_body(
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> bytes:
-    messages = render.join_message_arrays([
-        dumps(prepared.system), *history,
-        dumps([*prepared.new_messages, *(extra or ())]),
-    ])  # fmt: skip
+    messages = render.join_message_arrays(
+        [
+            dumps(prepared.system),
+            *history,
+            dumps([*prepared.new_messages, *(extra or ())]),
+        ]
+    )
     settings = {**prepared.settings, **overrides} if overrides else prepared.settings
     return render.chat_body_bytes(settings, messages, stream=stream)
 
