@@ -30,16 +30,12 @@ from proxy.errors import (
 )
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
-from proxy.mcp.policy import LIMIT_NOTE, Answered, Decision, LoopPolicy
 from proxy.mcp.servers import MCPServers
 from proxy.responses import compaction, render
 from proxy.responses.builder import (
     TERMINAL_EVENTS,
     Event,
-    McpTarget,
-    PendingMcpCall,
     ResponseBuilder,
-    replay_events,
 )
 from proxy.responses.claims import ConversationClaims
 from proxy.responses.failures import (
@@ -48,18 +44,18 @@ from proxy.responses.failures import (
     response_error_code,
     response_not_found,
 )
-from proxy.responses.mcp_tools import McpSetup, run_mcp_call, setup_mcp
+from proxy.responses.mcp_tools import setup_mcp
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
+from proxy.responses.replay import replay_events
 from proxy.responses.request import CreateRequest, parse_create
 from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, stop
 from proxy.responses.state import approvals, load_history, resolve_references
+from proxy.responses.tool_rounds import ResponseRounds
 from proxy.responses.upstream_turn import (
     CHAT_PATH,
     ROUTE,
-    complete_chat,
     fit_history,
-    stream_chat,
 )
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
@@ -98,6 +94,7 @@ class ResponsesService:
         # Background runs not yet stored in their final state: running, or unstored.
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
+        self.rounds = ResponseRounds(upstream, mcp, config.mcp)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
         self.recorder = ResponseRecorder(
@@ -259,7 +256,7 @@ class ResponsesService:
                     raise asyncio.CancelledError
                 await sink(builder.in_progress())
                 await self.recorder.save(run)
-            await self._rounds(run, sink, streamed)
+            await self.rounds.run(run, sink, streamed)
             final = builder.finish()
         except asyncio.CancelledError:
             if request.background and not run.cancel_requested:
@@ -283,108 +280,6 @@ class ResponsesService:
         final = await self.recorder.store_final(run, final)
         await sink(final)
         return builder.response
-
-    async def _rounds(self, run: ResponseRun, sink: Sink, streamed: bool) -> None:
-        """One upstream reply, or, with MCP tools, the loop model -> tools -> model."""
-        builder = run.builder
-        prepared = run.prepared
-        setup = prepared.mcp
-        limits = self.config.mcp
-        max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
-        max_rounds = min(limits.max_rounds, prepared.request.mcp_max_rounds or 1 << 30)
-        extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
-        policy = LoopPolicy(max_rounds=max_rounds, max_tool_calls=max_calls)
-        if setup is not None:
-            for label, tools, error in setup.to_list:
-                await sink(builder.list_tools(label, tools, error))
-            for request_item, target in prepared.approved:
-                pending = builder.add_mcp_call(
-                    target.label,
-                    target.tool,
-                    request_item.get("arguments") or "{}",
-                    request_item["id"],
-                )
-                await sink(builder.added_events(pending))
-                decision = policy.decide(pending.flat_name, pending.arguments)
-                await self._run_mcp(setup, pending, target, decision, policy, builder, sink)
-                extra += render.render_items([pending.item], prepared.tools.names)
-        forced = False
-        while True:
-            policy.next_round()
-            first_item = len(builder.items)
-            overrides = {"tool_choice": "none"} if forced else None
-            if streamed:
-                async for chunk in stream_chat(self.upstream, prepared, extra, overrides):
-                    await sink(builder.feed(chunk))
-            else:
-                builder.feed_completion(
-                    await complete_chat(self.upstream, prepared, extra, overrides)
-                )
-            if setup is None:
-                return
-            events, pending_calls = builder.finish_round()
-            await sink(events)
-            runnable = [p for p in pending_calls if p.call.kind == "mcp"]
-            if not forced:
-                # Also when the client's own tools or an approval end the loop below: the
-                # MCP calls of the same turn run first. Admitted in order, run together.
-                decisions = [
-                    policy.decide(p.flat_name, p.arguments)
-                    if policy.admit()
-                    else Answered(policy.over_budget())
-                    for p in runnable
-                ]
-                await asyncio.gather(
-                    *(
-                        self._run_mcp(
-                            setup, p, setup.targets[p.flat_name], decision, policy, builder, sink
-                        )
-                        for p, decision in zip(runnable, decisions, strict=True)
-                    )
-                )
-            waits_for_client = any(p.call.kind == "approval" for p in pending_calls) or any(
-                call["status"] == "in_progress" for call in builder.function_calls()
-            )
-            if forced or not runnable or waits_for_client:
-                return
-            extra += render.render_items(builder.output[first_item:], prepared.tools.names)
-            if policy.must_finish():
-                log.info(
-                    "tool loop limit reached after %d round(s), %d call(s): asking for "
-                    "the final answer",
-                    policy.rounds,
-                    policy.calls,
-                )
-                extra.append({"role": "user", "content": LIMIT_NOTE})
-                forced = True
-            builder.new_round()
-
-    async def _run_mcp(
-        self,
-        setup: McpSetup,
-        pending: PendingMcpCall,
-        target: McpTarget,
-        decision: Decision,
-        policy: LoopPolicy,
-        builder: ResponseBuilder,
-        sink: Sink,
-    ) -> None:
-        if isinstance(decision, Answered):
-            output = decision.output
-        else:
-            output = await run_mcp_call(setup, self.mcp, target, decision.arguments)
-            policy.remember(decision, output)
-        error: dict[str, Any] | None = None
-        if output.is_error:
-            error = (
-                {
-                    "type": "mcp_tool_execution_error",
-                    "content": [{"type": "text", "text": output.text}],
-                }
-                if output.kind == "tool"
-                else {"type": "mcp_protocol_error", "code": -32000, "message": output.text}
-            )
-        await sink(builder.complete_mcp(pending, None if error else output.text, error))
 
     async def _run_background(self, run: ResponseRun) -> None:
         try:

@@ -30,6 +30,7 @@ PURE = [
     "proxy.responses.builder",
     "proxy.responses.objects",
     "proxy.responses.failures",
+    "proxy.responses.replay",
 ]
 IO_MODULES = ("aiohttp", "aiosqlite", "sqlite3", "asyncio", "mcp", "httpx2", "socket",
               "subprocess", "storage", "proxy.upstream", "proxy.keys", "proxy.app")  # fmt: skip

@@ -23,9 +23,10 @@ from pydantic import TypeAdapter, ValidationError
 
 from proxy.errors import CircuitOpen, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
 from proxy.responses import failures
-from proxy.responses.builder import ResponseBuilder, replay_events
+from proxy.responses.builder import ResponseBuilder
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.render import convert_tools
+from proxy.responses.replay import replay_events
 from proxy.responses.request import parse_create
 from proxy.usage import usage_from_chat
 

@@ -1,0 +1,130 @@
+"""The rounds of one response: one upstream reply, or, with ``mcp`` tools, the loop
+model -> tools -> model under the rules of ``proxy.mcp.policy`` (the same as chat
+completions'), each step handed to the builder, whose events go to the sink."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from proxy.config import MCPConfig
+from proxy.mcp.policy import LIMIT_NOTE, Answered, Decision, LoopPolicy
+from proxy.mcp.servers import MCPServers
+from proxy.responses import render
+from proxy.responses.builder import McpTarget, PendingMcpCall, ResponseBuilder
+from proxy.responses.mcp_tools import McpSetup, run_mcp_call
+from proxy.responses.runs import ResponseRun, Sink
+from proxy.responses.upstream_turn import complete_chat, stream_chat
+from proxy.upstream import UpstreamClient
+
+log = logging.getLogger("lmbridge.responses")
+
+
+class ResponseRounds:
+    def __init__(self, upstream: UpstreamClient, mcp: MCPServers, limits: MCPConfig) -> None:
+        self.upstream = upstream
+        self.mcp = mcp
+        self.limits = limits
+
+    async def run(self, run: ResponseRun, sink: Sink, streamed: bool) -> None:
+        """One upstream reply, or, with MCP tools, the loop model -> tools -> model."""
+        builder = run.builder
+        prepared = run.prepared
+        setup = prepared.mcp
+        limits = self.limits
+        max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
+        max_rounds = min(limits.max_rounds, prepared.request.mcp_max_rounds or 1 << 30)
+        extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
+        policy = LoopPolicy(max_rounds=max_rounds, max_tool_calls=max_calls)
+        if setup is not None:
+            for label, tools, error in setup.to_list:
+                await sink(builder.list_tools(label, tools, error))
+            for request_item, target in prepared.approved:
+                pending = builder.add_mcp_call(
+                    target.label,
+                    target.tool,
+                    request_item.get("arguments") or "{}",
+                    request_item["id"],
+                )
+                await sink(builder.added_events(pending))
+                decision = policy.decide(pending.flat_name, pending.arguments)
+                await self._run_mcp(setup, pending, target, decision, policy, builder, sink)
+                extra += render.render_items([pending.item], prepared.tools.names)
+        forced = False
+        while True:
+            policy.next_round()
+            first_item = len(builder.items)
+            overrides = {"tool_choice": "none"} if forced else None
+            if streamed:
+                async for chunk in stream_chat(self.upstream, prepared, extra, overrides):
+                    await sink(builder.feed(chunk))
+            else:
+                builder.feed_completion(
+                    await complete_chat(self.upstream, prepared, extra, overrides)
+                )
+            if setup is None:
+                return
+            events, pending_calls = builder.finish_round()
+            await sink(events)
+            runnable = [p for p in pending_calls if p.call.kind == "mcp"]
+            if not forced:
+                # Also when the client's own tools or an approval end the loop below: the
+                # MCP calls of the same turn run first. Admitted in order, run together.
+                decisions = [
+                    policy.decide(p.flat_name, p.arguments)
+                    if policy.admit()
+                    else Answered(policy.over_budget())
+                    for p in runnable
+                ]
+                await asyncio.gather(
+                    *(
+                        self._run_mcp(
+                            setup, p, setup.targets[p.flat_name], decision, policy, builder, sink
+                        )
+                        for p, decision in zip(runnable, decisions, strict=True)
+                    )
+                )
+            waits_for_client = any(p.call.kind == "approval" for p in pending_calls) or any(
+                call["status"] == "in_progress" for call in builder.function_calls()
+            )
+            if forced or not runnable or waits_for_client:
+                return
+            extra += render.render_items(builder.output[first_item:], prepared.tools.names)
+            if policy.must_finish():
+                log.info(
+                    "tool loop limit reached after %d round(s), %d call(s): asking for "
+                    "the final answer",
+                    policy.rounds,
+                    policy.calls,
+                )
+                extra.append({"role": "user", "content": LIMIT_NOTE})
+                forced = True
+            builder.new_round()
+
+    async def _run_mcp(
+        self,
+        setup: McpSetup,
+        pending: PendingMcpCall,
+        target: McpTarget,
+        decision: Decision,
+        policy: LoopPolicy,
+        builder: ResponseBuilder,
+        sink: Sink,
+    ) -> None:
+        if isinstance(decision, Answered):
+            output = decision.output
+        else:
+            output = await run_mcp_call(setup, self.mcp, target, decision.arguments)
+            policy.remember(decision, output)
+        error: dict[str, Any] | None = None
+        if output.is_error:
+            error = (
+                {
+                    "type": "mcp_tool_execution_error",
+                    "content": [{"type": "text", "text": output.text}],
+                }
+                if output.kind == "tool"
+                else {"type": "mcp_protocol_error", "code": -32000, "message": output.text}
+            )
+        await sink(builder.complete_mcp(pending, None if error else output.text, error))
