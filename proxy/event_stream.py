@@ -65,7 +65,7 @@ class EventStream:
         *,
         status: int = 200,
     ) -> None:
-        self.request = request
+        self.request: web.Request | None = request
         self.kind = kind
         self._headers = headers or {}
         self._status = status
@@ -80,6 +80,7 @@ class EventStream:
     async def open(self) -> web.StreamResponse:
         """Send the status and headers (once); from now on an error can only end it."""
         if self.response is None:
+            assert self.request is not None, "a stream is opened before it ends"
             response = web.StreamResponse(
                 status=self._status,
                 headers={
@@ -113,12 +114,15 @@ class EventStream:
 
     async def finish(self, last: bytes = DONE_EVENT) -> web.StreamResponse:
         response = await self.open()
-        await self._end(response, last)
+        if self.request is not None:
+            await self._end(response, last)
         return response
 
     async def fail(self, body: Mapping[str, Any], *, interrupted: bool = False) -> None:
         """End with an error: the status and body an HTTP answer would have had, as this
         API's error event. ``interrupted``: the upstream broke off a chat stream."""
+        if self.request is None:
+            return  # it ended already: nothing can follow its last event
         error = dict(body["error"])
         if self.kind == "responses":
             event = {
@@ -136,8 +140,12 @@ class EventStream:
         await self._end(await self.open(), last)
 
     async def _end(self, response: web.StreamResponse, last: bytes) -> None:
+        request, self.request = self.request, None
         try:
             await response.write(last)
             await response.write_eof()
         except (ConnectionResetError, ClientConnectionResetError):
-            self.request[CLIENT_GONE] = True
+            if request is not None:
+                request[CLIENT_GONE] = True
+        # The request holds this stream (OPEN_STREAM): without the reference back, both
+        # are freed when the request ends, not at the next garbage collection.
