@@ -10,8 +10,7 @@ and the task reconnects, at once after a long-lived connection, with exponential
 backoff and jitter after quick failures, up to ``mcp.restart_backoff_max``.
 
 A server named by a request (``server_url``) may only redirect where
-``mcp.remote_servers`` allows: each redirect is checked by a response hook of the
-HTTP client before the SDK (which follows redirects within the origin) can follow it.
+``mcp.remote_servers`` allows (transports.py checks each redirect).
 
 Tool-list changes are picked up on both protocol eras: the older handshake sends a
 ``notifications/tools/list_changed`` message; the 2026 stateless protocol needs a
@@ -26,25 +25,21 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 import mcp.types as types
-from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.sse import sse_client
-from mcp.client.stdio import stdio_client
-from mcp.client.streamable_http import streamable_http_client
+from mcp import Client, MCPError
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from proxy.config import MCPServerConfig
-from proxy.mcp.remote_urls import RemoteURL, RemoteURLError, parse_url
-from proxy.redact import redact_url, redact_urls
+from proxy.mcp.remote_urls import RemoteURL
+from proxy.mcp.transports import open_transport
+from proxy.redact import redact_urls
 
 log = logging.getLogger("lmbridge.mcp")
 
@@ -69,10 +64,6 @@ class ConnectionLost(Exception):
 
 class CallTimedOut(Exception):
     """The call took longer than the server's timeout."""
-
-
-class RedirectRefused(Exception):
-    """A server named by a request redirected where mcp.remote_servers does not allow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,58 +246,13 @@ class Supervisor:
         self._fail_queued(MCPUnavailable(f"the MCP server {self.name!r} is stopped"))
 
     async def _transport(self, stack: contextlib.AsyncExitStack, lost: anyio.Event) -> Any:
-        """A new transport (not yet entered) for one connection attempt; what it needs
-        around it (the log file, the HTTP client) is closed with ``stack``."""
-        config = self.config
-        kind = config.transport
-        if kind == "auto":
-            if config.command is not None:
-                kind = "stdio"
-            else:
-                kind = "sse" if (config.url or "").rstrip("/").endswith("/sse") else "http"
-        headers = {k: v.get_secret_value() for k, v in config.headers.items()}
-        if kind == "stdio":
-            assert config.command is not None
-            params = StdioServerParameters(
-                command=config.command,
-                args=config.args,
-                env={k: v.get_secret_value() for k, v in config.env.items()} or None,
-                cwd=config.cwd,
-            )
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            errlog = stack.enter_context((self.log_dir / f"mcp-{self.name}.log").open("a"))
-            return _watched(stdio_client(params, errlog=errlog), lambda: self._lost(lost))
-        assert config.url is not None
-        hooks = (
-            {}
-            if self.allows_redirect is None
-            else {"response": [_redirect_guard(self.allows_redirect)]}
-        )
-        if kind == "sse":
-
-            def sse_http(
-                headers: dict[str, str] | None = None,
-                timeout: httpx2.Timeout | None = None,
-                auth: httpx2.Auth | None = None,
-            ) -> httpx2.AsyncClient:
-                return httpx2.AsyncClient(
-                    headers=headers, timeout=timeout, auth=auth, event_hooks=hooks
-                )
-
-            return _watched(
-                sse_client(config.url, headers=headers, httpx_client_factory=sse_http),
-                lambda: self._lost(lost),
-            )
-        # Headers go through an httpx2 client of our own, which the stack closes.
-        http = await stack.enter_async_context(
-            httpx2.AsyncClient(
-                headers=headers,
-                timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout)),
-                event_hooks=hooks,
-            )
-        )
-        return _watched(
-            streamable_http_client(config.url, http_client=http), lambda: self._lost(lost)
+        """A new transport (not yet entered) for one connection attempt."""
+        return await open_transport(
+            self.config,
+            log_file=self.log_dir / f"mcp-{self.name}.log",
+            allows_redirect=self.allows_redirect,
+            stack=stack,
+            on_end=lambda: self._lost(lost),
         )
 
     async def _serve(self, client: Client, lost: anyio.Event, started: float) -> None:
@@ -491,76 +437,6 @@ async def _all_tools(client: Client, refresh: bool = False) -> list[ToolInfo]:
         if cursor is None:
             break
     return tools
-
-
-class _WatchedReadStream:
-    """The transport's read stream, noticing its end (the server went away) even when
-    no call is running."""
-
-    def __init__(self, inner: Any, on_end: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_end = on_end
-
-    @property
-    def last_context(self) -> Any:
-        return getattr(self._inner, "last_context", None)
-
-    async def receive(self) -> Any:
-        try:
-            return await self._inner.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._on_end()
-            raise
-
-    def __aiter__(self) -> _WatchedReadStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> _WatchedReadStream:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        result: bool | None = await self._inner.__aexit__(*exc)
-        return result
-
-
-@asynccontextmanager
-async def _watched(transport: Any, on_end: Callable[[], None]) -> AsyncIterator[Any]:
-    async with transport as (read_stream, write_stream):
-        yield _WatchedReadStream(read_stream, on_end), write_stream
-
-
-def _redirect_guard(
-    allows: Callable[[RemoteURL], bool],
-) -> Callable[[httpx2.Response], Awaitable[None]]:
-    """A response hook refusing a redirect whose target ``allows`` refuses; raised from
-    inside the client's send, so the target is never contacted."""
-
-    async def check(response: httpx2.Response) -> None:
-        if not response.has_redirect_location:
-            return
-        location = response.headers["Location"]
-        try:
-            target = str(response.request.url.join(location))
-            allowed = allows(parse_url(target))
-        except (httpx2.InvalidURL, RemoteURLError):
-            target, allowed = location, False
-        if not allowed:
-            raise RedirectRefused(
-                f"the server redirected to {redact_url(target)}, which mcp.remote_servers "
-                "does not allow; not followed"
-            )
-
-    return check
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

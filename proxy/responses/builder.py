@@ -15,66 +15,19 @@ Upstream quirks absorbed here: tool-call deltas that repeat ``id`` and
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from proxy.ids import new_id
+from proxy.responses.mcp_items import McpItems, McpTarget, PendingMcpCall
+from proxy.responses.output_items import CallItem, Event, Item
 from proxy.responses.render import ToolNames
 from proxy.tool_deltas import arguments_piece, delta_index, merge_name
 from proxy.usage import add_usage, usage_from_chat
 
-Event = dict[str, Any]
 
-
-# What _event returns when nobody will see the events (a non-streamed foreground
-# response): one shared, empty placeholder instead of a dict per event.
-_UNSEEN: Event = MappingProxyType({})  # type: ignore[assignment]
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-@dataclass
-class _Item:
-    index: int
-    body: dict[str, Any]
-    open: bool = True
-
-
-@dataclass
-class _Call(_Item):
-    flat_name: str = ""
-    arguments: list[str] = field(default_factory=list)
-    kind: str = "function"  # "function" (the client's), "mcp" (lmbridge runs it), "approval"
-    call_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class McpTarget:
-    """What a flat tool name means when it is an MCP tool of this response."""
-
-    label: str  # the server_label
-    tool: str
-    approval: bool = False  # a call becomes an mcp_approval_request instead
-    offered: bool = True  # False: a name the model made up under the server's prefix
-
-
-@dataclass
-class PendingMcpCall:
-    """An MCP call of the model, to be run (or, for an approval request, asked)."""
-
-    item: dict[str, Any]
-    flat_name: str
-    arguments: str
-    call: _Call
-
-
-class ResponseBuilder:
+class ResponseBuilder(McpItems):
     def __init__(
         self,
         response: dict[str, Any],
@@ -86,37 +39,17 @@ class ResponseBuilder:
         emit: bool = True,
         mcp: Mapping[str, McpTarget] | None = None,
     ) -> None:
-        self.response = response
+        super().__init__(response, ids=ids, clock=clock, emit=emit)
         self.names = names
-        self._ids = ids
         self._max_tool_calls = max_tool_calls
-        self._clock = clock
-        self.sequence = 0
-        self.items: list[_Item] = []
-        self._text: _Item | None = None
-        self._reasoning: _Item | None = None
-        self._calls: dict[int, _Call] = {}
+        self._text: Item | None = None
+        self._reasoning: Item | None = None
+        self._calls: dict[int, CallItem] = {}
         self._dropped_calls: set[int] = set()
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.mcp = mcp or {}
         self._earlier_usage: dict[str, Any] | None = None  # of the rounds before this one
-        # Without a stream to feed, events are thrown away: skip building them.
-        self._emit = emit
-        self._copy: Callable[[Any], Any] = copy.deepcopy if emit else _same
-
-    # --- events -----------------------------------------------------------
-
-    def _event(self, kind: str, **fields: Any) -> Event:
-        if not self._emit:
-            return _UNSEEN
-        event = {"type": kind, "sequence_number": self.sequence, **fields}
-        self.sequence += 1
-        return event
-
-    def snapshot(self) -> dict[str, Any]:
-        snapshot: dict[str, Any] = self._copy(self.response)
-        return snapshot
 
     def start(self, *, queued: bool = False) -> list[Event]:
         """``response.created`` then ``response.queued`` or ``response.in_progress``."""
@@ -171,14 +104,6 @@ class ResponseBuilder:
     def feed_completion(self, completion: dict[str, Any]) -> list[Event]:
         """A whole (non-streamed) chat completion, as one chunk."""
         return self.feed(completion)
-
-    def _add_item(self, body: dict[str, Any], item: _Item | None = None) -> tuple[_Item, Event]:
-        item = item or _Item(len(self.items), body)
-        item.index = len(self.items)
-        self.items.append(item)
-        return item, self._event(
-            "response.output_item.added", output_index=item.index, item=self._copy(body)
-        )
 
     def _reasoning_delta(self, text: str) -> list[Event]:
         events: list[Event] = []
@@ -284,7 +209,7 @@ class ResponseBuilder:
                     "name": "",
                     "arguments": "",
                 }
-                call = _Call(0, body, call_id=call_id)
+                call = CallItem(0, body, call_id=call_id)
                 self._set_name(call, name)
             elif target.approval:
                 body = {
@@ -294,7 +219,7 @@ class ResponseBuilder:
                     "name": target.tool,
                     "arguments": "",
                 }
-                call = _Call(0, body, flat_name=name, kind="approval", call_id=call_id)
+                call = CallItem(0, body, flat_name=name, kind="approval", call_id=call_id)
             else:
                 body = {
                     "id": self._ids("mcp"),
@@ -307,7 +232,7 @@ class ResponseBuilder:
                     "error": None,
                     "approval_request_id": None,
                 }
-                call = _Call(0, body, flat_name=name, kind="mcp", call_id=call_id)
+                call = CallItem(0, body, flat_name=name, kind="mcp", call_id=call_id)
             self._calls[index] = call
             _, added = self._add_item(body, call)
             events.append(added)
@@ -331,7 +256,7 @@ class ResponseBuilder:
                 )
         return events
 
-    def _set_name(self, call: _Call, flat: str) -> None:
+    def _set_name(self, call: CallItem, flat: str) -> None:
         call.flat_name = flat
         namespace, name = self.names.split(flat)
         call.body["name"] = name
@@ -442,50 +367,7 @@ class ResponseBuilder:
                 events += self._close_calls(status)
         return events
 
-    def _close_mcp(self, call: _Call, status: str) -> list[Event]:
-        """An MCP item left open when the response ends (a forced final round)."""
-        call.open = False
-        body = call.body
-        body["arguments"] = "".join(call.arguments)
-        if call.kind == "mcp":
-            body["status"] = "incomplete" if status == "completed" else status
-        return [
-            self._event("response.output_item.done", output_index=call.index, item=self._copy(body))
-        ]
-
     # --- tool loops (MCP) -------------------------------------------------
-
-    def list_tools(
-        self, label: str, tools: list[dict[str, Any]], error: str | None = None
-    ) -> list[Event]:
-        """An mcp_list_tools item: the tools of one server, once per conversation."""
-        body: dict[str, Any] = {
-            "id": self._ids("mcpl"),
-            "type": "mcp_list_tools",
-            "server_label": label,
-            "tools": [],
-            "error": None,
-        }
-        item, added = self._add_item(body)
-        item.open = False
-        events = [
-            added,
-            self._event(
-                "response.mcp_list_tools.in_progress", item_id=body["id"], output_index=item.index
-            ),
-        ]
-        body["tools"] = tools
-        body["error"] = error
-        kind = "failed" if error else "completed"
-        events.append(
-            self._event(
-                f"response.mcp_list_tools.{kind}", item_id=body["id"], output_index=item.index
-            )
-        )
-        events.append(
-            self._event("response.output_item.done", output_index=item.index, item=self._copy(body))
-        )
-        return events
 
     def finish_round(self) -> tuple[list[Event], list[PendingMcpCall]]:
         """End of one upstream reply: close its text, and hand over its MCP calls (to run)
@@ -522,62 +404,6 @@ class ResponseBuilder:
             pending.append(PendingMcpCall(body, call.flat_name, body["arguments"], call))
         return events, pending
 
-    def complete_mcp(
-        self, pending: PendingMcpCall, output: str | None, error: dict[str, Any] | None
-    ) -> list[Event]:
-        call = pending.call
-        call.open = False
-        body = call.body
-        body["output"] = output
-        body["error"] = error
-        body["status"] = "failed" if error else "completed"
-        kind = "failed" if error else "completed"
-        return [
-            self._event(f"response.mcp_call.{kind}", item_id=body["id"], output_index=call.index),
-            self._event(
-                "response.output_item.done", output_index=call.index, item=self._copy(body)
-            ),
-        ]
-
-    def add_mcp_call(
-        self, label: str, tool: str, arguments: str, approval_request_id: str
-    ) -> PendingMcpCall:
-        """An approved call, run at the start of the next response (no model reply made it)."""
-        body: dict[str, Any] = {
-            "id": self._ids("mcp"),
-            "type": "mcp_call",
-            "server_label": label,
-            "name": tool,
-            "arguments": arguments,
-            "status": "in_progress",
-            "output": None,
-            "error": None,
-            "approval_request_id": approval_request_id,
-        }
-        call = _Call(0, body, kind="mcp", call_id=approval_request_id)
-        self._add_item(body, call)
-        return PendingMcpCall(body, "", arguments, call)
-
-    def added_events(self, pending: PendingMcpCall) -> list[Event]:
-        """The opening events of a call made by ``add_mcp_call``."""
-        body = pending.call.body
-        return [
-            self._event(
-                "response.output_item.added",
-                output_index=pending.call.index,
-                item=self._copy({**body, "status": "in_progress"}),
-            ),
-            self._event(
-                "response.mcp_call_arguments.done",
-                item_id=body["id"],
-                output_index=pending.call.index,
-                arguments=body["arguments"],
-            ),
-            self._event(
-                "response.mcp_call.in_progress", item_id=body["id"], output_index=pending.call.index
-            ),
-        ]
-
     def new_round(self) -> None:
         """Before the next upstream reply of a tool loop: calls are numbered anew, usage
         adds up."""
@@ -585,13 +411,6 @@ class ResponseBuilder:
         self._dropped_calls = set()
         self.finish_reason = None
         self._earlier_usage = self.usage
-
-    @property
-    def output(self) -> list[dict[str, Any]]:
-        return [item.body for item in self.items]
-
-    def function_calls(self) -> list[dict[str, Any]]:
-        return [item.body for item in self.items if item.body["type"] == "function_call"]
 
     def finish(self) -> list[Event]:
         """Close every open item and end with completed or incomplete."""
@@ -624,11 +443,6 @@ class ResponseBuilder:
         events.append(self._event("response.incomplete", response=self.snapshot()))
         return events
 
-    def end_as(self, response: dict[str, Any]) -> list[Event]:
-        """The terminal event for ``response``, a final state other than the one built
-        (what storage holds when it could not take the built one)."""
-        return [self._event(TERMINAL_EVENTS[response["status"]], response=response)]
-
     def _settle(
         self,
         status: str,
@@ -643,13 +457,3 @@ class ResponseBuilder:
         response["incomplete_details"] = incomplete_details
         response["usage"] = self.usage
         response["completed_at"] = int(self._clock()) if status == "completed" else None
-
-
-# The event that ends a stream, by the Response's final status (OpenAI has no
-# response.cancelled: a cancelled stream ends with response.incomplete).
-TERMINAL_EVENTS = {
-    "completed": "response.completed",
-    "failed": "response.failed",
-    "incomplete": "response.incomplete",
-    "cancelled": "response.incomplete",
-}

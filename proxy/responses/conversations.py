@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from proxy.errors import BadRequest, NotFound
 from proxy.jsontext import dumps, loads
+from proxy.responses.input_items import normalize_item
 from proxy.responses.objects import conversation_object, deleted, list_page
-from proxy.responses.request import normalize_item
 from storage.records import ConversationRecord, ResponseStore, StoredItem
 
 # How many items one request may add, as OpenAI's API allows.

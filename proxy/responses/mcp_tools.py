@@ -26,7 +26,7 @@ from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.servers import READY_WAIT, MCPServers
 from proxy.mcp.supervisor import Supervisor, ToolInfo
 from proxy.redact import redact_url
-from proxy.responses.builder import McpTarget
+from proxy.responses.mcp_items import McpTarget
 
 
 class McpTargets(Mapping[str, McpTarget]):

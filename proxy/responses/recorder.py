@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy.jsontext import dumps, loads
 from proxy.responses import render
-from proxy.responses.builder import Event
+from proxy.responses.output_items import Event
 from proxy.responses.runs import Prepared, ResponseRun
 from proxy.tasks import BackgroundTasks, WorkerThread
 from storage.errors import StorageError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from proxy.responses.builder import TERMINAL_EVENTS, Event
+from proxy.responses.output_items import TERMINAL_EVENTS, Event
 
 
 def replay_events(response: dict[str, Any]) -> list[Event]:

@@ -26,9 +26,9 @@ from proxy.keys import (
     WARNING,
 )
 from proxy.passthrough import read_body, read_json_object
-from proxy.responses.builder import Event
+from proxy.responses.input_items import input_limit
 from proxy.responses.objects import deleted
-from proxy.responses.request import input_limit
+from proxy.responses.output_items import Event
 
 JSON = "application/json"
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.catalog import ModelInfo
-from proxy.responses.builder import Event, McpTarget, ResponseBuilder
+from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationTurn
+from proxy.responses.mcp_items import McpTarget
 from proxy.responses.mcp_tools import McpSetup
+from proxy.responses.output_items import Event
 from proxy.responses.render import ChatTools
 from proxy.responses.request import CreateRequest
 from storage.records import StoredItem

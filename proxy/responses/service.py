@@ -32,11 +32,7 @@ from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.servers import MCPServers
 from proxy.responses import compaction, render
-from proxy.responses.builder import (
-    TERMINAL_EVENTS,
-    Event,
-    ResponseBuilder,
-)
+from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationClaims
 from proxy.responses.failures import (
     client_error,
@@ -46,6 +42,7 @@ from proxy.responses.failures import (
 )
 from proxy.responses.mcp_tools import setup_mcp
 from proxy.responses.objects import list_page, response_object
+from proxy.responses.output_items import TERMINAL_EVENTS, Event
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
 from proxy.responses.replay import replay_events
 from proxy.responses.request import CreateRequest, parse_create

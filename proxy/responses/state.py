@@ -12,7 +12,7 @@ from typing import Any
 from proxy.errors import BadRequest, NotFound, PreviousResponseNotFound
 from proxy.jsontext import dumps, loads
 from proxy.responses import render
-from proxy.responses.builder import McpTarget
+from proxy.responses.mcp_items import McpTarget
 from proxy.responses.mcp_tools import McpSetup
 from proxy.responses.recorder import LARGE_INPUT
 from proxy.responses.render import ToolNames

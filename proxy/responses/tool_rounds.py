@@ -12,7 +12,8 @@ from proxy.config import MCPConfig
 from proxy.mcp.policy import LIMIT_NOTE, Answered, Decision, LoopPolicy
 from proxy.mcp.servers import MCPServers
 from proxy.responses import render
-from proxy.responses.builder import McpTarget, PendingMcpCall, ResponseBuilder
+from proxy.responses.builder import ResponseBuilder
+from proxy.responses.mcp_items import McpTarget, PendingMcpCall
 from proxy.responses.mcp_tools import McpSetup, run_mcp_call
 from proxy.responses.runs import ResponseRun, Sink
 from proxy.responses.upstream_turn import complete_chat, stream_chat

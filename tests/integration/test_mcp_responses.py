@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from aiohttp import web
 
-from proxy.mcp import supervisor
+from proxy.mcp import transports
 from tests.fake_upstream import CHAT, Reply, chat_completion
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
 from tests.integration.test_responses import sse_events
@@ -382,7 +382,7 @@ async def test_an_error_quoting_a_server_url_is_shown_redacted(
                                      response=response)  # fmt: skip
         yield
 
-    monkeypatch.setattr(supervisor, "streamable_http_client", failing)
+    monkeypatch.setattr(transports, "streamable_http_client", failing)
     secret = {"url": "http://bob:hunter2@127.0.0.1:9/mcp?token=sk-t0ken", "start": "lazy"}
     proxy = await make_proxy(mcp__servers={"far": secret})
     body = await create(proxy, input="x", tools=[{"type": "mcp", "server_label": "far"}])

@@ -860,8 +860,8 @@ def test_a_turn_renders_as_its_input_and_output_together(inputs):
     """The stored turn reuses the input's rendering where nothing can merge across."""
     from types import SimpleNamespace
 
+    from proxy.responses.input_items import normalize_item
     from proxy.responses.recorder import _turn_messages
-    from proxy.responses.request import normalize_item
 
     items = [normalize_item(item, f"input[{i}]") for i, item in enumerate(inputs)]
     names = ToolNames()

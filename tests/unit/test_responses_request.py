@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from proxy.errors import BadRequest
-from proxy.responses.request import normalize_input, normalize_item, parse_create
+from proxy.responses.input_items import normalize_input, normalize_item
+from proxy.responses.request import parse_create
 
 Ids = Callable[[str], str]
 
