@@ -186,19 +186,27 @@ class FakeUpstream:
         if queue:
             return await self._answer(request, queue.popleft())
         if request.path == "/v1/embeddings":
-            return web.json_response({
-                "object": "list", "model": body.get("model"),
-                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                "usage": {"prompt_tokens": 2, "total_tokens": 2},
-            })  # fmt: skip
+            return web.json_response(
+                {
+                    "object": "list",
+                    "model": body.get("model"),
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "usage": {"prompt_tokens": 2, "total_tokens": 2},
+                }
+            )
         if request.path == "/v1/completions":
-            return web.json_response({
-                "id": "cmpl-1", "object": "text_completion", "created": 1,
-                "model": body.get("model"),
-                "choices": [{"index": 0, "text": " there", "finish_reason": "stop",
-                             "logprobs": None}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            })  # fmt: skip
+            return web.json_response(
+                {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": body.get("model"),
+                    "choices": [
+                        {"index": 0, "text": " there", "finish_reason": "stop", "logprobs": None}
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
         if isinstance(body, dict) and body.get("stream"):
             return await self._answer(request, Reply(stream=text_stream("Hel", "lo", "!")))
         model = body.get("model", "test-model") if isinstance(body, dict) else "test-model"

@@ -197,8 +197,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         [sys.executable, "-m", "proxy.bench.upstream"], tmp / "upstream.log"
     )
     port = free_port()
-    flags = ["--upstream", upstream, "--port", str(port), "--db", str(tmp / "soak.db"),
-             "--log-level", "warning"]  # fmt: skip
+    flags = [
+        "--upstream",
+        upstream,
+        "--port",
+        str(port),
+        "--db",
+        str(tmp / "soak.db"),
+        "--log-level",
+        "warning",
+    ]
     log = tmp / "lmbridge.log"
     base = f"http://127.0.0.1:{port}"
     tally = Tally()

@@ -22,8 +22,16 @@ from tests.mcp_servers.network import wait_for_port
 
 pytestmark = pytest.mark.e2e
 
-TOOLS = {"list_models", "health", "chat", "respond", "delegate", "get_response", "embed",
-         "list_mcp_servers"}  # fmt: skip
+TOOLS = {
+    "list_models",
+    "health",
+    "chat",
+    "respond",
+    "delegate",
+    "get_response",
+    "embed",
+    "list_mcp_servers",
+}
 
 
 def bridge_params(tmp_path: Path, *args: str) -> StdioServerParameters:
@@ -77,8 +85,13 @@ async def test_the_tools_are_there_with_their_fixed_names(connect):
         assert set(listed) == TOOLS
         delegate = listed["delegate"].input_schema
         assert delegate["required"] == ["task"]
-        assert set(delegate["properties"]) == {"task", "mcp_servers", "model", "max_rounds",
-                                               "wait_seconds"}  # fmt: skip
+        assert set(delegate["properties"]) == {
+            "task",
+            "mcp_servers",
+            "model",
+            "max_rounds",
+            "wait_seconds",
+        }
 
 
 async def test_list_models_health_and_mcp_servers(connect, daemon):
@@ -99,16 +112,27 @@ async def test_list_models_health_and_mcp_servers(connect, daemon):
 async def test_chat_plain_and_with_a_json_schema(connect, fake_upstream):
     async with connect() as bridge:
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Paris.")))
-        answer = await call(bridge, "chat", prompt="Capital of France?", system="Be brief.",
-                            temperature=0.2, max_tokens=20)  # fmt: skip
+        answer = await call(
+            bridge,
+            "chat",
+            prompt="Capital of France?",
+            system="Be brief.",
+            temperature=0.2,
+            max_tokens=20,
+        )
         assert answer == "Paris."
         body = sent(fake_upstream)
-        assert body["messages"] == [{"role": "system", "content": "Be brief."},
-                                    {"role": "user", "content": "Capital of France?"}]  # fmt: skip
+        assert body["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+        ]
         assert body["temperature"] == 0.2 and body["max_tokens"] == 20
 
-        schema = {"type": "object", "properties": {"city": {"type": "string"}},
-                  "required": ["city"]}  # fmt: skip
+        schema = {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        }
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion('{"city": "Paris"}')))
         result = await call(bridge, "chat", prompt="Capital?", json_schema=schema)
         assert json.loads(result) == {"city": "Paris"}
@@ -121,11 +145,15 @@ async def test_respond_keeps_the_history(connect, fake_upstream):
         first = await call(bridge, "respond", input="My name is Ada.")
         assert first["text"] == "Hello Ada." and first["response_id"].startswith("resp_")
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("You are Ada.")))
-        second = await call(bridge, "respond", input="Who am I?",
-                            previous_response_id=first["response_id"])  # fmt: skip
+        second = await call(
+            bridge, "respond", input="Who am I?", previous_response_id=first["response_id"]
+        )
         assert second["text"] == "You are Ada."
         assert [m["content"] for m in sent(fake_upstream)["messages"]] == [
-            "My name is Ada.", "Hello Ada.", "Who am I?"]  # fmt: skip
+            "My name is Ada.",
+            "Hello Ada.",
+            "Who am I?",
+        ]
 
 
 async def test_delegate_runs_a_tool_loop_and_reports_progress(connect, fake_upstream):
@@ -183,9 +211,14 @@ async def test_unknown_model_and_unknown_server_are_tool_errors(connect):
 
 
 def embeddings(count: int, dimensions: int) -> dict:
-    return {"object": "list", "model": "test-model", "data": [
-        {"object": "embedding", "index": i, "embedding": [0.5] * dimensions}
-        for i in range(count)]}  # fmt: skip
+    return {
+        "object": "list",
+        "model": "test-model",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": [0.5] * dimensions}
+            for i in range(count)
+        ],
+    }
 
 
 async def test_embed_returns_vectors_or_a_preview(connect, fake_upstream):
@@ -201,8 +234,7 @@ async def test_embed_returns_vectors_or_a_preview(connect, fake_upstream):
         assert large["dimensions"] == 768 and large["preview"][1] == [0.5] * 8
 
 
-async def test_long_answers_are_cut_and_paged_with_get_response(daemon, fake_upstream,
-                                                                tmp_path):  # fmt: skip
+async def test_long_answers_are_cut_and_paged_with_get_response(daemon, fake_upstream, tmp_path):
     env = {**clean_env(tmp_path), "LMBRIDGE_BRIDGE_RESULT_MAX_CHARS": "300"}
     params = bridge_params(tmp_path, "--url", daemon.url)
     params = params.model_copy(update={"env": env})
@@ -215,8 +247,9 @@ async def test_long_answers_are_cut_and_paged_with_get_response(daemon, fake_ups
         pieces = [first["text"][:300]]
         offset = first["next_offset"]
         while offset is not None:
-            page = await call(client, "get_response", response_id=first["response_id"],
-                              offset=offset)  # fmt: skip
+            page = await call(
+                client, "get_response", response_id=first["response_id"], offset=offset
+            )
             pieces.append(page["text"][:300])
             offset = page.get("next_offset")
         assert "".join(pieces) == long
@@ -224,8 +257,7 @@ async def test_long_answers_are_cut_and_paged_with_get_response(daemon, fake_ups
 
 async def test_daemon_down_every_tool_says_so_and_the_server_stays(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    async with Client(stdio_client(bridge_params(tmp_path, "--url", url)),
-                      mode="auto") as client:  # fmt: skip
+    async with Client(stdio_client(bridge_params(tmp_path, "--url", url)), mode="auto") as client:
         calls = [
             ("list_models", {}),
             ("health", {}),
@@ -241,8 +273,9 @@ async def test_daemon_down_every_tool_says_so_and_the_server_stays(tmp_path):
 
 async def test_standalone_runs_the_daemon_inside(fake_upstream, tmp_path):
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("From inside.")))
-    params = bridge_params(tmp_path, "--standalone", "--upstream", fake_upstream.url,
-                           "--db", str(tmp_path / "own.db"))  # fmt: skip
+    params = bridge_params(
+        tmp_path, "--standalone", "--upstream", fake_upstream.url, "--db", str(tmp_path / "own.db")
+    )
     async with Client(stdio_client(params), mode="auto") as client:
         assert await call(client, "chat", prompt="hi") == "From inside."
         health = await call(client, "health")
@@ -260,26 +293,39 @@ async def test_streamable_http_transport(daemon, fake_upstream, tmp_path):
 
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        lmbridge(), "mcp", "--url", daemon.url, "--transport", "http",
-        "--port", str(port), env=clean_env(tmp_path), cwd=str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        lmbridge(),
+        "mcp",
+        "--url",
+        daemon.url,
+        "--transport",
+        "http",
+        "--port",
+        str(port),
+        env=clean_env(tmp_path),
+        cwd=str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         await wait_for_port(port)
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Over HTTP.")))
-        async with Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp"),
-                          mode="auto") as client:  # fmt: skip
+        async with Client(
+            streamable_http_client(f"http://127.0.0.1:{port}/mcp"), mode="auto"
+        ) as client:
             assert await call(client, "chat", prompt="hi") == "Over HTTP."
         initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
-        refused = [({"Host": f"attacker.example:{port}"}, 421),
-                   ({"Origin": "https://attacker.example"}, 403),
-                   ({"Origin": "http://localhost:5173"}, 403)]  # fmt: skip
+        refused = [
+            ({"Host": f"attacker.example:{port}"}, 421),
+            ({"Origin": "https://attacker.example"}, 403),
+            ({"Origin": "http://localhost:5173"}, 403),
+        ]
         async with aiohttp.ClientSession() as session:
             for headers, status in refused:
                 async with session.post(
-                    f"http://127.0.0.1:{port}/mcp", json=initialize,
+                    f"http://127.0.0.1:{port}/mcp",
+                    json=initialize,
                     headers={"Accept": "application/json, text/event-stream", **headers},
-                ) as resp:  # fmt: skip
+                ) as resp:
                     assert resp.status == status, headers
         assert len(fake_upstream.requests_to(CHAT)) == 1
     finally:
@@ -307,18 +353,21 @@ async def test_api_key_from_the_environment(start_daemon, fake_upstream, tmp_pat
         assert "lmbridge:" in message and "key" in message.lower()
 
 
-async def test_delegate_all_leaves_out_servers_that_need_approval(start_daemon, fake_upstream,
-                                                                  tmp_path):  # fmt: skip
+async def test_delegate_all_leaves_out_servers_that_need_approval(
+    start_daemon, fake_upstream, tmp_path
+):
     """ "all" gives the task the servers it can use on its own; a server that needs
     approval, named, stops the task with waiting_for_approval."""
     mcp_json = tmp_path / "mcp.json"
     mcp_json.write_text(json.dumps({"mcpServers": {"calc": CALC_SERVER, "guarded": CALC_SERVER}}))
     config = tmp_path / "lmbridge.toml"  # lmbridge's own options live in its TOML
     config.write_text("[mcp.servers.guarded]\nrequire_approval = true\n")
-    daemon = await start_daemon("--upstream", fake_upstream.url, "--mcp-config", str(mcp_json),
-                                "--config", str(config))  # fmt: skip
-    async with Client(stdio_client(bridge_params(tmp_path, "--url", daemon.url)),
-                      mode="auto") as bridge:  # fmt: skip
+    daemon = await start_daemon(
+        "--upstream", fake_upstream.url, "--mcp-config", str(mcp_json), "--config", str(config)
+    )
+    async with Client(
+        stdio_client(bridge_params(tmp_path, "--url", daemon.url)), mode="auto"
+    ) as bridge:
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Nothing to do.")))
         await call(bridge, "delegate", task="Look around.")
         offered = {t["function"]["name"].split("__")[0] for t in sent(fake_upstream)["tools"]}

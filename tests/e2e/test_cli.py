@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import subprocess
 import tomllib
 from pathlib import Path
@@ -107,10 +108,13 @@ async def test_missing_config_file(tmp_path):
 
 async def test_models_prints_a_table(tmp_path, fake_upstream):
     """`lmbridge models` lists id, type, state and context length from LM Studio's list."""
-    fake_upstream.lmstudio_v0 = {"object": "list", "data": [
-        {"id": "qwen3-4b", "type": "llm", "state": "loaded", "max_context_length": 32768},
-        {"id": "nomic-embed", "type": "embeddings", "state": "not-loaded"},
-    ]}  # fmt: skip
+    fake_upstream.lmstudio_v0 = {
+        "object": "list",
+        "data": [
+            {"id": "qwen3-4b", "type": "llm", "state": "loaded", "max_context_length": 32768},
+            {"id": "nomic-embed", "type": "embeddings", "state": "not-loaded"},
+        ],
+    }
     code, out, err = await run_cli(tmp_path, "models", "--upstream", fake_upstream.url)
     assert code == 0, err
     lines = out.splitlines()
@@ -187,8 +191,10 @@ async def test_check_config_reports_every_problem_at_once(tmp_path):
     lines = err.splitlines()
     assert [line.split(":")[1].strip() for line in lines] == ["configuration error"] * 3
     assert [line.split(": ")[2].split(":")[0] for line in lines] == [
-        "server.port", "server.hots", "upstream.url",
-    ]  # fmt: skip
+        "server.port",
+        "server.hots",
+        "upstream.url",
+    ]
 
 
 async def test_models_with_no_upstream(tmp_path):
@@ -241,11 +247,12 @@ async def test_gc_purges_by_the_retention_in_force(tmp_path, start_daemon, fake_
             ) as resp:
                 assert resp.status == 200
     assert await daemon.stop() == 0
-    await asyncio.sleep(1.1)
+    with sqlite3.connect(db) as conn:  # stored an hour ago, instead of waiting
+        conn.execute("UPDATE responses SET created_at = created_at - 3600")
     code, out, err = await run_cli(tmp_path, "gc", "--db", str(db))
     assert code == 0, err
     assert out.startswith(f"purged 0 expired object(s) from {db}")
-    lowered = write(tmp_path, "[responses]\nretention = 1\n")
+    lowered = write(tmp_path, "[responses]\nretention = 60\n")
     code, out, err = await run_cli(tmp_path, "gc", "--db", str(db), "--config", lowered)
     assert code == 0, err
     assert out.startswith(f"purged 3 expired object(s) from {db}")
@@ -256,9 +263,22 @@ async def test_bench_runs_every_measurement(tmp_path):
     side by side with direct requests and writes them as JSON; timings are not judged."""
     out = tmp_path / "bench.json"
     code, text, err = await run_cli(
-        tmp_path, "bench", "--duration", "0.2", "--rounds", "1", "--latency-requests", "40",
-        "--chain-turns", "6", "--chain-samples", "5", "--json", str(out), within=180,
-    )  # fmt: skip
+        tmp_path,
+        "bench",
+        "--duration",
+        "0.2",
+        "--rounds",
+        "1",
+        "--latency-requests",
+        "40",
+        "--chain-turns",
+        "6",
+        "--chain-samples",
+        "5",
+        "--json",
+        str(out),
+        within=180,
+    )
     assert code == 0, err
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["results"]]

@@ -24,9 +24,10 @@ async def healthz_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     writer.write(HEALTHZ)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD)
     length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n")
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
         if line.lower().startswith(b"content-length")
-    )  # fmt: skip
+    )
     await reader.readexactly(length)
     return int(head.split()[1])
 

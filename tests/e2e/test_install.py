@@ -59,9 +59,13 @@ async def test_pipx_install_from_the_source_tree_then_serve(tmp_path: Path):
         LMBRIDGE_UPSTREAM_URL=f"http://127.0.0.1:{free_port()}",
     )
     process = await asyncio.create_subprocess_exec(
-        str(command), "serve", env=env, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        str(command),
+        "serve",
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(url, process, 30)

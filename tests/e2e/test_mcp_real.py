@@ -72,19 +72,24 @@ async def everything_client(everything):
 
 
 def tool_results(fake_upstream) -> list[str]:
-    return [m["content"] for m in fake_upstream.requests_to(CHAT)[-1].body["messages"]
-            if m["role"] == "tool"]  # fmt: skip
+    return [
+        m["content"]
+        for m in fake_upstream.requests_to(CHAT)[-1].body["messages"]
+        if m["role"] == "tool"
+    ]
 
 
 async def test_time_server_through_chat_completions(client, fake_upstream):
     """A chat completion with extra_body mcp_servers runs mcp-server-time's tool."""
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "time__get_current_time", '{"timezone": "UTC"}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "time__get_current_time", '{"timezone": "UTC"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is now.")))
     completion = await client.chat.completions.create(
-        model="test-model", messages=[{"role": "user", "content": "Time?"}],
+        model="test-model",
+        messages=[{"role": "user", "content": "Time?"}],
         extra_body={"mcp_servers": ["time"]},
-    )  # fmt: skip
+    )
     assert completion.choices[0].message.content == "It is now."
     [result] = tool_results(fake_upstream)
     assert json.loads(result)["timezone"] == "UTC"
@@ -108,9 +113,10 @@ async def test_time_server_through_responses(client, fake_upstream):
     )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("21:00 in Tokyo.")))
     response = await client.responses.create(
-        model="test-model", input="Noon UTC in Tokyo?",
+        model="test-model",
+        input="Noon UTC in Tokyo?",
         tools=[{"type": "mcp", "server_label": "time", "require_approval": "never"}],
-    )  # fmt: skip
+    )
     assert [item.type for item in response.output] == ["mcp_list_tools", "mcp_call", "message"]
     call = response.output[1]
     assert "21:00" in call.output
@@ -131,13 +137,15 @@ async def test_server_everything_results(everything_client, fake_upstream):
     server-everything reach the model in a form it can read (one daemon for all cases:
     npx takes seconds to start)."""
     for tool, arguments, expected in EVERYTHING_CASES:
-        fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-            ("c1", f"everything__{tool}", json.dumps(arguments)))))  # fmt: skip
+        fake_upstream.add_reply(
+            CHAT, Reply(json=tool_calls(("c1", f"everything__{tool}", json.dumps(arguments))))
+        )
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("done")))
         await everything_client.chat.completions.create(
-            model="test-model", messages=[{"role": "user", "content": "go"}],
+            model="test-model",
+            messages=[{"role": "user", "content": "go"}],
             extra_body={"mcp_servers": ["everything"]},
-        )  # fmt: skip
+        )
         [result] = tool_results(fake_upstream)
         assert expected.lower() in result.lower(), (tool, result)
 
@@ -171,8 +179,9 @@ async def test_mcp_list_without_servers(tmp_path):
 async def test_streamed_responses_events_through_the_sdk(client, fake_upstream):
     """client.responses.stream with an mcp tool: the SDK parses every event; the MCP events
     and the text share one stream with consistent output indexes."""
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "time__get_current_time", '{"timezone": "UTC"}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "time__get_current_time", '{"timezone": "UTC"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is now.")))
     tool = {"type": "mcp", "server_label": "time", "require_approval": "never"}
     async with client.responses.stream(
@@ -184,11 +193,15 @@ async def test_streamed_responses_events_through_the_sdk(client, fake_upstream):
         final = await stream.get_final_response()
     types = [e.type for e in events]
     for expected in (
-        "response.mcp_list_tools.in_progress", "response.mcp_list_tools.completed",
-        "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
-        "response.mcp_call.in_progress", "response.mcp_call.completed",
-        "response.output_text.delta", "response.completed",
-    ):  # fmt: skip
+        "response.mcp_list_tools.in_progress",
+        "response.mcp_list_tools.completed",
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.output_text.delta",
+        "response.completed",
+    ):
         assert expected in types, (expected, types)
     assert types.index("response.mcp_call.completed") < types.index("response.output_text.delta")
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -205,8 +218,9 @@ async def test_agents_sdk_hosted_mcp_tool_with_approval(daemon, fake_upstream):
     stops at the approval request, the SDK's callback approves, lmbridge runs the call."""
     agents = pytest.importorskip("agents")
     agents.set_tracing_disabled(True)
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "time__get_current_time", '{"timezone": "UTC"}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "time__get_current_time", '{"timezone": "UTC"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is now, in UTC.")))
     asked = []
 
@@ -220,11 +234,11 @@ async def test_agents_sdk_hosted_mcp_tool_with_approval(daemon, fake_upstream):
     )
     async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
         model = agents.OpenAIResponsesModel(model="test-model", openai_client=c)
-        agent = agents.Agent(name="clock", instructions="Tell the time.", model=model,
-                             tools=[tool])  # fmt: skip
+        agent = agents.Agent(name="clock", instructions="Tell the time.", model=model, tools=[tool])
         result = await agents.Runner.run(agent, "What time is it?")
     assert asked == ["get_current_time"]
     assert result.final_output == "It is now, in UTC."
-    [result_message] = [m for m in fake_upstream.requests_to(CHAT)[-1].body["messages"]
-                        if m["role"] == "tool"]  # fmt: skip
+    [result_message] = [
+        m for m in fake_upstream.requests_to(CHAT)[-1].body["messages"] if m["role"] == "tool"
+    ]
     assert json.loads(result_message["content"])["timezone"] == "UTC"

@@ -159,19 +159,25 @@ async def test_a_real_model_drives_a_real_mcp_server(start_daemon, llama_url, tm
         f"[mcp.servers.time]\ncommand = {json.dumps(sys.executable)}\n"
         'args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]\n'
     )
-    daemon = await start_daemon("--upstream", llama_url, "--config", str(config),
-                                env=clean_env(tmp_path))  # fmt: skip
+    daemon = await start_daemon(
+        "--upstream", llama_url, "--config", str(config), env=clean_env(tmp_path)
+    )
     call = '<tool_call>{"name": "time__get_current_time", "arguments": {"timezone": "UTC"}}'
     async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
         completion = await c.chat.completions.create(
-            model="smollm2", temperature=0, max_tokens=60,
+            model="smollm2",
+            temperature=0,
+            max_tokens=60,
             messages=[
                 {"role": "system", "content": "You copy text exactly."},
-                {"role": "user", "content": "Copy this text exactly, with nothing before "
-                                            f"or after it:\n{call}</tool_call>"},
+                {
+                    "role": "user",
+                    "content": "Copy this text exactly, with nothing before "
+                    f"or after it:\n{call}</tool_call>",
+                },
             ],
             extra_body={"mcp_servers": ["time"]},
-        )  # fmt: skip
+        )
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert completion.usage is not None and completion.usage.prompt_tokens > 0
     async with aiohttp.ClientSession() as session, session.get(daemon.url + "/metrics") as resp:
@@ -195,8 +201,13 @@ async def test_lmbridge_mcp_in_front_of_llama_cpp(llama_url, tmp_path: Path):
         answer = await call(client, "chat", prompt="Say hello.", max_tokens=8)
         assert isinstance(answer, str) and answer.strip()
         first = await call(client, "respond", input="My name is Ada.", max_tokens=16)
-        second = await call(client, "respond", input="What is my name?", max_tokens=16,
-                            previous_response_id=first["response_id"])  # fmt: skip
+        second = await call(
+            client,
+            "respond",
+            input="What is my name?",
+            max_tokens=16,
+            previous_response_id=first["response_id"],
+        )
         assert second["status"] in ("completed", "incomplete") and second["text"]
 
 

@@ -15,9 +15,20 @@ async def test_a_short_soak_with_faults_loses_nothing():
     """Mixed requests at concurrency 16 for 3 s, the writer killed every second and the
     daemon killed at the end: every acknowledged id is readable and continuable."""
     args = soak.build_parser().parse_args(
-        ["--duration", "3", "--concurrency", "16", "--kill-writer-every", "1",
-         "--kill-daemon", "--sample", "50", "--lmbridge", lmbridge()]
-    )  # fmt: skip
+        [
+            "--duration",
+            "3",
+            "--concurrency",
+            "16",
+            "--kill-writer-every",
+            "1",
+            "--kill-daemon",
+            "--sample",
+            "50",
+            "--lmbridge",
+            lmbridge(),
+        ]
+    )
     report = await soak.soak(args)
     assert report["failures"] == []
     assert report["writer_kills"] >= 1

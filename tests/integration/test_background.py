@@ -137,8 +137,9 @@ async def test_final_state_that_does_not_fit_on_disk_ends_failed(proxy, fake_ups
     small update), and its replay ends with response.failed."""
     release = asyncio.Event()
     big = "x" * 200_000
-    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("a"), release, chunk(big),
-                                                chunk(finish="stop")]))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk("a"), release, chunk(big), chunk(finish="stop")])
+    )
     response_id = (await create(proxy, input="x", background=True))["id"]
     await until(lambda: fake_upstream.requests_to(CHAT), "the upstream was asked")
     store = proxy.server.app[STORE]
@@ -208,15 +209,24 @@ async def test_a_response_left_unfinished_by_a_restart_replays_to_its_end(
     """A background response left in_progress by a daemon that stopped is failed at
     start-up, and its replay ends with response.failed, also after its last event."""
     path = tmp_path / "lmbridge.db"
-    events = [{"type": kind, "sequence_number": n, "response": {"id": "resp_1"}}
-              for n, kind in enumerate(("response.created", "response.queued",
-                                        "response.in_progress"))]  # fmt: skip
+    events = [
+        {"type": kind, "sequence_number": n, "response": {"id": "resp_1"}}
+        for n, kind in enumerate(("response.created", "response.queued", "response.in_progress"))
+    ]
     body = {"id": "resp_1", "object": "response", "status": "in_progress", "background": True}
     store = await SQLiteStore.open(path)
-    await store.save_response(response(
-        "resp_1", owner="", status="in_progress", background=True, body=json.dumps(body),
-        created_at=int(time.time()), expires_at=2**40, events=tuple(json.dumps(e) for e in events),
-    ))  # fmt: skip
+    await store.save_response(
+        response(
+            "resp_1",
+            owner="",
+            status="in_progress",
+            background=True,
+            body=json.dumps(body),
+            created_at=int(time.time()),
+            expires_at=2**40,
+            events=tuple(json.dumps(e) for e in events),
+        )
+    )
     await store.close()
 
     proxy = await aiohttp_client(create_app(make_config(storage__path=str(path))))

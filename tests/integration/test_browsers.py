@@ -77,9 +77,15 @@ async def test_a_cross_site_post_to_localhost_is_refused(proxy, fake_upstream, c
 
 @pytest.mark.parametrize(
     "content_type",
-    ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
-     "multipart/form-data; boundary=x", "application/jsonp", "text/json"],
-)  # fmt: skip
+    [
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+        "text/json",
+    ],
+)
 async def test_a_body_that_is_not_json_is_415(proxy, fake_upstream, content_type):
     """Without any Origin, a body whose Content-Type is not JSON is still refused."""
     resp = await proxy.post(CHAT, data=json.dumps(ATTACK), headers={"Content-Type": content_type})
@@ -92,18 +98,25 @@ async def test_a_body_that_is_not_json_is_415(proxy, fake_upstream, content_type
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "application/json", "application/json; charset=utf-8", "APPLICATION/JSON",
-     "application/merge-patch+json"],
-)  # fmt: skip
+    [
+        None,
+        "application/json",
+        "application/json; charset=utf-8",
+        "APPLICATION/JSON",
+        "application/merge-patch+json",
+    ],
+)
 async def test_json_bodies_and_curl_style_bodies_pass(proxy, fake_upstream, content_type):
     """application/json, a +json type, or no Content-Type at all (an HTTP/1.0-style
     client); curl -d sends a form type, so it needs -H 'Content-Type: application/json'."""
     headers = {} if content_type is None else {"Content-Type": content_type}
     body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
     resp = await proxy.post(
-        CHAT, data=json.dumps(body).encode(), headers=headers,
+        CHAT,
+        data=json.dumps(body).encode(),
+        headers=headers,
         skip_auto_headers=["Content-Type"],
-    )  # fmt: skip
+    )
     assert resp.status == 200, await resp.text()
 
 
@@ -117,9 +130,18 @@ async def test_a_rebound_host_cannot_read_anything(proxy, path):
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST", "[::1]:{port}", "localhost.:{port}",
-     "app.localhost:{port}", "192.168.1.20:{port}", "10.0.0.5", "[fe80::1]:{port}"],
-)  # fmt: skip
+    [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "LOCALHOST",
+        "[::1]:{port}",
+        "localhost.:{port}",
+        "app.localhost:{port}",
+        "192.168.1.20:{port}",
+        "10.0.0.5",
+        "[fe80::1]:{port}",
+    ],
+)
 async def test_names_that_cannot_be_rebound_are_answered(proxy, host):
     """IP addresses, localhost and *.localhost need no configuration."""
     resp = await proxy.get("/v1/models", headers={"Host": host.format(port=port_of(proxy))})
@@ -129,8 +151,12 @@ async def test_names_that_cannot_be_rebound_are_answered(proxy, host):
 async def test_configured_host_names_are_answered(make_proxy):
     """server.allowed_hosts: exact names, '.domain' for its subdomains, '*' for any."""
     proxy = await make_proxy(server__allowed_hosts=["lmbridge.lan", ".home.example"])
-    cases = [("lmbridge.lan:1235", 200), ("gpu.home.example", 200),
-             ("home.example.attacker.example", 403), ("lmbridge.lan.evil", 403)]  # fmt: skip
+    cases = [
+        ("lmbridge.lan:1235", 200),
+        ("gpu.home.example", 200),
+        ("home.example.attacker.example", 403),
+        ("lmbridge.lan.evil", 403),
+    ]
     for host, status in cases:
         resp = await proxy.get("/v1/models", headers={"Host": host})
         assert resp.status == status, host
@@ -185,8 +211,12 @@ async def test_a_trusted_origin_reads_answers_and_streams(trusting, fake_upstrea
     missing = await trusting.get("/v1/models/nope", headers=origin)
     assert missing.status == 404
     assert missing.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
-    for refused in ("null", "http://localhost:51730", "https://localhost:5173",
-                    "http://localhost:5173.attacker.example"):  # fmt: skip
+    for refused in (
+        "null",
+        "http://localhost:51730",
+        "https://localhost:5173",
+        "http://localhost:5173.attacker.example",
+    ):
         resp = await trusting.post(CHAT, json=body, headers={"Origin": refused})
         assert resp.status == 403, refused
 

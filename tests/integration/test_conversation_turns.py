@@ -29,8 +29,9 @@ async def test_a_turn_while_another_runs_is_409_then_sees_it(proxy, fake_upstrea
     runs and sees it."""
     conv = await conversation(proxy)
     release = asyncio.Event()
-    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("first answer"), release,
-                                                chunk(finish="stop")]))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk("first answer"), release, chunk(finish="stop")])
+    )
     first = asyncio.ensure_future(
         proxy.post(
             R, json={"model": "test-model", "input": "one", "conversation": conv, "stream": True}
@@ -61,10 +62,12 @@ async def test_concurrent_turns_never_see_a_partial_history(proxy, fake_upstream
     answers = iter(range(100))
     for _ in range(20):
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion(f"a{next(answers)}")))
-    results = await asyncio.gather(*(
-        proxy.post(R, json={"model": "test-model", "input": f"q{n}", "conversation": conv})
-        for n in range(20)
-    ))  # fmt: skip
+    results = await asyncio.gather(
+        *(
+            proxy.post(R, json={"model": "test-model", "input": f"q{n}", "conversation": conv})
+            for n in range(20)
+        )
+    )
     statuses = sorted(r.status for r in results)
     assert set(statuses) <= {200, 409}
     assert 200 in statuses
@@ -140,11 +143,14 @@ async def test_turns_continuing_one_response_branch_from_it(proxy, fake_upstream
     """Two turns sent at once with the same previous_response_id both run, each on the
     chain up to that response: two branches, neither seeing the other."""
     root = await create(proxy, input="root")
-    results = await asyncio.gather(*(
-        proxy.post(R, json={"model": "test-model", "input": branch,
-                            "previous_response_id": root["id"]})
-        for branch in ("left", "right")
-    ))  # fmt: skip
+    results = await asyncio.gather(
+        *(
+            proxy.post(
+                R, json={"model": "test-model", "input": branch, "previous_response_id": root["id"]}
+            )
+            for branch in ("left", "right")
+        )
+    )
     assert [r.status for r in results] == [200, 200]
     left, right = [await r.json() for r in results]
     for request in fake_upstream.requests_to(CHAT)[1:]:

@@ -102,9 +102,10 @@ async def test_a_large_chat_body_is_read_off_the_event_loop(proxy, fake_upstream
     request is forwarded as usual."""
     released = threading.Event()
     monkeypatch.setattr(
-        passthrough, "loads_request_in_pieces",
+        passthrough,
+        "loads_request_in_pieces",
         blocked_until(released, passthrough.loads_request_in_pieces),
-    )  # fmt: skip
+    )
     body = large_chat_body()
     resp = await served_while(
         proxy, released, proxy.post(CHAT, data=io.BytesIO(body), headers=JSON)

@@ -24,18 +24,31 @@ TLS_CLIENT_HELLO = bytes.fromhex("16030100f8010000f40303") + bytes(64)
     ("request_bytes", "status", "code"),
     [
         (HEAD + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
-        (HEAD + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", 431,
-         "headers_too_large"),
+        (
+            HEAD + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+            431,
+            "headers_too_large",
+        ),
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414, "uri_too_long"),
-        (CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400,
-         "malformed_request"),
+        (
+            CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            400,
+            "malformed_request",
+        ),
         (TLS_CLIENT_HELLO, 400, "tls_on_http_port"),
         (b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed_request"),
         (HEAD + b"Content-Length: ten\r\n\r\n", 400, "malformed_request"),
     ],
-    ids=["header-over-8190", "too-many-headers", "url-over-8190", "bad-chunked", "tls",
-         "garbage", "bad-content-length"],
-)  # fmt: skip
+    ids=[
+        "header-over-8190",
+        "too-many-headers",
+        "url-over-8190",
+        "bad-chunked",
+        "tls",
+        "garbage",
+        "bad-content-length",
+    ],
+)
 async def test_what_the_parser_rejects_is_answered_in_the_openai_shape(
     serve, caplog, request_bytes, status, code
 ):

@@ -18,8 +18,9 @@ CALC_SERVER = {"command": sys.executable, "args": [CALC]}
 ASK = {"model": "test-model", "messages": [{"role": "user", "content": "What is 2+3?"}]}
 
 
-def tool_calls(*calls: tuple[str, str, str], content: str | None = None,
-               finish: str = "tool_calls") -> dict:  # fmt: skip
+def tool_calls(
+    *calls: tuple[str, str, str], content: str | None = None, finish: str = "tool_calls"
+) -> dict:
     body = chat_completion()
     message = body["choices"][0]["message"]
     message["content"] = content
@@ -43,8 +44,9 @@ def sent(fake_upstream, n: int = -1) -> dict:
 async def test_two_round_loop(proxy, fake_upstream):
     """The model calls an MCP tool; lmbridge runs it, sends the result back with the call
     id, and the client gets the final answer with usage summed over both rounds."""
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("call_1", "calc__add",
-                                                         '{"a": 2, "b": 3}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("call_1", "calc__add", '{"a": 2, "b": 3}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2 + 3 = 5")))
     resp = await proxy.post(CHAT, json=ASK)
     assert resp.status == 200
@@ -62,20 +64,41 @@ async def test_two_round_loop(proxy, fake_upstream):
 async def test_streamed_loop_is_one_stream(proxy, fake_upstream):
     """Streamed: content of both rounds arrives, MCP tool-call deltas are held back, and
     the client sees one finish_reason, one usage chunk and one [DONE]."""
-    call = {"index": 0, "id": "call_1", "type": "function",
-            "function": {"name": "calc__add", "arguments": ""}}  # fmt: skip
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "calc__add", "arguments": ""},
+    }
     args = {"index": 0, "function": {"arguments": '{"a": 2, "b": 3}'}}
-    fake_upstream.add_reply(CHAT, Reply(stream=[
-        chunk(role="assistant", content="Let me add. "), chunk(tool_calls=[call]),
-        chunk(tool_calls=[args]), chunk(finish="stop"),  # stop WITH tool calls: the calls decide
-        chunk(choices=False, usage={"prompt_tokens": 5, "completion_tokens": 3,
-                                    "total_tokens": 8}),
-    ]))  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(stream=[
-        chunk(role="assistant", content="It is 5."), chunk(finish="stop"),
-        chunk(choices=False, usage={"prompt_tokens": 9, "completion_tokens": 2,
-                                    "total_tokens": 11}),
-    ]))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            stream=[
+                chunk(role="assistant", content="Let me add. "),
+                chunk(tool_calls=[call]),
+                chunk(tool_calls=[args]),
+                chunk(finish="stop"),  # stop WITH tool calls: the calls decide
+                chunk(
+                    choices=False,
+                    usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                ),
+            ]
+        ),
+    )
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            stream=[
+                chunk(role="assistant", content="It is 5."),
+                chunk(finish="stop"),
+                chunk(
+                    choices=False,
+                    usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+                ),
+            ]
+        ),
+    )
     resp = await proxy.post(
         CHAT, json={**ASK, "stream": True, "stream_options": {"include_usage": True}}
     )
@@ -86,22 +109,38 @@ async def test_streamed_loop_is_one_stream(proxy, fake_upstream):
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "Let me add. It is 5."
     assert not any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks)
-    finishes = [c["choices"][0]["finish_reason"] for c in chunks
-                if c["choices"] and c["choices"][0]["finish_reason"]]  # fmt: skip
+    finishes = [
+        c["choices"][0]["finish_reason"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["finish_reason"]
+    ]
     assert finishes == ["stop"]
     usage = [c["usage"] for c in chunks if c.get("usage")]
-    assert usage == [{"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19,
-                      "prompt_tokens_details": {"cached_tokens": 0},
-                      "completion_tokens_details": {"reasoning_tokens": 0}}]  # fmt: skip
+    assert usage == [
+        {
+            "prompt_tokens": 14,
+            "completion_tokens": 5,
+            "total_tokens": 19,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+    ]
     assert len({c["id"] for c in chunks}) == 1
     assert sent(fake_upstream, 1)["messages"][-1]["content"] == "5"
 
 
 async def test_parallel_calls_run_together(proxy, fake_upstream):
     """Several MCP calls of one reply run in parallel; each result keeps its call id."""
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__overlap", '{"seconds": 0.3}'), ("c2", "calc__overlap", '{"seconds": 0.3}'),
-        ("c3", "calc__add", '{"a": 1, "b": 1}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            json=tool_calls(
+                ("c1", "calc__overlap", '{"seconds": 0.3}'),
+                ("c2", "calc__overlap", '{"seconds": 0.3}'),
+                ("c3", "calc__add", '{"a": 1, "b": 1}'),
+            )
+        ),
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("done")))
     assert (await proxy.post(CHAT, json=ASK)).status == 200
     tools = [m for m in sent(fake_upstream)["messages"] if m["role"] == "tool"]
@@ -115,11 +154,13 @@ async def test_parallel_calls_run_together(proxy, fake_upstream):
 
 async def test_round_limit_forces_a_final_answer(make_proxy, fake_upstream):
     """At mcp.max_rounds, one last call with tool_choice none asks for the answer."""
-    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all",
-                             mcp__max_rounds=2)  # fmt: skip
+    proxy = await make_proxy(
+        mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all", mcp__max_rounds=2
+    )
     for n in range(2):
-        fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-            (f"c{n}", "calc__add", f'{{"a": {n}, "b": 1}}'))))  # fmt: skip
+        fake_upstream.add_reply(
+            CHAT, Reply(json=tool_calls((f"c{n}", "calc__add", f'{{"a": {n}, "b": 1}}')))
+        )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("final")))
     body = await (await proxy.post(CHAT, json=ASK)).json()
     assert body["choices"][0]["message"]["content"] == "final"
@@ -161,10 +202,10 @@ async def test_tool_errors_become_results(proxy, fake_upstream, call, fragment):
 
 async def test_hanging_tool_times_out(make_proxy, fake_upstream):
     """A tool slower than its server's timeout gives the model a timeout result."""
-    proxy = await make_proxy(mcp__servers={"calc": {**CALC_SERVER, "timeout": 0.5}},
-                             mcp__default_servers="all")  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__slow",
-                                                         '{"seconds": 30}'))))  # fmt: skip
+    proxy = await make_proxy(
+        mcp__servers={"calc": {**CALC_SERVER, "timeout": 0.5}}, mcp__default_servers="all"
+    )
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__slow", '{"seconds": 30}'))))
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("too slow")))
     resp = await asyncio.wait_for(proxy.post(CHAT, json=ASK), 10)
     assert resp.status == 200
@@ -194,10 +235,14 @@ async def test_killed_server_is_restarted(proxy, fake_upstream):
 
 async def test_client_tools_pass_through_beside_mcp_tools(proxy, fake_upstream):
     """A client tool call returns to the client after the MCP calls of the same turn ran."""
-    client_tool = {"type": "function", "function": {"name": "ask_user", "parameters": {
-        "type": "object", "properties": {}}}}  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("m1", "calc__add", '{"a": 1, "b": 1}'), ("u1", "ask_user", "{}"))))  # fmt: skip
+    client_tool = {
+        "type": "function",
+        "function": {"name": "ask_user", "parameters": {"type": "object", "properties": {}}},
+    }
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(json=tool_calls(("m1", "calc__add", '{"a": 1, "b": 1}'), ("u1", "ask_user", "{}"))),
+    )
     body = await (await proxy.post(CHAT, json={**ASK, "tools": [client_tool]})).json()
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
@@ -210,15 +255,21 @@ async def test_client_tools_pass_through_beside_mcp_tools(proxy, fake_upstream):
     assert 'lmbridge_mcp_tool_call_duration_seconds_count{server="calc"} 1.0' in text
 
 
-ASK_USER = {"type": "function", "function": {"name": "ask_user", "parameters": {
-    "type": "object", "properties": {"q": {"type": "string"}}}}}  # fmt: skip
+ASK_USER = {
+    "type": "function",
+    "function": {
+        "name": "ask_user",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+    },
+}
 
 
 def client_turn(first: dict, *, answer: str = "blue") -> list[dict]:
     """What a client sends next: its history, the assistant message it got, its result."""
     message = first["choices"][0]["message"]
-    results = [{"role": "tool", "tool_call_id": c["id"], "content": answer}
-               for c in message["tool_calls"]]  # fmt: skip
+    results = [
+        {"role": "tool", "tool_call_id": c["id"], "content": answer} for c in message["tool_calls"]
+    ]
     return [*ASK["messages"], message, *results]
 
 
@@ -237,8 +288,7 @@ async def test_mcp_steps_of_a_turn_handed_to_the_client_come_back(proxy, fake_up
     first = await (await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER]})).json()
     assert [c["id"] for c in first["choices"][0]["message"]["tool_calls"]] == ["u1"]
 
-    resp = await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER],
-                                        "messages": client_turn(first)})  # fmt: skip
+    resp = await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER], "messages": client_turn(first)})
     assert (await resp.json())["choices"][0]["message"]["content"] == "1 + 1 = 2, and blue."
     messages = sent(fake_upstream)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
@@ -258,19 +308,41 @@ async def test_earlier_rounds_come_back_before_the_client_call(proxy, fake_upstr
         "type": "function",
         "function": {"name": "calc__add", "arguments": '{"a": 2, "b": 2}'},
     }
-    client_call = {"index": 0, "id": "u7", "type": "function",
-                   "function": {"name": "ask_user", "arguments": '{"q":"why?"}'}}  # fmt: skip
+    client_call = {
+        "index": 0,
+        "id": "u7",
+        "type": "function",
+        "function": {"name": "ask_user", "arguments": '{"q":"why?"}'},
+    }
     for call in (mcp_call, client_call):
-        fake_upstream.add_reply(CHAT, Reply(stream=[chunk(tool_calls=[call]),
-                                                    chunk(finish="tool_calls")]))  # fmt: skip
+        fake_upstream.add_reply(
+            CHAT, Reply(stream=[chunk(tool_calls=[call]), chunk(finish="tool_calls")])
+        )
     resp = await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER], "stream": True})
-    deltas = [json.loads(line[6:]) for line in (await resp.text()).splitlines()
-              if line.startswith("data: {")]  # fmt: skip
+    deltas = [
+        json.loads(line[6:])
+        for line in (await resp.text()).splitlines()
+        if line.startswith("data: {")
+    ]
     handed = [c for d in deltas for ch in d["choices"] for c in ch["delta"].get("tool_calls", [])]
     assert [c["id"] for c in handed] == ["u7"]
-    first = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "u7", "type": "function",
-         "function": {"name": "ask_user", "arguments": '{ "q": "why?" }'}}]}}]}  # fmt: skip
+    first = {
+        "choices": [
+            {
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "u7",
+                            "type": "function",
+                            "function": {"name": "ask_user", "arguments": '{ "q": "why?" }'},
+                        }
+                    ],
+                }
+            }
+        ]
+    }
     for _ in range(2):
         await proxy.post(CHAT, json={**ASK, "tools": [ASK_USER], "messages": client_turn(first)})
         messages = sent(fake_upstream)["messages"]
@@ -282,8 +354,11 @@ async def test_earlier_rounds_come_back_before_the_client_call(proxy, fake_upstr
 
 async def test_hidden_steps_are_kept_per_client_key(make_proxy, fake_upstream):
     """Another API key sending the same assistant message gets nothing added."""
-    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all",
-                             auth__api_keys=["key-a", "key-b"])  # fmt: skip
+    proxy = await make_proxy(
+        mcp__servers={"calc": CALC_SERVER},
+        mcp__default_servers="all",
+        auth__api_keys=["key-a", "key-b"],
+    )
     fake_upstream.add_reply(
         CHAT,
         Reply(json=tool_calls(("m1", "calc__add", '{"a": 1, "b": 1}'), ("u1", "ask_user", "{}"))),
@@ -296,7 +371,11 @@ async def test_hidden_steps_are_kept_per_client_key(make_proxy, fake_upstream):
     assert [m["role"] for m in sent(fake_upstream)["messages"]] == ["user", "assistant", "tool"]
     await proxy.post(CHAT, json=follow, headers=a)
     assert [m["role"] for m in sent(fake_upstream)["messages"]] == [
-        "user", "assistant", "tool", "tool"]  # fmt: skip
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+    ]
 
 
 async def test_servers_are_chosen_per_request(make_proxy, fake_upstream):
@@ -320,10 +399,12 @@ async def test_servers_are_chosen_per_request(make_proxy, fake_upstream):
 
 async def test_allowed_tools_and_long_results(make_proxy, fake_upstream):
     """allowed_tools limits what is offered; long results are cut with a marker."""
-    proxy = await make_proxy(mcp__servers={"calc": {**CALC_SERVER, "allowed_tools": ["big"]}},
-                             mcp__default_servers="all", mcp__result_max_chars=100)  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__big",
-                                                         '{"chars": 5000}'))))  # fmt: skip
+    proxy = await make_proxy(
+        mcp__servers={"calc": {**CALC_SERVER, "allowed_tools": ["big"]}},
+        mcp__default_servers="all",
+        mcp__result_max_chars=100,
+    )
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__big", '{"chars": 5000}'))))
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("long")))
     await proxy.post(CHAT, json=ASK)
     assert [t["function"]["name"] for t in sent(fake_upstream, 0)["tools"]] == ["calc__big"]
@@ -342,8 +423,9 @@ async def test_image_results_for_text_models_are_a_note(proxy, fake_upstream):
 
 async def test_text_tool_calls_when_enabled(make_proxy, fake_upstream):
     """With mcp.text_tool_calls, a <tool_call> block in the text is run as a call."""
-    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all",
-                             mcp__text_tool_calls=True)  # fmt: skip
+    proxy = await make_proxy(
+        mcp__servers={"calc": CALC_SERVER}, mcp__default_servers="all", mcp__text_tool_calls=True
+    )
     fake_upstream.add_reply(
         CHAT,
         Reply(
@@ -373,8 +455,9 @@ async def test_a_server_that_cannot_start_is_named_and_left_out(make_proxy, fake
     """A requested server that fails to start: the request is served at once with the
     other servers' tools, and X-MCP-Unavailable names the missing one (plain and streamed)."""
     broken = {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}
-    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER, "broken": broken},
-                             mcp__default_servers="all")  # fmt: skip
+    proxy = await make_proxy(
+        mcp__servers={"calc": CALC_SERVER, "broken": broken}, mcp__default_servers="all"
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("hello")))
     resp = await proxy.post(CHAT, json=ASK)
     assert resp.status == 200
@@ -411,22 +494,27 @@ async def test_each_call_is_logged_without_its_arguments(proxy, fake_upstream, c
     import logging
 
     caplog.set_level(logging.INFO, logger="lmbridge")
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__echo", '{"text": "top-secret-argument"}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "calc__echo", '{"text": "top-secret-argument"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("ok")))
     await proxy.post(CHAT, json=ASK)
     [record] = [r for r in caplog.records if r.getMessage() == "mcp call"]
     fields = record.fields
     assert {k: fields[k] for k in ("server", "tool", "outcome")} == {
-        "server": "calc", "tool": "echo", "outcome": "ok"}  # fmt: skip
+        "server": "calc",
+        "tool": "echo",
+        "outcome": "ok",
+    }
     assert fields["duration_ms"] >= 0
     assert "top-secret-argument" not in caplog.text
     assert all("top-secret-argument" not in str(getattr(r, "fields", "")) for r in caplog.records)
 
     caplog.clear()
     caplog.set_level(logging.DEBUG, logger="lmbridge")
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__echo", '{"text": "debug-visible"}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "calc__echo", '{"text": "debug-visible"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("ok")))
     await proxy.post(CHAT, json=ASK)
     [debug] = [r for r in caplog.records if r.getMessage() == "mcp call arguments"]
@@ -437,10 +525,18 @@ async def test_a_tool_that_does_not_exist_is_told_to_the_model(proxy, fake_upstr
     """A call to a name that is neither an MCP tool nor a client tool (a small model's
     invention) comes back to the model as an error listing the real tools; it is not
     handed to the client."""
-    client_tool = {"type": "function", "function": {"name": "ask_user", "parameters": {
-        "type": "object", "properties": {}}}}  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__multiply", '{"a": 2, "b": 3}'), ("c2", "search_web", "{}"))))  # fmt: skip
+    client_tool = {
+        "type": "function",
+        "function": {"name": "ask_user", "parameters": {"type": "object", "properties": {}}},
+    }
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            json=tool_calls(
+                ("c1", "calc__multiply", '{"a": 2, "b": 3}'), ("c2", "search_web", "{}")
+            )
+        ),
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("I cannot multiply.")))
     body = await (await proxy.post(CHAT, json={**ASK, "tools": [client_tool]})).json()
     assert body["choices"][0]["message"]["content"] == "I cannot multiply."

@@ -59,14 +59,18 @@ async def test_mcp_loop_lists_calls_and_answers(proxy, fake_upstream):
     assert call["id"].startswith("mcp_") and json.loads(call["arguments"]) == {"a": 2, "b": 3}
     assert message["content"][0]["text"] == "2 + 3 = 5"
     second = sent(fake_upstream)["messages"]
-    assert second[-2]["tool_calls"][0] == {"id": call["id"], "type": "function", "function": {
-        "name": "calc__add", "arguments": call["arguments"]}}  # fmt: skip
+    assert second[-2]["tool_calls"][0] == {
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": "calc__add", "arguments": call["arguments"]},
+    }
     assert second[-1] == {"role": "tool", "tool_call_id": call["id"], "content": "5"}
     assert body["usage"]["total_tokens"] == 14
 
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Still 5.")))
-    follow = await create(proxy, input="And again?", tools=[CALC_TOOL],
-                          previous_response_id=body["id"])  # fmt: skip
+    follow = await create(
+        proxy, input="And again?", tools=[CALC_TOOL], previous_response_id=body["id"]
+    )
     assert [i["type"] for i in follow["output"]] == ["message"]  # listed once per conversation
     history = sent(fake_upstream)["messages"]
     assert {"role": "tool", "tool_call_id": call["id"], "content": "5"} in history
@@ -74,9 +78,16 @@ async def test_mcp_loop_lists_calls_and_answers(proxy, fake_upstream):
     # Stateless, the whole history re-sent as input (as the Agents SDK does): the
     # listing in it counts, the call and its output are rendered from their items.
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("5 again.")))
-    again = await create(proxy, tools=[CALC_TOOL], store=False, input=[
-        {"role": "user", "content": "What is 2+3?"}, *body["output"],
-        {"role": "user", "content": "And again?"}])  # fmt: skip
+    again = await create(
+        proxy,
+        tools=[CALC_TOOL],
+        store=False,
+        input=[
+            {"role": "user", "content": "What is 2+3?"},
+            *body["output"],
+            {"role": "user", "content": "And again?"},
+        ],
+    )
     assert [i["type"] for i in again["output"]] == ["message"]
     resent = sent(fake_upstream)["messages"]
     assert resent[-2] == {"role": "tool", "tool_call_id": call["id"], "content": "5"} or (
@@ -89,8 +100,9 @@ async def test_streamed_mcp_events(proxy, fake_upstream):
     in the same stream as the text."""
     fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__add", '{"a": 1, "b": 1}'))))
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2")))
-    resp = await proxy.post(R, json={"model": "test-model", "input": "1+1", "stream": True,
-                                     "tools": [CALC_TOOL]})  # fmt: skip
+    resp = await proxy.post(
+        R, json={"model": "test-model", "input": "1+1", "stream": True, "tools": [CALC_TOOL]}
+    )
     events = sse_events(await resp.read())
     types = [e["type"] for e in events]
     assert types[:2] == ["response.created", "response.in_progress"]
@@ -126,9 +138,18 @@ async def test_approval_asked_then_approved(proxy, fake_upstream):
     assert (request_item["name"], request_item["server_label"]) == ("add", "calc")
     assert len(fake_upstream.requests_to(CHAT)) == 1
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("9")))
-    second = await create(proxy, tools=[tool], previous_response_id=first["id"], input=[
-        {"type": "mcp_approval_response", "approval_request_id": request_item["id"],
-         "approve": True}])  # fmt: skip
+    second = await create(
+        proxy,
+        tools=[tool],
+        previous_response_id=first["id"],
+        input=[
+            {
+                "type": "mcp_approval_response",
+                "approval_request_id": request_item["id"],
+                "approve": True,
+            }
+        ],
+    )
     call = second["output"][0]
     assert call["type"] == "mcp_call" and call["approval_request_id"] == request_item["id"]
     assert call["output"] == "9"
@@ -145,13 +166,25 @@ async def test_approval_denied(proxy, fake_upstream):
     first = await create(proxy, input="pid?", tools=[tool])
     request_id = first["output"][-1]["id"]
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("OK, I won't.")))
-    second = await create(proxy, tools=[tool], previous_response_id=first["id"], input=[
-        {"type": "mcp_approval_response", "approval_request_id": request_id, "approve": False,
-         "reason": "not now"}])  # fmt: skip
+    second = await create(
+        proxy,
+        tools=[tool],
+        previous_response_id=first["id"],
+        input=[
+            {
+                "type": "mcp_approval_response",
+                "approval_request_id": request_id,
+                "approve": False,
+                "reason": "not now",
+            }
+        ],
+    )
     assert [i["type"] for i in second["output"]] == ["message"]
     assert sent(fake_upstream)["messages"][-1] == {
-        "role": "tool", "tool_call_id": request_id,
-        "content": "The user denied this tool call. Reason: not now"}  # fmt: skip
+        "role": "tool",
+        "tool_call_id": request_id,
+        "content": "The user denied this tool call. Reason: not now",
+    }
 
 
 async def test_allowed_tools_and_read_only(proxy, fake_upstream):
@@ -168,8 +201,12 @@ async def test_allowed_tools_and_read_only(proxy, fake_upstream):
 
 async def test_tool_choice_mcp(proxy, fake_upstream):
     """tool_choice {type: mcp, server_label, name} forces that tool upstream."""
-    await create(proxy, input="x", tools=[CALC_TOOL],
-                 tool_choice={"type": "mcp", "server_label": "calc", "name": "echo"})  # fmt: skip
+    await create(
+        proxy,
+        input="x",
+        tools=[CALC_TOOL],
+        tool_choice={"type": "mcp", "server_label": "calc", "name": "echo"},
+    )
     assert sent(fake_upstream)["tool_choice"] == {
         "type": "function",
         "function": {"name": "calc__echo"},
@@ -213,8 +250,13 @@ async def remote_calc():
 async def test_allowed_remote_server_url(make_proxy, fake_upstream, remote_calc):
     """A server_url on the allow-list is connected for the response (streamable HTTP)."""
     proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
-    tool = {"type": "mcp", "server_label": "far", "server_url": remote_calc,
-            "require_approval": "never", "headers": {"X-Test": "1"}}  # fmt: skip
+    tool = {
+        "type": "mcp",
+        "server_label": "far",
+        "server_url": remote_calc,
+        "require_approval": "never",
+        "headers": {"X-Test": "1"},
+    }
     fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 20, "b": 1}'))))
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("21")))
     body = await create(proxy, input="20+1", tools=[tool])
@@ -227,8 +269,12 @@ async def test_allowed_remote_sse_server_url(make_proxy, fake_upstream):
     server names (same origin, another path) is not a redirect and is used."""
     async with served_calc("sse") as url:
         proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/sse"])
-        tool = {"type": "mcp", "server_label": "far", "server_url": url,
-                "require_approval": "never"}  # fmt: skip
+        tool = {
+            "type": "mcp",
+            "server_label": "far",
+            "server_url": url,
+            "require_approval": "never",
+        }
         fake_upstream.add_reply(
             CHAT, Reply(json=tool_calls(("c1", "far__add", '{"a": 2, "b": 3}')))
         )
@@ -344,8 +390,12 @@ async def test_a_redirect_the_allow_list_refuses_is_not_followed(
         redirector.redirect_to = "/admin"
         allowed = f"http://127.0.0.1:*{path}"
     proxy = await make_proxy(mcp__remote_servers=[allowed])
-    tool = {"type": "mcp", "server_label": "far", "require_approval": "never",
-            "server_url": f"http://127.0.0.1:{server.port}{path}"}  # fmt: skip
+    tool = {
+        "type": "mcp",
+        "server_label": "far",
+        "require_approval": "never",
+        "server_url": f"http://127.0.0.1:{server.port}{path}",
+    }
     body = await create(proxy, input="x", tools=[tool])
     listing = body["output"][0]
     assert listing["type"] == "mcp_list_tools" and listing["tools"] == []
@@ -360,8 +410,12 @@ async def test_a_redirect_the_allow_list_accepts_is_followed(
 ):
     """The server's own 307 from /mcp/ to /mcp, both allowed, is followed as before."""
     proxy = await make_proxy(mcp__remote_servers=["http://127.0.0.1:*/mcp"])
-    tool = {"type": "mcp", "server_label": "far", "server_url": remote_calc + "/",
-            "require_approval": "never"}  # fmt: skip
+    tool = {
+        "type": "mcp",
+        "server_label": "far",
+        "server_url": remote_calc + "/",
+        "require_approval": "never",
+    }
     body = await create(proxy, input="x", tools=[tool])
     listing = body["output"][0]
     assert listing.get("error") is None and {t["name"] for t in listing["tools"]} >= {"add"}
@@ -378,8 +432,9 @@ async def test_an_error_quoting_a_server_url_is_shown_redacted(
     async def failing(url: str, **_: object):
         request = httpx2.Request("POST", url)
         response = httpx2.Response(401, request=request)
-        raise httpx2.HTTPStatusError(f"Client error for url '{url}'", request=request,
-                                     response=response)  # fmt: skip
+        raise httpx2.HTTPStatusError(
+            f"Client error for url '{url}'", request=request, response=response
+        )
         yield
 
     monkeypatch.setattr(transports, "streamable_http_client", failing)
@@ -395,10 +450,15 @@ async def test_a_made_up_tool_of_a_server_is_a_failed_mcp_call(proxy, fake_upstr
     """calc__multiply (calc has no such tool, or it is not allowed here): an mcp_call
     with an error naming the offered tools, never a call to the server nor a
     function_call for the client."""
-    tool = {"type": "mcp", "server_label": "calc", "require_approval": "never",
-            "allowed_tools": ["add"]}  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__echo", '{"text": "should not run"}'))))  # fmt: skip
+    tool = {
+        "type": "mcp",
+        "server_label": "calc",
+        "require_approval": "never",
+        "allowed_tools": ["add"],
+    }
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "calc__echo", '{"text": "should not run"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Only add is there.")))
     body = await create(proxy, input="echo", tools=[tool])
     assert [i["type"] for i in body["output"]] == ["mcp_list_tools", "mcp_call", "message"]
@@ -417,11 +477,13 @@ async def test_streamed_failures(make_proxy, fake_upstream):
     broken = {"command": sys.executable, "args": ["-c", "raise SystemExit(3)"]}
     proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER, "broken": broken})
     tools = [CALC_TOOL, {"type": "mcp", "server_label": "broken", "require_approval": "never"}]
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__fail", '{"reason": "no luck"}'))))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_calls(("c1", "calc__fail", '{"reason": "no luck"}')))
+    )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It failed.")))
-    resp = await proxy.post(R, json={"model": "test-model", "input": "go", "stream": True,
-                                     "tools": tools})  # fmt: skip
+    resp = await proxy.post(
+        R, json={"model": "test-model", "input": "go", "stream": True, "tools": tools}
+    )
     events = sse_events(await resp.read())
     types = [e["type"] for e in events]
     assert "response.mcp_list_tools.failed" in types
@@ -443,11 +505,20 @@ async def test_client_function_beside_mcp_call_continues_the_loop(proxy, fake_up
     """One turn calls an MCP tool and a client function: the MCP call runs, the function
     call goes to the client, and previous_response_id with its output continues with
     both results in the history."""
-    function = {"type": "function", "name": "ask_user", "parameters": {
-        "type": "object", "properties": {"question": {"type": "string"}}}}  # fmt: skip
-    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-        ("c1", "calc__add", '{"a": 2, "b": 2}'),
-        ("c2", "ask_user", '{"question": "Which unit?"}'))))  # fmt: skip
+    function = {
+        "type": "function",
+        "name": "ask_user",
+        "parameters": {"type": "object", "properties": {"question": {"type": "string"}}},
+    }
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            json=tool_calls(
+                ("c1", "calc__add", '{"a": 2, "b": 2}'),
+                ("c2", "ask_user", '{"question": "Which unit?"}'),
+            )
+        ),
+    )
     first = await create(proxy, input="Add 2 and 2, ask the unit", tools=[CALC_TOOL, function])
     kinds = [i["type"] for i in first["output"]]
     assert kinds == ["mcp_list_tools", "mcp_call", "function_call"]
@@ -457,9 +528,12 @@ async def test_client_function_beside_mcp_call_continues_the_loop(proxy, fake_up
     assert len(fake_upstream.requests_to(CHAT)) == 1  # the client's turn now
 
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("4 metres.")))
-    second = await create(proxy, tools=[CALC_TOOL, function], previous_response_id=first["id"],
-                          input=[{"type": "function_call_output", "call_id": "c2",
-                                  "output": "metres"}])  # fmt: skip
+    second = await create(
+        proxy,
+        tools=[CALC_TOOL, function],
+        previous_response_id=first["id"],
+        input=[{"type": "function_call_output", "call_id": "c2", "output": "metres"}],
+    )
     assert [i["type"] for i in second["output"]] == ["message"]
     assert second["output"][0]["content"][0]["text"] == "4 metres."
     history = sent(fake_upstream)["messages"]
@@ -476,8 +550,9 @@ async def test_mcp_max_rounds_may_lower_the_limit(make_proxy, fake_upstream, ask
     cannot raise it."""
     proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER}, mcp__max_rounds=3)
     for n in range(rounds):
-        fake_upstream.add_reply(CHAT, Reply(json=tool_calls(
-            (f"c{n}", "calc__add", f'{{"a": {n}, "b": 1}}'))))  # fmt: skip
+        fake_upstream.add_reply(
+            CHAT, Reply(json=tool_calls((f"c{n}", "calc__add", f'{{"a": {n}, "b": 1}}')))
+        )
     fake_upstream.add_reply(CHAT, Reply(json=chat_completion("final")))
     body = await create(proxy, input="loop", tools=[CALC_TOOL], mcp_max_rounds=asked)
     requests = fake_upstream.requests_to(CHAT)

@@ -29,8 +29,9 @@ async def test_healthz_and_readyz(proxy):
 async def test_a_password_in_upstream_url_is_never_shown(make_proxy, fake_upstream, caplog):
     """upstream.url's user:password is masked in /readyz, /metrics, error messages and
     log lines, and still used to reach the upstream."""
-    proxy = await make_proxy(upstream__url=fake_upstream.url.replace("//", "//bob:hunter2@"),
-                             upstream__retry_attempts=1)  # fmt: skip
+    proxy = await make_proxy(
+        upstream__url=fake_upstream.url.replace("//", "//bob:hunter2@"), upstream__retry_attempts=1
+    )
     shown = fake_upstream.url.replace("//", "//***@")
     ready = await (await proxy.get("/readyz")).json()
     assert ready["status"] == "ready" and ready["checks"]["upstream"]["url"] == shown
@@ -130,14 +131,34 @@ async def test_a_path_cannot_forge_a_log_line(aiohttp_client, make_config, fmt):
 
 
 async def test_request_log_is_flushed_in_batches(aiohttp_client, make_config):
-    """Lines are written together after a short interval, not one write per request."""
+    """Lines are written together (after flush_interval, or at shutdown), not one write
+    per request."""
     stream = io.StringIO()
-    proxy = await aiohttp_client(create_app(make_config(), request_log=RequestLog("text", stream)))
+    log = RequestLog("text", stream, flush_interval=3600)
+    proxy = await aiohttp_client(create_app(make_config(), request_log=log))
     for _ in range(3):
         await proxy.post(CHAT, json=REQUEST)
     assert stream.getvalue() == ""
-    await asyncio.sleep(0.15)
+    await proxy.close()
     assert len(stream.getvalue().splitlines()) == 3
+
+
+async def test_request_log_flushes_after_its_interval(aiohttp_client, make_config):
+    stream = io.StringIO()
+    flushed = asyncio.Event()
+
+    class Watched(RequestLog):
+        def flush(self) -> None:
+            super().flush()
+            if stream.getvalue():
+                flushed.set()
+
+    proxy = await aiohttp_client(
+        create_app(make_config(), request_log=Watched("text", stream, flush_interval=0.01))
+    )
+    await proxy.post(CHAT, json=REQUEST)
+    await asyncio.wait_for(flushed.wait(), 10)
+    assert len(stream.getvalue().splitlines()) == 1
 
 
 @pytest.fixture

@@ -82,11 +82,13 @@ async def test_a_compressed_stream_is_relayed_decoded(proxy, fake_upstream):
     events = [json.dumps(chunk(content=part)) for part in ("Hel", "lo")]
     raw = "".join(f"data: {e}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
     packed = gzip.compress(raw)
-    reply = Reply(stream=[packed[:10], 0.01, packed[10:]], done=False,
-                  headers={"Content-Encoding": "gzip"})  # fmt: skip
+    reply = Reply(
+        stream=[packed[:10], 0.01, packed[10:]], done=False, headers={"Content-Encoding": "gzip"}
+    )
     fake_upstream.add_reply(CHAT, reply)
-    resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES,
-                                        "stream": True})  # fmt: skip
+    resp = await proxy.post(
+        CHAT, json={"model": "test-model", "messages": MESSAGES, "stream": True}
+    )
     assert resp.status == 200
     assert "Content-Encoding" not in resp.headers
     assert await resp.read() == raw
@@ -94,9 +96,11 @@ async def test_a_compressed_stream_is_relayed_decoded(proxy, fake_upstream):
 
 @pytest.mark.parametrize(
     ("encoding", "body", "says"),
-    [("br", b"\x1b\x00", "Content-Encoding 'br'"),
-     ("gzip", b"not gzip at all", "gzip body that does not decompress")],
-)  # fmt: skip
+    [
+        ("br", b"\x1b\x00", "Content-Encoding 'br'"),
+        ("gzip", b"not gzip at all", "gzip body that does not decompress"),
+    ],
+)
 async def test_a_body_lmbridge_cannot_decode_is_a_clear_502(
     proxy, fake_upstream, encoding, body, says
 ):
@@ -217,12 +221,20 @@ async def test_missing_model_ambiguous_is_400(proxy, fake_upstream):
 async def test_lmstudio_native_list_picks_the_loaded_model(proxy, fake_upstream):
     """On LM Studio, state comes from /api/v0/models and the one loaded LLM is the default;
     embedding requests pick the embedding model."""
-    fake_upstream.lmstudio_v0 = {"object": "list", "data": [
-        {"id": "qwen3-4b", "object": "model", "type": "llm", "state": "loaded",
-         "max_context_length": 32768},
-        {"id": "gemma-3", "object": "model", "type": "vlm", "state": "not-loaded"},
-        {"id": "nomic-embed", "object": "model", "type": "embeddings", "state": "loaded"},
-    ]}  # fmt: skip
+    fake_upstream.lmstudio_v0 = {
+        "object": "list",
+        "data": [
+            {
+                "id": "qwen3-4b",
+                "object": "model",
+                "type": "llm",
+                "state": "loaded",
+                "max_context_length": 32768,
+            },
+            {"id": "gemma-3", "object": "model", "type": "vlm", "state": "not-loaded"},
+            {"id": "nomic-embed", "object": "model", "type": "embeddings", "state": "loaded"},
+        ],
+    }
     resp = await proxy.post(CHAT, json={"messages": MESSAGES})
     assert resp.status == 200
     assert fake_upstream.requests_to(CHAT)[0].body["model"] == "qwen3-4b"
@@ -262,9 +274,19 @@ async def test_new_model_is_found_without_waiting_for_the_ttl(proxy, fake_upstre
 
 async def test_upstream_4xx_passes_through_with_its_status(proxy, fake_upstream):
     """The upstream's own 400 comes back with its status and message."""
-    fake_upstream.add_reply(CHAT, Reply(status=400, json={"error": {
-        "code": 400, "message": "Expected 'messages' to be an array",
-        "type": "invalid_request_error"}}))  # fmt: skip
+    fake_upstream.add_reply(
+        CHAT,
+        Reply(
+            status=400,
+            json={
+                "error": {
+                    "code": 400,
+                    "message": "Expected 'messages' to be an array",
+                    "type": "invalid_request_error",
+                }
+            },
+        ),
+    )
     resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
     assert resp.status == 400
     error = (await resp.json())["error"]
@@ -405,9 +427,11 @@ async def test_tools_for_a_template_that_drops_them_get_a_warning(proxy, fake_up
         ("/v1/chat/completions", {"messages": messages, "tools": [TOOL]}),
         ("/v1/chat/completions", {"messages": messages, "tools": [TOOL], "stream": True}),
         ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f"}]}),
-        ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f"}],
-                           "stream": True}),
-    ]  # fmt: skip
+        (
+            "/v1/responses",
+            {"input": "hi", "tools": [{"type": "function", "name": "f"}], "stream": True},
+        ),
+    ]
     for path, body in requests:
         resp = await proxy.post(path, json={"model": "test-model", **body})
         assert resp.status == 200, await resp.text()
@@ -426,8 +450,7 @@ async def test_tools_for_a_template_that_drops_them_get_a_warning(proxy, fake_up
 async def test_no_tools_warning_where_the_upstream_does_not_say(proxy, fake_upstream):
     """A server that is not llama.cpp (LM Studio, vLLM, Ollama) is not asked for /props,
     and a request with tools gets no warning."""
-    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
-            "tools": [TOOL]}  # fmt: skip
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]}
     resp = await proxy.post(CHAT, json=body)
     assert resp.status == 200
     assert "X-LMBridge-Warning" not in resp.headers

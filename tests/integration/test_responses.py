@@ -584,12 +584,12 @@ async def test_background_stream_follows_live_events(proxy, fake_upstream):
     )
     first = await resp.content.readuntil(b"\n\n")
     response_id = json.loads(first.split(b"data: ")[1])["response"]["id"]
-    joiner = asyncio.ensure_future(proxy.get(f"{R}/{response_id}?stream=true&starting_after=1"))
-    await asyncio.sleep(0.05)
+    # Its headers arrive while the run is held: it follows the live run.
+    joiner = await proxy.get(f"{R}/{response_id}?stream=true&starting_after=1")
     release.set()
     events = sse_events(first + await resp.read())
     assert events[-1]["type"] == "response.completed"
-    joined = sse_events(await (await joiner).read())
+    joined = sse_events(await joiner.read())
     assert joined[0]["sequence_number"] == 2
     assert joined[-1]["type"] == "response.completed"
 

@@ -138,8 +138,13 @@ async def test_an_error_event_inside_a_stream_is_relayed_and_counted(proxy, fake
     """An upstream that reports a failure inside its 200 stream (llama.cpp does, when a
     generation fails) reaches the client unchanged; the operator sees it in the metrics
     and the log, which names the error's type and code but never its message."""
-    error = {"error": {"message": "the prompt says: my secret", "type": "server_error",
-                       "code": "generation_failed"}}  # fmt: skip
+    error = {
+        "error": {
+            "message": "the prompt says: my secret",
+            "type": "server_error",
+            "code": "generation_failed",
+        }
+    }
     fake_upstream.add_reply(CHAT, Reply(stream=[chunk("partial"), error]))
     resp = await proxy.post(CHAT, json=REQUEST)
     assert resp.status == 200

@@ -36,9 +36,13 @@ async def served_calc(transport: str) -> AsyncIterator[str]:
     """Yields the server's URL once it accepts connections."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, CALC, transport, str(port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        sys.executable,
+        CALC,
+        transport,
+        str(port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         await wait_for_port(port)
         yield f"http://127.0.0.1:{port}{PATHS[transport]}"

@@ -35,8 +35,20 @@ PURE = [
     "proxy.responses.failures",
     "proxy.responses.replay",
 ]
-IO_MODULES = ("aiohttp", "aiosqlite", "sqlite3", "asyncio", "mcp", "httpx2", "socket",
-              "subprocess", "storage", "proxy.upstream", "proxy.keys", "proxy.app")  # fmt: skip
+IO_MODULES = (
+    "aiohttp",
+    "aiosqlite",
+    "sqlite3",
+    "asyncio",
+    "mcp",
+    "httpx2",
+    "socket",
+    "subprocess",
+    "storage",
+    "proxy.upstream",
+    "proxy.keys",
+    "proxy.app",
+)
 
 
 def module_name(path: Path) -> str:
@@ -66,9 +78,11 @@ def reaches(name: str, prefix: str) -> bool:
 
 def test_storage_knows_nothing_of_the_service():
     """storage/ is the persistence layer: it imports nothing from proxy/."""
-    offending = {m: sorted(i for i in imported if reaches(i, "proxy"))
-                 for m, imported in imports(top_level_only=False).items()
-                 if reaches(m, "storage")}  # fmt: skip
+    offending = {
+        m: sorted(i for i in imported if reaches(i, "proxy"))
+        for m, imported in imports(top_level_only=False).items()
+        if reaches(m, "storage")
+    }
     assert not any(offending.values()), offending
 
 

@@ -7,16 +7,21 @@ from proxy.bridge.text import Step
 
 
 def message(content: str) -> dict:
-    return {"type": "message", "role": "assistant",
-            "content": [{"type": "output_text", "text": content, "annotations": []}]}  # fmt: skip
+    return {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": content, "annotations": []}],
+    }
 
 
 def test_models_table_skips_alias_entries_and_lists_them_apart():
-    listing = {"data": [
-        {"id": "qwen3", "type": "llm", "state": "loaded", "max_context_length": 32768},
-        {"id": "embed", "type": "embeddings"},
-        {"id": "fast", "alias_for": "qwen3"},
-    ]}  # fmt: skip
+    listing = {
+        "data": [
+            {"id": "qwen3", "type": "llm", "state": "loaded", "max_context_length": 32768},
+            {"id": "embed", "type": "embeddings"},
+            {"id": "fast", "alias_for": "qwen3"},
+        ]
+    }
     result = text.models(listing)
     assert result["models"] == [
         {"id": "qwen3", "type": "llm", "state": "loaded", "context_length": 32768},
@@ -39,30 +44,37 @@ def test_cut_pages_through_a_text_without_losing_a_character():
 
 def test_finished_response_with_trace_error_and_incomplete_reason():
     response = {
-        "id": "resp_1", "status": "incomplete",
+        "id": "resp_1",
+        "status": "incomplete",
         "incomplete_details": {"reason": "max_output_tokens"},
         "output": [
             {"type": "mcp_call", "server_label": "files", "name": "read", "error": None},
-            {"type": "mcp_call", "server_label": "files", "name": "write",
-             "error": {"type": "mcp_tool_execution_error",
-                       "content": [{"type": "text", "text": "read-only file system"}]}},
+            {
+                "type": "mcp_call",
+                "server_label": "files",
+                "name": "write",
+                "error": {
+                    "type": "mcp_tool_execution_error",
+                    "content": [{"type": "text", "text": "read-only file system"}],
+                },
+            },
             message("Partial answer"),
         ],
-    }  # fmt: skip
+    }
     result = text.response_result(response, None, max_chars=1000)
     assert result["text"] == "Partial answer"
     assert result["incomplete_reason"] == "max_output_tokens"
     assert result["trace"] == [
         {"server": "files", "tool": "read", "outcome": "ok"},
-        {"server": "files", "tool": "write", "outcome": "error",
-         "error": "read-only file system"},
-    ]  # fmt: skip
+        {"server": "files", "tool": "write", "outcome": "error", "error": "read-only file system"},
+    ]
 
 
 def test_watched_steps_carry_durations():
     steps = [Step("calc", "add", True, 12.4)]
-    result = text.response_result({"id": "r", "status": "completed", "output": []}, steps,
-                                  max_chars=100)  # fmt: skip
+    result = text.response_result(
+        {"id": "r", "status": "completed", "output": []}, steps, max_chars=100
+    )
     assert result["trace"] == [{"server": "calc", "tool": "add", "outcome": "ok", "ms": 12}]
 
 
@@ -72,16 +84,23 @@ def test_running_response_says_to_come_back():
 
 
 def test_approval_requests_are_named():
-    response = {"id": "r", "status": "completed", "output": [
-        {"type": "mcp_approval_request", "server_label": "git", "name": "commit"}]}  # fmt: skip
+    response = {
+        "id": "r",
+        "status": "completed",
+        "output": [{"type": "mcp_approval_request", "server_label": "git", "name": "commit"}],
+    }
     result = text.response_result(response, [], max_chars=100)
     assert result["waiting_for_approval"] == ["git.commit"]
     assert "cannot approve" in result["note"]
 
 
 def test_failed_response_reports_its_error():
-    response = {"id": "r", "status": "failed", "output": [],
-                "error": {"code": "server_error", "message": "upstream went away"}}  # fmt: skip
+    response = {
+        "id": "r",
+        "status": "failed",
+        "output": [],
+        "error": {"code": "server_error", "message": "upstream went away"},
+    }
     assert text.response_result(response, [], max_chars=100)["error"] == "upstream went away"
 
 
@@ -98,5 +117,6 @@ def test_error_summaries():
     assert text.error_summary(None) is None
     assert text.error_summary("plain") == "plain"
     assert text.error_summary({"type": "mcp_protocol_error", "message": "timed out"}) == (
-        "timed out")  # fmt: skip
+        "timed out"
+    )
     assert len(text.error_summary("x" * 1000) or "") == 200

@@ -78,9 +78,18 @@ def test_origins_are_normalized(value, normalized):
 
 @pytest.mark.parametrize(
     "value",
-    ["null", "localhost:5173", "ftp://x", "http://", "http://a/b", "http://u@a",
-     "http://a?x=1", "http://a:99999", "file:///etc"],
-)  # fmt: skip
+    [
+        "null",
+        "localhost:5173",
+        "ftp://x",
+        "http://",
+        "http://a/b",
+        "http://u@a",
+        "http://a?x=1",
+        "http://a:99999",
+        "file:///etc",
+    ],
+)
 def test_what_is_not_an_origin(value):
     """Paths, userinfo, other schemes and bad ports are not origins."""
     with pytest.raises(ValueError):
@@ -127,7 +136,13 @@ def test_the_mcp_http_transport_uses_the_same_lists():
     settings = transport_security(config)
     assert settings.enable_dns_rebinding_protection
     assert set(settings.allowed_hosts) == {
-        "127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*", "[::1]", "[::1]:*",
-        "gpu.lan", "gpu.lan:*",
-    }  # fmt: skip
+        "127.0.0.1",
+        "127.0.0.1:*",
+        "localhost",
+        "localhost:*",
+        "[::1]",
+        "[::1]:*",
+        "gpu.lan",
+        "gpu.lan:*",
+    }
     assert settings.allowed_origins == ["http://localhost:5173"]

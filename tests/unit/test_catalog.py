@@ -1150,10 +1150,13 @@ async def test_reader_takes_tool_support_from_llama_cpp_props(props, tools):
 
 async def test_reader_asks_only_a_one_model_llama_cpp_for_props():
     """Other servers, and llama.cpp's router with several models, are not asked."""
-    router = {"object": "list", "data": [
-        {"id": "a", "object": "model", "owned_by": "llamacpp"},
-        {"id": "b", "object": "model", "owned_by": "llamacpp"},
-    ]}  # fmt: skip
+    router = {
+        "object": "list",
+        "data": [
+            {"id": "a", "object": "model", "owned_by": "llamacpp"},
+            {"id": "b", "object": "model", "owned_by": "llamacpp"},
+        ],
+    }
     for listing in (VLLM, OLLAMA, router):
         get_json = FakeGetJson({OAI: listing, PROPS: {"chat_template_caps": {}}})
         await ModelListReader(get_json, FakeClock()).read()

@@ -170,8 +170,10 @@ def test_a_raw_answer_is_complete_http_with_the_openai_error():
             "code": "too_many_connections",
         }
     }
-    assert not any(line.startswith("Retry-After") for line in
-                   http_response(RequestTimeout("slow")).decode().split("\r\n"))  # fmt: skip
+    assert not any(
+        line.startswith("Retry-After")
+        for line in http_response(RequestTimeout("slow")).decode().split("\r\n")
+    )
 
 
 async def test_out_of_file_descriptors_is_one_log_line_per_interval_without_traceback(caplog):
@@ -184,10 +186,12 @@ async def test_out_of_file_descriptors_is_one_log_line_per_interval_without_trac
     try:
         with caplog.at_level(logging.ERROR, logger="lmbridge.connections"):
             for _ in range(300):
-                loop.call_exception_handler({
-                    "message": "socket.accept() out of system resource",
-                    "exception": OSError(errno.EMFILE, "Too many open files"),
-                })  # fmt: skip
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                    }
+                )
             loop.call_exception_handler({"message": "something else"})
     finally:
         restore()
@@ -237,20 +241,29 @@ def test_serve_lowers_its_connections_to_what_the_file_limit_allows(
         (LineTooLong(b"x" * 100, 8190), True, 414, "uri_too_long"),
         (LineTooLong(b"x" * 100, 8190), False, 431, "headers_too_large"),
         (BadHttpMessage("Too many headers received"), False, 431, "headers_too_large"),
-        (BadHttpMethod(error="Received HTTPS traffic on an HTTP port"), False, 400,
-         "tls_on_http_port"),
+        (
+            BadHttpMethod(error="Received HTTPS traffic on an HTTP port"),
+            False,
+            400,
+            "tls_on_http_port",
+        ),
         (InvalidHeader(b"Bearer sk-secret\x00"), False, 400, "malformed_request"),
-        (BadHttpMessage("Invalid character in chunk size:\n\n  b'sk-secret'\n    ^"), False,
-         400, "malformed_request"),
+        (
+            BadHttpMessage("Invalid character in chunk size:\n\n  b'sk-secret'\n    ^"),
+            False,
+            400,
+            "malformed_request",
+        ),
         (None, False, 400, "malformed_request"),
     ],
     ids=["url", "header", "header-count", "tls", "invalid-header", "chunk", "unknown"],
-)  # fmt: skip
+)
 def test_what_the_parser_rejects_maps_to_a_status_and_code(exc, line_too_long, status, code):
     """Each parser error has its status and code, and the message never quotes the
     client's bytes."""
-    error = http_error(exc, request_line_too_long=line_too_long, max_line_size=8190,
-                       max_headers=128)  # fmt: skip
+    error = http_error(
+        exc, request_line_too_long=line_too_long, max_line_size=8190, max_headers=128
+    )
     assert (error.status, error.code) == (status, code)
     assert "sk-secret" not in error.message
     assert "xxx" not in error.message

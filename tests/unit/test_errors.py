@@ -363,17 +363,24 @@ def test_describe_error_is_the_one_mapping_of_exceptions(exc, status, code, logg
         (400, b'{"error": {"message": "x", "type": "exceed_context_size_error"}}', True),
         (400, b'{"error": {"message": "x", "code": "context_length_exceeded"}}', True),
         # vLLM
-        (400, b'{"error": {"message": "This model\'s maximum context length is 4096 tokens"}}',
-         True),
+        (
+            400,
+            b'{"error": {"message": "This model\'s maximum context length is 4096 tokens"}}',
+            True,
+        ),
         # LM Studio
-        (400, b'{"error": "The number of tokens to keep from the initial prompt is greater '
-              b'than the context length"}', True),
+        (
+            400,
+            b'{"error": "The number of tokens to keep from the initial prompt is greater '
+            b'than the context length"}',
+            True,
+        ),
         (413, b"prompt is too long", True),
         (400, b'{"error": {"message": "temperature must be positive"}}', False),
         (500, b'{"error": {"message": "context length exceeded"}}', False),
         (404, b'{"error": {"message": "model not found"}}', False),
     ],
-)  # fmt: skip
+)
 def test_context_overflow_is_recognised_and_gets_openais_code(status, raw, overflow):
     """However a server words a prompt that does not fit, it is context_length_exceeded."""
     exc = UpstreamStatus(status, raw, "application/json")

@@ -167,15 +167,18 @@ def test_bytes_that_are_not_text_stay_a_unicode_error_for_loads() -> None:
 # --- large request bodies, read and written in pieces ------------------------------
 
 BODIES: list[bytes] = [
-    *(dumps_bytes(value) for value in VALUES if not isinstance(value, dict) or
-      all(isinstance(key, str) for key in value)),
+    *(
+        dumps_bytes(value)
+        for value in VALUES
+        if not isinstance(value, dict) or all(isinstance(key, str) for key in value)
+    ),
     b' \n{ "model" : "m" , "input" : [ {"role": "user"} , 1 , [ ] , "x" ] , "n": {} } \n',
     b'{"a": [], "b": {}, "a": [1]}',  # a repeated key: the last one counts
     b'{"seed": [123456789012345678901234567890], "s": "\\ud83d \\u00e9"}',
     '{"é": ["✓", {"😀": null}]}'.encode(),
     b"[1, [2, [3]], {}]",
     b'"just a string"',
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("text", BODIES)

@@ -171,5 +171,11 @@ def test_libraries_log_at_warning_unless_asked(logging_state, level, library_lev
     assert [next(s for s in SHOWN if s in line) for line in lines] == shown
 
 
-SHOWN = ["HTTP Request", "Sending client message", "library warning", "own debug", "own info",
-         "own warning"]  # fmt: skip
+SHOWN = [
+    "HTTP Request",
+    "Sending client message",
+    "library warning",
+    "own debug",
+    "own info",
+    "own warning",
+]

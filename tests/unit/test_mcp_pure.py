@@ -59,23 +59,53 @@ IMAGE = {"type": "image", "data": "aGVsbG8=", "mimeType": "image/png"}
     ("result", "images", "text", "error", "image_parts"),
     [
         ({"content": [{"type": "text", "text": "5"}]}, False, "5", False, 0),
-        ({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, False,
-         "a\nb", False, 0),
+        (
+            {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            False,
+            "a\nb",
+            False,
+            0,
+        ),
         ({"content": [], "structuredContent": {"x": 1}}, False, '{"x": 1}', False, 0),
         ({"content": []}, False, "(the tool returned nothing)", False, 0),
-        ({"content": [{"type": "text", "text": "no"}], "isError": True}, False,
-         "The tool reported an error: no", True, 0),
+        (
+            {"content": [{"type": "text", "text": "no"}], "isError": True},
+            False,
+            "The tool reported an error: no",
+            True,
+            0,
+        ),
         ({"content": [IMAGE]}, True, "[image image/png: shown below]", False, 1),
-        ({"content": [IMAGE]}, False,
-         "[image image/png, 6 bytes: not shown, the model does not read images]", False, 0),
-        ({"content": [{"type": "audio", "mimeType": "audio/wav", "data": ""}]}, False,
-         "[audio audio/wav: not shown]", False, 0),
-        ({"content": [{"type": "resource", "resource": {"uri": "file:///a", "text": "hi"}}]},
-         False, "[resource file:///a]\nhi", False, 0),
-        ({"content": [{"type": "resource_link", "name": "a", "uri": "file:///a"}]}, False,
-         "[resource link: a file:///a]", False, 0),
+        (
+            {"content": [IMAGE]},
+            False,
+            "[image image/png, 6 bytes: not shown, the model does not read images]",
+            False,
+            0,
+        ),
+        (
+            {"content": [{"type": "audio", "mimeType": "audio/wav", "data": ""}]},
+            False,
+            "[audio audio/wav: not shown]",
+            False,
+            0,
+        ),
+        (
+            {"content": [{"type": "resource", "resource": {"uri": "file:///a", "text": "hi"}}]},
+            False,
+            "[resource file:///a]\nhi",
+            False,
+            0,
+        ),
+        (
+            {"content": [{"type": "resource_link", "name": "a", "uri": "file:///a"}]},
+            False,
+            "[resource link: a file:///a]",
+            False,
+            0,
+        ),
     ],
-)  # fmt: skip
+)
 def test_results_as_the_model_reads_them(result, images, text, error, image_parts):
     """Text stays text, structured content is JSON when there is no text, images are
     parts for models that read them and a note for others, resources a summary."""
@@ -104,21 +134,29 @@ OFFERED = {"calc__add"}
 @pytest.mark.parametrize(
     ("content", "calls", "rest"),
     [
-        ('<tool_call>{"name": "calc__add", "arguments": {"a": 1}}</tool_call>',
-         [TextCall("calc__add", '{"a": 1}')], ""),
-        ('Let me add.\n<tool_call>\n{"name": "calc__add", "arguments": "{\\"a\\": 1}"}\n'
-         "</tool_call>", [TextCall("calc__add", '{"a": 1}')], "Let me add."),
-        ('{"name": "calc__add", "parameters": {"a": 2}}', [TextCall("calc__add", '{"a": 2}')],
-         ""),
-        ('```json\n{"name": "calc__add", "arguments": {}}\n```', [TextCall("calc__add", "{}")],
-         ""),
+        (
+            '<tool_call>{"name": "calc__add", "arguments": {"a": 1}}</tool_call>',
+            [TextCall("calc__add", '{"a": 1}')],
+            "",
+        ),
+        (
+            'Let me add.\n<tool_call>\n{"name": "calc__add", "arguments": "{\\"a\\": 1}"}\n'
+            "</tool_call>",
+            [TextCall("calc__add", '{"a": 1}')],
+            "Let me add.",
+        ),
+        ('{"name": "calc__add", "parameters": {"a": 2}}', [TextCall("calc__add", '{"a": 2}')], ""),
+        ('```json\n{"name": "calc__add", "arguments": {}}\n```', [TextCall("calc__add", "{}")], ""),
         ('{"name": "rm_rf", "arguments": {}}', [], '{"name": "rm_rf", "arguments": {}}'),
         ("<tool_call>not json</tool_call>", [], "<tool_call>not json</tool_call>"),
-        ('The answer is {"name": "calc__add"} in prose.', [],
-         'The answer is {"name": "calc__add"} in prose.'),
+        (
+            'The answer is {"name": "calc__add"} in prose.',
+            [],
+            'The answer is {"name": "calc__add"} in prose.',
+        ),
         ("Plain answer.", [], "Plain answer."),
     ],
-)  # fmt: skip
+)
 def test_calls_written_as_text(content, calls, rest):
     """Only offered names and whole JSON objects count; anything else stays text."""
     assert find_text_calls(content, OFFERED) == (calls, rest)
@@ -196,8 +234,7 @@ def completion(content: str | None = None, *calls: tuple[str, str, str]) -> dict
             for i, n, a in calls
         ]
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-    return {"id": "c", "choices": [{"message": message, "finish_reason": "stop"}],
-            "usage": usage}  # fmt: skip
+    return {"id": "c", "choices": [{"message": message, "finish_reason": "stop"}], "usage": usage}
 
 
 async def run_loop(replies: list[dict[str, Any]], **limits: Any) -> tuple[Any, list, list]:
@@ -217,18 +254,25 @@ async def run_loop(replies: list[dict[str, Any]], **limits: Any) -> tuple[Any, l
         ran.append((ref, arguments))
         return ToolOutput(str(sum(arguments.values())))
 
-    loop = ToolLoop(directory, call_tool, client_tools={"lookup"},
-                    max_rounds=limits.get("max_rounds", 5),
-                    max_tool_calls=limits.get("max_tool_calls", 5))  # fmt: skip
+    loop = ToolLoop(
+        directory,
+        call_tool,
+        client_tools={"lookup"},
+        max_rounds=limits.get("max_rounds", 5),
+        max_tool_calls=limits.get("max_tool_calls", 5),
+    )
     body = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
     return await loop.run(body, complete=complete), sent, ran
 
 
 async def test_the_loop_runs_calls_until_an_answer():
     """Model -> tool -> model: the result goes back with the call's id, usage is summed."""
-    result, sent, ran = await run_loop([
-        completion(None, ("c1", "calc__add", '{"a": 2, "b": 3}')), completion("5"),
-    ])  # fmt: skip
+    result, sent, ran = await run_loop(
+        [
+            completion(None, ("c1", "calc__add", '{"a": 2, "b": 3}')),
+            completion("5"),
+        ]
+    )
     assert ran == [(ToolRef("calc", "add"), {"a": 2, "b": 3})]
     assert sent[1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": "5"}
     assert result.completion["choices"][0]["message"]["content"] == "5"
@@ -239,9 +283,11 @@ async def test_the_loop_runs_calls_until_an_answer():
 async def test_a_client_call_ends_the_loop_after_the_mcp_calls_of_its_round():
     """A call to the client's own tool goes back to the client; the MCP call beside it
     ran first."""
-    result, sent, ran = await run_loop([
-        completion(None, ("c1", "calc__add", '{"a": 1}'), ("k1", "lookup", "{}")),
-    ])  # fmt: skip
+    result, sent, ran = await run_loop(
+        [
+            completion(None, ("c1", "calc__add", '{"a": 1}'), ("k1", "lookup", "{}")),
+        ]
+    )
     assert len(ran) == 1 and len(sent) == 1
     assert result.completion["choices"][0]["finish_reason"] == "tool_calls"
     assert [c["id"] for c in result.completion["choices"][0]["message"]["tool_calls"]] == ["k1"]
@@ -251,9 +297,12 @@ async def test_a_client_call_ends_the_loop_after_the_mcp_calls_of_its_round():
 async def test_at_the_limit_the_answer_is_asked_for():
     """After max_rounds rounds with calls, one more request with tool_choice none."""
     result, sent, ran = await run_loop(
-        [completion(None, ("c1", "calc__add", '{"a": 1}')),
-         completion(None, ("c2", "calc__add", '{"a": 2}')), completion("done")],
+        [
+            completion(None, ("c1", "calc__add", '{"a": 1}')),
+            completion(None, ("c2", "calc__add", '{"a": 2}')),
+            completion("done"),
+        ],
         max_rounds=2,
-    )  # fmt: skip
+    )
     assert len(ran) == 2 and sent[2]["tool_choice"] == "none"
     assert result.completion["choices"][0]["message"]["content"] == "done"

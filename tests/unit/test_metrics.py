@@ -23,9 +23,12 @@ def test_exposition_matches_prometheus_client() -> None:
     reference = CollectorRegistry()
     requests = Counter("lmbridge_requests", "x", ["route", "model", "status"], registry=reference)
     duration = Histogram(
-        "lmbridge_request_duration_seconds", "x", ["route"], buckets=_LATENCY_BUCKETS,
+        "lmbridge_request_duration_seconds",
+        "x",
+        ["route"],
+        buckets=_LATENCY_BUCKETS,
         registry=reference,
-    )  # fmt: skip
+    )
     tokens = Counter("lmbridge_tokens", "x", ["model", "direction"], registry=reference)
     for i, seconds in enumerate(OBSERVATIONS):
         status = 200 if i % 3 else 404
@@ -38,8 +41,11 @@ def test_exposition_matches_prometheus_client() -> None:
             tokens.labels("m", "out").inc(2 * i)
 
     ours, theirs = metrics.render(), generate_latest(reference)
-    for prefix in ("lmbridge_requests_total", "lmbridge_request_duration_seconds",
-                   "lmbridge_tokens_total"):  # fmt: skip
+    for prefix in (
+        "lmbridge_requests_total",
+        "lmbridge_request_duration_seconds",
+        "lmbridge_tokens_total",
+    ):
         assert _lines(ours, prefix) == _lines(theirs, prefix), prefix
     assert 'lmbridge_request_duration_seconds_bucket{le="0.001",' in ours.decode()
 

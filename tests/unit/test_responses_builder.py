@@ -1048,13 +1048,38 @@ def test_feed_ignores_empty_and_malformed_chunks(junk: dict[str, Any]) -> None:
 # --- objects ------------------------------------------------------------------------------
 
 REQUIRED_KEYS = {
-    "id", "object", "created_at", "completed_at", "status", "error", "incomplete_details",
-    "instructions", "model", "output", "previous_response_id", "tools", "tool_choice",
-    "truncation", "parallel_tool_calls", "text", "top_p", "temperature", "presence_penalty",
-    "frequency_penalty", "top_logprobs", "reasoning", "max_output_tokens", "max_tool_calls",
-    "usage", "store", "background", "service_tier", "metadata", "safety_identifier",
+    "id",
+    "object",
+    "created_at",
+    "completed_at",
+    "status",
+    "error",
+    "incomplete_details",
+    "instructions",
+    "model",
+    "output",
+    "previous_response_id",
+    "tools",
+    "tool_choice",
+    "truncation",
+    "parallel_tool_calls",
+    "text",
+    "top_p",
+    "temperature",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+    "reasoning",
+    "max_output_tokens",
+    "max_tool_calls",
+    "usage",
+    "store",
+    "background",
+    "service_tier",
+    "metadata",
+    "safety_identifier",
     "prompt_cache_key",
-}  # fmt: skip
+}
 
 
 def test_response_object_defaults() -> None:
@@ -1147,11 +1172,28 @@ def test_response_object_echoes_settings() -> None:
         {"type": "web_search"},
     ]
     for key in (
-        "instructions", "previous_response_id", "tool_choice", "parallel_tool_calls",
-        "max_tool_calls", "max_output_tokens", "temperature", "top_p", "presence_penalty",
-        "frequency_penalty", "top_logprobs", "text", "reasoning", "truncation", "metadata",
-        "store", "background", "service_tier", "user", "safety_identifier", "prompt_cache_key",
-    ):  # fmt: skip
+        "instructions",
+        "previous_response_id",
+        "tool_choice",
+        "parallel_tool_calls",
+        "max_tool_calls",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_logprobs",
+        "text",
+        "reasoning",
+        "truncation",
+        "metadata",
+        "store",
+        "background",
+        "service_tier",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+    ):
         assert response[key] == body[key], key
     Response.model_validate(response)
 

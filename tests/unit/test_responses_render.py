@@ -845,8 +845,11 @@ def test_chat_body_bytes_empty_settings() -> None:
         # An assistant message last: the output's call joins it, so both render together.
         [
             {"type": "message", "role": "user", "content": "Hi"},
-            {"type": "message", "role": "assistant",
-             "content": [{"type": "output_text", "text": "Let me look."}]},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Let me look."}],
+            },
         ],
         # A function call's output last.
         [
@@ -855,7 +858,7 @@ def test_chat_body_bytes_empty_settings() -> None:
         ],
         [],
     ],
-)  # fmt: skip
+)
 def test_a_turn_renders_as_its_input_and_output_together(inputs):
     """The stored turn reuses the input's rendering where nothing can merge across."""
     from types import SimpleNamespace
@@ -867,9 +870,15 @@ def test_a_turn_renders_as_its_input_and_output_together(inputs):
     names = ToolNames()
     output = [
         {"type": "reasoning", "id": "rs_1", "summary": [], "content": []},
-        {"type": "function_call", "id": "fc_1", "call_id": "c2", "name": "g", "arguments": "{}",
-         "status": "completed"},
-    ]  # fmt: skip
+        {
+            "type": "function_call",
+            "id": "fc_1",
+            "call_id": "c2",
+            "name": "g",
+            "arguments": "{}",
+            "status": "completed",
+        },
+    ]
     prepared = SimpleNamespace(
         model=SimpleNamespace(vision=None),
         input_items=items,

@@ -280,13 +280,17 @@ async def test_a_killed_writer_process_fails_its_writes_and_is_replaced(store, c
     starts a new process, and what was committed before is all there."""
     await store.save_response(response("resp_before"))
     first = writer_pid(store)
-    slow = asyncio.gather(
-        *(store.save_response(response(f"resp_{n}", body="x" * 200_000)) for n in range(50)),
-        return_exceptions=True,
-    )
-    await asyncio.sleep(0.01)
+    writes = [
+        asyncio.ensure_future(store.save_response(response(f"resp_{n}", body="x" * 200_000)))
+        for n in range(50)
+    ]
+    # Killed as soon as the writes are on their way to the process (10 MB to commit).
+    await asyncio.sleep(0)  # the tasks start and queue their writes
+    assert store._writer._outbox
+    await asyncio.sleep(0)  # the queued writes are sent together
+    assert not store._writer._outbox
     os.kill(first, signal.SIGKILL)
-    results = await slow
+    results = await asyncio.gather(*writes, return_exceptions=True)
     failed = [r for r in results if r is not None]
     assert failed, "every write finished before the kill; nothing was tested"
     assert all(isinstance(r, StorageError) for r in failed)
@@ -318,7 +322,7 @@ async def test_the_writer_process_outlives_signals_to_the_service(store):
     pid = writer_pid(store)
     os.kill(pid, signal.SIGTERM)
     os.kill(pid, signal.SIGINT)
-    await asyncio.sleep(0.1)
+    # The signals are delivered before the process can read this write.
     await store.save_response(response("resp_1"))
     assert writer_pid(store) == pid
 
