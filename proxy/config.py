@@ -395,6 +395,13 @@ class ResponsesConfig(_Section):
         description="Tool types the upstream cannot serve (web_search, file_search, "
         "local_shell, ...): drop them with a logged warning, or reject the request with 400.",
     )
+    websocket_max_age: Duration = Field(
+        3600.0,
+        gt=0,
+        description="How long a WebSocket connection to /v1/responses may last; then lmbridge "
+        "sends the error websocket_connection_limit_reached (after the response running, if "
+        "any) and closes it, and the client opens a new one.",
+    )
 
 
 class MCPServerConfig(_Section):

@@ -126,6 +126,20 @@ class PreviousResponseNotFound(NotFound):
     code = "previous_response_not_found"
 
 
+class UpgradeRequired(LMBridgeError):
+    """``GET /v1/responses`` without a WebSocket upgrade."""
+
+    status = 426
+    error_type = "invalid_request_error"
+    code = "upgrade_required"
+
+
+class ConnectionLimitReached(BadRequest):
+    """A WebSocket connection reached ``responses.websocket_max_age``."""
+
+    code = "websocket_connection_limit_reached"
+
+
 class RequestTimeout(LMBridgeError):
     """The client did not send its request head or body in time."""
 

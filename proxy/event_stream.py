@@ -10,10 +10,13 @@ Two kinds, by the API:
   ``error`` event, numbered after the last event sent.
 
 Code that produces events never writes to the socket itself: it hands them here (or,
-for a Responses run, to a sink that ends here), so that another transport (the
-WebSocket mode of ``/v1/responses``) can take this module's place. An exception after
-the stream has begun is ended here too, by the middleware (``fail``), never by the
-handler.
+for a Responses run, to a sink that ends here). An exception after the stream has
+begun is ended here too, by the middleware (``fail``), never by the handler.
+
+The WebSocket mode of ``/v1/responses`` is the third shape (``SocketStream``): the same
+Responses events, one JSON text message each, over a connection that carries many
+turns; an error is the envelope ``{"type": "error", "status", "error": {...}}`` and
+leaves the connection open.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from aiohttp import ClientConnectionResetError, web
+from aiohttp import ClientConnectionResetError, WSCloseCode, web
 
 from proxy.jsontext import dumps
 from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, WARNING
@@ -149,3 +152,30 @@ class EventStream:
                 request[CLIENT_GONE] = True
         # The request holds this stream (OPEN_STREAM): without the reference back, both
         # are freed when the request ends, not at the next garbage collection.
+
+
+class SocketStream:
+    """A WebSocket connection to ``/v1/responses``: events of many turns, and errors
+    that end a turn but not the connection."""
+
+    def __init__(self, request: web.Request, *, max_message: int, heartbeat: float) -> None:
+        self.request = request
+        self.socket = web.WebSocketResponse(max_msg_size=max_message, heartbeat=heartbeat)
+
+    async def open(self) -> web.WebSocketResponse:
+        self.socket.headers.update(stream_headers(self.request))
+        await self.socket.prepare(self.request)
+        return self.socket
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        """A run's sink: each event as one text message."""
+        for event in events:
+            await self.socket.send_str(dumps(event))
+
+    async def error(self, status: int, body: Mapping[str, Any]) -> None:
+        """A turn's failure, as the transport's error envelope."""
+        await self.socket.send_str(dumps({"type": "error", "status": status, **body}))
+
+    async def close(self, *, going_away: bool = False) -> None:
+        code = WSCloseCode.GOING_AWAY if going_away else WSCloseCode.OK
+        await self.socket.close(code=code)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from proxy.metrics import Metrics
     from proxy.responses.conversations import ConversationService
     from proxy.responses.service import ResponsesService
+    from proxy.responses.websocket import Connection
     from proxy.tasks import BackgroundTasks, WorkerThread
     from proxy.upstream import UpstreamClient
     from storage.sqlite import SQLiteStore
@@ -39,6 +40,8 @@ MCP: web.AppKey[MCPServers] = web.AppKey("mcp")
 TURNS: web.AppKey[TurnMemory] = web.AppKey("turns")
 RESPONSES: web.AppKey[ResponsesService] = web.AppKey("responses")
 CONVERSATIONS: web.AppKey[ConversationService] = web.AppKey("conversations")
+# The open WebSocket connections to /v1/responses, closed after their turn at shutdown.
+RESPONSE_SOCKETS: web.AppKey[set[Connection]] = web.AppKey("response_sockets")
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.
 API_KEYS: web.AppKey[dict[bytes, str]] = web.AppKey("api_keys")

@@ -140,8 +140,22 @@ class Metrics:
             "server.max_connections open), header_timeout, body_timeout, idle, malformed.",
             ["reason"],
         )
+        self.websocket_connections = 0
+        self.websocket_turns = LabelledCounter(
+            "lmbridge_websocket_turns",
+            "Turns (response.create messages) served over WebSocket connections to "
+            "/v1/responses, by outcome: completed, incomplete, failed, cancelled, error.",
+            ["outcome"],
+        )
+        self.websocket_errors = LabelledCounter(
+            "lmbridge_websocket_errors",
+            "Error envelopes sent over WebSocket connections to /v1/responses, by code.",
+            ["code"],
+        )
         hot = (
             self.requests,
+            self.websocket_turns,
+            self.websocket_errors,
             self.request_seconds,
             self.upstream_seconds,
             self.ttft_seconds,
@@ -161,6 +175,11 @@ class Metrics:
                     "lmbridge_client_connections",
                     "Client connections open now.",
                     metrics.client_connections,
+                )
+                yield GaugeMetricFamily(
+                    "lmbridge_websocket_connections",
+                    "WebSocket connections to /v1/responses open now.",
+                    metrics.websocket_connections,
                 )
 
         r.register(HotCollector())

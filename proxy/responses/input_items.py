@@ -7,11 +7,12 @@ Every item comes out the way the API lists it back: it has an ``id`` and a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy.errors import BadRequest, ItemLimit
 from proxy.ids import new_id
+from proxy.jsontext import dumps
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 INPUT_PART_TYPES = ("input_text", "input_image", "input_file", "output_text", "refusal")
@@ -216,3 +217,28 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_call_outputs(items: list[dict[str, Any]], history: Sequence[str]) -> None:
+    """Every function_call_output answers a function call: of this input, or of the turns
+    it continues (rendered, where a call is ``"id":"<call_id>"`` of a ``tool_calls``
+    entry). An output for no call is the client's mistake; a model shown one
+    answers a question nobody asked."""
+    called = {item["call_id"] for item in items if item.get("type") == "function_call"}
+    for index, item in enumerate(items):
+        if item.get("type") != "function_call_output":
+            continue
+        call_id = item["call_id"]
+        if call_id in called:
+            continue
+        quoted = dumps(call_id)
+        # Turns stored by versions before orjson have a space after the colon.
+        needles = ('"id":' + quoted, '"id": ' + quoted)
+        if any(needle in turn for turn in history for needle in needles):
+            called.add(call_id)
+            continue
+        raise BadRequest(
+            f"No function call with call_id {dumps(call_id)} precedes this "
+            "function_call_output, in this input or in the response it continues.",
+            param=f"input[{index}].call_id",
+        )

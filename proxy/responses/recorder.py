@@ -146,7 +146,7 @@ class ResponseRecorder:
         response = run.builder.response
         output = response["output"]
         output_items = tuple(_stored(item) for item in output)
-        turn = dumps(_turn_messages(run.prepared, output))
+        turn = turn_text(run.prepared, output)
         finished = response["status"] not in ("queued", "in_progress")
         prepared = run.prepared
         if prepared.stored_inputs is None:  # the same at every save of a background response
@@ -174,6 +174,11 @@ class ResponseRecorder:
             conversation_items=conversation_items,
             mcp_listed=run.prepared.mcp_listed,
         )
+
+
+def turn_text(prepared: Prepared, output: list[dict[str, Any]]) -> str:
+    """The turn as the next one continues it: its chat messages, a JSON array text."""
+    return dumps(_turn_messages(prepared, output))
 
 
 def _turn_messages(prepared: Prepared, output: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -57,6 +57,9 @@ class CreateRequest:
     prompt_cache_key: str | None
     service_tier: str | None
     include: list[str] = field(default_factory=list)
+    # False: the turn is recorded (input, tools, instructions) and answered without
+    # asking the model, so that the next turn continues from it (WebSocket warm-up).
+    generate: bool = True
 
 
 def parse_create(
@@ -163,6 +166,7 @@ def parse_create(
         prompt_cache_key=check.optional_str("prompt_cache_key"),
         service_tier=check.optional_str("service_tier"),
         include=include,
+        generate=check.bool("generate", True),
     )
 
 

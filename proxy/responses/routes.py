@@ -29,6 +29,7 @@ from proxy.passthrough import read_body, read_json_object
 from proxy.responses.input_items import input_limit
 from proxy.responses.objects import deleted
 from proxy.responses.output_items import Event
+from proxy.responses.websocket import add_socket_route
 
 JSON = "application/json"
 
@@ -36,6 +37,7 @@ JSON = "application/json"
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/responses", create_response)
+    add_socket_route(app)
     r.add_post("/v1/responses/input_tokens", input_tokens)
     r.add_post("/v1/responses/compact", compact)
     r.add_get("/v1/responses/{response_id}", get_response)

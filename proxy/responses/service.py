@@ -40,6 +40,7 @@ from proxy.responses.failures import (
     response_error_code,
     response_not_found,
 )
+from proxy.responses.input_items import check_call_outputs
 from proxy.responses.mcp_tools import setup_mcp
 from proxy.responses.objects import list_page, response_object
 from proxy.responses.output_items import TERMINAL_EVENTS, Event
@@ -47,7 +48,7 @@ from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
 from proxy.responses.replay import replay_events
 from proxy.responses.request import CreateRequest, parse_create
 from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, stop
-from proxy.responses.state import approvals, load_history, resolve_references
+from proxy.responses.state import History, approvals, load_history, resolve_references
 from proxy.responses.tool_rounds import ResponseRounds
 from proxy.responses.upstream_turn import (
     CHAT_PATH,
@@ -112,13 +113,18 @@ class ResponsesService:
 
         return await self.worker.run_if(_count(body.get("input")) > LARGE_INPUT, parse)
 
-    async def create(self, body: dict[str, Any], owner: str) -> ResponseRun:
+    async def create(
+        self, body: dict[str, Any], owner: str, *, history: History | None = None
+    ) -> ResponseRun:
+        """A response to ``body``, prepared (state loaded, the turn rendered), not yet
+        run. ``history``: what ``previous_response_id`` continues, when the caller holds
+        it (a WebSocket connection keeps its latest responses), instead of storage's."""
         request = await self.parse(body)
         response_id = self.ids("resp")
         # Before its items are read: the turn sees every turn before it.
         turn = await self.claims.claim(request.conversation_id, request.store, owner, response_id)
         try:
-            run = await self._create(request, owner, response_id)
+            run = await self._create(request, owner, response_id, history)
         except BaseException:
             if turn is not None:
                 await asyncio.shield(self.claims.release(turn))
@@ -130,11 +136,12 @@ class ResponsesService:
             run.task.add_done_callback(lambda _: run.settled.set())  # whatever happened
         return run
 
-    async def _create(self, request: CreateRequest, owner: str, response_id: str) -> ResponseRun:
-        prepared = await self.prepare(request, owner)
-        if not (prepared.system or prepared.new_messages or prepared.approved) and all(
-            turn == "[]" for turn in prepared.history
-        ):
+    async def _create(
+        self, request: CreateRequest, owner: str, response_id: str, history: History | None
+    ) -> ResponseRun:
+        prepared = await self.prepare(request, owner, history)
+        nothing = not (prepared.system or prepared.new_messages or prepared.approved)
+        if nothing and request.generate and all(turn == "[]" for turn in prepared.history):
             # Upstreams answer an empty message list with an error of their own, or worse.
             raise BadRequest(
                 "There is nothing to answer: send 'input' (a string or an array of items), "
@@ -160,22 +167,26 @@ class ResponsesService:
             await self.recorder.save(run)  # acknowledged as queued only once it is durable
         return run
 
-    async def prepare(self, request: CreateRequest, owner: str) -> Prepared:
+    async def prepare(
+        self, request: CreateRequest, owner: str, history: History | None = None
+    ) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")
         tools = render.convert_tools(
             request, reject_unsupported=self.config.responses.unsupported_tools == "reject"
         )
-        history = await load_history(
-            self.store,
-            self.worker,
-            request,
-            owner,
-            tools.names,
-            images=model.vision is not False,
-            max_items=self.config.responses.max_history_items,
-        )
+        if history is None:
+            history = await load_history(
+                self.store,
+                self.worker,
+                request,
+                owner,
+                tools.names,
+                images=model.vision is not False,
+                max_items=self.config.responses.max_history_items,
+            )
         listed_before = history.listed
         input_items = await resolve_references(self.store, request.input, owner)
+        check_call_outputs(input_items, history.turns)
         # A client that re-sends the whole history (no previous_response_id) sends the
         # listings too: those servers are listed already.
         listed_before |= {
@@ -253,7 +264,8 @@ class ResponsesService:
                     raise asyncio.CancelledError
                 await sink(builder.in_progress())
                 await self.recorder.save(run)
-            await self.rounds.run(run, sink, streamed)
+            if request.generate:
+                await self.rounds.run(run, sink, streamed)
             final = builder.finish()
         except asyncio.CancelledError:
             if request.background and not run.cancel_requested:

@@ -1,0 +1,266 @@
+"""The WebSocket mode of /v1/responses, with aiohttp's WebSocket client, against the
+scripted fake upstream and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import aiohttp
+import pytest
+
+from proxy.keys import METRICS
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
+
+R = "/v1/responses"
+TERMINAL = {"response.completed", "response.failed", "response.incomplete"}
+
+
+async def turn(ws, **body) -> list[dict]:
+    """Send one response.create; the events until the turn's last (terminal or error)."""
+    body.setdefault("model", "test-model")
+    await ws.send_str(json.dumps({"type": "response.create", **body}))
+    return await events_of_turn(ws)
+
+
+async def events_of_turn(ws) -> list[dict]:
+    events = []
+    while True:
+        message = await asyncio.wait_for(ws.receive(), 10)
+        assert message.type == aiohttp.WSMsgType.TEXT, message
+        event = json.loads(message.data)
+        events.append(event)
+        if event["type"] in TERMINAL or event["type"] == "error":
+            return events
+
+
+def sent_messages(fake_upstream, n: int = -1) -> list[dict]:
+    return fake_upstream.requests_to(CHAT)[n].body["messages"]
+
+
+def rows(tmp_path, table: str = "responses") -> int:
+    with sqlite3.connect(tmp_path / "lmbridge.db") as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+async def test_a_turn_streams_the_same_events_as_sse(proxy, fake_upstream):
+    """One response.create: the events of an SSE stream, one JSON text message each,
+    numbered from 0, ending with response.completed; the response is stored."""
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("Hel"), chunk("lo"), chunk(finish="stop")]))
+    async with proxy.ws_connect(R) as ws:
+        events = await turn(ws, input="hi")
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in types
+    assert types[-1] == "response.completed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == "Hello"
+    stored = await (await proxy.get(f"{R}/{final['id']}")).json()
+    assert stored["status"] == "completed" and stored["id"] == final["id"]
+    # The upstream was asked for a stream, as for an SSE client.
+    assert fake_upstream.requests_to(CHAT)[-1].body["stream"] is True
+
+
+async def test_turns_run_one_at_a_time_in_order(proxy, fake_upstream):
+    """Two response.create sent at once: the second starts after the first ended."""
+    release = asyncio.Event()
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("one"), release, chunk(finish="stop")]))
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("two"), chunk(finish="stop")]))
+    async with proxy.ws_connect(R) as ws:
+        for text in ("first", "second"):
+            await ws.send_str(
+                json.dumps({"type": "response.create", "model": "test-model", "input": text})
+            )
+        first_events = []
+        while len(first_events) < 3:
+            first_events.append(json.loads((await ws.receive()).data))
+        assert len(fake_upstream.requests_to(CHAT)) == 1  # the second waits its turn
+        release.set()
+        first = await events_of_turn(ws)
+        second = await events_of_turn(ws)
+    assert first[-1]["response"]["output"][0]["content"][0]["text"] == "one"
+    assert second[0]["sequence_number"] == 0
+    assert second[-1]["response"]["output"][0]["content"][0]["text"] == "two"
+    assert [m["content"] for m in sent_messages(fake_upstream, 1)] == ["second"]
+
+
+async def test_store_false_chain_lives_in_the_connection(proxy, fake_upstream, tmp_path):
+    """store: false continuations read the connection's memory: the model sees the whole
+    chain, and nothing is ever written to SQLite."""
+    for text in ("A", "B", "C"):
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion(text)))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="one", store=False))[-1]["response"]
+        second = (await turn(ws, input="two", store=False, previous_response_id=first["id"]))[-1][
+            "response"
+        ]
+        third = await turn(ws, input="three", store=False, previous_response_id=second["id"])
+    assert third[-1]["type"] == "response.completed"
+    assert [(m["role"], m["content"]) for m in sent_messages(fake_upstream)] == [
+        ("user", "one"),
+        ("assistant", "A"),
+        ("user", "two"),
+        ("assistant", "B"),
+        ("user", "three"),
+    ]
+    assert rows(tmp_path) == 0
+    assert (await proxy.get(f"{R}/{first['id']}")).status == 404
+
+
+async def test_store_false_id_unknown_to_the_connection_is_not_found(proxy, fake_upstream):
+    """Another connection (or a restart) does not hold it: previous_response_not_found, as
+    the error envelope; the connection stays usable."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("B")))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="one", store=False))[-1]["response"]
+    async with proxy.ws_connect(R) as ws:
+        [error] = await turn(ws, input="two", store=False, previous_response_id=first["id"])
+        assert error["type"] == "error"
+        assert error["status"] == 404
+        assert error["error"]["code"] == "previous_response_not_found"
+        assert error["error"]["param"] == "previous_response_id"
+        again = await turn(ws, input="one, then two")  # a new chain on the same socket
+    assert again[-1]["type"] == "response.completed"
+
+
+async def test_store_true_continues_from_storage_on_a_new_connection(proxy, fake_upstream):
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("B")))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="one"))[-1]["response"]
+    async with proxy.ws_connect(R) as ws:
+        second = await turn(ws, input="two", previous_response_id=first["id"])
+    assert second[-1]["type"] == "response.completed"
+    assert [m["content"] for m in sent_messages(fake_upstream)] == ["one", "A", "two"]
+
+
+async def test_a_failed_continuation_forgets_what_it_continued(proxy, fake_upstream):
+    """A continuation that fails (here a model the upstream does not list) evicts the
+    response it continued: naming it again is previous_response_not_found."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="one", store=False))[-1]["response"]
+        [failed] = await turn(
+            ws, model="no-such-model", input="two", store=False, previous_response_id=first["id"]
+        )
+        assert failed["error"]["code"] == "model_not_found"
+        [gone] = await turn(ws, input="two", store=False, previous_response_id=first["id"])
+    assert gone["error"]["code"] == "previous_response_not_found"
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "param"),
+    [
+        ("not json", "invalid_request", None),
+        ("[1, 2]", "invalid_request", "type"),
+        ('{"type": "response.cancel"}', "unknown_message_type", "type"),
+        ('{"model": "test-model", "input": "x"}', "unknown_message_type", "type"),
+        ('{"type": "response.create", "model": "test-model", "stream": false}', None, "stream"),
+        (
+            '{"type": "response.create", "model": "test-model", "background": true}',
+            None,
+            "background",
+        ),
+        (
+            '{"type": "response.create", "model": "test-model", "stream_options": {}}',
+            None,
+            "stream_options",
+        ),
+        ('{"type": "response.create", "model": "test-model", "input": 5}', None, "input"),
+    ],
+)
+async def test_bad_messages_get_an_error_and_the_connection_stays(
+    proxy, fake_upstream, message, code, param
+):
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("fine")))
+    async with proxy.ws_connect(R) as ws:
+        await ws.send_str(message)
+        [error] = await events_of_turn(ws)
+        assert error["type"] == "error" and error["status"] == 400
+        assert error["error"]["param"] == param
+        if code is not None:
+            assert error["error"]["code"] == code
+        after = await turn(ws, input="still there?")
+    assert after[-1]["type"] == "response.completed"
+
+
+async def test_binary_messages_are_refused(proxy, fake_upstream):
+    async with proxy.ws_connect(R) as ws:
+        await ws.send_bytes(b'{"type": "response.create"}')
+        [error] = await events_of_turn(ws)
+    assert error["status"] == 400 and "text messages" in error["error"]["message"]
+
+
+async def test_get_without_upgrade_says_how_to_use_it(proxy):
+    resp = await proxy.get(R)
+    assert resp.status == 426
+    body = await resp.json()
+    assert body["error"]["code"] == "upgrade_required"
+    assert "POST /v1/responses" in body["error"]["message"]
+
+
+async def test_keys_and_ownership_apply(make_proxy, fake_upstream):
+    """The upgrade needs a client key; what one key's socket stores, another key's socket
+    cannot continue."""
+    proxy = await make_proxy(auth__api_keys=["key-a", "key-b"])
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await proxy.ws_connect(R)
+    assert refused.value.status == 401
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    async with proxy.ws_connect(R, headers={"Authorization": "Bearer key-a"}) as ws:
+        first = (await turn(ws, input="one"))[-1]["response"]
+    async with proxy.ws_connect(R, headers={"Authorization": "Bearer key-b"}) as ws:
+        [error] = await turn(ws, input="two", previous_response_id=first["id"])
+    assert error["error"]["code"] == "previous_response_not_found"
+
+
+async def test_a_foreign_web_page_cannot_open_a_socket(proxy):
+    """Cross-site WebSocket hijacking: a browser's handshake carries its page's origin."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await proxy.ws_connect(R, headers={"Origin": "https://evil.example"})
+    assert refused.value.status == 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as rebound:
+        await proxy.ws_connect(R, headers={"Host": "attacker.example:1234"})
+    assert rebound.value.status == 403
+
+
+async def test_a_client_gone_mid_turn_cancels_the_upstream_request(proxy, fake_upstream):
+    """The client closes during a turn: the upstream request is closed and the partial
+    response stored as cancelled, as on HTTP."""
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("partial")], stall=True))
+    async with proxy.ws_connect(R) as ws:
+        await ws.send_str(
+            json.dumps({"type": "response.create", "model": "test-model", "input": "x"})
+        )
+        created = json.loads((await ws.receive()).data)
+        while True:  # until the upstream's first words arrived
+            event = json.loads((await ws.receive()).data)
+            if event["type"] == "response.output_text.delta":
+                break
+    await asyncio.wait_for(fake_upstream.cancelled.wait(), 10)
+    response_id = created["response"]["id"]
+    for _ in range(500):  # stored as the turn ends, after the upstream request closed
+        resp = await proxy.get(f"{R}/{response_id}")
+        if resp.status == 200:
+            break
+        await asyncio.sleep(0.01)
+    stored = await resp.json()
+    assert stored["status"] == "cancelled"
+    assert stored["output"][0]["content"][0]["text"] == "partial"
+
+
+async def test_metrics_count_connections_turns_and_errors(proxy, fake_upstream):
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    metrics = proxy.server.app[METRICS]
+    async with proxy.ws_connect(R) as ws:
+        await turn(ws, input="one")
+        await ws.send_str("nope")
+        await events_of_turn(ws)
+        assert metrics.websocket_connections == 1
+        text = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_websocket_turns_total{outcome="completed"} 1.0' in text
+    assert 'lmbridge_websocket_errors_total{code="invalid_request"} 1.0' in text
+    assert "lmbridge_websocket_connections 1.0" in text
