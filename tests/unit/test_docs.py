@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,13 @@ def snippet_home(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize(("where", "text"), snippets("toml"), ids=lambda v: v[:30])
+# Codex CLI's config.toml in docs/clients.md, not lmbridge's: each starts with this line.
+CODEX_CONFIG = "# ~/.codex/config.toml"
+LMBRIDGE_TOML = [(w, t) for w, t in snippets("toml") if not t.lstrip().startswith(CODEX_CONFIG)]
+CODEX_TOML = [(w, t) for w, t in snippets("toml") if t.lstrip().startswith(CODEX_CONFIG)]
+
+
+@pytest.mark.parametrize(("where", "text"), LMBRIDGE_TOML, ids=lambda v: v[:30])
 def test_every_toml_snippet_is_a_valid_configuration(where, text, snippet_home):
     """check-config accepts each TOML example of the docs, given the environment
     variables its env:VAR secrets name."""
@@ -129,6 +136,19 @@ def test_every_toml_snippet_is_a_valid_configuration(where, text, snippet_home):
     path.write_text(text)
     environ = {name: "a-secret" for name in re.findall(r"env:([A-Za-z_][A-Za-z0-9_]*)", text)}
     load_config(path, environ=environ)
+
+
+@pytest.mark.parametrize(("where", "text"), CODEX_TOML, ids=lambda v: v[:30])
+def test_every_codex_snippet_is_toml(where, text):
+    """Each Codex config.toml example parses (tests/e2e/test_codex.py runs Codex with the
+    provider tables and the offline tables, in Codex's strict mode)."""
+    tomllib.loads(text)
+
+
+def test_the_docs_give_codex_both_transports():
+    """docs/clients.md has a Codex provider table for HTTP and one for the WebSocket."""
+    providers = [t for w, t in CODEX_TOML if "[model_providers.lmbridge]" in t]
+    assert sorted("supports_websockets = true" in t for t in providers) == [False, True]
 
 
 MCP_JSON_SNIPPETS = [(w, t) for w, t in snippets("json") if '"mcpServers"' in t]
