@@ -240,12 +240,7 @@ def shell_call_stream(command: str) -> list[Any]:
     "websockets",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True, reason="WebSocket transport of /v1/responses not built yet (issue 15)"
-            ),
-        ),
+        True,
     ],
     ids=["http-sse", "websocket"],
 )
@@ -295,8 +290,12 @@ async def test_codex_runs_a_shell_command_through_lmbridge(
         (line["method"], line["status"]) for line in lines if line["path"] == "/v1/responses"
     ]
     if websockets:
-        # One upgrade, kept for both turns: no second attempt, no POST fallback.
-        assert [method for method, _ in on_responses] == ["GET"], on_responses
+        # One upgrade kept for every turn (Codex's warm-up with generate: false, then the
+        # two turns, each a line of its own): no second attempt, no POST fallback. Codex
+        # drops the connection without a close frame, so the upgrade's line says 499.
+        assert on_responses == [("WEBSOCKET", 200)] * 3 + [("GET", 499)], on_responses
+        warm_up = next(line for line in lines if line["method"] == "WEBSOCKET")
+        assert warm_up["model"] == "test-model"
     else:
         assert on_responses == [("POST", 200), ("POST", 200)]
     assert [line for line in lines if line["status"] >= 500] == []
