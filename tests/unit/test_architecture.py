@@ -18,6 +18,7 @@ PURE = [
     "proxy.tool_deltas",
     "proxy.browsers",
     "proxy.breaker",
+    "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.sse",
     "proxy.mcp.policy",
