@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -29,8 +30,18 @@ from multidict import CIMultiDict
 from proxy.browsers import is_json_type
 from proxy.errors import BadRequest, UpstreamStatus
 from proxy.event_stream import REQUEST_ID_HEADER, RelayedStream
-from proxy.keys import API_KEYS, CATALOG, CLIENT_GONE, MODEL, RELAYED, REQUEST_ID, UPSTREAM
-from proxy.passthrough import json_type, parse_json, read_body, serialise
+from proxy.jsontext import free_in_pieces
+from proxy.keys import (
+    API_KEYS,
+    CATALOG,
+    CLIENT_GONE,
+    MODEL,
+    RELAYED,
+    REQUEST_ID,
+    UPSTREAM,
+    WORKER,
+)
+from proxy.passthrough import LARGE_BODY, json_type, parse_json, read_body, serialise
 from proxy.relay_rules import (
     IDEMPOTENT_METHODS,
     RELAYED_METHODS,
@@ -82,10 +93,13 @@ async def _check_model(request: web.Request, raw: bytes) -> bytes:
         raise BadRequest(f"'model' must be a string, not {json_type(requested)}.", param="model")
     model = await request.app[CATALOG].resolve(requested, "any")
     request[MODEL] = model.id
-    if model.id == requested:
-        return raw
-    body["model"] = model.id
-    return await serialise(request, body, len(raw))
+    if model.id != requested:
+        body["model"] = model.id
+        raw = await serialise(request, body, len(raw))
+    if len(raw) > LARGE_BODY:
+        # Freed on the event loop, a million items would hold it for 0.1 s (passthrough).
+        await request.app[WORKER].run(partial(free_in_pieces, body))
+    return raw
 
 
 async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:

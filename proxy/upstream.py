@@ -210,16 +210,15 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """The attempts of one call; the last failure is raised as ``_Retryable``."""
         url = self.base_url + path
-
-        def may_retry(exc: BaseException) -> bool:
-            return isinstance(exc, _Retryable) and (idempotent or exc.unsent)
-
         try:
             return await self._attempt(method, url, body, headers, route)
         except _Retryable as exc:
-            if self.config.retry_attempts <= 1 or not may_retry(exc):
+            if self.config.retry_attempts <= 1 or not (idempotent or exc.unsent):
                 raise
             replay: _Retryable | None = exc
+
+        def may_retry(exc: BaseException) -> bool:
+            return isinstance(exc, _Retryable) and (idempotent or exc.unsent)
 
         # Only a failure pays for the retry machinery; its first attempt replays
         # the failure above so that tenacity counts and spaces the attempts.

@@ -270,6 +270,25 @@ async def test_an_alias_is_rewritten_and_nothing_else(make_proxy, fake_upstream)
     assert fake_upstream.requests_to(MESSAGES)[0].body == {**body, "model": "test-model"}
 
 
+async def test_a_large_body_is_checked_in_the_worker_and_sent_whole(make_proxy, fake_upstream):
+    """A body over 1 MB is parsed (and its alias rewritten) off the event loop; without an
+    alias its bytes go up unchanged."""
+    proxy = await make_proxy(models__aliases={"claude-haiku-4-5": "test-model"})
+    history = [{"role": "user", "content": f"turn {i} " + "x" * 200} for i in range(8000)]
+    fake_upstream.add_reply(MESSAGES, Reply(json=MESSAGE), times=2)
+    raw = json.dumps({**CLAUDE, "messages": history}).encode()
+    assert len(raw) > 1 << 20
+    json_type = {"Content-Type": "application/json"}
+    resp = await proxy.post(MESSAGES, data=io.BytesIO(raw), headers=json_type)
+    assert resp.status == 200
+    assert fake_upstream.requests_to(MESSAGES)[0].raw == raw
+    aliased = {**CLAUDE, "model": "claude-haiku-4-5", "messages": history}
+    resp = await proxy.post(MESSAGES, data=io.BytesIO(json.dumps(aliased).encode()),
+                            headers=json_type)  # fmt: skip
+    assert resp.status == 200
+    assert fake_upstream.requests_to(MESSAGES)[1].body == {**aliased, "model": "test-model"}
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [(b'{"model": 5, "messages": []}', "'model' must be a string"),
