@@ -260,7 +260,14 @@ class UpstreamClient:
         data = io.BytesIO(body) if body is not None and len(body) > LARGE_UPLOAD else body
         try:
             resp = await self.session.request(
-                method, url, data=data, headers=headers, timeout=self._timeout
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=self._timeout,
+                # A redirect could name any host: lmbridge only ever talks to the
+                # configured upstream (docs/operations.md, "Security model").
+                allow_redirects=False,
             )
         except aiohttp.SocketTimeoutError as exc:
             self._count_failure("first_byte_timeout")

@@ -568,6 +568,20 @@ async def test_path_tricks_stay_on_the_upstream(proxy, fake_upstream, elsewhere)
     assert len(fake_upstream.seen) == len(targets)
 
 
+async def test_an_upstream_redirect_is_relayed_not_followed(proxy, fake_upstream, elsewhere):
+    """A 3xx of the upstream goes back to the client as it came; lmbridge never follows
+    it to another host."""
+    port, seen_elsewhere = elsewhere
+    for method in ("GET", "POST"):
+        fake_upstream.add_reply(
+            "/", Reply(status=302, body=b"", headers={"Location": f"http://127.0.0.1:{port}/x"})
+        )
+        resp = await proxy.request(method, "/", allow_redirects=False)
+        assert resp.status == 302
+        assert resp.headers["Location"] == f"http://127.0.0.1:{port}/x"
+    assert seen_elsewhere == []
+
+
 async def test_the_switch_turns_the_relay_off(make_proxy, fake_upstream):
     """server.relay_unknown_routes = false: unknown routes are lmbridge's 404 again."""
     proxy = await make_proxy(server__relay_unknown_routes=False)
