@@ -219,6 +219,13 @@ class ServerConfig(_Section):
         "browser; they get CORS answers. A request from any other origin gets 403. '*' "
         "allows every origin and requires auth.api_keys.",
     )
+    relay_unknown_routes: bool = Field(
+        True,
+        description="Relay every route lmbridge does not serve itself (Anthropic's "
+        "/v1/messages, /tokenize, /v1/audio/*, /props, /slots, LM Studio's /api/...) to the "
+        "upstream as it came, behind the same browser checks and API keys. false: they "
+        "get 404 unknown_route, and only lmbridge's own routes are reachable.",
+    )
 
     @field_validator("cors_origins")
     @classmethod
@@ -266,7 +273,8 @@ class UpstreamConfig(_Section):
         ge=1,
         le=20,
         description="Attempts per request (1 = no retry) on connection errors and 502/503/504, "
-        "made only before anything was sent to the client.",
+        "made only before anything was sent to the client. A relayed request whose method is "
+        "not idempotent (POST, PATCH) is sent again only when no connection could be made.",
     )
     retry_backoff: Duration = Field(
         0.2, description="First retry delay; doubles per attempt, with random jitter."

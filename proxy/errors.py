@@ -213,12 +213,21 @@ class CircuitOpen(UpstreamError):
 
 class UpstreamStatus(UpstreamError):
     """The upstream answered with an error status; its body is kept as it was sent
-    when it already has the OpenAI shape."""
+    when it already has the OpenAI shape. ``raw`` and ``headers`` are the answer as it
+    came, which a relayed request gets back unchanged (proxy/relay.py)."""
 
-    def __init__(self, status: int, raw: bytes, content_type: str | None) -> None:
+    def __init__(
+        self,
+        status: int,
+        raw: bytes,
+        content_type: str | None,
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.status = status
         self.raw = raw
         self.content_type = content_type
+        self.headers = headers
         default_type = "invalid_request_error" if status < 500 else "upstream_error"
         parsed = _openai_error(raw, default_type)
         if parsed is None:

@@ -9,6 +9,10 @@ Two kinds, by the API:
 - ``responses``: ``event: TYPE`` plus ``data:``; an error is the Responses API's
   ``error`` event, numbered after the last event sent.
 
+And ``RelayedStream``, an answer of a route lmbridge only relays (``proxy/relay.py``):
+the upstream's status, headers and bytes, in an API lmbridge does not speak, so that an
+error after the headers can only cut it short.
+
 Code that produces events never writes to the socket itself: it hands them here (or,
 for a Responses run, to a sink that ends here). An exception after the stream has
 begun is ended here too, by the middleware (``fail``), never by the handler.
@@ -21,14 +25,18 @@ leaves the connection open.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from aiohttp import ClientConnectionResetError, WSCloseCode, web
+from multidict import CIMultiDict
 
 from proxy.jsontext import dumps
 from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, WARNING
 from proxy.sse import DONE_EVENT, encode_event
+
+log = logging.getLogger("lmbridge.upstream")
 
 Kind = Literal["chat", "responses"]
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -179,3 +187,70 @@ class SocketStream:
     async def close(self, *, going_away: bool = False) -> None:
         code = WSCloseCode.GOING_AWAY if going_away else WSCloseCode.OK
         await self.socket.close(code=code)
+
+
+class RelayedStream:
+    """An upstream answer relayed as it comes: its status and headers, then its body's
+    bytes. With no error event of its API to write, a failure after the headers closes
+    the connection before the body's end (no last chunk, or fewer bytes than its
+    Content-Length), which every HTTP client reports as an incomplete answer."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        status: int,
+        headers: CIMultiDict[str],
+        *,
+        reason: str | None = None,
+        content_length: int | None = None,
+    ) -> None:
+        self.request: web.Request | None = request
+        self._status = status
+        self._reason = reason
+        self._headers = headers
+        self._content_length = content_length
+        self.response: web.StreamResponse | None = None
+
+    async def open(self) -> web.StreamResponse:
+        """Send the status and headers (once)."""
+        if self.response is None:
+            assert self.request is not None, "a stream is opened before it ends"
+            response = web.StreamResponse(
+                status=self._status, reason=self._reason, headers=self._headers
+            )
+            response.headers.update(stream_headers(self.request))
+            if self._content_length is not None:
+                response.content_length = self._content_length
+            await response.prepare(self.request)
+            self.response = response
+            self.request[OPEN_STREAM] = self
+        return self.response
+
+    async def send_bytes(self, data: bytes) -> None:
+        response = await self.open()
+        await response.write(data)
+
+    async def finish(self) -> web.StreamResponse:
+        response = await self.open()
+        request, self.request = self.request, None
+        if request is not None:
+            try:
+                await response.write_eof()
+            except (ConnectionResetError, ClientConnectionResetError):
+                request[CLIENT_GONE] = True
+        return response
+
+    async def fail(self, body: Mapping[str, Any], *, interrupted: bool = False) -> None:
+        """Cut the answer short: what was sent stays, the rest never comes."""
+        request, self.request = self.request, None
+        if request is None:
+            return
+        log.warning(
+            "a relayed answer was cut short: %s",
+            body["error"].get("message"),
+            extra={"fields": {"request_id": request[REQUEST_ID]}},
+        )
+        if self.response is not None:
+            self.response.force_close()
+        if request.transport is not None:
+            request.transport.close()

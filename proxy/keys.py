@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from proxy.browsers import BrowserPolicy
     from proxy.catalog import ModelCatalog
     from proxy.config import Config
-    from proxy.event_stream import EventStream
+    from proxy.event_stream import EventStream, RelayedStream
     from proxy.logs import RequestLog
     from proxy.mcp.servers import MCPServers
     from proxy.mcp.turns import TurnMemory
@@ -60,5 +60,7 @@ CORS = web.RequestKey("cors", dict[str, str])
 WARNING = web.RequestKey("warning", str)
 # Set by a stream relay when the client went away before the end.
 CLIENT_GONE = web.RequestKey("client_gone", bool)
+# A request relayed to the upstream as it came (proxy/relay.py): its metric route label.
+RELAYED = web.RequestKey("relayed", str)
 # A stream whose headers are out: an error after that can only end it (middleware).
-OPEN_STREAM: web.RequestKey[EventStream] = web.RequestKey("open_stream")
+OPEN_STREAM: web.RequestKey[EventStream | RelayedStream] = web.RequestKey("open_stream")

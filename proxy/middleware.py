@@ -1,5 +1,6 @@
 """The middleware: request context (id, log line, metrics), client authentication,
-and error rendering (the only place exceptions become HTTP errors)."""
+the relay of routes lmbridge does not serve (``proxy/relay.py``), and error rendering
+(the only place exceptions become HTTP errors)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.typedefs import Handler
 
+from proxy import relay
 from proxy.browsers import is_json_type
 from proxy.errors import (
     HostNotAllowed,
@@ -23,9 +25,10 @@ from proxy.errors import (
     Unauthorized,
     UnsupportedMediaType,
     UpstreamError,
+    UpstreamStatus,
     error_body,
 )
-from proxy.event_stream import REQUEST_ID_HEADER, WARNING_HEADER, EventStream
+from proxy.event_stream import REQUEST_ID_HEADER, WARNING_HEADER, EventStream, RelayedStream
 from proxy.keys import (
     API_KEYS,
     BROWSERS,
@@ -36,11 +39,13 @@ from proxy.keys import (
     MODEL,
     OPEN_STREAM,
     OWNER,
+    RELAYED,
     REQUEST_ID,
     REQUEST_LOG,
     STARTED,
     WARNING,
 )
+from proxy.relay_rules import is_own_path, route_label
 from storage.errors import DatabaseReplaced, StorageError
 
 log = logging.getLogger("lmbridge.request")
@@ -61,8 +66,20 @@ def _route_label(request: web.Request) -> str:
     info = request.match_info
     resource = info.route.resource
     if info.http_exception is not None or resource is None:
-        return "unmatched"
+        label: str = request.get(RELAYED, "unmatched")
+        return label
     return resource.canonical
+
+
+def _relay_label(request: web.Request) -> str | None:
+    """The metric label of a request to relay upstream: one no route of lmbridge
+    matched (a wrong method stays a 405) and not on one of lmbridge's own paths."""
+    error = request.match_info.http_exception
+    if error is None or error.status != 404:
+        return None
+    if not request.app[CONFIG].server.relay_unknown_routes or is_own_path(request.path):
+        return None
+    return route_label(request.path)
 
 
 @web.middleware
@@ -84,6 +101,10 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     status = 500
     try:
         try:
+            label = _relay_label(request)
+            if label is not None:
+                request[RELAYED] = label
+                handler = relay.forward
             preflight = admit_browser(request)
             authenticate(request)
             response = preflight or await handler(request)
@@ -96,8 +117,10 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         except Exception as exc:
             code, body = describe_error(exc, request_id)
-            stream: EventStream | None = request.get(OPEN_STREAM)
-            if stream is None:
+            stream: EventStream | RelayedStream | None = request.get(OPEN_STREAM)
+            if isinstance(exc, UpstreamStatus) and RELAYED in request:
+                response = relay.upstream_answer(exc)  # the upstream's own, as it came
+            elif stream is None:
                 response = _error_response(code, body, exc)
             else:
                 await stream.fail(body, interrupted=isinstance(exc, UpstreamError))
@@ -231,8 +254,19 @@ def admit_browser(request: web.Request) -> web.Response | None:
             "trying to reach it through DNS rebinding. If you use this name, add it to "
             "server.allowed_hosts."
         )
+    relayed = RELAYED in request
     origin = headers.get("Origin")
-    if origin is not None:
+    if origin is None:
+        # No Origin, yet a browser marks it as sent by a page of another site: an
+        # <img>, a <script>, a link, a browser that left Origin out. Refused on what
+        # lmbridge relays (whose effects it cannot know), which takes any body.
+        if relayed and headers.get("Sec-Fetch-Site") in _OTHER_SITES:
+            raise OriginNotAllowed(
+                "A web page of another site cannot reach the upstream through lmbridge. "
+                "To let a browser app you trust call it, add its origin to "
+                "server.cors_origins."
+            )
+    else:
         if not policy.origin_allowed(origin, host):
             raise OriginNotAllowed(
                 f"Requests from web pages of {_shown(origin)} are not allowed. To let a "
@@ -246,9 +280,12 @@ def admit_browser(request: web.Request) -> web.Response | None:
                 ),
             )
         request[CORS] = policy.response_headers(origin)
-    if request.body_exists:
+    if request.body_exists and not relayed:
         # A body of another type is what a form or a no-preflight fetch sends; an empty
-        # one (a cancel) may carry any type: clients add application/octet-stream.
+        # one (a cancel) may carry any type: clients add application/octet-stream. A
+        # relayed route takes any type (an audio file in multipart/form-data): a page
+        # of another origin was refused above, since browsers send Origin with every
+        # cross-origin request that has a body.
         content_type = headers.get("Content-Type")
         if content_type is not None and not is_json_type(content_type):
             raise UnsupportedMediaType(
@@ -258,6 +295,9 @@ def admit_browser(request: web.Request) -> web.Response | None:
     return None
 
 
+_OTHER_SITES = frozenset({"cross-site", "same-site"})
+
+
 def _shown(value: str | None) -> str:
     """A client-chosen header value quoted for a message, cut short."""
     text = value or ""
@@ -265,19 +305,23 @@ def _shown(value: str | None) -> str:
 
 
 def authenticate(request: web.Request) -> None:
-    """With client keys configured, every /v1 route needs one; sets who owns what this
-    request stores."""
+    """With client keys configured, every /v1 route and every relayed one needs one, as
+    ``Authorization: Bearer <key>`` or as Anthropic's ``x-api-key: <key>``; sets who owns
+    what this request stores."""
     keys = request.app[API_KEYS]
     request[OWNER] = ""
-    if not keys or not request.path.startswith("/v1"):
+    if not keys or not (request.path.startswith("/v1") or RELAYED in request):
         return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    header = request.headers.get("Authorization")
+    if header is None and "x-api-key" in request.headers:
+        scheme, token = "bearer", request.headers["x-api-key"]
+    else:
+        scheme, _, token = (header or "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized(
-            "Missing API key: send 'Authorization: Bearer <key>' with one of the keys in "
-            "lmbridge's [auth] api_keys."
+            "Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>') "
+            "with one of the keys in lmbridge's [auth] api_keys."
         )
     presented = token.encode()
     owner = None

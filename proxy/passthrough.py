@@ -24,7 +24,7 @@ from proxy.catalog import Purpose
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
-from proxy.event_stream import EventStream
+from proxy.event_stream import REQUEST_ID_HEADER, EventStream
 from proxy.jsontext import (
     JSONDecodeError,
     TooManyItems,
@@ -48,7 +48,6 @@ from proxy.keys import (
     WORKER,
 )
 from proxy.mcp.chat import chat_with_tools
-from proxy.middleware import REQUEST_ID_HEADER
 from proxy.sse import DONE_EVENT
 
 log = logging.getLogger("lmbridge.upstream")
@@ -122,6 +121,17 @@ async def read_json_object(
     raw = await read_body(request)
     if not raw or raw.isspace():
         raise BadRequest("The request body is empty; send a JSON object.")
+    body = await parse_json(request, raw, limits)
+    if not isinstance(body, dict):
+        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
+    return raw, body
+
+
+async def parse_json(
+    request: web.Request, raw: bytes, limits: Mapping[str, ItemLimit] | None = None
+) -> Any:
+    """A body parsed as strict JSON (a large one in the worker thread), or a 400 that
+    says what is wrong."""
     try:
         if len(raw) > LARGE_BODY:
             counts = {key: limit.count for key, limit in (limits or {}).items()}
@@ -137,22 +147,20 @@ async def read_json_object(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
             f"{exc.colno}."
         ) from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
-    return raw, body
+    return body
 
 
 def check_common_fields(body: Mapping[str, Any]) -> None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise BadRequest(f"'model' must be a string, not {_json_type(model)}.", param="model")
+        raise BadRequest(f"'model' must be a string, not {json_type(model)}.", param="model")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise BadRequest(f"'stream' must be a boolean, not {_json_type(stream)}.", param="stream")
+        raise BadRequest(f"'stream' must be a boolean, not {json_type(stream)}.", param="stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest(
-            f"'stream_options' must be an object, not {_json_type(options)}.",
+            f"'stream_options' must be an object, not {json_type(options)}.",
             param="stream_options",
         )
 
@@ -170,7 +178,7 @@ async def forward(
     if name not in body:
         raise BadRequest(f"Missing required parameter: '{name}'.", param=name)
     if not isinstance(body[name], types):
-        raise BadRequest(f"'{name}' must be {described}, not {_json_type(body[name])}.", param=name)
+        raise BadRequest(f"'{name}' must be {described}, not {json_type(body[name])}.", param=name)
 
     catalog = request.app[CATALOG]
     model = await catalog.resolve(body.get("model"), purpose)
@@ -295,7 +303,7 @@ def _error_kind(error: Any) -> str:
     return kind or "no type"
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -8,7 +8,9 @@ breaker, and it converts aiohttp and timeout exceptions into the
 
 Retries happen only inside ``open()``, i.e. before the upstream's response
 headers are handed to a caller, so nothing has reached the client yet; a
-stream that has started is never retried.
+stream that has started is never retried. A call that is not idempotent (a
+relayed POST: lmbridge does not know what it does) is retried only when no
+connection could be made, i.e. when the request surely never reached the upstream.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
@@ -53,10 +55,20 @@ LARGE_UPLOAD = 1 << 20
 class _Retryable(Exception):
     """An attempt that may be retried; carries the error to raise if it was the last."""
 
-    def __init__(self, error: UpstreamError, reason: str, *, trips_breaker: bool = True) -> None:
+    def __init__(
+        self,
+        error: UpstreamError,
+        reason: str,
+        *,
+        trips_breaker: bool = True,
+        unsent: bool = False,
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.reason = reason
+        # No connection was made: the request never reached the upstream, so even a
+        # call that is not idempotent may be sent again.
+        self.unsent = unsent
         # A refused connection means nothing listens: the server is stopped, not
         # flapping, and the refusal already fails fast. It must not open the circuit
         # (whose Retry-After would make clients wait for a server nobody started).
@@ -153,6 +165,7 @@ class UpstreamClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         route: str = "other",
+        idempotent: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send a request; return the response once a 2xx status and headers arrived.
 
@@ -160,13 +173,14 @@ class UpstreamClient:
         releases the connection. Error statuses raise ``UpstreamStatus`` with
         the upstream's body; transport failures raise the matching
         ``UpstreamError``. The circuit breaker judges the call as a whole, its
-        retries included: one call is at most one failure.
+        retries included: one call is at most one failure. ``idempotent=False``:
+        retried only when no connection could be made.
         """
         if not self.breaker.before_request():
             raise self._circuit_open()
         send_headers = {**self._base_headers, **headers} if headers else self._base_headers
         try:
-            resp = await self._send(method, path, body, send_headers, route)
+            resp = await self._send(method, path, body, send_headers, route, idempotent)
         except _Retryable as exc:
             if exc.trips_breaker:
                 self.breaker.record_failure()
@@ -192,15 +206,19 @@ class UpstreamClient:
         body: bytes | None,
         headers: dict[str, str],
         route: str,
+        idempotent: bool,
     ) -> aiohttp.ClientResponse:
         """The attempts of one call; the last failure is raised as ``_Retryable``."""
         url = self.base_url + path
         try:
             return await self._attempt(method, url, body, headers, route)
         except _Retryable as exc:
-            if self.config.retry_attempts <= 1:
+            if self.config.retry_attempts <= 1 or not (idempotent or exc.unsent):
                 raise
             replay: _Retryable | None = exc
+
+        def may_retry(exc: BaseException) -> bool:
+            return isinstance(exc, _Retryable) and (idempotent or exc.unsent)
 
         # Only a failure pays for the retry machinery; its first attempt replays
         # the failure above so that tenacity counts and spaces the attempts.
@@ -221,7 +239,7 @@ class UpstreamClient:
             wait=wait_random_exponential(
                 multiplier=self.config.retry_backoff, max=self.config.retry_backoff_max
             ),
-            retry=retry_if_exception_type(_Retryable),
+            retry=retry_if_exception(may_retry),
             before_sleep=count_retry,
             reraise=True,
         )
@@ -242,7 +260,14 @@ class UpstreamClient:
         data = io.BytesIO(body) if body is not None and len(body) > LARGE_UPLOAD else body
         try:
             resp = await self.session.request(
-                method, url, data=data, headers=headers, timeout=self._timeout
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=self._timeout,
+                # A redirect could name any host: lmbridge only ever talks to the
+                # configured upstream (docs/operations.md, "Security model").
+                allow_redirects=False,
             )
         except aiohttp.SocketTimeoutError as exc:
             self._count_failure("first_byte_timeout")
@@ -259,18 +284,18 @@ class UpstreamClient:
                 UpstreamUnavailable(_connect_message(self.shown_url, exc)),
                 "connect",
                 trips_breaker=not refused,
+                unsent=isinstance(
+                    exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+                ),
             ) from exc
         self.metrics.observe_upstream(route, time.perf_counter() - started)
         if resp.status in RETRY_STATUSES:
             raw = await self._read_error(resp)
             self._count_failure(f"status_{resp.status}")
-            raise _Retryable(
-                UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type")),
-                f"status_{resp.status}",
-            )
+            raise _Retryable(_status_error(resp, raw), f"status_{resp.status}")
         if resp.status >= 400:
             raw = await self._read_error(resp)
-            error = UpstreamStatus(resp.status, raw, resp.headers.get("Content-Type"))
+            error = _status_error(resp, raw)
             if error.context_overflow:
                 error.extend_message(self._context_note(error))
             raise error
@@ -420,6 +445,15 @@ class UpstreamClient:
             raise UpstreamError(
                 f"The upstream at {self.shown_url} answered {path} with something that is not JSON."
             ) from exc
+
+
+def _status_error(resp: aiohttp.ClientResponse, raw: bytes) -> UpstreamStatus:
+    return UpstreamStatus(
+        resp.status,
+        raw,
+        resp.headers.get("Content-Type"),
+        headers=tuple(resp.headers.items()),
+    )
 
 
 def _exc_text(exc: BaseException) -> str:

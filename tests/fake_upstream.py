@@ -1,9 +1,10 @@
 """A scripted fake upstream: an aiohttp app that answers like a local model server.
 
 Tests queue replies per path with ``add_reply(path, Reply(...))``; unscripted
-requests get a default answer. Every request is recorded (path, headers, JSON
-body) so tests can assert what the upstream received. Replies can stream,
-stall, cut the connection and fail on demand.
+requests get a default answer (a 404 on a path a model server would not serve).
+Every request is recorded (method, path, query, headers, JSON body or raw bytes)
+so tests can assert what the upstream received. Replies can stream, stall, cut
+the connection and fail on demand.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: Any
+    query: str = ""
+    raw: bytes = b""
 
 
 def chat_completion(content: str = "Hello!", model: str = "test-model", **extra: Any) -> dict:
@@ -141,8 +144,9 @@ class FakeUpstream:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/api/v0/models", self._lmstudio_v0)
         app.router.add_get("/api/v1/models", self._lmstudio_v1)
-        app.router.add_get("/props", self._props)
+        app.router.add_route("*", "/props", self._props)
         app.router.add_post("/v1/{tail:.*}", self._post)
+        app.router.add_route("*", "/{tail:.*}", self._other)
         return app
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
@@ -155,7 +159,9 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": data})
 
     async def _props(self, request: web.Request) -> web.StreamResponse:
-        self._record(request, None)
+        if request.method != "GET" or self.replies.get("/props"):
+            return await self._other(request)
+        self._record(request, None, b"")
         if self.llama_props is None:
             return web.json_response({"error": "Not Found"}, status=404)
         return web.json_response(self.llama_props)
@@ -172,16 +178,38 @@ class FakeUpstream:
             return web.json_response({"error": "Unexpected endpoint or method."}, status=404)
         return web.json_response(self.lmstudio_v1)
 
-    def _record(self, request: web.Request, body: Any) -> None:
-        self.seen.append(Seen(request.method, request.path, dict(request.headers), body))
+    def _record(self, request: web.Request, body: Any, raw: bytes = b"") -> None:
+        self.seen.append(
+            Seen(
+                request.method,
+                request.path,
+                dict(request.headers),
+                body,
+                request.rel_url.raw_query_string,
+                raw,
+            )
+        )
 
-    async def _post(self, request: web.Request) -> web.StreamResponse:
+    async def _read(self, request: web.Request) -> Any:
         raw = await request.read()
         try:
             body = json.loads(raw)
         except ValueError:
             body = raw
-        self._record(request, body)
+        self._record(request, body, raw)
+        return body
+
+    async def _other(self, request: web.Request) -> web.StreamResponse:
+        """Any other method and path: what a test scripted, else llama.cpp's 404."""
+        await self._read(request)
+        queue = self.replies.get(request.path)
+        if queue:
+            return await self._answer(request, queue.popleft())
+        error = {"message": "File Not Found", "type": "not_found_error", "code": 404}
+        return web.json_response({"error": error}, status=404)
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read(request)
         queue = self.replies.get(request.path)
         if queue:
             return await self._answer(request, queue.popleft())

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -92,6 +93,94 @@ async def test_completions_embeddings_and_errors(client):
         )
     with pytest.raises(openai.BadRequestError):
         await client.chat.completions.create(model="smollm2", messages="not a list")  # type: ignore[arg-type]
+
+
+CLAUDE_CONFIG = """
+[models.aliases]
+"claude-sonnet-4-5" = "smollm2"
+
+[auth]
+api_keys = ["sk-local"]
+"""
+
+
+async def test_claude_style_messages_reach_llama_cpp(start_daemon, llama_url):
+    """Anthropic's Messages API as Claude Code speaks it (its SDK, x-api-key, a Claude
+    model name mapped by an alias) goes through the relay to llama.cpp: a plain message,
+    a stream event by event, a token count; an unknown model is lmbridge's 404."""
+    daemon = await start_daemon("--upstream", llama_url, config=CLAUDE_CONFIG)
+    question = [{"role": "user", "content": "Say hello."}]
+    async with anthropic.AsyncAnthropic(
+        base_url=daemon.url, api_key="sk-local", max_retries=0
+    ) as claude:
+        message = await claude.messages.create(
+            model="claude-sonnet-4-5", max_tokens=8, messages=question
+        )
+        assert message.type == "message" and message.role == "assistant"
+        assert message.model == "smollm2"  # llama.cpp answers with its own alias
+        assert message.content[0].type == "text" and message.content[0].text
+        assert message.usage.output_tokens > 0
+
+        types, pieces = [], []
+        stream = await claude.messages.create(
+            model="claude-sonnet-4-5", max_tokens=8, messages=question, stream=True
+        )
+        async for event in stream:
+            types.append(event.type)
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                pieces.append(event.delta.text)
+        assert types[0] == "message_start" and types[-1] == "message_stop"
+        assert "content_block_delta" in types and "".join(pieces)
+
+        counted = await claude.messages.count_tokens(model="claude-sonnet-4-5", messages=question)
+        assert counted.input_tokens > 0
+
+        with pytest.raises(anthropic.NotFoundError) as caught:
+            await claude.messages.create(model="claude-opus-9", max_tokens=8, messages=question)
+        assert caught.value.body["error"]["code"] == "model_not_found"
+    async with anthropic.AsyncAnthropic(
+        base_url=daemon.url, api_key="wrong", max_retries=0
+    ) as stranger:
+        with pytest.raises(anthropic.AuthenticationError):
+            await stranger.messages.create(
+                model="claude-sonnet-4-5", max_tokens=8, messages=question
+            )
+
+
+async def test_llama_cpps_own_routes_are_relayed(start_daemon, llama_url):
+    """What this llama.cpp serves besides the OpenAI routes answers through lmbridge as it
+    answers directly: /tokenize, /detokenize, /apply-template, /props, /slots, /health;
+    its 501 for a route it was not started with, and its 404, come back unchanged."""
+    daemon = await start_daemon("--upstream", llama_url)
+    async with aiohttp.ClientSession() as session:
+
+        async def both(method: str, path: str, body: object = None) -> tuple[int, bytes]:
+            answers = []
+            for base in (daemon.url, llama_url):
+                async with session.request(method, base + path, json=body) as resp:
+                    answers.append((resp.status, resp.content_type, await resp.read()))
+            assert answers[0][:2] == answers[1][:2], path
+            return answers[0][0], answers[0][2]
+
+        status, body = await both("POST", "/tokenize", {"content": "hello world"})
+        assert status == 200
+        tokens = json.loads(body)["tokens"]
+        assert tokens
+        status, body = await both("POST", "/detokenize", {"tokens": tokens})
+        assert json.loads(body)["content"].strip() == "hello world"
+        status, body = await both("POST", "/apply-template", {"messages": [
+            {"role": "user", "content": "hi"}]})  # fmt: skip
+        assert "hi" in json.loads(body)["prompt"]
+        for path in ("/props", "/slots", "/health"):
+            assert (await both("GET", path))[0] == 200, path
+        status, body = await both("POST", "/v1/rerank", {"query": "a", "documents": ["b"]})
+        assert status == 501 and b"--reranking" in body
+        status, body = await both("GET", "/no/such/route")
+        assert status == 404
+        # lmbridge's own /metrics, never llama.cpp's.
+        async with session.get(daemon.url + "/metrics") as resp:
+            assert "lmbridge_requests_total" in await resp.text()
+            assert 'route="/tokenize"' in await resp.text()
 
 
 async def test_serve_embedded_answers_and_stops_its_child(start_daemon, tmp_path: Path):

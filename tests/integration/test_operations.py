@@ -64,12 +64,15 @@ async def test_metrics_are_prometheus_text_from_the_apps_own_registry(make_proxy
     assert 'route="/v1/chat/completions"' not in other
 
 
-async def test_unknown_paths_do_not_create_metric_series(proxy):
-    """Random paths are counted under one 'unmatched' label, not one series each."""
+@pytest.mark.parametrize(("relay", "label"), [(True, "relayed"), (False, "unmatched")])
+async def test_unknown_paths_do_not_create_metric_series(make_proxy, relay, label):
+    """Random paths are counted under one label ('relayed' to the upstream, 'unmatched'
+    without the relay), not one series each."""
+    proxy = await make_proxy(server__relay_unknown_routes=relay)
     for i in range(3):
         await proxy.get(f"/random/{i}")
     text = await (await proxy.get("/metrics")).text()
-    assert 'route="unmatched"' in text
+    assert f'route="{label}"' in text
     assert "/random/" not in text
 
 

@@ -405,12 +405,15 @@ async def test_body_over_the_limit_is_413(make_proxy):
         ("DELETE", "/v1/models", 405),
     ],
 )
-async def test_unknown_routes_and_methods(proxy, method, path, status):
-    """Unknown routes are 404 and wrong methods 405, both in the OpenAI shape."""
+async def test_unknown_routes_and_methods(make_proxy, fake_upstream, method, path, status):
+    """Without the relay, unknown routes are 404 and wrong methods 405, both in the OpenAI
+    shape, and nothing reaches the upstream."""
+    proxy = await make_proxy(server__relay_unknown_routes=False)
     resp = await proxy.request(method, path)
     assert resp.status == status
     body = await resp.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert [s.path for s in fake_upstream.seen if s.path == path] == []
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}

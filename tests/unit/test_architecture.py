@@ -18,6 +18,7 @@ PURE = [
     "proxy.tool_deltas",
     "proxy.browsers",
     "proxy.breaker",
+    "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.sse",
     "proxy.mcp.policy",
@@ -34,6 +35,7 @@ PURE = [
     "proxy.responses.objects",
     "proxy.responses.failures",
     "proxy.responses.replay",
+    "proxy.responses.socket_session",
 ]
 IO_MODULES = (
     "aiohttp",

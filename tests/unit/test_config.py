@@ -374,7 +374,7 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
             "[server]\nbogus = 1\n",
             "server.bogus: unknown key (known keys of [server]: host, port, max_body_size, "
             "shutdown_grace, header_timeout, body_timeout, idle_timeout, max_connections, "
-            "allowed_hosts, cors_origins)",
+            "allowed_hosts, cors_origins, relay_unknown_routes)",
         ),
         (
             "[models]\naliases = {}\ncache = 5\n",

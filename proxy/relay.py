@@ -1,0 +1,142 @@
+"""The relay of every route lmbridge does not serve itself: Anthropic's ``/v1/messages``
+(LM Studio 0.4.1+, llama.cpp), ``/tokenize``, ``/v1/rerank``, ``/v1/audio/*``,
+``/props``, ``/slots`` and whatever else the upstream serves.
+
+Flow: the middleware sends here a request no route matched whose path is not one of
+lmbridge's own (``relay_rules.is_own_path``), after the browser checks and the client
+key -> the body read; a JSON object naming ``model`` has it resolved like on every route
+(404 ``model_not_found``; an alias rewritten) -> the request sent upstream with the same
+method, path, query and body, its end-to-end headers, through ``UpstreamClient.open``
+(retries, circuit breaker; a method that is not idempotent is sent again only when no
+connection could be made) -> the answer relayed as it comes, chunk by chunk, with its
+status and headers. An error status is relayed the same way, by the middleware
+(``UpstreamStatus`` keeps the answer as it came).
+
+The answer is bytes of an API lmbridge does not speak (``event_stream.RelayedStream``):
+an upstream that breaks off mid-answer cannot be told in the API's own shape, so the
+connection is closed before the body's end instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from functools import partial
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.browsers import is_json_type
+from proxy.errors import BadRequest, UpstreamStatus
+from proxy.event_stream import REQUEST_ID_HEADER, RelayedStream
+from proxy.jsontext import free_in_pieces
+from proxy.keys import (
+    API_KEYS,
+    CATALOG,
+    CLIENT_GONE,
+    MODEL,
+    RELAYED,
+    REQUEST_ID,
+    UPSTREAM,
+    WORKER,
+)
+from proxy.passthrough import LARGE_BODY, json_type, parse_json, read_body, serialise
+from proxy.relay_rules import (
+    IDEMPOTENT_METHODS,
+    RELAYED_METHODS,
+    client_headers,
+    upstream_headers,
+)
+
+# What a relayed answer may not do in a browser: run as a page of lmbridge's origin,
+# which web pages of that origin may call (docs/operations.md, "Security model").
+_CONFINED = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    if request.method not in RELAYED_METHODS:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(RELAYED_METHODS))
+    raw = await read_body(request)
+    raw = await _check_model(request, raw)
+    upstream = request.app[UPSTREAM]
+    url = request.rel_url  # never the host of an absolute-form request target
+    target = url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
+    headers = upstream_headers(
+        request.headers.items(),
+        pass_credentials=not request.app[API_KEYS] and upstream.config.api_key is None,
+    )
+    headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    resp = await upstream.open(
+        request.method,
+        target,
+        body=raw or None,
+        headers=headers,
+        route=request[RELAYED],
+        idempotent=request.method in IDEMPOTENT_METHODS,
+    )
+    return await _relay_answer(request, resp)
+
+
+async def _check_model(request: web.Request, raw: bytes) -> bytes:
+    """The body to send: a JSON body (a JSON type or none, as on every route) must
+    parse, and the ``model`` it names must be one the upstream has; an alias is
+    replaced by its target, the only change ever made to a relayed body."""
+    content_type = request.headers.get("Content-Type")
+    if not raw or raw.isspace() or (content_type is not None and not is_json_type(content_type)):
+        return raw
+    body = await parse_json(request, raw)
+    if not isinstance(body, dict) or body.get("model") in (None, ""):
+        return raw
+    requested = body["model"]
+    if not isinstance(requested, str):
+        raise BadRequest(f"'model' must be a string, not {json_type(requested)}.", param="model")
+    model = await request.app[CATALOG].resolve(requested, "any")
+    request[MODEL] = model.id
+    if model.id != requested:
+        body["model"] = model.id
+        raw = await serialise(request, body, len(raw))
+    if len(raw) > LARGE_BODY:
+        # Freed on the event loop, a million items would hold it for 0.1 s (passthrough).
+        await request.app[WORKER].run(partial(free_in_pieces, body))
+    return raw
+
+
+async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The upstream's answer written to the client as it arrives."""
+    length = resp.content_length if "Content-Encoding" not in resp.headers else None
+    stream = RelayedStream(
+        request,
+        resp.status,
+        client_answer_headers(resp.headers.items()),
+        reason=resp.reason,
+        content_length=length,
+    )
+    try:
+        await stream.open()
+        async with contextlib.aclosing(request.app[UPSTREAM].iter_chunks(resp)) as chunks:
+            async for chunk in chunks:
+                await stream.send_bytes(chunk)
+        return await stream.finish()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        request[CLIENT_GONE] = True
+        # The client went away before the headers could be sent, or after.
+        return stream.response or web.Response(status=499)
+    finally:
+        # Closes the upstream request unless its body came whole (then it was released
+        # for the next request): a client gone, or cancelled, stops the generation.
+        resp.close()
+
+
+def upstream_answer(error: UpstreamStatus) -> web.Response:
+    """An error status of the upstream, for a relayed request: as it came."""
+    headers = client_answer_headers(error.headers)
+    return web.Response(body=error.raw, status=error.status, headers=headers)
+
+
+def client_answer_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """The upstream's answer headers for the client (``relay_rules.client_headers``),
+    with what confines the answer in a browser."""
+    kept: CIMultiDict[str] = CIMultiDict(client_headers(headers))
+    kept.update(_CONFINED)
+    return kept
