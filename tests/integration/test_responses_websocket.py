@@ -4,6 +4,7 @@ scripted fake upstream and a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 
@@ -264,3 +265,210 @@ async def test_metrics_count_connections_turns_and_errors(proxy, fake_upstream):
     assert 'lmbridge_websocket_turns_total{outcome="completed"} 1.0' in text
     assert 'lmbridge_websocket_errors_total{code="invalid_request"} 1.0' in text
     assert "lmbridge_websocket_connections 1.0" in text
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+def tool_call_completion(call_id: str, name: str, arguments: str) -> dict:
+    body = chat_completion("")
+    message = body["choices"][0]["message"]
+    message["content"] = None
+    message["tool_calls"] = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    ]
+    body["choices"][0]["finish_reason"] = "tool_calls"
+    return body
+
+
+async def test_a_function_tool_loop_continues_from_memory(proxy, fake_upstream, tmp_path):
+    """The agent loop of a coding client: the model calls the client's tool; the next
+    turn sends only the tool's output, continuing from the connection's memory."""
+    fake_upstream.add_reply(
+        CHAT, Reply(json=tool_call_completion("call_1", "get_weather", '{"city": "Oslo"}'))
+    )
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Sunny in Oslo.")))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="Weather?", tools=[WEATHER], store=False))[-1]["response"]
+        [call] = first["output"]
+        assert (call["type"], call["call_id"], call["name"]) == (
+            "function_call",
+            "call_1",
+            "get_weather",
+        )
+        output = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+        second = await turn(
+            ws, input=[output], tools=[WEATHER], store=False, previous_response_id=first["id"]
+        )
+    assert second[-1]["response"]["output"][0]["content"][0]["text"] == "Sunny in Oslo."
+    messages = sent_messages(fake_upstream)
+    assert messages[-2]["tool_calls"][0]["id"] == "call_1"
+    assert messages[-1] == {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    assert rows(tmp_path) == 0
+
+
+async def test_an_output_for_no_call_fails_the_turn(proxy, fake_upstream):
+    """The Open Responses suite's way to fail a continuation: an output no call asked for
+    is a 400, before the model is asked; on HTTP too."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="one", store=False))[-1]["response"]
+        stray = {"type": "function_call_output", "call_id": "call_missing", "output": "x"}
+        [error] = await turn(ws, input=[stray], store=False, previous_response_id=first["id"])
+    assert error["status"] == 400 and error["error"]["param"] == "input[0].call_id"
+    assert len(fake_upstream.requests_to(CHAT)) == 1
+    resp = await proxy.post(R, json={"model": "test-model", "input": [stray]})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "input[0].call_id"
+
+
+async def test_generate_false_records_the_turn_without_asking_the_model(proxy, fake_upstream):
+    """Codex's warm-up: instructions and tools sent ahead with generate: false; the next
+    turn continues from it and the model sees them."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Hi!")))
+    developer = {"role": "developer", "content": "You are terse."}
+    async with proxy.ws_connect(R) as ws:
+        warm = await turn(ws, input=[developer], tools=[WEATHER], store=False, generate=False)
+        assert warm[-1]["type"] == "response.completed"
+        assert warm[-1]["response"]["output"] == []
+        assert fake_upstream.requests_to(CHAT) == []
+        await turn(
+            ws,
+            input="hello",
+            tools=[WEATHER],
+            store=False,
+            previous_response_id=warm[-1]["response"]["id"],
+        )
+    assert [(m["role"], m["content"]) for m in sent_messages(fake_upstream)] == [
+        ("system", "You are terse."),
+        ("user", "hello"),
+    ]
+
+
+async def test_conversations_over_the_socket(proxy, fake_upstream):
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("B")))
+    conversation = await (await proxy.post("/v1/conversations", json={})).json()
+    async with proxy.ws_connect(R) as ws:
+        await turn(ws, input="one", conversation=conversation["id"])
+        second = await turn(ws, input="two", conversation=conversation["id"])
+    assert second[-1]["type"] == "response.completed"
+    assert [m["content"] for m in sent_messages(fake_upstream)] == ["one", "A", "two"]
+    items = await (await proxy.get(f"/v1/conversations/{conversation['id']}/items")).json()
+    assert len(items["data"]) == 4
+
+
+async def test_compact_then_a_new_chain_on_the_socket(proxy, fake_upstream):
+    """/v1/responses/compact over HTTP, then its window as the input of a new chain."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("They chose blue.")))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Blue.")))
+    compacted = await (
+        await proxy.post(
+            f"{R}/compact",
+            json={"model": "test-model", "input": [{"role": "user", "content": "We chose blue."}]},
+        )
+    ).json()
+    async with proxy.ws_connect(R) as ws:
+        events = await turn(
+            ws,
+            input=[*compacted["output"], {"role": "user", "content": "Which?"}],
+            store=False,
+            tools=[],
+        )
+    assert events[-1]["type"] == "response.completed"
+    assert "They chose blue." in sent_messages(fake_upstream)[0]["content"]
+
+
+async def test_mcp_tools_list_call_and_ask_for_approval(make_proxy, fake_upstream):
+    from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
+
+    proxy = await make_proxy(mcp__servers={"calc": CALC_SERVER})
+    calc = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "calc__add", '{"a": 2, "b": 3}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("5")))
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c2", "calc__add", '{"a": 4, "b": 5}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("9")))
+    async with proxy.ws_connect(R) as ws:
+        first = await turn(ws, input="2+3?", tools=[calc])
+        types = [e["type"] for e in first]
+        assert "response.mcp_list_tools.completed" in types
+        assert "response.mcp_call.completed" in types
+        final = first[-1]["response"]
+        assert [i["type"] for i in final["output"]] == ["mcp_list_tools", "mcp_call", "message"]
+        asking = {**calc, "require_approval": "always"}
+        second = (await turn(ws, input="4+5?", tools=[asking], previous_response_id=final["id"]))[
+            -1
+        ]["response"]
+        request_item = second["output"][-1]
+        assert request_item["type"] == "mcp_approval_request"
+        approval = {
+            "type": "mcp_approval_response",
+            "approval_request_id": request_item["id"],
+            "approve": True,
+        }
+        third = (
+            await turn(ws, input=[approval], tools=[asking], previous_response_id=second["id"])
+        )[-1]["response"]
+    assert third["output"][0]["type"] == "mcp_call" and third["output"][0]["output"] == "9"
+    assert third["output"][-1]["content"][0]["text"] == "9"
+
+
+async def test_the_connection_ends_at_its_age_limit(make_proxy, fake_upstream):
+    """At responses.websocket_max_age the turn running finishes, then the error
+    websocket_connection_limit_reached, then the close."""
+    proxy = await make_proxy(responses__websocket_max_age=0.5)
+    release = asyncio.Event()
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("slow"), release, chunk(finish="stop")]))
+    async with proxy.ws_connect(R) as ws:
+        await ws.send_str(
+            json.dumps({"type": "response.create", "model": "test-model", "input": "x"})
+        )
+        assert json.loads((await ws.receive()).data)["type"] == "response.created"
+        await asyncio.sleep(0.6)  # past the limit, the turn still held upstream
+        release.set()
+        events = await events_of_turn(ws)
+        assert events[-1]["type"] == "response.completed"
+        [limit] = await events_of_turn(ws)
+        assert limit["error"]["code"] == "websocket_connection_limit_reached"
+        assert limit["status"] == 400
+        closing = await asyncio.wait_for(ws.receive(), 10)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_an_idle_connection_at_its_limit_is_told_and_closed(make_proxy):
+    proxy = await make_proxy(responses__websocket_max_age=0.2)
+    async with proxy.ws_connect(R) as ws:
+        [limit] = await events_of_turn(ws)
+        assert limit["error"]["code"] == "websocket_connection_limit_reached"
+        closing = await asyncio.wait_for(ws.receive(), 10)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_shutdown_lets_the_running_turn_end_then_closes(make_config, fake_upstream):
+    """SIGTERM's drain: a turn running is finished and delivered, then the connection is
+    closed as going away (1001)."""
+    from proxy.app import create_app
+    from proxy.serve import listening
+
+    config = make_config(server__port=0)
+    release = asyncio.Event()
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("last"), release, chunk(finish="stop")]))
+    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+        runner = await stack.enter_async_context(listening(create_app(config), config.server))
+        port = runner.addresses[0][1]
+        ws = await session.ws_connect(f"http://127.0.0.1:{port}{R}")
+        await ws.send_str(
+            json.dumps({"type": "response.create", "model": "test-model", "input": "x"})
+        )
+        assert json.loads((await ws.receive()).data)["type"] == "response.created"
+        stopping = asyncio.ensure_future(stack.aclose())  # what SIGTERM leads to
+        release.set()
+        events = await events_of_turn(ws)
+        closing = await asyncio.wait_for(ws.receive(), 10)
+        await stopping
+    assert events[-1]["type"] == "response.completed"
+    assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
