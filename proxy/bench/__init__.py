@@ -5,6 +5,7 @@ Not on the request path: only the command line imports this package.
 - ``fake``: the proxy against a fast fake upstream (``upstream``, run as a child) and
   an MCP server with one cheap tool (``mcp_server``), throughput and latency, direct and
   through the daemon, in alternating rounds of one run;
+- ``agent_loop``: an agent loop over the WebSocket mode and over HTTP SSE;
 - ``real`` (``--real``): prompt-cache reuse over a Responses chain on llama.cpp;
 - ``load`` generates the requests, ``processes`` starts the children and reads their
   CPU and memory, ``placement`` pins them to CPUs.
@@ -48,10 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chain-samples", type=int, default=50, help="timed continuations per round (default 50)"
     )
     parser.add_argument(
+        "--agent-turns",
+        type=int,
+        default=50,
+        help="turns of the agent loops over WebSocket and HTTP SSE (default 50)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
-        choices=["passthrough", "responses", "mcp"],
-        default=["passthrough", "responses", "mcp"],
+        choices=["passthrough", "responses", "mcp", "agent"],
+        default=["passthrough", "responses", "mcp", "agent"],
         help="what to measure",
     )
     parser.add_argument(

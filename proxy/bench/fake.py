@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.bench.agent_loop import measure_agent_loop
 from proxy.bench.load import (
     HEADERS,
     PLAIN_BODY,
@@ -420,6 +421,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results += await measure_responses(setup)
             if "mcp" in args.only:
                 results += await measure_mcp(setup)
+            if "agent" in args.only:
+                results += await measure_agent_loop(setup)
             async with session.get(upstream_url + "/bench/stats") as resp:
                 upstream_stats = await resp.json()
     finally:
@@ -435,6 +438,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_requests": args.latency_requests,
             "concurrency": args.concurrency,
             "chain_turns": args.chain_turns,
+            "agent_turns": args.agent_turns,
             "daemon_log_level": args.log_level,
             "placement": (placement.describe() if placement is not None else "left to the kernel"),
         },

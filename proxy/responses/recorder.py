@@ -138,6 +138,7 @@ class ResponseRecorder:
         record = await self.worker.run_if(large, partial(self._record, run, pending))
         await self.store.save_response(record)
         run.stored_json = record.body
+        run.stored_turn = record.turn_messages
         if self._repairing is not None:
             self._storage_works.set()
 

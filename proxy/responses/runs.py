@@ -72,6 +72,8 @@ class ResponseRun:
     # The Response as last stored (JSON text), so that the reply need not serialise
     # it a second time; while ``unstored``, as storage will hold it.
     stored_json: str | None = None
+    # The turn's chat messages as last stored (what a continuation reads).
+    stored_turn: str | None = None
     turn: ConversationTurn | None = None
     _changed: asyncio.Condition | None = None
     _settled: asyncio.Event | None = None

@@ -236,7 +236,7 @@ def _history_after(run: ResponseRun, previous: str | None) -> History:
     """The chain a continuation of ``run`` reads: the turns it continued, then its own
     (a response in a conversation is continued by its own turn only, as from storage)."""
     prepared = run.prepared
-    turn = turn_text(prepared, run.builder.output)
+    turn = run.stored_turn or turn_text(prepared, run.builder.output)
     earlier = prepared.history if previous is not None else []
     tokens = prepared.history_tokens if previous is not None else []
     return History(

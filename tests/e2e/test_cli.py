@@ -275,6 +275,8 @@ async def test_bench_runs_every_measurement(tmp_path):
         "6",
         "--chain-samples",
         "5",
+        "--agent-turns",
+        "4",
         "--json",
         str(out),
         within=180,
@@ -291,6 +293,10 @@ async def test_bench_runs_every_measurement(tmp_path):
     assert all(r["direct"] > 0 and r["proxy"] > 0 for r in report["results"])
     assert report["upstream"]["model_list_reads"] >= 1
     assert "MCP tool loop (2 rounds): p50" in text
+    # The agent loops: over a WebSocket and over HTTP SSE; store: false writes nothing.
+    unstored = next(r for r in report["results"] if "store: false" in r["name"])
+    assert unstored["note"].endswith("; 0 storage writes")
+    assert any("over HTTP SSE" in n for n in names)
 
 
 async def test_bench_says_why_the_daemon_did_not_start(tmp_path):
