@@ -472,3 +472,33 @@ async def test_shutdown_lets_the_running_turn_end_then_closes(make_config, fake_
         await stopping
     assert events[-1]["type"] == "response.completed"
     assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
+
+
+async def test_the_openai_sdk_connects_over_a_websocket(proxy, fake_upstream):
+    """The openai SDK's own WebSocket client (client.responses.connect): a turn, then a
+    store: false continuation on the same connection."""
+    from openai import AsyncOpenAI
+
+    fake_upstream.add_reply(CHAT, Reply(stream=[chunk("Hel"), chunk("lo"), chunk(finish="stop")]))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Again.")))
+    client = AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key="unused", max_retries=0)
+    async with client.responses.connect() as connection:
+        await connection.response.create(model="test-model", input="hi", store=False)
+        kinds = []
+        async for event in connection:
+            kinds.append(event.type)
+            if event.type == "response.completed":
+                first = event.response
+                break
+        assert first.output_text == "Hello"
+        await connection.response.create(
+            model="test-model", input="more", store=False, previous_response_id=first.id
+        )
+        async for event in connection:
+            if event.type == "response.completed":
+                second = event.response
+                break
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
+    assert second.output_text == "Again." and second.previous_response_id == first.id
+    assert [m["content"] for m in sent_messages(fake_upstream)] == ["hi", "Hello", "more"]
+    await client.close()
