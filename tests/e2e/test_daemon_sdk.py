@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.fake_upstream import CHAT, Reply, chunk, text_stream
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk, text_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -152,3 +152,36 @@ async def test_a_stopped_upstream_fails_fast_with_the_sdk_default_retries(start_
             # own backoff for two retries is at most 0.5 s + 1 s (and lmbridge's 0.6 s each).
             assert elapsed < 15, elapsed
     assert "circuit open" not in daemon.log()
+
+
+async def test_agents_sdk_over_the_websocket(daemon, fake_upstream):
+    """The OpenAI Agents SDK's WebSocket transport: its run calls the client's function
+    tool and continues on the same connection (the installed daemon)."""
+    agents = pytest.importorskip("agents")
+    from tests.integration.test_mcp_chat import tool_calls
+
+    agents.set_tracing_disabled(True)
+    fake_upstream.add_reply(CHAT, Reply(json=tool_calls(("c1", "add", '{"a": 2, "b": 3}'))))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("2 + 3 = 5")))
+    added = []
+
+    @agents.function_tool
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        added.append((a, b))
+        return a + b
+
+    agent = agents.Agent(name="calc", instructions="Add.", model="test-model", tools=[add])
+    async with agents.responses_websocket_session(
+        api_key="unused", base_url=daemon.base_url
+    ) as session:
+        result = await session.run(agent, "What is 2+3?")
+    assert added == [(2, 3)]
+    assert result.final_output == "2 + 3 = 5"
+    second = fake_upstream.requests_to(CHAT)[-1].body["messages"]
+    assert second[-1] == {"role": "tool", "tool_call_id": "c1", "content": "5"}
+    # Both turns went over one socket: the request log has a line for each, none a POST.
+    await daemon.stop()
+    log = daemon.log()
+    assert log.count("method=WEBSOCKET path=/v1/responses") == 2, log
+    assert "method=POST path=/v1/responses" not in log
