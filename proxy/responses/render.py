@@ -22,6 +22,8 @@ from proxy.mcp.names import exposed_name
 from proxy.responses.request import CreateRequest
 
 log = logging.getLogger("lmbridge.responses")
+# Hosted tool types already reported as dropped (a bounded set: HOSTED_TOOL_TYPES).
+_REPORTED_DROPS: set[str] = set()
 
 NAMESPACE_SEPARATOR = "__"
 # Tool types a chat completion upstream cannot run (OpenAI runs them server-side).
@@ -103,8 +105,14 @@ def convert_tools(request: CreateRequest, *, reject_unsupported: bool = False) -
             )
         else:
             dropped.append(kind)
-    if dropped:
-        log.warning("dropped tool types the upstream cannot serve: %s", ", ".join(dropped))
+    if unreported := [kind for kind in dropped if kind not in _REPORTED_DROPS]:
+        # Once per type: Codex CLI offers web_search with every request.
+        _REPORTED_DROPS.update(unreported)
+        log.warning(
+            "dropped tool types the upstream cannot serve: %s (said once per type; "
+            'responses.unsupported_tools = "reject" refuses them instead)',
+            ", ".join(sorted(set(unreported))),
+        )
     choice = _chat_tool_choice(request.tool_choice, names, tools)
     if isinstance(choice, tuple):
         allowed, choice = choice

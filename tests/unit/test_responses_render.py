@@ -146,6 +146,19 @@ def test_hosted_tools_dropped_by_default() -> None:
     assert tools.dropped == [t["type"] for t in HOSTED]
 
 
+def test_a_dropped_tool_type_is_logged_once(caplog, monkeypatch) -> None:
+    """Codex CLI offers web_search with every request: one warning, not one a request."""
+    from proxy.responses import render
+
+    monkeypatch.setattr(render, "_REPORTED_DROPS", set())
+    for _ in range(3):
+        tools_for({"tools": [{"type": "web_search"}, WEATHER]})
+    tools_for({"tools": [{"type": "local_shell"}]})
+    warnings = [r.getMessage() for r in caplog.records if "dropped tool types" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "web_search" in warnings[0] and "local_shell" in warnings[1]
+
+
 def test_only_hosted_tools_leave_no_tool_choice() -> None:
     """When every tool was dropped there is no chat tool and no tool_choice."""
     tools = tools_for({"tools": [{"type": "web_search"}], "tool_choice": "required"})
