@@ -37,9 +37,10 @@ class ResponseBuilder(McpItems):
         max_tool_calls: int | None = None,
         clock: Callable[[], float] = time.time,
         emit: bool = True,
+        kept: bool = True,
         mcp: Mapping[str, McpTarget] | None = None,
     ) -> None:
-        super().__init__(response, ids=ids, clock=clock, emit=emit)
+        super().__init__(response, ids=ids, clock=clock, emit=emit, kept=kept)
         self.names = names
         self._max_tool_calls = max_tool_calls
         self._text: Item | None = None

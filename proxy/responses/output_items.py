@@ -51,6 +51,7 @@ class OutputItems:
         ids: Callable[[str], str] = new_id,
         clock: Callable[[], float] = time.time,
         emit: bool = True,
+        kept: bool = True,
     ) -> None:
         self.response = response
         self._ids = ids
@@ -60,6 +61,10 @@ class OutputItems:
         # Without a stream to feed, events are thrown away: skip building them.
         self._emit = emit
         self._copy: Callable[[Any], Any] = copy.deepcopy if emit else _same
+        # The Response in an event changes only between calls, and a foreground stream's
+        # sink serialises each call's events before the next: only events that are
+        # ``kept`` (a background run's, replayed to later readers) need a copy of it.
+        self._copy_response: Callable[[Any], Any] = copy.deepcopy if emit and kept else _same
 
     def _event(self, kind: str, **fields: Any) -> Event:
         if not self._emit:
@@ -69,7 +74,7 @@ class OutputItems:
         return event
 
     def snapshot(self) -> dict[str, Any]:
-        snapshot: dict[str, Any] = self._copy(self.response)
+        snapshot: dict[str, Any] = self._copy_response(self.response)
         return snapshot
 
     def _add_item(self, body: dict[str, Any], item: Item | None = None) -> tuple[Item, Event]:

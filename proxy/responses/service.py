@@ -159,6 +159,7 @@ class ResponsesService:
             max_tool_calls=request.max_tool_calls,
             clock=self.clock,
             emit=request.stream or request.background,
+            kept=request.background,
             mcp=prepared.mcp.targets if prepared.mcp is not None else None,
         )
         run = ResponseRun(response_id, prepared, builder, created_at)
