@@ -15,6 +15,10 @@ from proxy.responses.runs import Prepared
 from proxy.responses.upstream_turn import fit_history
 from proxy.usage import usage_from_chat
 
+# The summary's length when the client sets none: a small model may never stop, and the
+# client sees nothing until the summary ends (Codex and the Open Responses suite set none).
+SUMMARY_MAX_TOKENS = 2048
+
 INSTRUCTION = (
     "Summarise the conversation below so that it can be continued from the summary "
     "alone: keep the user's goals, decisions, facts, names, open questions and the state "
@@ -35,6 +39,7 @@ def request_body(prepared: Prepared) -> bytes:
         for k, v in prepared.settings.items()
         if k not in ("tools", "tool_choice", "response_format")
     }
+    settings.setdefault("max_tokens", SUMMARY_MAX_TOKENS)
     return render.chat_body_bytes(settings, dumps(messages), stream=False)
 
 

@@ -672,6 +672,19 @@ async def test_input_tokens_counts_with_the_upstream(proxy, fake_upstream):
     assert sent(fake_upstream)["max_tokens"] == 1
 
 
+async def test_compact_bounds_the_summary(proxy, fake_upstream):
+    """A model that never stops would hold the client until its own timeout: the summary
+    is capped unless the client says how long it may be."""
+    for body in ({}, {"max_output_tokens": 100}):
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Short.")))
+        resp = await proxy.post(
+            f"{R}/compact", json={"model": "test-model", "input": "We chose blue.", **body}
+        )
+        assert resp.status == 200
+    assert sent(fake_upstream, 0)["max_tokens"] == 2048
+    assert sent(fake_upstream, 1)["max_tokens"] == 100
+
+
 async def test_compact_then_continue_from_the_compaction(proxy, fake_upstream):
     """compact summarises a chain into a compaction item that a later turn can start from."""
     first = await create(proxy, input="We chose the blue plan.")
