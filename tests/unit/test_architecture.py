@@ -26,6 +26,10 @@ PURE = [
     "proxy.mcp.names",
     "proxy.mcp.results",
     "proxy.mcp.text_calls",
+    "proxy.model_output.lenient_json",
+    "proxy.model_output.call_objects",
+    "proxy.model_output.call_formats",
+    "proxy.model_output.text_calls",
     "proxy.responses.request",
     "proxy.responses.input_items",
     "proxy.responses.render",
@@ -92,6 +96,7 @@ def test_storage_knows_nothing_of_the_service():
     ("package", "forbidden"),
     [
         ("proxy.mcp", ["proxy.responses", "proxy.bridge", "proxy.bench"]),
+        ("proxy.model_output", ["proxy.mcp", "proxy.responses", "proxy.bridge", "proxy.bench"]),
         ("proxy.responses", ["proxy.bridge", "proxy.bench"]),
         ("proxy.bridge", ["proxy.bench", "storage"]),
     ],
