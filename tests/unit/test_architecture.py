@@ -30,6 +30,7 @@ PURE = [
     "proxy.model_output.call_objects",
     "proxy.model_output.call_formats",
     "proxy.model_output.text_calls",
+    "proxy.model_output.think_tags",
     "proxy.responses.request",
     "proxy.responses.input_items",
     "proxy.responses.render",
