@@ -30,7 +30,7 @@ and a block with one bad call is text as a whole.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from itertools import product
 
@@ -86,7 +86,7 @@ class JsonBody(Reader):
     def __init__(
         self,
         skip: int,
-        offered: Collection[str],
+        offered: Container[str],
         closers: tuple[str, ...] = (),
         *,
         lists: bool = True,
@@ -155,15 +155,15 @@ class JsonBody(Reader):
 _NAME = re.compile(r"[A-Za-z0-9_.:-]*")
 
 
-def name_at(text: str, i: int, offered: Collection[str], final: bool) -> tuple[str, int] | None:
+def name_at(text: str, i: int, offered: Container[str], final: bool) -> tuple[str, int] | None:
     """The offered tool name at ``i`` and the index after it; ``("", i)`` while what
     came so far may still grow into one; None when it cannot be one."""
     end = _NAME.match(text, i).end()  # type: ignore[union-attr]
     name = text[i:end]
     if end >= len(text):
-        if not final and any(tool.startswith(name) for tool in offered):
-            return "", i
-        return None
+        # A directory that cannot list its names leaves the name to be finished.
+        could = not isinstance(offered, Iterable) or any(t.startswith(name) for t in offered)
+        return ("", i) if could and not final else None
     return (name, end) if name in offered else None
 
 
@@ -172,7 +172,7 @@ class FunctionTag(Reader):
 
     opener = "<function="
 
-    def __init__(self, offered: Collection[str]) -> None:
+    def __init__(self, offered: Container[str]) -> None:
         self.offered = offered
         self.release_on_reject = len(self.opener)
         self.body: JsonBody | None = None
@@ -202,7 +202,7 @@ class MistralCalls(Reader):
     _ARGS = "[ARGS]"
     _CALL_ID = "[CALL_ID]"
 
-    def __init__(self, offered: Collection[str]) -> None:
+    def __init__(self, offered: Container[str]) -> None:
         self.offered = offered
         self.body: JsonBody | None = None
 
@@ -276,7 +276,7 @@ class DeepSeekCalls(Reader):
     ``<|tool▁call▁begin|>`` and ``<|tool▁call▁end|>``, ``<|tool▁calls▁end|>`` (fullwidth
     bars, or ASCII ones)."""
 
-    def __init__(self, opener: str, offered: Collection[str]) -> None:
+    def __init__(self, opener: str, offered: Container[str]) -> None:
         self.offered = offered
         self.release_on_reject = len(opener)
         begin = _CALLS_BEGIN.match(opener)
@@ -332,7 +332,7 @@ class BareReply(Reader):
     the end of the message, or as soon as anything but whitespace follows the object.
     Given up, its text is scanned again from the brace or the fence on."""
 
-    def __init__(self, offered: Collection[str]) -> None:
+    def __init__(self, offered: Container[str]) -> None:
         self.offered = offered
         self.start = -1
         self.fenced = False
@@ -395,7 +395,7 @@ PYTHON_TAG = "<|python_tag|>"
 PYTHON_START = "<|python_start|>"
 
 
-def reader_for(opener: str, offered: Collection[str]) -> Reader:
+def reader_for(opener: str, offered: Container[str]) -> Reader:
     """The reader of a candidate that begins with ``opener`` (one of ``OPENERS``)."""
     if opener == HERMES:
         return JsonBody(len(opener), offered, ("</tool_call>",))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ class TextCall:
 _CALL_KEYS = frozenset({"name", "arguments", "parameters", "type", "id"})
 
 
-def call_from_object(value: Any, offered: Collection[str]) -> TextCall | None:
+def call_from_object(value: Any, offered: Container[str]) -> TextCall | None:
     """``{"name", "arguments"|"parameters"}`` (or OpenAI's ``{"type": "function",
     "function": {...}}``) naming an offered tool, with an object for arguments."""
     if not isinstance(value, dict):
@@ -54,7 +54,7 @@ def make_call(name: str, arguments: Any) -> TextCall | None:
     return TextCall(name, json.dumps(arguments, ensure_ascii=False))
 
 
-def calls_from_text(text: str, offered: Collection[str]) -> list[TextCall] | None:
+def calls_from_text(text: str, offered: Container[str]) -> list[TextCall] | None:
     """The calls a JSON text holds: one call object, or a non-empty list of them."""
     value = loads(text)
     values = value if isinstance(value, list) else [value]
@@ -76,7 +76,7 @@ def skip_space(text: str, i: int) -> int:
     return match.end() if match else i
 
 
-def head(text: str, start: int, offered: Collection[str]) -> bool | None:
+def head(text: str, start: int, offered: Container[str]) -> bool | None:
     """Whether the object (or list of objects) opening at ``start`` can still be a call,
     from its first key alone: a key no call has, or a ``name`` that was not offered, ends
     the hold-back at once (a JSON answer the user asked for streams on). None: not yet

@@ -18,7 +18,7 @@ call is dropped (it separated calls, or ended the message); text before it is ke
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Container
 
 from proxy.model_output.call_formats import OPENERS, Accept, BareReply, Reader, Reject, reader_for
 from proxy.model_output.call_objects import TextCall
@@ -52,7 +52,7 @@ class TextCallRecogniser:
     message returns the rest. ``offered`` are the names of the tools offered to the
     model."""
 
-    def __init__(self, offered: Collection[str], *, max_held: int | None = DEFAULT_MAX_HELD):
+    def __init__(self, offered: Container[str], *, max_held: int | None = DEFAULT_MAX_HELD):
         self.offered = offered
         self.max_held = max_held
         self.calls: list[TextCall] = []
@@ -236,7 +236,7 @@ def _after_call(held: str, final: bool) -> str | None:
 
 
 def split(
-    content: str, offered: Collection[str], *, max_held: int | None = None
+    content: str, offered: Container[str], *, max_held: int | None = None
 ) -> tuple[list[TextCall], str]:
     """The calls written in a whole message's ``content`` and the text left around
     them (as the recogniser would release it, fed the message in one delta)."""

@@ -25,7 +25,6 @@ PURE = [
     "proxy.mcp.rounds",
     "proxy.mcp.names",
     "proxy.mcp.results",
-    "proxy.mcp.text_calls",
     "proxy.model_output.lenient_json",
     "proxy.model_output.call_objects",
     "proxy.model_output.call_formats",
