@@ -268,6 +268,7 @@ _DEEPSEEK_AFTER = tuple(
     f"<{bar}tool{space}{kind}{space}{edge}{bar}>"
     for bar, space, (kind, edge) in product(_BARS, "▁_", (("calls", "end"), ("call", "begin")))
 )
+_LONGEST_TOKEN = max(len(token) for token in _DEEPSEEK_AFTER)
 _V3_ITEM = re.compile(r"\s*(\S+?)\s*\n\s*```(?:json)?[ \t]*\n?(.*?)\s*```\s*\Z", re.DOTALL)
 
 
@@ -281,6 +282,7 @@ class DeepSeekCalls(Reader):
         self.release_on_reject = len(opener)
         begin = _CALLS_BEGIN.match(opener)
         self.pos = begin.end() if begin else 0
+        self.searched = 0
         self.calls: list[TextCall] = []
 
     def decide(self, text: str, final: bool) -> Decision:
@@ -295,8 +297,10 @@ class DeepSeekCalls(Reader):
                     return Reject(self.release_on_reject)
                 end = _CALLS_END.match(text, i)
                 return Accept(self.calls, end.end() if end else self.pos)
-            end = _CALL_END.search(text, begin.end())
+            end = _CALL_END.search(text, max(begin.end(), self.searched))
             if end is None and not final:
+                # Next time, search only what came since (less a token cut in two).
+                self.searched = max(begin.end(), len(text) - _LONGEST_TOKEN)
                 return PENDING
             item = text[begin.end() : end.start() if end else len(text)]
             call = self._call(item)
@@ -304,6 +308,7 @@ class DeepSeekCalls(Reader):
                 return Reject(self.release_on_reject)
             self.calls.append(call)
             self.pos = end.end() if end else len(text)
+            self.searched = 0
 
     def _call(self, item: str) -> TextCall | None:
         sep = _SEP.search(item)

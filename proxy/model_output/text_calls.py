@@ -96,10 +96,12 @@ class TextCallRecogniser:
         """The start of the message: whitespace is held (it may come before a bare JSON
         call), then a brace or a fence may be one."""
         first = self._held.lstrip()
+        spaces = len(self._held) - len(first)
+        too_long = self.max_held is not None and spaces > self.max_held
+        if (final and not first) or too_long:  # held whitespace is bounded too
+            self._state = _SCAN
+            return False
         if not first:
-            if final:
-                self._state = _SCAN
-                return False
             return True
         if first[0] in "{`":
             self._begin(BareReply(self.offered))

@@ -185,6 +185,19 @@ def test_a_candidate_longer_than_the_bound_is_text():
     assert DEFAULT_MAX_HELD >= 65536
 
 
+def test_leading_whitespace_is_held_within_the_bound():
+    """Whitespace at the start waits for what follows (a call drops it), but no more
+    than max_held characters of it."""
+    recogniser = TextCallRecogniser(OFFERED, max_held=8)
+    assert recogniser.feed("  \n") == []
+    assert recogniser.feed("      ") == ["  \n      "]
+    assert recogniser.feed('{"name": "calc__add", "arguments": {}}') == [
+        '{"name": "calc__add", "arguments": {}}'
+    ]
+    assert recogniser.finish() == []
+    assert split('\n\n{"name": "calc__add", "arguments": {}}', OFFERED)[1] == ""
+
+
 # --- lenient JSON ---------------------------------------------------------------------
 
 
