@@ -484,8 +484,9 @@ class MCPConfig(_Section):
     )
     text_tool_calls: bool = Field(
         False,
-        description="Also recognise tool calls small models write as text (<tool_call>{...}"
-        '</tool_call> or a bare {"name": ..., "arguments": ...}), for offered tools only.',
+        description="Also recognise tool calls models write as text (<tool_call>{...}</tool_call>,"
+        ' [TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ...,'
+        ' "arguments": ...}), for offered tools only.',
     )
     remote_servers: list[RemotePattern] = Field(
         default_factory=list,

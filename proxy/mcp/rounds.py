@@ -20,7 +20,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.mcp.text_calls import find_text_calls
+from proxy.model_output.text_calls import split as split_text_calls
 from proxy.tool_deltas import arguments_piece, delta_index, merge_name
 from proxy.usage import usage_from_chat
 
@@ -183,11 +183,12 @@ class Round:
     def finish(self) -> None:
         """Look for text-written calls (when enabled) once the reply is complete."""
         if self.text_tool_calls and not self.calls and self.content:
-            found, rest = find_text_calls("".join(self.content), self.mcp_tools)
+            found, rest = split_text_calls("".join(self.content), self.mcp_tools)
             for n, text_call in enumerate(found):
                 call_id = f"call_text_{self.number}_{n}"
                 self.calls[n] = Call(n, call_id, text_call.name, [text_call.arguments], "mcp")
             if found:
+                rest = rest.strip()  # what separated the calls from the text
                 self.content = [rest] if rest else []
         for call in self.calls.values():  # a call whose name never came: not ours to run
             if call.kind == "pending":

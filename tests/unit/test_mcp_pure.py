@@ -10,7 +10,7 @@ import pytest
 from proxy.mcp.names import MAX_LENGTH, ToolDirectory, ToolRef, exposed_name
 from proxy.mcp.results import cut, error_output, render_result
 from proxy.mcp.rounds import Round
-from proxy.mcp.text_calls import TextCall, find_text_calls
+from proxy.model_output.text_calls import TextCall, split
 
 # --- names ---------------------------------------------------------------------------
 
@@ -143,7 +143,7 @@ OFFERED = {"calc__add"}
             'Let me add.\n<tool_call>\n{"name": "calc__add", "arguments": "{\\"a\\": 1}"}\n'
             "</tool_call>",
             [TextCall("calc__add", '{"a": 1}')],
-            "Let me add.",
+            "Let me add.\n",  # the round strips what is left (test_text_calls_in_a_round)
         ),
         ('{"name": "calc__add", "parameters": {"a": 2}}', [TextCall("calc__add", '{"a": 2}')], ""),
         ('```json\n{"name": "calc__add", "arguments": {}}\n```', [TextCall("calc__add", "{}")], ""),
@@ -159,7 +159,7 @@ OFFERED = {"calc__add"}
 )
 def test_calls_written_as_text(content, calls, rest):
     """Only offered names and whole JSON objects count; anything else stays text."""
-    assert find_text_calls(content, OFFERED) == (calls, rest)
+    assert split(content, OFFERED) == (calls, rest)
 
 
 # --- one round of the chat loop --------------------------------------------------------
@@ -221,6 +221,21 @@ def test_text_calls_only_when_enabled(enabled, found):
     reply.finish()
     assert len(reply.mcp_calls) == found
     assert ("".join(reply.content) == "") is enabled
+
+
+def test_text_calls_in_a_round():
+    """Text written around calls stays the assistant's content, without the whitespace
+    that separated it from them; calls to tools that are not MCP tools stay text."""
+    reply = Round({"calc__add"}, text_tool_calls=True)
+    content = (
+        'Let me add.\n<tool_call>\n{"name": "calc__add", "arguments": {"a": 1}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "lookup", "arguments": {}}\n</tool_call>'
+    )
+    reply.feed(chunk({"content": content}))
+    reply.finish()
+    assert [(c.name, c.arguments_text) for c in reply.mcp_calls] == [("calc__add", '{"a": 1}')]
+    lookup = '<tool_call>\n{"name": "lookup", "arguments": {}}\n</tool_call>'
+    assert reply.content == [f"Let me add.\n{lookup}"]
 
 
 # --- the chat loop, driven by scripted replies and a scripted tool ----------------------
