@@ -312,6 +312,21 @@ class ModelsConfig(_Section):
         description="Names clients may send, mapped to upstream model ids "
         '(e.g. { "gpt-4o-mini" = "qwen/qwen3-4b" }).',
     )
+    text_tool_calls: bool = Field(
+        True,
+        description="Turn tool calls that models write as text (<tool_call>{...}</tool_call>, "
+        '[TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ..., "arguments": '
+        "...}) into structured tool calls, on both APIs, for function and MCP tools; only "
+        "names of offered tools and complete JSON count. A request turns it off with "
+        '"lmbridge": {"text_tool_calls": false}.',
+    )
+    think_tags: bool = Field(
+        True,
+        description="Take <think>...</think> at the start of the content off as reasoning "
+        "(reasoning_content on chat completions, a reasoning item on the Responses API), "
+        "unless the upstream separated it. A request turns it off with "
+        '"lmbridge": {"think_tags": false}.',
+    )
 
 
 class StorageConfig(_Section):
@@ -482,11 +497,10 @@ class MCPConfig(_Section):
     result_max_chars: Count = Field(
         20000, ge=100, description="Longer tool results are cut, with a marker, to this size."
     )
-    text_tool_calls: bool = Field(
-        False,
-        description="Also recognise tool calls models write as text (<tool_call>{...}</tool_call>,"
-        ' [TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ...,'
-        ' "arguments": ...}), for offered tools only.',
+    text_tool_calls: bool | None = Field(
+        None,
+        description="Deprecated: models.text_tool_calls covers MCP tools too. When set, it "
+        "decides for the calls to MCP tools alone.",
     )
     remote_servers: list[RemotePattern] = Field(
         default_factory=list,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from functools import partial
 from typing import Any
 
@@ -21,6 +21,15 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.catalog import Purpose
+from proxy.chat_output import (
+    SWITCHES_FIELD,
+    ChatOutput,
+    ChatStreamEditor,
+    ChatStreamRewriter,
+    normalise_completion,
+    output_for,
+    read_switches,
+)
 from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
@@ -31,6 +40,7 @@ from proxy.jsontext import (
     dumps_bytes,
     dumps_bytes_in_pieces,
     free_in_pieces,
+    loads,
     loads_request,
     loads_request_in_pieces,
 )
@@ -38,6 +48,7 @@ from proxy.keys import (
     API_KEYS,
     CATALOG,
     CLIENT_GONE,
+    CONFIG,
     MCP,
     METRICS,
     MODEL,
@@ -183,17 +194,26 @@ async def forward(
     catalog = request.app[CATALOG]
     model = await catalog.resolve(body.get("model"), purpose)
     request[MODEL] = model.id
+    output = ChatOutput()
     if path == CHAT_PATH:
-        # mcp_servers is lmbridge's own field: it never goes upstream.
+        # mcp_servers and lmbridge are lmbridge's own fields: they never go upstream.
         requested = body.pop("mcp_servers", None)
+        switches = request_switches(body)
         selection = request.app[MCP].select(requested, request.headers.get("X-MCP-Servers"))
         if (selection or body.get("tools")) and (warning := catalog.tools_warning(model)):
             request[WARNING] = warning
         if selection:
             body["model"] = model.id
-            return await chat_with_tools(request, body, model, selection)
-        if requested is not None:
-            raw = b""  # the field was removed: serialise again below
+            return await chat_with_tools(request, body, model, selection, switches)
+        if requested is not None or switches is not None:
+            raw = b""  # a field was removed: serialise again below
+        settings = request.app[CONFIG].models
+        output = output_for(
+            body.get("tools"),
+            switches or {},
+            text_tool_calls=settings.text_tool_calls,
+            think_tags=settings.think_tags,
+        )
     if body.get("model") != model.id or not raw:
         body["model"] = model.id
         raw = await serialise(request, body, size)
@@ -207,10 +227,37 @@ async def forward(
         "POST", path, body=raw, headers=_upstream_headers(request), route=path
     )
     if resp.content_type == "text/event-stream":
-        return await relay_stream(request, resp, model.id)
+        editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
+        return await relay_stream(request, resp, model.id, editor)
     content = await upstream.read_body(resp)
+    if output.active and resp.status == 200:
+        content = normalised(content, output)
     request.app[METRICS].record_tokens(model.id, *usage_counts(content))
     return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
+
+
+def request_switches(body: dict[str, Any]) -> dict[str, bool] | None:
+    """The request's ``lmbridge`` switches, taken out of the body (None: it had none)."""
+    if SWITCHES_FIELD not in body:
+        return None
+    try:
+        return read_switches(body.pop(SWITCHES_FIELD))
+    except ValueError as exc:
+        raise BadRequest(str(exc), param=SWITCHES_FIELD) from None
+
+
+def normalised(content: bytes, output: ChatOutput) -> bytes:
+    """A completion's body with its text calls and thinking read out; the same bytes
+    when there is nothing to change."""
+    if not output.offered and (output.think is None or output.think.open.encode() not in content):
+        return content  # only tags can change it, and there are none
+    try:
+        completion = loads(content)
+    except ValueError:
+        return content
+    if not normalise_completion(completion, output):
+        return content
+    return dumps_bytes(completion)
 
 
 async def serialise(request: web.Request, body: dict[str, Any], size: int) -> bytes:
@@ -222,9 +269,13 @@ async def serialise(request: web.Request, body: dict[str, Any], size: int) -> by
 
 
 async def relay_stream(
-    request: web.Request, resp: aiohttp.ClientResponse, model: str
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    model: str,
+    editor: ChatStreamEditor | None = None,
 ) -> web.StreamResponse:
-    """Write each upstream chunk to the client as it arrives, unchanged.
+    """Write each upstream chunk to the client as it arrives, unchanged, or as the
+    ``editor`` rewrites it (text calls, thinking in tags).
 
     The stream always ends well-formed for the client: a clean end without
     ``[DONE]`` gets one; a stream broken off before its ``finish_reason`` ends
@@ -237,7 +288,10 @@ async def relay_stream(
     failure: UpstreamError | None = None
     try:
         response = await stream.open()
-        async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
+        source = upstream.iter_chunks(resp)
+        if editor is not None:
+            source = _edited(source, editor)
+        async with contextlib.aclosing(source) as chunks:
             try:
                 async for chunk in chunks:
                     await response.write(chunk)  # as it came: the hot loop of a relay
@@ -271,6 +325,24 @@ async def relay_stream(
     if stream.response is None:  # the client went away before the headers
         return web.Response(status=499)
     return stream.response
+
+
+async def _edited(
+    chunks: AsyncGenerator[bytes, None], editor: ChatStreamEditor
+) -> AsyncGenerator[bytes, None]:
+    """The upstream's chunks through the editor; once it only relays, as they come."""
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            out = editor.feed(chunk)
+            if out:
+                yield out
+            if editor.relaying:
+                break
+        async for chunk in chunks:
+            yield chunk
+        tail = editor.finish()
+        if tail:
+            yield tail
 
 
 def _upstream_headers(request: web.Request) -> dict[str, str]:

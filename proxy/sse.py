@@ -55,6 +55,11 @@ class SSEParser:
         self._buffer = buffer[start:]
         return events
 
+    @property
+    def idle(self) -> bool:
+        """Whether every byte fed so far belongs to a complete event."""
+        return not self._buffer and not self._data and self._event is None
+
     def finish(self) -> list[SSEEvent]:
         """Events still pending when the stream ends without a final blank line."""
         events: list[SSEEvent] = []

@@ -9,12 +9,14 @@ arrives, one ``finish_reason``, one usage chunk (when asked), one ``[DONE]``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from proxy import chat_upstream
 from proxy.catalog import ModelInfo
+from proxy.config import Config
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
 from proxy.keys import CONFIG, MCP, METRICS, OWNER, TURNS, UPSTREAM
@@ -29,11 +31,16 @@ UNAVAILABLE_HEADER = "X-MCP-Unavailable"
 
 
 async def chat_with_tools(
-    request: web.Request, body: dict[str, Any], model: ModelInfo, selection: list[str]
+    request: web.Request,
+    body: dict[str, Any],
+    model: ModelInfo,
+    selection: list[str],
+    switches: Mapping[str, bool] | None = None,
 ) -> web.StreamResponse:
     servers = request.app[MCP]
     upstream = request.app[UPSTREAM]
-    config = request.app[CONFIG].mcp
+    settings = request.app[CONFIG]
+    config = settings.mcp
     offer = await servers.offer(selection)
     client_tools = body.get("tools") or []
     if not isinstance(client_tools, list):
@@ -65,7 +72,7 @@ async def chat_with_tools(
         call_tool,
         max_rounds=config.max_rounds,
         max_tool_calls=config.max_tool_calls,
-        text_tool_calls=config.text_tool_calls,
+        text_tool_calls=text_tool_calls(settings, switches or {}),
         images=images,
         client_tools=_names(client_tools),
     )
@@ -75,6 +82,15 @@ async def chat_with_tools(
         _remember_hidden_steps(request, result, sent, last_sent)
         return web.json_response(result.completion, headers=headers)
     return await _stream(request, body, loop, model.id, headers, sent, last_sent)
+
+
+def text_tool_calls(settings: Config, switches: Mapping[str, bool]) -> bool:
+    """Whether calls to MCP tools written as text count: models.text_tool_calls (or the
+    deprecated mcp.text_tool_calls, when set), unless the request turned it off."""
+    enabled = settings.mcp.text_tool_calls
+    if enabled is None:
+        enabled = settings.models.text_tool_calls
+    return enabled and switches.get("text_tool_calls", True)
 
 
 def _names(tools: list[Any]) -> frozenset[str]:

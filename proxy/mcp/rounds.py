@@ -47,6 +47,19 @@ class Call:
         }
 
 
+@dataclass(frozen=True)
+class _Offered:
+    """The names a call written as text may take: the MCP tools and the client's own."""
+
+    mcp_tools: Container[str]
+    client_tools: Container[str] | None
+
+    def __contains__(self, name: object) -> bool:
+        if name in self.mcp_tools:
+            return True
+        return self.client_tools is not None and name in self.client_tools
+
+
 class Round:
     def __init__(
         self,
@@ -72,11 +85,13 @@ class Round:
         self.chat_usage: dict[str, Any] | None = None
         self.first_id: str | None = None
         self._client_calls = 0
+        self._streamed = False
 
     # --- streamed chunks ---------------------------------------------------
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks to relay now (possibly rewritten)."""
+        self._streamed = True
         if self.first_id is None and isinstance(chunk.get("id"), str):
             self.first_id = chunk["id"]
         if isinstance(chunk.get("usage"), dict):
@@ -183,10 +198,18 @@ class Round:
     def finish(self) -> None:
         """Look for text-written calls (when enabled) once the reply is complete."""
         if self.text_tool_calls and not self.calls and self.content:
-            found, rest = split_text_calls("".join(self.content), self.mcp_tools)
+            # Streamed, the content went to the client as it came: a call of its own
+            # found in it now could not be sent before the text that wrote it.
+            client_tools = None if self._streamed else self.client_tools
+            offered = _Offered(self.mcp_tools, client_tools)
+            found, rest = split_text_calls("".join(self.content), offered)
             for n, text_call in enumerate(found):
                 call_id = f"call_text_{self.number}_{n}"
-                self.calls[n] = Call(n, call_id, text_call.name, [text_call.arguments], "mcp")
+                call = Call(n, call_id, text_call.name, [text_call.arguments], "mcp")
+                if text_call.name not in self.mcp_tools:  # one of the client's own
+                    call.kind, call.client_index = "client", self._client_calls
+                    self._client_calls += 1
+                self.calls[n] = call
             if found:
                 rest = rest.strip()  # what separated the calls from the text
                 self.content = [rest] if rest else []

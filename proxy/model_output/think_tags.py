@@ -61,6 +61,11 @@ class ReasoningSplitter:
         self._started = False  # past the whitespace that opens the reasoning
         self._reasoning: list[str] = []  # kept until the block closes
 
+    @property
+    def answering(self) -> bool:
+        """Whether the answer began: every later delta is answer, as it comes."""
+        return self._state == _ANSWER
+
     def feed(self, delta: str) -> Split:
         if self._state == _ANSWER:  # the common case once the answer began
             return Split("", delta)

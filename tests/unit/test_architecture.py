@@ -20,6 +20,7 @@ PURE = [
     "proxy.breaker",
     "proxy.relay_rules",
     "proxy.chat_stream",
+    "proxy.chat_output",
     "proxy.sse",
     "proxy.mcp.policy",
     "proxy.mcp.rounds",

@@ -321,3 +321,19 @@ async def test_at_the_limit_the_answer_is_asked_for():
     )
     assert len(ran) == 2 and sent[2]["tool_choice"] == "none"
     assert result.completion["choices"][0]["message"]["content"] == "done"
+
+
+def test_text_calls_to_client_tools_in_a_whole_reply():
+    """A whole reply's text call to one of the client's own tools is a client call; in a
+    streamed reply (its text already sent) it stays text."""
+    content = '<tool_call>\n{"name": "lookup", "arguments": {"q": 1}}\n</tool_call>'
+    reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
+    message = {"role": "assistant", "content": content}
+    reply.feed_completion({"id": "c1", "choices": [{"finish_reason": "stop", "message": message}]})
+    reply.finish()
+    assert [(c.name, c.arguments_text) for c in reply.client_calls] == [("lookup", '{"q": 1}')]
+    assert reply.mcp_calls == [] and reply.content == []
+    streamed = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
+    streamed.feed(chunk({"content": content}))
+    streamed.finish()
+    assert streamed.client_calls == [] and streamed.content == [content]

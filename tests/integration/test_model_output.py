@@ -1,0 +1,170 @@
+"""What local models write, put into the API's shape on the way to the client: tool calls
+written as text, and thinking in tags, replayed from real outputs
+(tests/fixtures/model_outputs) by the scripted upstream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from openai import AsyncOpenAI
+
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
+from tests.model_outputs import load
+
+FIXTURES = {f["id"]: f for f in load()}
+HERMES = FIXTURES["qwen2.5-7b-parallel-calls"]
+FALSE_POSITIVE = FIXTURES["fenced-tool-call-sample-is-text"]
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def tools_for(fixture: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        for name in fixture["offered"]
+    ]
+
+
+def deltas(content: str, step: int = 3) -> list[Any]:
+    events: list[Any] = [chunk(role="assistant", content="")]
+    events += [chunk(content[i : i + step]) for i in range(0, len(content), step)]
+    events.append(chunk(finish="stop"))
+    events.append(
+        chunk(choices=False, usage={"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14})
+    )
+    return events
+
+
+@pytest.fixture
+async def client(proxy):
+    """The openai SDK, pointed at the proxy."""
+    async with AsyncOpenAI(
+        base_url=str(proxy.make_url("/v1")), api_key="unused", max_retries=0
+    ) as client:
+        yield client
+
+
+def wanted_calls(fixture: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(c["name"], c["arguments"]) for c in fixture["expected"]["calls"]]
+
+
+async def test_sdk_gets_tool_calls_written_as_text(client, fake_upstream):
+    """client.chat.completions.create with tools: calls written as text come back as
+    tool_calls, with finish_reason tool_calls and no content."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(HERMES["content"])))
+    completion = await client.chat.completions.create(
+        model="test-model", messages=MESSAGES, tools=tools_for(HERMES)
+    )
+    choice = completion.choices[0]
+    calls = choice.message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == wanted_calls(
+        HERMES
+    )
+    assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
+    assert len({c.id for c in calls}) == len(calls)
+    assert choice.message.content is None
+    assert choice.finish_reason == "tool_calls"
+
+
+async def test_sdk_streams_tool_calls_written_as_text(client, fake_upstream):
+    """Streamed in small deltas: the calls arrive as tool_calls deltas, the usage chunk
+    and [DONE] pass, finish_reason is tool_calls."""
+    fake_upstream.add_reply(CHAT, Reply(stream=deltas(HERMES["content"])))
+    stream = await client.chat.completions.create(
+        model="test-model",
+        messages=MESSAGES,
+        tools=tools_for(HERMES),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    calls: dict[int, dict[str, str]] = {}
+    content, finish, usage = "", None, None
+    async for event in stream:
+        usage = event.usage or usage
+        for choice in event.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+    got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+    assert got == wanted_calls(HERMES)
+    assert content.strip() == ""
+    assert finish == "tool_calls"
+    assert usage is not None and usage.total_tokens == 14
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_false_positive_stays_text(proxy, fake_upstream, streamed):
+    """A <tool_call> sample in a fenced block is text, whole or streamed."""
+    content = FALSE_POSITIVE["content"]
+    reply = Reply(stream=deltas(content)) if streamed else Reply(json=chat_completion(content))
+    fake_upstream.add_reply(CHAT, reply)
+    body = {"model": "test-model", "messages": MESSAGES, "tools": tools_for(FALSE_POSITIVE)}
+    resp = await proxy.post(CHAT, json={**body, "stream": streamed})
+    if not streamed:
+        message = (await resp.json())["choices"][0]["message"]
+        assert message["content"] == content and "tool_calls" not in message
+        return
+    raw = await resp.read()
+    events = [json.loads(line[6:]) for line in raw.split(b"\n") if line[6:7] == b"{"]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == content
+    assert b"tool_calls" not in raw
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_the_request_turns_it_off(proxy, fake_upstream, streamed):
+    """ "lmbridge": {"text_tool_calls": false} leaves the content alone, and the field
+    never reaches the upstream."""
+    content = HERMES["content"]
+    reply = Reply(stream=deltas(content)) if streamed else Reply(json=chat_completion(content))
+    fake_upstream.add_reply(CHAT, reply)
+    body = {
+        "model": "test-model",
+        "messages": MESSAGES,
+        "tools": tools_for(HERMES),
+        "stream": streamed,
+        "lmbridge": {"text_tool_calls": False},
+    }
+    resp = await proxy.post(CHAT, json=body)
+    raw = await resp.read()
+    assert b"tool_calls" not in raw
+    seen = fake_upstream.requests_to(CHAT)[0].body
+    assert "lmbridge" not in seen and seen["tools"] == body["tools"]
+
+
+async def test_the_setting_turns_it_off(make_proxy, fake_upstream):
+    """models.text_tool_calls = false: the completion comes back as it came."""
+    proxy = await make_proxy(models__text_tool_calls=False)
+    upstream_body = chat_completion(HERMES["content"])
+    fake_upstream.add_reply(CHAT, Reply(json=upstream_body))
+    body = {"model": "test-model", "messages": MESSAGES, "tools": tools_for(HERMES)}
+    resp = await proxy.post(CHAT, json=body)
+    assert (await resp.json())["choices"][0]["message"]["content"] == HERMES["content"]
+
+
+async def test_a_bad_switch_is_a_400(proxy, fake_upstream):
+    """An lmbridge field that is not an object of booleans is refused, naming it."""
+    body = {"model": "test-model", "messages": MESSAGES, "lmbridge": {"text_tool_calls": "no"}}
+    resp = await proxy.post(CHAT, json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "lmbridge"
+
+
+async def test_structured_calls_of_the_upstream_pass_unchanged(proxy, fake_upstream):
+    """A stream whose calls the upstream parsed itself reaches the client byte for byte."""
+    call = {
+        "index": 0,
+        "id": "call_up",
+        "type": "function",
+        "function": {"name": "get_current_temperature", "arguments": '{"location": "Paris"}'},
+    }
+    events = [chunk(role="assistant", content=""), chunk(tool_calls=[call]), chunk(finish="stop")]
+    fake_upstream.add_reply(CHAT, Reply(stream=events))
+    body = {"model": "test-model", "messages": MESSAGES, "tools": tools_for(HERMES), "stream": True}
+    raw = await (await proxy.post(CHAT, json=body)).read()
+    expected = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    assert raw == expected + b"data: [DONE]\n\n"

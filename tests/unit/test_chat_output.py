@@ -1,0 +1,222 @@
+"""Chat completions rewritten for what local models write (proxy/chat_output): text calls
+and thinking in tags, whole and streamed, and byte for byte what needs no change."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from proxy.chat_output import (
+    ChatOutput,
+    ChatStreamEditor,
+    ChatStreamRewriter,
+    normalise_completion,
+    output_for,
+    read_switches,
+)
+from proxy.model_output.think_tags import THINK
+from proxy.sse import SSEParser, encode_event
+from tests.fake_upstream import chat_completion, chunk
+from tests.model_outputs import expected, load
+
+FIXTURES = [f for f in load() if not (f.get("think") or {}).get("opened")]
+IDS = [f["id"] for f in FIXTURES]
+
+
+def _ids(prefix: str) -> str:
+    return f"{prefix}_test"
+
+
+def output_of(fixture: dict[str, Any]) -> ChatOutput:
+    return ChatOutput(frozenset(fixture["offered"]), THINK)
+
+
+def sse(events: list[Any], *, done: bool = True) -> bytes:
+    body = b"".join(encode_event(e) for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def stream_of(content: str, step: int, *, finish: str = "stop") -> list[Any]:
+    events: list[Any] = [chunk(role="assistant", content="")]
+    events += [chunk(content[i : i + step]) for i in range(0, len(content), step)]
+    events.append(chunk(finish=finish))
+    events.append(
+        chunk(choices=False, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+    )
+    return events
+
+
+def edit(output: ChatOutput, raw: bytes, cut: int) -> bytes:
+    editor = ChatStreamEditor(ChatStreamRewriter(output, ids=_ids))
+    out = b"".join(editor.feed(raw[i : i + cut]) for i in range(0, len(raw), cut))
+    return out + editor.finish()
+
+
+def assemble(raw: bytes) -> dict[str, Any]:
+    """What a client makes of a stream: content, reasoning, calls, finish, usage, done."""
+    parser = SSEParser()
+    result: dict[str, Any] = {"content": "", "reasoning": "", "calls": {}, "finish": None}
+    result["done"] = False
+    for event in [*parser.feed(raw), *parser.finish()]:
+        if event.is_done:
+            result["done"] = True
+            continue
+        data = json.loads(event.data)
+        if data.get("usage"):
+            result["usage"] = data["usage"]
+        for choice in data["choices"]:
+            delta = choice["delta"]
+            result["content"] += delta.get("content") or ""
+            result["reasoning"] += delta.get("reasoning_content") or ""
+            for call in delta.get("tool_calls") or []:
+                entry = result["calls"].setdefault(call["index"], {"name": "", "arguments": ""})
+                entry["id"] = call.get("id", entry.get("id"))
+                entry["name"] += call.get("function", {}).get("name") or ""
+                entry["arguments"] += call.get("function", {}).get("arguments") or ""
+            if choice.get("finish_reason"):
+                result["finish"] = choice["finish_reason"]
+    return result
+
+
+def calls_of(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(result["calls"].items())]
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+def test_whole_completion_of_each_fixture(fixture):
+    """A completion's content gives its expected calls, reasoning and text, and
+    finish_reason tool_calls when it held a call."""
+    completion = chat_completion(fixture["content"])
+    truncated = (fixture.get("think") or {}).get("truncated")
+    if truncated:
+        completion["choices"][0]["finish_reason"] = "length"
+    wanted = expected(fixture)
+    normalise_completion(completion, output_of(fixture), ids=_ids)
+    choice = completion["choices"][0]
+    message = choice["message"]
+    calls = [
+        (c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in message.get("tool_calls", [])
+    ]
+    assert calls == wanted.calls
+    assert (message["content"] or "").strip() == wanted.text.strip()
+    assert message.get("reasoning_content", "") == wanted.reasoning
+    if wanted.calls:
+        assert all(
+            c["id"] == "call_test" and c["type"] == "function" for c in message["tool_calls"]
+        )
+        assert choice["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("step,cut", [(1, 7), (3, 1), (5, 64), (11, 4096)])
+@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+def test_streamed_fixture_in_small_deltas(fixture, step, cut):
+    """Streamed in deltas of a few characters and read in pieces of any size, a fixture
+    gives the same calls, reasoning and text as whole; usage and [DONE] pass."""
+    truncated = (fixture.get("think") or {}).get("truncated")
+    raw = sse(stream_of(fixture["content"], step, finish="length" if truncated else "stop"))
+    result = assemble(edit(output_of(fixture), raw, cut))
+    wanted = expected(fixture)
+    assert calls_of(result) == wanted.calls
+    assert result["content"].strip() == wanted.text.strip()
+    assert result["reasoning"] == wanted.reasoning
+    assert result["done"] and result["usage"]["total_tokens"] == 3
+    if wanted.calls:
+        assert result["finish"] == "tool_calls"
+        assert all(c["id"] == "call_test" for c in result["calls"].values())
+    else:
+        assert result["finish"] == ("length" if truncated else "stop")
+
+
+def test_plain_stream_is_byte_for_byte_and_then_relayed():
+    """Plain content with tags looked for: the bytes come out as they went in, and once
+    the answer began nothing more is parsed."""
+    raw = sse(stream_of("Hello there, how are you?", 4))
+    editor = ChatStreamEditor(ChatStreamRewriter(ChatOutput(think=THINK)))
+    pieces = [raw[i : i + 9] for i in range(0, len(raw), 9)]
+    out = b""
+    for piece in pieces:
+        out += editor.feed(piece)
+    assert editor.relaying
+    assert out + editor.finish() == raw
+
+
+def test_plain_stream_with_tools_offered_keeps_its_bytes():
+    """Plain content with tools offered: unchanged chunks keep their bytes."""
+    raw = sse(stream_of("The weather is fine today.", 3))
+    output = ChatOutput(frozenset({"get_weather"}), THINK)
+    assert edit(output, raw, 50) == raw
+
+
+def test_structured_calls_pass_unchanged():
+    """Calls the upstream parsed itself pass as they came; the text is not searched."""
+    call = {
+        "index": 0,
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "f", "arguments": "{}"},
+    }
+    events = [
+        chunk(role="assistant", content=""),
+        chunk(tool_calls=[call]),
+        chunk(finish="tool_calls"),
+    ]
+    raw = sse(events)
+    assert edit(ChatOutput(frozenset({"f"}), THINK), raw, 13) == raw
+
+
+def test_text_call_then_structured_call_are_numbered_apart():
+    """A text call and a later structured call do not share an index."""
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    call = {
+        "index": 0,
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "g", "arguments": "{}"},
+    }
+    events = [chunk(text), chunk(tool_calls=[call]), chunk(finish="tool_calls")]
+    result = assemble(edit(ChatOutput(frozenset({"f", "g"})), sse(events), 1000))
+    assert [c["name"] for _, c in sorted(result["calls"].items())] == ["f", "g"]
+
+
+def test_upstream_reasoning_leaves_the_content_alone():
+    """A stream that carries reasoning_content: <think> in its content stays text."""
+    first = chunk()
+    first["choices"][0]["delta"]["reasoning_content"] = "hmm"
+    raw = sse([first, chunk("<think>x</think>y"), chunk(finish="stop")])
+    assert assemble(edit(ChatOutput(think=THINK), raw, 1000))["content"] == "<think>x</think>y"
+
+
+def test_a_stream_without_finish_reason_gives_what_was_held():
+    """A stream that ends without a finish_reason still gets what was held back."""
+    raw = sse([chunk("Answer: <tool"), chunk("_cal")], done=False)
+    result = assemble(edit(ChatOutput(frozenset({"f"})), raw, 5))
+    assert result["content"] == "Answer: <tool_cal"
+
+
+def test_reasoning_is_a_delta_field():
+    """Thinking streams as delta.reasoning_content, before the answer's content."""
+    raw = sse(stream_of("<think>Let me see.</think>\n\nFour.", 2))
+    result = assemble(edit(ChatOutput(think=THINK), raw, 10))
+    assert (result["reasoning"], result["content"]) == ("Let me see.", "Four.")
+
+
+def test_switches_and_settings():
+    """The lmbridge object turns each part off; the settings turn it off for all."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    both = output_for(tools, {}, text_tool_calls=True, think_tags=True)
+    assert both == ChatOutput(frozenset({"f"}), THINK)
+    off = output_for(
+        tools,
+        {"text_tool_calls": False, "think_tags": False},
+        text_tool_calls=True,
+        think_tags=True,
+    )
+    assert not off.active
+    assert not output_for(tools, {}, text_tool_calls=False, think_tags=False).active
+    assert read_switches({"think_tags": False}) == {"think_tags": False}
+    for bad in ([], {"x": True}, {"think_tags": "no"}):
+        with pytest.raises(ValueError):
+            read_switches(bad)
