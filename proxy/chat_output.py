@@ -27,7 +27,7 @@ from typing import Any
 
 from proxy.ids import new_id
 from proxy.jsontext import loads
-from proxy.model_output.text_calls import Piece, TextCall, TextCallRecogniser
+from proxy.model_output.text_calls import TextCall, TextCallRecogniser
 from proxy.model_output.text_calls import split as split_text_calls
 from proxy.model_output.think_tags import THINK, ReasoningSplitter, ThinkTags, split_reasoning
 from proxy.sse import DONE_EVENT, SSEEvent, SSEParser, encode_event
@@ -93,6 +93,15 @@ def output_for(
     return ChatOutput(offered, think)
 
 
+def mcp_text_calls(
+    text_tool_calls: bool, mcp_setting: bool | None, switches: Mapping[str, bool]
+) -> bool:
+    """Whether calls to MCP tools written as text count: models.text_tool_calls, or the
+    deprecated mcp.text_tool_calls when set, unless the request turned it off."""
+    enabled = text_tool_calls if mcp_setting is None else mcp_setting
+    return enabled and switches.get("text_tool_calls", True)
+
+
 def _has_reasoning(message: Mapping[str, Any]) -> bool:
     return bool(message.get("reasoning_content") or message.get("reasoning"))
 
@@ -142,6 +151,70 @@ def normalise_completion(
     return changed
 
 
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """Thinking read off the front of the content."""
+
+    text: str
+
+
+Part = str | TextCall | Reasoning
+
+
+class MessageReader:
+    """One message's content, delta by delta, read into parts in order: reasoning, text
+    and calls. Shared by the chat stream and the Responses builder."""
+
+    def __init__(self, output: ChatOutput) -> None:
+        self._recogniser = TextCallRecogniser(output.offered) if output.offered else None
+        self._splitter = ReasoningSplitter(output.think) if output.think else None
+
+    @property
+    def watching(self) -> bool:
+        """Whether content may still be held back or changed."""
+        return self._recogniser is not None or self._splitter is not None
+
+    def content(self, text: str) -> list[Part]:
+        parts: list[Part] = []
+        if self._splitter is not None:
+            split = self._splitter.feed(text)
+            if split.reasoning:
+                parts.append(Reasoning(split.reasoning))
+            text = split.content
+            if self._splitter.answering:
+                self._splitter = None
+        if text:
+            if self._recogniser is None:
+                parts.append(text)
+            else:
+                parts += self._recogniser.feed(text)
+        return parts
+
+    def separated_reasoning(self) -> list[Part]:
+        """The upstream sends reasoning itself: tags are no longer looked for."""
+        return self._end_splitter(truncated=False)
+
+    def separated_calls(self) -> list[Part]:
+        """The upstream parses calls itself: what was held is text."""
+        recogniser, self._recogniser = self._recogniser, None
+        return list(recogniser.finish()) if recogniser is not None else []
+
+    def end(self, *, truncated: bool) -> list[Part]:
+        """The message ended (``truncated``: by the length limit): the rest."""
+        parts = self._end_splitter(truncated=truncated)
+        return parts + self.separated_calls()
+
+    def _end_splitter(self, *, truncated: bool) -> list[Part]:
+        splitter, self._splitter = self._splitter, None
+        if splitter is None:
+            return []
+        split = splitter.finish(truncated=truncated)
+        parts: list[Part] = [Reasoning(split.reasoning)] if split.reasoning else []
+        if split.content:
+            parts += self.content(split.content)
+        return parts
+
+
 class ChatStreamRewriter:
     """Fed the chunks of one chat completion stream, parsed; returns the chunks to send.
 
@@ -150,8 +223,7 @@ class ChatStreamRewriter:
 
     def __init__(self, output: ChatOutput, *, ids: Callable[[str], str] = new_id) -> None:
         self._ids = ids
-        self._recogniser = TextCallRecogniser(output.offered) if output.offered else None
-        self._splitter = ReasoningSplitter(output.think) if output.think else None
+        self._reader = MessageReader(output)
         self.calls = 0  # text calls sent, so far
         self._template: dict[str, Any] | None = None  # the latest chunk with a choice
         self._ended = False  # the finish_reason came: what was held has gone out
@@ -159,7 +231,7 @@ class ChatStreamRewriter:
     @property
     def watching(self) -> bool:
         """Whether a later chunk may still change; once not, every chunk passes."""
-        return (self._recogniser is not None or self._splitter is not None) or self.calls > 0
+        return self._reader.watching or self.calls > 0
 
     def feed(self, chunk: Any) -> list[dict[str, Any]] | None:
         if not isinstance(chunk, dict):
@@ -176,107 +248,61 @@ class ChatStreamRewriter:
             return None
         self._template = chunk
         finish = choice.get("finish_reason")
-        reasoning: list[str] = []
-        pieces: list[Piece] = []
-        touched = False  # the chunk cannot go out as it came
-
-        if self._splitter is not None and _has_reasoning(delta):
-            # The upstream separates reasoning itself: tags are not looked for.
-            touched |= self._drop_splitter(False, reasoning, pieces)
+        reader = self._reader
+        parts: list[Part] = []
+        if _has_reasoning(delta):
+            parts += reader.separated_reasoning()
         calls = delta.get("tool_calls")
-        if calls and self._recogniser is not None:
-            # The upstream parses calls itself: what was held is text.
-            pieces += self._recogniser.finish()
-            self._recogniser = None
-            touched |= bool(pieces)
+        if calls:
+            parts += reader.separated_calls()
+        touched = bool(parts)  # the chunk cannot go out as it came
         content = delta.get("content")
         if isinstance(content, str) and content:
-            before = len(pieces)
-            self._content(content, reasoning, pieces)
-            touched |= reasoning != [] or pieces[before:] != [content]
+            read = reader.content(content)
+            touched |= read != [content]
+            parts += read
         if isinstance(finish, str) and finish:
-            touched |= self._end(finish == "length", reasoning, pieces)
+            self._ended = True
+            rest = reader.end(truncated=finish == "length")
+            touched |= bool(rest)
+            parts += rest
         shift = bool(calls) and self.calls > 0  # structured calls numbered after ours
         rewrite = self.calls > 0 and finish in _CALL_FINISH
         if not (touched or shift or rewrite):
             return None
-        return self._chunks(chunk, choice, delta, "".join(reasoning), pieces, finish)
+        return self._chunks(chunk, choice, delta, parts, finish)
 
     def finish(self) -> list[dict[str, Any]]:
         """At the end of the stream (its ``[DONE]`` or its end), what is still held."""
         if self._ended or self._template is None:
             return []
-        reasoning: list[str] = []
-        pieces: list[Piece] = []
-        self._end(False, reasoning, pieces)
-        if not reasoning and not pieces:
+        self._ended = True
+        parts = self._reader.end(truncated=False)
+        if not parts:
             return []
         template = self._template
-        choice = template["choices"][0]
-        return self._chunks(template, choice, {}, "".join(reasoning), pieces, None)
-
-    # --- the readers ------------------------------------------------------------------
-
-    def _content(self, text: str, reasoning: list[str], pieces: list[Piece]) -> None:
-        if self._splitter is not None:
-            split = self._splitter.feed(text)
-            if split.reasoning:
-                reasoning.append(split.reasoning)
-            text = split.content
-            if self._splitter.answering:
-                self._splitter = None
-        if not text:
-            return
-        if self._recogniser is not None:
-            pieces += self._recogniser.feed(text)
-        else:
-            pieces.append(text)
-
-    def _drop_splitter(self, truncated: bool, reasoning: list[str], pieces: list[Piece]) -> bool:
-        splitter, self._splitter = self._splitter, None
-        if splitter is None:
-            return False
-        split = splitter.finish(truncated=truncated)
-        if split.reasoning:
-            reasoning.append(split.reasoning)
-        if split.content:
-            self._content(split.content, reasoning, pieces)
-        return bool(split.reasoning or split.content)
-
-    def _end(self, truncated: bool, reasoning: list[str], pieces: list[Piece]) -> bool:
-        """The message ended: everything held is decided."""
-        self._ended = True
-        touched = self._drop_splitter(truncated, reasoning, pieces)
-        recogniser, self._recogniser = self._recogniser, None
-        if recogniser is not None:
-            rest = recogniser.finish()
-            pieces += rest
-            touched |= bool(rest)
-        return touched
-
-    # --- the chunks sent --------------------------------------------------------------
+        return self._chunks(template, template["choices"][0], {}, parts, None)
 
     def _chunks(
         self,
         chunk: dict[str, Any],
         choice: dict[str, Any],
         delta: dict[str, Any],
-        reasoning: str,
-        pieces: list[Piece],
+        parts: list[Part],
         finish: Any,
     ) -> list[dict[str, Any]]:
         others = {k: v for k, v in delta.items() if k not in ("content", "tool_calls")}
-        if reasoning:
-            others["reasoning_content"] = others.get("reasoning_content", "") + reasoning
         deltas: list[dict[str, Any]] = []
-        for piece in pieces:
-            if isinstance(piece, str):
+        for part in parts:
+            if isinstance(part, Reasoning):
+                others["reasoning_content"] = others.get("reasoning_content", "") + part.text
+            elif isinstance(part, str):
                 if deltas and "content" in deltas[-1]:
-                    deltas[-1]["content"] += piece
+                    deltas[-1]["content"] += part
                 else:
-                    deltas.append({"content": piece})
+                    deltas.append({"content": part})
             else:
-                call = chat_call(piece, self.calls, self._ids("call"))
+                call = chat_call(part, self.calls, self._ids("call"))
                 self.calls += 1
                 deltas.append({"tool_calls": [call]})
         calls = delta.get("tool_calls")
@@ -295,12 +321,12 @@ class ChatStreamRewriter:
         out: list[dict[str, Any]] = []
         top = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
         base = {k: v for k, v in choice.items() if k not in ("delta", "finish_reason")}
-        for n, piece_delta in enumerate(deltas):
+        for n, part_delta in enumerate(deltas):
             last = n == len(deltas) - 1
             built = {
                 **top,
                 "choices": [
-                    {**base, "delta": piece_delta, "finish_reason": finish if last else None}
+                    {**base, "delta": part_delta, "finish_reason": finish if last else None}
                 ],
             }
             if last and "usage" in chunk:

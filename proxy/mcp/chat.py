@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy import chat_upstream
 from proxy.catalog import ModelInfo
-from proxy.config import Config
+from proxy.chat_output import mcp_text_calls
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
 from proxy.keys import CONFIG, MCP, METRICS, OWNER, TURNS, UPSTREAM
@@ -72,7 +72,9 @@ async def chat_with_tools(
         call_tool,
         max_rounds=config.max_rounds,
         max_tool_calls=config.max_tool_calls,
-        text_tool_calls=text_tool_calls(settings, switches or {}),
+        text_tool_calls=mcp_text_calls(
+            settings.models.text_tool_calls, config.text_tool_calls, switches or {}
+        ),
         images=images,
         client_tools=_names(client_tools),
     )
@@ -82,15 +84,6 @@ async def chat_with_tools(
         _remember_hidden_steps(request, result, sent, last_sent)
         return web.json_response(result.completion, headers=headers)
     return await _stream(request, body, loop, model.id, headers, sent, last_sent)
-
-
-def text_tool_calls(settings: Config, switches: Mapping[str, bool]) -> bool:
-    """Whether calls to MCP tools written as text count: models.text_tool_calls (or the
-    deprecated mcp.text_tool_calls, when set), unless the request turned it off."""
-    enabled = settings.mcp.text_tool_calls
-    if enabled is None:
-        enabled = settings.models.text_tool_calls
-    return enabled and switches.get("text_tool_calls", True)
 
 
 def _names(tools: list[Any]) -> frozenset[str]:

@@ -11,6 +11,11 @@ the next item of another kind begins; one ``sequence_number`` counter from 0.
 Upstream quirks absorbed here: tool-call deltas that repeat ``id`` and
 ``name`` every time, no usage chunk, no ``finish_reason``, reasoning sent as
 ``reasoning_content`` (llama.cpp, LM Studio) or ``reasoning`` (vLLM, Ollama).
+
+What local models write (``output``, a ``ChatOutput``): thinking in tags at the start of
+the content becomes a reasoning item, tool calls written as text become function calls
+(or MCP calls), each message's content read delta by delta by ``proxy/model_output``;
+text released unchanged. What the upstream separated itself is left alone.
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from proxy.chat_output import ChatOutput, MessageReader, Part, Reasoning
 from proxy.ids import new_id
 from proxy.responses.mcp_items import McpItems, McpTarget, PendingMcpCall
 from proxy.responses.output_items import CallItem, Event, Item
 from proxy.responses.render import ToolNames
 from proxy.tool_deltas import arguments_piece, delta_index, merge_name
 from proxy.usage import add_usage, usage_from_chat
+
+# Calls read from the text are numbered apart from the upstream's own (0, 1, ...).
+_TEXT_CALLS = 1 << 20
 
 
 class ResponseBuilder(McpItems):
@@ -39,6 +48,7 @@ class ResponseBuilder(McpItems):
         emit: bool = True,
         kept: bool = True,
         mcp: Mapping[str, McpTarget] | None = None,
+        output: ChatOutput | None = None,
     ) -> None:
         super().__init__(response, ids=ids, clock=clock, emit=emit, kept=kept)
         self.names = names
@@ -51,6 +61,9 @@ class ResponseBuilder(McpItems):
         self.usage: dict[str, Any] | None = None
         self.mcp = mcp or {}
         self._earlier_usage: dict[str, Any] | None = None  # of the rounds before this one
+        self.reading = output or ChatOutput()
+        self._reader = MessageReader(self.reading)  # each round's reply is one message
+        self._text_calls = 0
 
     def start(self, *, queued: bool = False) -> list[Event]:
         """``response.created`` then ``response.queued`` or ``response.in_progress``."""
@@ -85,14 +98,17 @@ class ResponseBuilder(McpItems):
                 break
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
+            events += self._parts(self._reader.separated_reasoning())
             events += self._reasoning_delta(reasoning)
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            events += self._parts(self._reader.separated_calls())
         content = delta.get("content")
         if isinstance(content, str) and content:
-            events += self._text_delta(content)
+            events += self._parts(self._reader.content(content))
         refusal = delta.get("refusal")
         if isinstance(refusal, str) and refusal:
             events += self._text_delta(refusal)
-        tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
             for position, call in enumerate(tool_calls):
                 if isinstance(call, dict):
@@ -100,7 +116,32 @@ class ResponseBuilder(McpItems):
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self.finish_reason = finish
+            events += self._end_message()
         return events
+
+    # --- what the model wrote in the content ------------------------------
+
+    def _parts(self, parts: list[Part]) -> list[Event]:
+        events: list[Event] = []
+        for part in parts:
+            if isinstance(part, Reasoning):
+                events += self._reasoning_delta(part.text)
+            elif isinstance(part, str):
+                events += self._text_delta(part)
+            else:
+                delta = {
+                    "index": _TEXT_CALLS + self._text_calls,
+                    "id": self._ids("call"),
+                    "function": {"name": part.name, "arguments": part.arguments},
+                }
+                self._text_calls += 1
+                events += self._call_delta(delta, 0)
+        return events
+
+    def _end_message(self) -> list[Event]:
+        """The message ended (its finish_reason, or the end of the reply): what was held
+        back is decided."""
+        return self._parts(self._reader.end(truncated=self.finish_reason == "length"))
 
     def feed_completion(self, completion: dict[str, Any]) -> list[Event]:
         """A whole (non-streamed) chat completion, as one chunk."""
@@ -374,7 +415,8 @@ class ResponseBuilder(McpItems):
         """End of one upstream reply: close its text, and hand over its MCP calls (to run)
         and approval requests (to ask). Function calls of the client stay open for
         ``finish()``."""
-        events = self._close_reasoning() + self._close_text()
+        events = self._end_message()
+        events += self._close_reasoning() + self._close_text()
         pending: list[PendingMcpCall] = []
         for call in sorted(self._calls.values(), key=lambda c: c.index):
             if call.kind == "function" or not call.open:
@@ -412,6 +454,8 @@ class ResponseBuilder(McpItems):
         self._dropped_calls = set()
         self.finish_reason = None
         self._earlier_usage = self.usage
+        self._reader = MessageReader(self.reading)
+        self._text_calls = 0
 
     def finish(self) -> list[Event]:
         """Close every open item and end with completed or incomplete."""
@@ -421,7 +465,8 @@ class ResponseBuilder(McpItems):
             status, details = "incomplete", {"reason": "content_filter"}
         else:
             status, details = "completed", None
-        events = self._close_all("incomplete" if status == "incomplete" else "completed")
+        events = self._end_message()
+        events += self._close_all("incomplete" if status == "incomplete" else "completed")
         self._settle(status, incomplete_details=details)
         kind = "response.completed" if status == "completed" else "response.incomplete"
         events.append(self._event(kind, response=self.snapshot()))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.chat_output import SWITCHES_FIELD, read_switches
 from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.responses.input_items import normalize_input
@@ -57,6 +58,9 @@ class CreateRequest:
     prompt_cache_key: str | None
     service_tier: str | None
     include: list[str] = field(default_factory=list)
+    # lmbridge's extension: {"text_tool_calls": false, "think_tags": false} turns off
+    # what lmbridge reads out of the model's answer.
+    switches: dict[str, bool] = field(default_factory=dict)
     # False: the turn is recorded (input, tools, instructions) and answered without
     # asking the model, so that the next turn continues from it (WebSocket warm-up).
     generate: bool = True
@@ -167,7 +171,15 @@ def parse_create(
         service_tier=check.optional_str("service_tier"),
         include=include,
         generate=check.bool("generate", True),
+        switches=_switches(body.get(SWITCHES_FIELD)),
     )
+
+
+def _switches(value: Any) -> dict[str, bool]:
+    try:
+        return read_switches(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param=SWITCHES_FIELD) from None
 
 
 class _Checker:

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, Literal
 
 from proxy.catalog import ModelCatalog
+from proxy.chat_output import ChatOutput, function_names, mcp_text_calls, output_for
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
@@ -161,12 +162,31 @@ class ResponsesService:
             emit=request.stream or request.background,
             kept=request.background,
             mcp=prepared.mcp.targets if prepared.mcp is not None else None,
+            output=self.reading(prepared),
         )
         run = ResponseRun(response_id, prepared, builder, created_at)
         if request.background:
             await run.record(builder.start(queued=True))
             await self.recorder.save(run)  # acknowledged as queued only once it is durable
         return run
+
+    def reading(self, prepared: Prepared) -> ChatOutput:
+        """What is read out of the model's answer: text calls to the offered function
+        tools and MCP tools, thinking in tags; as the settings and the request say."""
+        switches = prepared.request.switches
+        models = self.config.models
+        output = output_for(
+            prepared.tools.tools,
+            switches,
+            text_tool_calls=models.text_tool_calls,
+            think_tags=models.think_tags,
+        )
+        setup = prepared.mcp
+        if setup is None or not mcp_text_calls(
+            models.text_tool_calls, self.config.mcp.text_tool_calls, switches
+        ):
+            return output
+        return ChatOutput(output.offered | function_names(setup.chat_tools), output.think)
 
     async def prepare(
         self, request: CreateRequest, owner: str, history: History | None = None

@@ -168,3 +168,114 @@ async def test_structured_calls_of_the_upstream_pass_unchanged(proxy, fake_upstr
     raw = await (await proxy.post(CHAT, json=body)).read()
     expected = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
     assert raw == expected + b"data: [DONE]\n\n"
+
+
+THINK = FIXTURES["deepseek-r1-think-then-answer"]
+
+
+def response_tools(fixture: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"type": "function", "name": n, "parameters": {"type": "object"}}
+        for n in fixture["offered"]
+    ]
+
+
+async def test_sdk_responses_get_function_calls_written_as_text(client, fake_upstream):
+    """client.responses.create with function tools: calls written as text come back as
+    function_call items."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(HERMES["content"])))
+    response = await client.responses.create(
+        model="test-model", input="hi", tools=response_tools(HERMES)
+    )
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == wanted_calls(HERMES)
+    assert all(c.call_id.startswith("call_") for c in calls)
+    assert response.output_text == ""
+
+
+async def test_sdk_responses_stream_function_calls_written_as_text(client, fake_upstream):
+    """Streamed in small deltas: function_call items with their arguments events, and the
+    final response holds them."""
+    fake_upstream.add_reply(CHAT, Reply(stream=deltas(HERMES["content"])))
+    stream = await client.responses.create(
+        model="test-model", input="hi", tools=response_tools(HERMES), stream=True
+    )
+    kinds, final = [], None
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.completed":
+            final = event.response
+    assert kinds.count("response.function_call_arguments.done") == 2
+    assert "response.output_text.delta" not in kinds
+    assert final is not None
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == wanted_calls(HERMES)
+
+
+async def test_responses_switch_turns_it_off(client, fake_upstream):
+    """ "lmbridge": {"text_tool_calls": false} on /v1/responses: the call stays text."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(HERMES["content"])))
+    response = await client.responses.create(
+        model="test-model",
+        input="hi",
+        tools=response_tools(HERMES),
+        extra_body={"lmbridge": {"text_tool_calls": False}},
+    )
+    assert [item.type for item in response.output] == ["message"]
+    assert response.output_text == HERMES["content"]
+    assert "lmbridge" not in fake_upstream.requests_to(CHAT)[0].body
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_sdk_chat_gets_reasoning_content(client, fake_upstream, streamed):
+    """<think> at the start of the content is reasoning_content on chat completions,
+    whole or streamed, without any tools offered."""
+    content = THINK["content"]
+    wanted = THINK["expected"]
+    if not streamed:
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion(content)))
+        completion = await client.chat.completions.create(model="test-model", messages=MESSAGES)
+        message = completion.choices[0].message
+        assert message.model_extra["reasoning_content"] == wanted["reasoning"]
+        assert message.content == wanted["text"]
+        return
+    fake_upstream.add_reply(CHAT, Reply(stream=deltas(content, 2)))
+    stream = await client.chat.completions.create(
+        model="test-model", messages=MESSAGES, stream=True
+    )
+    reasoning, answer = "", ""
+    async for event in stream:
+        for choice in event.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            answer += choice.delta.content or ""
+    assert (reasoning, answer) == (wanted["reasoning"], wanted["text"])
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_sdk_responses_get_a_reasoning_item(client, fake_upstream, streamed):
+    """<think> at the start of the content is a reasoning item on the Responses API."""
+    content = THINK["content"]
+    wanted = THINK["expected"]
+    reply = Reply(stream=deltas(content, 2)) if streamed else Reply(json=chat_completion(content))
+    fake_upstream.add_reply(CHAT, reply)
+    if streamed:
+        stream = await client.responses.create(model="test-model", input="hi", stream=True)
+        response = None
+        async for event in stream:
+            if event.type == "response.completed":
+                response = event.response
+        assert response is not None
+    else:
+        response = await client.responses.create(model="test-model", input="hi")
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == wanted["reasoning"]
+    assert response.output_text == wanted["text"]
+
+
+async def test_think_tags_turned_off(make_proxy, fake_upstream):
+    """models.think_tags = false: the content comes back as it came, and a stream
+    without tools is relayed byte for byte."""
+    proxy = await make_proxy(models__think_tags=False)
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(THINK["content"])))
+    resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
+    assert (await resp.json())["choices"][0]["message"]["content"] == THINK["content"]
