@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["passthrough", "responses", "mcp", "agent"],
-        default=["passthrough", "responses", "mcp", "agent"],
-        help="what to measure",
+        choices=["passthrough", "responses", "mcp", "agent", "output"],
+        default=["passthrough", "responses", "mcp", "agent", "output"],
+        help="what to measure (output: streamed chat with text calls and <think> read, "
+        "against the same with the reading off)",
     )
     parser.add_argument(
         "--real",

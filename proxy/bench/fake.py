@@ -37,6 +37,7 @@ from proxy.bench.load import (
     percentile,
     throughput,
 )
+from proxy.bench.model_output_stream import measure_model_output
 from proxy.bench.placement import Placement
 from proxy.bench.processes import (
     free_port,
@@ -423,6 +424,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results += await measure_mcp(setup)
             if "agent" in args.only:
                 results += await measure_agent_loop(setup)
+            if "output" in args.only:
+                results += await measure_model_output(setup)
             async with session.get(upstream_url + "/bench/stats") as resp:
                 upstream_stats = await resp.json()
     finally:

@@ -91,7 +91,9 @@ def fast_upstream_app() -> web.Application:
         n = next(counter)
         stats["chat_requests"] += 1
         tools = body.get("tools") or []
-        if tools and body["messages"][-1].get("role") != "tool":
+        # tool_choice "none": tools are offered but the model answers in text.
+        calls = tools and body.get("tool_choice") != "none"
+        if calls and body["messages"][-1].get("role") != "tool":
             return web.json_response(_tool_call(n, tools[0]["function"]["name"]))
         if not body.get("stream"):
             return web.json_response(_completion(n))

@@ -64,6 +64,17 @@ class TextCallRecogniser:
         self._after_call = False
         self._leading = ""  # whitespace that opened the message, dropped if a call follows
 
+    @property
+    def passing(self) -> bool:
+        """Whether a delta without ``<``, ``[`` and backticks would pass as it is: nothing
+        is held and the text is plain (not in code, not at the start, not after a call)."""
+        return (
+            self._state == _SCAN
+            and not self._held
+            and not self._after_call
+            and self._code == _PLAIN
+        )
+
     def feed(self, delta: str) -> list[Piece]:
         """What may be released once ``delta`` is added."""
         plain = self._state == _SCAN and not self._held and not self._after_call

@@ -220,3 +220,22 @@ def test_switches_and_settings():
     for bad in ([], {"x": True}, {"think_tags": "no"}):
         with pytest.raises(ValueError):
             read_switches(bad)
+
+
+def test_escaped_tags_are_read():
+    """A server that escapes < as \\u003c (Go's JSON, Ollama) still has its calls and
+    thinking read: plain-looking bytes are never taken for plain content."""
+    content = '<think>Hm.</think><tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    events = stream_of(content, 5)
+    raw = b"".join(
+        b"data: " + json.dumps(e).replace("<", "\\u003c").encode() + b"\n\n" for e in events
+    )
+    result = assemble(edit(ChatOutput(frozenset({"f"}), THINK), raw + b"data: [DONE]\n\n", 4096))
+    assert (result["reasoning"], calls_of(result), result["content"]) == ("Hm.", [("f", {})], "")
+
+
+def test_plain_events_after_a_fence_are_still_read():
+    """Once a fenced block opened, later deltas are read (a call inside it stays text)."""
+    content = 'Use:\n```\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n```\nDone.'
+    result = assemble(edit(ChatOutput(frozenset({"f"})), sse(stream_of(content, 3)), 64))
+    assert result["content"] == content and result["calls"] == {}
