@@ -320,6 +320,14 @@ class ModelsConfig(_Section):
         "names of offered tools and complete JSON count. A request turns it off with "
         '"lmbridge": {"text_tool_calls": false}.',
     )
+    describe_tools: bool = Field(
+        True,
+        description="For a model whose chat template cannot render tools (llama.cpp's /props "
+        "says supports_tools: false), describe the offered function tools in the system "
+        "message and read the calls back from the text (with text_tool_calls on), on "
+        '/v1/chat/completions. A request turns it off with "lmbridge": {"describe_tools": '
+        "false}.",
+    )
     think_tags: bool = Field(
         True,
         description="Take <think>...</think> at the start of the content off as reasoning "

@@ -60,6 +60,7 @@ from proxy.keys import (
 )
 from proxy.mcp.chat import chat_with_tools
 from proxy.sse import DONE_EVENT
+from proxy.tool_prompt import describe_tools
 
 log = logging.getLogger("lmbridge.upstream")
 
@@ -200,13 +201,6 @@ async def forward(
         requested = body.pop("mcp_servers", None)
         switches = request_switches(body)
         selection = request.app[MCP].select(requested, request.headers.get("X-MCP-Servers"))
-        if (selection or body.get("tools")) and (warning := catalog.tools_warning(model)):
-            request[WARNING] = warning
-        if selection:
-            body["model"] = model.id
-            return await chat_with_tools(request, body, model, selection, switches)
-        if requested is not None or switches is not None:
-            raw = b""  # a field was removed: serialise again below
         settings = request.app[CONFIG].models
         output = output_for(
             body.get("tools"),
@@ -214,6 +208,25 @@ async def forward(
             text_tool_calls=settings.text_tool_calls,
             think_tags=settings.think_tags,
         )
+        # A template that cannot render tools: they are described in the system message
+        # and the calls read back from the text.
+        describe = (
+            model.tools is False
+            and not selection
+            and bool(output.offered)
+            and settings.describe_tools
+            and (switches or {}).get("describe_tools", True)
+        )
+        offers = bool(selection or body.get("tools")) and not describe
+        if offers and (warning := catalog.tools_warning(model)):
+            request[WARNING] = warning
+        if selection:
+            body["model"] = model.id
+            return await chat_with_tools(request, body, model, selection, switches)
+        if requested is not None or switches is not None:
+            raw = b""  # a field was removed: serialise again below
+        if describe and describe_tools(body):
+            raw = b""
     if body.get("model") != model.id or not raw:
         body["model"] = model.id
         raw = await serialise(request, body, size)

@@ -422,13 +422,19 @@ NO_TOOLS = {"chat_template_caps": {"supports_tools": False, "supports_tool_calls
 
 async def test_tools_for_a_template_that_drops_them_get_a_warning(proxy, fake_upstream, caplog):
     """llama.cpp says the model's template cannot render tools: a request that offers
-    tools is still served, with X-LMBridge-Warning saying the model never sees them, on
-    both APIs, plain and streamed; the log says it once per model."""
+    tools as they are (not described in the system message) is still served, with
+    X-LMBridge-Warning saying the model never sees them, on both APIs, plain and
+    streamed; the log says it once per model."""
     fake_upstream.llama_props = NO_TOOLS
     messages = [{"role": "user", "content": "hi"}]
+    # On chat the tools are described in the system message unless the request says no.
+    as_sent = {"describe_tools": False}
     requests = [
-        ("/v1/chat/completions", {"messages": messages, "tools": [TOOL]}),
-        ("/v1/chat/completions", {"messages": messages, "tools": [TOOL], "stream": True}),
+        ("/v1/chat/completions", {"messages": messages, "tools": [TOOL], "lmbridge": as_sent}),
+        (
+            "/v1/chat/completions",
+            {"messages": messages, "tools": [TOOL], "stream": True, "lmbridge": as_sent},
+        ),
         ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f"}]}),
         (
             "/v1/responses",
@@ -458,3 +464,34 @@ async def test_no_tools_warning_where_the_upstream_does_not_say(proxy, fake_upst
     assert resp.status == 200
     assert "X-LMBridge-Warning" not in resp.headers
     assert not fake_upstream.requests_to("/props")  # not owned by llama.cpp: not asked
+
+
+async def test_tools_described_for_a_template_that_drops_them(proxy, fake_upstream):
+    """A template without tools: the function tools go into the system message (no
+    tools field upstream, no warning), an earlier call and its result become text, and
+    the call the model writes as text comes back as tool_calls."""
+    fake_upstream.llama_props = NO_TOOLS
+    answer = '<tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call>'
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(answer)))
+    earlier = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [earlier]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1"},
+    ]
+    body = {"model": "test-model", "messages": messages, "tools": [TOOL], "tool_choice": "auto"}
+    resp = await proxy.post(CHAT, json=body)
+    assert "X-LMBridge-Warning" not in resp.headers
+    message = (await resp.json())["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 2}'}
+    sent = fake_upstream.requests_to(CHAT)[0].body
+    assert "tools" not in sent and "tool_choice" not in sent
+    system, _, assistant, result = sent["messages"]
+    assert system["content"].startswith("Be brief.\n\n# Tools")
+    assert '"name": "f"' in system["content"] and "<tool_call>" in system["content"]
+    assert assistant == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
+    }
+    assert result == {"role": "user", "content": "<tool_response>\n1\n</tool_response>"}

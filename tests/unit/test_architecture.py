@@ -21,6 +21,7 @@ PURE = [
     "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.chat_output",
+    "proxy.tool_prompt",
     "proxy.sse",
     "proxy.mcp.policy",
     "proxy.mcp.rounds",

@@ -379,7 +379,7 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
         (
             "[models]\naliases = {}\ncache = 5\n",
             "models.cache: unknown key (known keys of [models]: cache_ttl, default, aliases, "
-            "text_tool_calls, think_tags)",
+            "text_tool_calls, describe_tools, think_tags)",
         ),
         (
             "[bogus]\nkey = 1\n",
