@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proxy.mcp import transports
-from tests.fake_upstream import CHAT, Reply, chat_completion
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls
 from tests.integration.test_responses import sse_events
 from tests.mcp_servers.network import served_calc
@@ -589,3 +589,34 @@ async def test_the_loop_skips_repeats_and_stops_at_the_budget_inside_a_round(
     assert 'lmbridge_mcp_tool_calls_total{outcome="ok",server="calc",tool="add"} 1.0' in metrics
     final = fake_upstream.requests_to(CHAT)[-1].body
     assert final["tool_choice"] == "none"  # the budget is spent: the answer is asked for
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_mcp_call_written_as_text_runs(proxy, fake_upstream, streamed):
+    """A call to an MCP tool written as text (models.text_tool_calls, on by default) is an
+    mcp_call that lmbridge runs, whole or streamed; off by the request, it is text."""
+    text_call = '<tool_call>\n{"name": "calc__add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    if streamed:
+        pieces = [chunk(text_call[i : i + 4]) for i in range(0, len(text_call), 4)]
+        first = Reply(stream=[*pieces, chunk(finish="stop")])
+        second = Reply(stream=[chunk("It is 5."), chunk(finish="stop")])
+    else:
+        first, second = Reply(json=chat_completion(text_call)), Reply(json=chat_completion("5."))
+    fake_upstream.add_reply(CHAT, first)
+    fake_upstream.add_reply(CHAT, second)
+    resp = await proxy.post(
+        R, json={"model": "test-model", "input": "2+3?", "tools": [CALC_TOOL], "stream": streamed}
+    )
+    assert resp.status == 200
+    if streamed:
+        events = sse_events(await resp.read())
+        body = next(e["response"] for e in events if e["type"] == "response.completed")
+    else:
+        body = await resp.json()
+    assert [i["type"] for i in body["output"]] == ["mcp_list_tools", "mcp_call", "message"]
+    call = body["output"][1]
+    assert (call["name"], call["output"]) == ("add", "5")
+
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion(text_call)))
+    off = await create(proxy, input="2+3?", tools=[CALC_TOOL], lmbridge={"text_tool_calls": False})
+    assert [i["type"] for i in off["output"]] == ["mcp_list_tools", "message"]
