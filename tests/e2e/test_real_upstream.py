@@ -193,16 +193,22 @@ async def test_serve_embedded_answers_and_stops_its_child(start_daemon, tmp_path
     assert completion.choices[0].message.content
     match = re.search(r"embedded llama.cpp serving \S+ at (http://\S+) ", daemon.log())
     assert match, daemon.log()
-    # SmolLM2's template drops tools: the start-up line says so, and so does a request.
+    # SmolLM2's template drops tools: the start-up line says so. lmbridge then describes
+    # the tools in the system message (the model sees them: more prompt tokens); with
+    # that turned off, the request is told its tools were dropped.
     assert "Its chat template cannot render tools" in daemon.log()
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [tool], "max_tokens": 2}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(daemon.base_url + "/chat/completions", json=body) as resp,
-    ):
-        assert resp.status == 200
-        assert "cannot render tools" in resp.headers["X-LMBridge-Warning"]
+    prompt_tokens = {}
+    async with aiohttp.ClientSession() as session:
+        for describe in (True, False):
+            sent = {**body, "lmbridge": {"describe_tools": describe}}
+            async with session.post(daemon.base_url + "/chat/completions", json=sent) as resp:
+                assert resp.status == 200
+                prompt_tokens[describe] = (await resp.json())["usage"]["prompt_tokens"]
+                warning = resp.headers.get("X-LMBridge-Warning", "")
+                assert ("cannot render tools" in warning) is not describe, warning
+    assert prompt_tokens[True] > prompt_tokens[False] + 20, prompt_tokens
     assert await daemon.stop() == 0
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
