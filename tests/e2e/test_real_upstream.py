@@ -113,8 +113,9 @@ async def test_claude_style_messages_reach_llama_cpp(start_daemon, llama_url):
     async with anthropic.AsyncAnthropic(
         base_url=daemon.url, api_key="sk-local", max_retries=0
     ) as claude:
+        # temperature 0: the same few words every run (a sampled reply may be empty).
         message = await claude.messages.create(
-            model="claude-sonnet-4-5", max_tokens=8, messages=question
+            model="claude-sonnet-4-5", max_tokens=8, messages=question, temperature=0
         )
         assert message.type == "message" and message.role == "assistant"
         assert message.model == "smollm2"  # llama.cpp answers with its own alias
@@ -123,7 +124,7 @@ async def test_claude_style_messages_reach_llama_cpp(start_daemon, llama_url):
 
         types, pieces = [], []
         stream = await claude.messages.create(
-            model="claude-sonnet-4-5", max_tokens=8, messages=question, stream=True
+            model="claude-sonnet-4-5", max_tokens=8, messages=question, stream=True, temperature=0
         )
         async for event in stream:
             types.append(event.type)
