@@ -115,7 +115,10 @@ async def test_claude_style_messages_reach_llama_cpp(start_daemon, llama_url):
     ) as claude:
         # temperature 0: the same few words every run (a sampled reply may be empty).
         message = await claude.messages.create(
-            model="claude-sonnet-4-5", max_tokens=8, messages=question, temperature=0
+            model="claude-sonnet-4-5",
+            max_tokens=8,
+            messages=question,
+            extra_body={"temperature": 0},
         )
         assert message.type == "message" and message.role == "assistant"
         assert message.model == "smollm2"  # llama.cpp answers with its own alias
@@ -124,7 +127,11 @@ async def test_claude_style_messages_reach_llama_cpp(start_daemon, llama_url):
 
         types, pieces = [], []
         stream = await claude.messages.create(
-            model="claude-sonnet-4-5", max_tokens=8, messages=question, stream=True, temperature=0
+            model="claude-sonnet-4-5",
+            max_tokens=8,
+            messages=question,
+            stream=True,
+            extra_body={"temperature": 0},
         )
         async for event in stream:
             types.append(event.type)
