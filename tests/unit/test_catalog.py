@@ -1161,6 +1161,33 @@ async def test_reader_takes_tool_support_from_llama_cpp_props(props, tools):
     assert (model.tools_note() is not None) is (tools is False)
 
 
+@pytest.mark.parametrize(
+    ("props", "parallel"),
+    [
+        ({"total_slots": 4}, 4),
+        ({"total_slots": 1, "chat_template_caps": {}}, 1),
+        ({"total_slots": 0}, None),
+        ({"total_slots": "4"}, None),
+        ({"total_slots": True}, None),
+        ({}, None),
+        (not_found(PROPS), None),
+    ],
+)
+async def test_reader_takes_parallel_slots_from_llama_cpp_props(props, parallel):
+    """llama.cpp's /props says how many requests it runs at once (total_slots), the
+    default of the model's max_concurrent; anything else there leaves it unknown."""
+    reader = ModelListReader(FakeGetJson({OAI: LLAMA_CPP, PROPS: props}), FakeClock())
+    (model,) = (await reader.read()).models
+    assert model.parallel == parallel
+
+
+def test_lm_studio_models_run_four_at_once():
+    """LM Studio's lists do not say a model's Max Concurrent Predictions: its default, 4."""
+    for model in [*(parse_lmstudio_v1(LMSTUDIO_V1) or []), *(parse_lmstudio_v0(LMSTUDIO_V0) or [])]:
+        assert model.parallel == LMSTUDIO_PARALLEL == 4
+    assert all(m.parallel is None for m in parse_openai(VLLM) or [])
+
+
 async def test_reader_asks_only_a_one_model_llama_cpp_for_props():
     """Other servers, and llama.cpp's router with several models, are not asked."""
     router = {
