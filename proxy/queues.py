@@ -55,6 +55,10 @@ class Admission:
             await self.queue.acquire(self)
 
     async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """The slot of the current call given back (after ``acquire``/``__aenter__``)."""
         if self.queue is not None:
             self.queue.release(self)
 
