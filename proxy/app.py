@@ -22,6 +22,7 @@ from proxy.keys import (
     CONVERSATIONS,
     MCP,
     METRICS,
+    QUEUES,
     REQUEST_LOG,
     RESPONSES,
     STORE,
@@ -36,6 +37,7 @@ from proxy.mcp.servers import MCPServers
 from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
+from proxy.queues import ModelQueues
 from proxy.responses import routes as responses_routes
 from proxy.responses.conversations import ConversationService
 from proxy.responses.service import ResponsesService, owner_of
@@ -65,6 +67,10 @@ def create_app(
     app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
     keys = [key.get_secret_value().encode() for key in config.auth.api_keys]
     app[API_KEYS] = {key: owner_of(key) for key in keys}
+    low_priority = [key.get_secret_value().encode() for key in config.auth.low_priority_keys]
+    app[QUEUES] = ModelQueues(
+        config.models, app[METRICS], low_priority={owner_of(key) for key in low_priority}
+    )
     app[BROWSERS] = BrowserPolicy(config.server.allowed_hosts, config.server.cors_origins)
     app[TURNS] = TurnMemory()
     app.cleanup_ctx.append(_worker_ctx)
@@ -148,7 +154,14 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
     service = ResponsesService(
-        app[CONFIG], app[STORE], app[UPSTREAM], app[CATALOG], tasks, app[MCP], app[WORKER]
+        app[CONFIG],
+        app[STORE],
+        app[UPSTREAM],
+        app[CATALOG],
+        tasks,
+        app[MCP],
+        app[WORKER],
+        queues=app[QUEUES],
     )
     app[RESPONSES] = service
     app[CONVERSATIONS] = ConversationService(

@@ -40,6 +40,9 @@ Dialect = Literal["lmstudio-v1", "lmstudio-v0", "openai"]
 # After a miss, how soon the list may be read again: a typo repeated in a
 # loop must not turn into one upstream call per request.
 MISS_REFRESH_INTERVAL = 2.0
+# LM Studio's default Max Concurrent Predictions: its native lists do not say the
+# value a model was loaded with.
+LMSTUDIO_PARALLEL = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,9 @@ class ModelInfo:
     # Whether its chat template renders tools: None when the upstream does not say.
     # False (llama.cpp's supports_tools) means the model never sees offered tools.
     tools: bool | None = None
+    # Requests the upstream runs at once for this model (LM Studio's default Max
+    # Concurrent Predictions, llama.cpp's slots): None when it does not say.
+    parallel: int | None = None
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -294,7 +300,7 @@ class ModelListReader:
                 continue
             parsed = _DIALECT_PARSERS[candidate](data)
             if candidate == "openai" and parsed is not None:
-                parsed = await self._with_template_caps(parsed)
+                parsed = await self._with_props(parsed)
             if parsed is None:
                 last_error = UpstreamError(
                     f"The upstream answered {_DIALECT_PATHS[candidate]} with a model list "
@@ -306,9 +312,10 @@ class ModelListReader:
         assert last_error is not None
         raise last_error
 
-    async def _with_template_caps(self, models: list[ModelInfo]) -> list[ModelInfo]:
+    async def _with_props(self, models: list[ModelInfo]) -> list[ModelInfo]:
         """A llama.cpp server of one model says in ``/props`` whether its chat template
-        renders tools; other servers have no such page (and are not asked)."""
+        renders tools and how many requests it runs at once; other servers have no such
+        page (and are not asked)."""
         if len(models) != 1 or models[0].owned_by != "llamacpp":
             return models
         try:
@@ -318,7 +325,8 @@ class ModelListReader:
         except UpstreamError:
             return models
         tools = template_renders_tools(props)
-        return models if tools is None else [replace(models[0], tools=tools)]
+        slots = _int(props.get("total_slots")) if isinstance(props, dict) else None
+        return [replace(models[0], tools=tools, parallel=slots)]
 
 
 def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
@@ -367,6 +375,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 if isinstance(capabilities, dict)
                 else (),
                 vision=None if model_type == "unknown" else vision,
+                parallel=LMSTUDIO_PARALLEL,
             )
         )
     return out
@@ -404,6 +413,7 @@ def parse_lmstudio_v0(data: Any) -> list[ModelInfo] | None:
                     c for c in _list(entry.get("capabilities")) if isinstance(c, str)
                 ),
                 vision={"vlm": True, "llm": False, "embeddings": False}.get(str(kind)),
+                parallel=LMSTUDIO_PARALLEL,
             )
         )
     return out

@@ -17,6 +17,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -298,7 +299,39 @@ class UpstreamConfig(_Section):
         return base_url(value)
 
 
+# The per-model settings: in [models] as the defaults, in a [models."PATTERN"] table for
+# the models the pattern matches. One text for both places.
+_MAX_CONCURRENT = (
+    "Requests a model runs at once; more wait in its queue, in order. Unset: what the "
+    "upstream runs in parallel (LM Studio: 4, its default Max Concurrent Predictions; "
+    "llama.cpp: total_slots of /props), or no limit when the upstream does not say."
+)
+_QUEUE_SIZE = (
+    "Requests that may wait for a model beyond max_concurrent; one more gets 429 "
+    "model_busy with Retry-After (0: no queue, refused at once)."
+)
+_QUEUE_TIMEOUT = "Longest a request waits in a model's queue; then it gets 504 queue_timeout."
+
+
+class ModelSettings(_Section):
+    """A ``[models."PATTERN"]`` table: settings of the models whose id the pattern matches
+    (an exact id, or a glob such as ``"qwen3-*"``, case-insensitive). A field left unset
+    takes the value of a less specific matching table, else the [models] default."""
+
+    max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
+    queue_size: Count | None = Field(None, ge=0, description=_QUEUE_SIZE)
+    queue_timeout: Duration | None = Field(None, gt=0, description=_QUEUE_TIMEOUT)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
 class ModelsConfig(_Section):
+    # Every other key whose value is a table is a ModelSettings table (a pattern).
+    model_config = ConfigDict(frozen=True, extra="allow", validate_default=True)
+    __pydantic_extra__: dict[str, ModelSettings] = Field(init=False)
+
     cache_ttl: Duration = Field(
         60.0, description="How long the upstream's model list is trusted before it is read again."
     )
@@ -335,6 +368,29 @@ class ModelsConfig(_Section):
         "unless the upstream separated it. A request turns it off with "
         '"lmbridge": {"think_tags": false}.',
     )
+    max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
+    queue_size: Count = Field(64, ge=0, description=_QUEUE_SIZE)
+    queue_timeout: Duration = Field(300.0, gt=0, description=_QUEUE_TIMEOUT)
+
+    @property
+    def tables(self) -> dict[str, ModelSettings]:
+        """The [models."PATTERN"] tables, in the order of the file."""
+        return self.model_extra or {}
+
+    def settings_for(self, model_id: str) -> ModelSettings:
+        """The settings of one model: every table whose pattern matches it applies, the
+        more specific over the less (an exact id over globs, a longer glob over a
+        shorter one, of equals the later in the file), over the [models] defaults."""
+        name = model_id.lower()
+        matching = [
+            (not _is_glob(pattern), len(pattern), index, table)
+            for index, (pattern, table) in enumerate(self.tables.items())
+            if fnmatchcase(name, pattern.lower())  # an exact id matches itself only
+        ]
+        values = {key: getattr(self, key) for key in ModelSettings.model_fields}
+        for *_, table in sorted(matching, key=lambda m: m[:3]):
+            values.update((key, getattr(table, key)) for key in table.model_fields_set)
+        return ModelSettings.model_construct(**values)
 
 
 class StorageConfig(_Section):
@@ -350,6 +406,23 @@ class AuthConfig(_Section):
         description="Client API keys (each a key or env:VAR). When any is set, every /v1 route "
         "requires 'Authorization: Bearer <key>'.",
     )
+    low_priority_keys: list[Secret] = Field(
+        default_factory=list,
+        description="Keys among api_keys (each written again, or as the same env:VAR) whose "
+        "requests wait in a model's queue behind everyone else's, like background responses: "
+        "batch jobs, agents working unattended.",
+    )
+
+    @field_validator("low_priority_keys")
+    @classmethod
+    def _among_api_keys(cls, value: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        if "api_keys" not in info.data:  # that list has a problem of its own
+            return value
+        keys = {key.get_secret_value() for key in info.data["api_keys"]}
+        for number, key in enumerate(value, 1):
+            if key.get_secret_value() not in keys:
+                raise ValueError(f"key {number} of the list is not one of auth.api_keys")
+        return value
 
 
 class LoggingConfig(_Section):
@@ -815,20 +888,30 @@ def _describe(error: ErrorDetails, sources: Mapping[str, str]) -> str:
     loc = [str(part) for part in error["loc"]]
     if not loc:  # a rule across sections: its message names the keys
         return str(error["msg"]).removeprefix("Value error, ")
-    dotted = ".".join(loc)
     key2 = ".".join(loc[:2])
-    if error["type"] == "extra_forbidden":
+    in_model_table = loc[0] == "models" and len(loc) > 1 and loc[1] not in ModelsConfig.model_fields
+    if in_model_table:  # [models."qwen3-*"]: the pattern quoted as TOML writes it
+        loc[1] = _toml_key(loc[1])
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden" or (
+        in_model_table and len(loc) == 2 and error["type"] == "model_type"
+    ):
         problem = "unknown key" if len(loc) > 1 else "unknown section"
         if len(loc) == 2 and loc[0] in SECTIONS:
             known = ", ".join(SECTIONS[loc[0]].model_fields)
             problem += f" (known keys of [{loc[0]}]: {known})"
+            if loc[0] == "models":
+                problem += '; a table [models."PATTERN"] holds the settings of some models'
+        elif len(loc) == 3 and in_model_table:
+            known = ", ".join(ModelSettings.model_fields)
+            problem += f' (known keys of a [models."PATTERN"] table: {known})'
         elif len(loc) == 1:
             problem += f" (known sections: {', '.join(SECTIONS)})"
     else:
         problem = error["msg"].removeprefix("Value error, ")
         if "input" in error and not isinstance(error["input"], dict | list):
             shown = error["input"]
-            if "api_key" not in dotted:  # never echo a secret
+            if "api_key" not in dotted and "_keys" not in dotted:  # never echo a secret
                 problem += f" (got {_redact(shown)!r})"
     source = sources.get(key2) or sources.get(loc[0])
     where = f" [from {source}]" if source else ""
@@ -869,6 +952,8 @@ def _toml_table(name: str, values: BaseModel) -> list[str]:
                 tables += _toml_table(f"{name}.{key}.{_toml_key(sub)}", model)
         else:
             lines.append(f"{key} = {_toml_value(value)}")
+    for sub, model in (values.model_extra or {}).items():  # e.g. [models."qwen3-*"]
+        tables += _toml_table(f"{name}.{_toml_key(sub)}", model)
     return [*lines, "", *tables]
 
 

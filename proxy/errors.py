@@ -21,8 +21,10 @@ happens before a request exists (a refused connection, a head that never came), 
     ├── PayloadTooLarge                413 request_too_large
     ├── URITooLong                     414 uri_too_long
     ├── UnsupportedMediaType           415 unsupported_media_type
+    ├── ModelBusy                      429 model_busy (Retry-After)
     ├── HeadersTooLarge                431 headers_too_large
     ├── TooManyConnections             503 too_many_connections
+    ├── QueueTimeout                   504 queue_timeout
     └── UpstreamError                  502 upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable
         ├── UpstreamTimeout            504 upstream_timeout
@@ -174,6 +176,25 @@ class UnsupportedMediaType(LMBridgeError):
     status = 415
     error_type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class ModelBusy(LMBridgeError):
+    """The model runs its max_concurrent requests and its queue is full: try again after
+    Retry-After (the openai SDKs do by themselves). Not the request's fault, but a 429
+    is what clients know to retry later rather than at once."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "model_busy"
+    retry_after = 1.0
+
+
+class QueueTimeout(LMBridgeError):
+    """A request waited models.queue_timeout in a model's queue without getting a slot."""
+
+    status = 504
+    error_type = "server_error"
+    code = "queue_timeout"
 
 
 class HeadersTooLarge(LMBridgeError):

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.breaker import CircuitState
 from proxy.errors import LMBridgeError
-from proxy.keys import CATALOG, MCP, METRICS, STORE, UPSTREAM
+from proxy.keys import CATALOG, MCP, METRICS, QUEUES, STORE, UPSTREAM
 from storage.sqlite import StorageError
 
 # /readyz may be polled every second; the model list proves the upstream
@@ -66,6 +66,8 @@ async def readyz(request: web.Request) -> web.Response:
         "failing": failing,
         "checks": checks,
         "mcp_servers": mcp,
+        # Reported, like MCP servers: a busy model is not a daemon that cannot serve.
+        "model_queues": app[QUEUES].status(),
     }
     return web.json_response(body, status=200 if ready else 503)
 

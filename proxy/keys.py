@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from proxy.mcp.servers import MCPServers
     from proxy.mcp.turns import TurnMemory
     from proxy.metrics import Metrics
+    from proxy.queues import ModelQueues
     from proxy.responses.conversations import ConversationService
     from proxy.responses.service import ResponsesService
     from proxy.responses.websocket import Connection
@@ -30,6 +31,8 @@ CONFIG: web.AppKey[Config] = web.AppKey("config")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 CATALOG: web.AppKey[ModelCatalog] = web.AppKey("catalog")
+# Each model's concurrency limit and the requests waiting for it.
+QUEUES: web.AppKey[ModelQueues] = web.AppKey("queues")
 STORE: web.AppKey[SQLiteStore] = web.AppKey("store")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
 TASKS: web.AppKey[BackgroundTasks] = web.AppKey("tasks")
@@ -52,6 +55,8 @@ REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
 # The upstream model a request was resolved to, for logs and metrics.
 MODEL = web.RequestKey("model", str)
+# Seconds a request waited in its model's queue, when it had to (the log line's queued_ms).
+QUEUED = web.RequestKey("queued", float)
 # Who owns what this request stores: the hash of its API key, "" without keys.
 OWNER = web.RequestKey("owner", str)
 # The CORS headers of an answer to an allowed cross-origin browser request.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -100,6 +101,15 @@ class LabelledHistogram:
         return family
 
 
+class QueueState(NamedTuple):
+    """One model's queue as the metrics show it."""
+
+    model: str
+    running: int
+    queued: int
+    limit: int | None
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -132,6 +142,12 @@ class Metrics:
             "Tokens reported by the upstream's usage, by model and direction (in, out).",
             ["model", "direction"],
         )
+        self.queue_wait_seconds = LabelledHistogram(
+            "lmbridge_model_queue_wait_seconds",
+            "Time requests for a model with a concurrency limit waited for a slot (0 when "
+            "one was free), per upstream call.",
+            ["model"],
+        )
         self.in_flight = 0
         self.client_connections = 0
         self.client_connections_closed = LabelledCounter(
@@ -159,6 +175,7 @@ class Metrics:
             self.request_seconds,
             self.upstream_seconds,
             self.ttft_seconds,
+            self.queue_wait_seconds,
             self.tokens,
             self.client_connections_closed,
         )
@@ -218,6 +235,47 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.queue_refusals = Counter(
+            "lmbridge_model_queue_refused",
+            "Requests refused with 429 model_busy: the model's queue was full.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_timeouts = Counter(
+            "lmbridge_model_queue_timeouts",
+            "Requests that waited models.queue_timeout for a model without a slot (504 "
+            "queue_timeout).",
+            ["model"],
+            registry=r,
+        )
+        # What each model's queue holds, read at scrape time (proxy/queues.py sets it).
+        self.queue_states: Callable[[], Iterable[QueueState]] = tuple
+
+        class QueueCollector(Collector):
+            def collect(self) -> Iterable[Metric]:
+                running = GaugeMetricFamily(
+                    "lmbridge_model_requests_running",
+                    "Upstream calls holding one of a model's slots now.",
+                    labels=["model"],
+                )
+                queued = GaugeMetricFamily(
+                    "lmbridge_model_requests_queued",
+                    "Requests waiting in a model's queue now.",
+                    labels=["model"],
+                )
+                limit = GaugeMetricFamily(
+                    "lmbridge_model_max_concurrent",
+                    "A model's concurrency limit (max_concurrent, or the upstream's own).",
+                    labels=["model"],
+                )
+                for state in metrics.queue_states():
+                    running.add_metric([state.model], state.running)
+                    queued.add_metric([state.model], state.queued)
+                    if state.limit is not None:
+                        limit.add_metric([state.model], state.limit)
+                yield from (running, queued, limit)
+
+        r.register(QueueCollector())
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
             "Reads of the upstream's model list, by outcome.",

@@ -39,6 +39,7 @@ from proxy.keys import (
     MODEL,
     OPEN_STREAM,
     OWNER,
+    QUEUED,
     RELAYED,
     REQUEST_ID,
     REQUEST_LOG,
@@ -142,16 +143,17 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         metrics.count_request(route, model, status, elapsed)
         request_log = app[REQUEST_LOG]
         if request_log.enabled and route not in _QUIET_ROUTES:
-            request_log.write(
-                {
-                    "request_id": request_id,
-                    "method": request.method,
-                    "path": request.path,
-                    "model": model,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                }
-            )
+            line = {
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "model": model,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            }
+            if QUEUED in request:
+                line["queued_ms"] = round(request[QUEUED] * 1000, 2)
+            request_log.write(line)
 
 
 _QUIET_ROUTES = frozenset({"/healthz", "/metrics"})

@@ -52,6 +52,8 @@ from proxy.keys import (
     MCP,
     METRICS,
     MODEL,
+    OWNER,
+    QUEUES,
     REQUEST_ID,
     STARTED,
     UPSTREAM,
@@ -59,6 +61,7 @@ from proxy.keys import (
     WORKER,
 )
 from proxy.mcp.chat import chat_with_tools
+from proxy.queues import Admission, note_wait
 from proxy.sse import DONE_EVENT
 from proxy.tool_prompt import describe_tools
 
@@ -235,18 +238,32 @@ async def forward(
         # the event loop (0.1 s); the worker frees them a slice at a time.
         await request.app[WORKER].run(partial(free_in_pieces, body))
 
-    upstream = request.app[UPSTREAM]
-    resp = await upstream.open(
-        "POST", path, body=raw, headers=_upstream_headers(request), route=path
-    )
-    if resp.content_type == "text/event-stream":
-        editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
-        return await relay_stream(request, resp, model.id, editor)
-    content = await upstream.read_body(resp)
-    if output.active and resp.status == 200:
-        content = normalised(content, output)
-    request.app[METRICS].record_tokens(model.id, *usage_counts(content))
-    return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
+    # A model with a limit: a slot, held until the answer is read whole, a stream to its
+    # end. Without one (no queue), the path is what it was before queues, one lookup.
+    admission = None
+    queue = request.app[QUEUES].get(model)
+    if queue is not None:
+        admission = Admission(queue, request.app[QUEUES].priority(request[OWNER]))
+        try:
+            await queue.acquire(admission)
+        finally:
+            note_wait(request, admission)
+    try:
+        upstream = request.app[UPSTREAM]
+        resp = await upstream.open(
+            "POST", path, body=raw, headers=_upstream_headers(request), route=path
+        )
+        if resp.content_type == "text/event-stream":
+            editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
+            return await relay_stream(request, resp, model.id, editor)
+        content = await upstream.read_body(resp)
+        if output.active and resp.status == 200:
+            content = normalised(content, output)
+        request.app[METRICS].record_tokens(model.id, *usage_counts(content))
+        return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
+    finally:
+        if admission is not None:
+            admission.release()
 
 
 def request_switches(body: dict[str, Any]) -> dict[str, bool] | None:

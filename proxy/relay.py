@@ -28,6 +28,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.browsers import is_json_type
+from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamStatus
 from proxy.event_stream import REQUEST_ID_HEADER, RelayedStream
 from proxy.jsontext import free_in_pieces
@@ -36,12 +37,15 @@ from proxy.keys import (
     CATALOG,
     CLIENT_GONE,
     MODEL,
+    OWNER,
+    QUEUES,
     RELAYED,
     REQUEST_ID,
     UPSTREAM,
     WORKER,
 )
 from proxy.passthrough import LARGE_BODY, json_type, parse_json, read_body, serialise
+from proxy.queues import Admission, note_wait
 from proxy.relay_rules import (
     IDEMPOTENT_METHODS,
     RELAYED_METHODS,
@@ -58,7 +62,20 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if request.method not in RELAYED_METHODS:
         raise web.HTTPMethodNotAllowed(request.method, sorted(RELAYED_METHODS))
     raw = await read_body(request)
-    raw = await _check_model(request, raw)
+    model, raw = await _check_model(request, raw)
+    queues = request.app[QUEUES]
+    queue = None if model is None else queues.get(model)
+    if queue is None:  # no model named, or one without a limit
+        return await _send(request, raw)
+    admission = Admission(queue, queues.priority(request[OWNER]))
+    try:
+        async with admission:  # held until the answer is relayed whole
+            return await _send(request, raw)
+    finally:
+        note_wait(request, admission)
+
+
+async def _send(request: web.Request, raw: bytes) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
     url = request.rel_url  # never the host of an absolute-form request target
     target = url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
@@ -78,16 +95,16 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return await _relay_answer(request, resp)
 
 
-async def _check_model(request: web.Request, raw: bytes) -> bytes:
-    """The body to send: a JSON body (a JSON type or none, as on every route) must
-    parse, and the ``model`` it names must be one the upstream has; an alias is
-    replaced by its target, the only change ever made to a relayed body."""
+async def _check_model(request: web.Request, raw: bytes) -> tuple[ModelInfo | None, bytes]:
+    """The model named and the body to send: a JSON body (a JSON type or none, as on
+    every route) must parse, and the ``model`` it names must be one the upstream has;
+    an alias is replaced by its target, the only change ever made to a relayed body."""
     content_type = request.headers.get("Content-Type")
     if not raw or raw.isspace() or (content_type is not None and not is_json_type(content_type)):
-        return raw
+        return None, raw
     body = await parse_json(request, raw)
     if not isinstance(body, dict) or body.get("model") in (None, ""):
-        return raw
+        return None, raw
     requested = body["model"]
     if not isinstance(requested, str):
         raise BadRequest(f"'model' must be a string, not {json_type(requested)}.", param="model")
@@ -99,7 +116,7 @@ async def _check_model(request: web.Request, raw: bytes) -> bytes:
     if len(raw) > LARGE_BODY:
         # Freed on the event loop, a million items would hold it for 0.1 s (passthrough).
         await request.app[WORKER].run(partial(free_in_pieces, body))
-    return raw
+    return model, raw
 
 
 async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:

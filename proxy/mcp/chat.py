@@ -9,7 +9,8 @@ arrives, one ``finish_reason``, one usage chunk (when asked), one ``[DONE]``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -19,11 +20,12 @@ from proxy.catalog import ModelInfo
 from proxy.chat_output import mcp_text_calls
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
-from proxy.keys import CONFIG, MCP, METRICS, OWNER, TURNS, UPSTREAM
-from proxy.mcp.loop import LoopResult, ToolLoop
+from proxy.keys import CONFIG, MCP, METRICS, OWNER, QUEUES, TURNS, UPSTREAM
+from proxy.mcp.loop import LoopResult, StreamChat, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.policy import LIMIT_NOTE
 from proxy.mcp.results import ToolOutput
+from proxy.queues import note_wait
 
 ROUTE = "/v1/chat/completions"
 # Names the requested servers that were not connected (their tools were not offered).
@@ -67,6 +69,19 @@ async def chat_with_tools(
     async def call_tool(ref: ToolRef, arguments: dict[str, Any]) -> ToolOutput:
         return await servers.call(ref, arguments, images=images)
 
+    # One place in its model's queue for the whole loop, a slot for each model call only.
+    queues = request.app[QUEUES]
+    admission = queues.admission(model, queues.priority(request[OWNER]))
+
+    async def complete(b: dict[str, Any]) -> dict[str, Any]:
+        async with admission:
+            return await chat_upstream.complete(upstream, b, ROUTE)
+
+    async def stream(b: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        async with admission, contextlib.aclosing(chat_upstream.stream(upstream, b, ROUTE)) as c:
+            async for chunk in c:
+                yield chunk
+
     loop = ToolLoop(
         offer.directory,
         call_tool,
@@ -78,12 +93,15 @@ async def chat_with_tools(
         images=images,
         client_tools=_names(client_tools),
     )
-    if not body.get("stream"):
-        result = await loop.run(body, complete=lambda b: chat_upstream.complete(upstream, b, ROUTE))
-        _count_usage(request, model.id, result)
-        _remember_hidden_steps(request, result, sent, last_sent)
-        return web.json_response(result.completion, headers=headers)
-    return await _stream(request, body, loop, model.id, headers, sent, last_sent)
+    try:
+        if not body.get("stream"):
+            result = await loop.run(body, complete=complete)
+            _count_usage(request, model.id, result)
+            _remember_hidden_steps(request, result, sent, last_sent)
+            return web.json_response(result.completion, headers=headers)
+        return await _stream(request, body, loop, stream, model.id, headers, sent, last_sent)
+    finally:
+        note_wait(request, admission)
 
 
 def _names(tools: list[Any]) -> frozenset[str]:
@@ -102,12 +120,12 @@ async def _stream(
     request: web.Request,
     body: dict[str, Any],
     loop: ToolLoop,
+    chat: StreamChat,
     model: str,
     headers: dict[str, str],
     sent: int,
     last_sent: Any,
 ) -> web.StreamResponse:
-    upstream = request.app[UPSTREAM]
     options = body.get("stream_options") or {}
     include_usage = bool(options.get("include_usage"))
     stream = EventStream(request, "chat", headers)
@@ -120,9 +138,7 @@ async def _stream(
 
     # An upstream failure before anything was sent is a plain HTTP error; after, the
     # middleware ends the stream with it.
-    result = await loop.run(
-        body, stream=lambda b: chat_upstream.stream(upstream, b, ROUTE), emit=emit
-    )
+    result = await loop.run(body, stream=chat, emit=emit)
     closing = ToolLoop.closing_chunks(result, stream_id, body.get("model"), include_usage)
     await stream.send(closing)
     response = await stream.finish()

@@ -17,9 +17,10 @@ without it the loop returns one chat completion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,9 @@ log = logging.getLogger("lmbridge.mcp")
 
 # Runs one MCP call: (server, tool, arguments) -> the model's view of the result.
 CallTool = Callable[[ToolRef, dict[str, Any]], Awaitable[ToolOutput]]
-# One upstream chat call: streamed chunks (dicts) of the reply.
-StreamChat = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+# One upstream chat call: streamed chunks (dicts) of the reply. Closed when the loop
+# stops reading it (which releases what the call holds: the connection, the slot).
+StreamChat = Callable[[dict[str, Any]], AsyncGenerator[dict[str, Any], None]]
 # One upstream chat call, not streamed: the completion.
 CompleteChat = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 Emit = Callable[[list[dict[str, Any]]], Awaitable[None]]
@@ -115,14 +117,15 @@ class ToolLoop:
                 number=rounds,
             )
             if stream is not None:
-                async for chunk in stream(request):
-                    relayed = reply.feed(chunk)
-                    if stream_id is None and reply.first_id:
-                        stream_id = reply.stream_id = reply.first_id
-                        for out in relayed:
-                            out["id"] = stream_id
-                    if relayed and emit is not None:
-                        await emit(relayed)
+                async with contextlib.aclosing(stream(request)) as chunks:
+                    async for chunk in chunks:
+                        relayed = reply.feed(chunk)
+                        if stream_id is None and reply.first_id:
+                            stream_id = reply.stream_id = reply.first_id
+                            for out in relayed:
+                                out["id"] = stream_id
+                        if relayed and emit is not None:
+                            await emit(relayed)
             else:
                 assert complete is not None
                 reply.feed_completion(await complete(request))

@@ -26,6 +26,7 @@ from proxy.keys import (
     WARNING,
 )
 from proxy.passthrough import read_body, read_json_object
+from proxy.queues import note_wait
 from proxy.responses.input_items import input_limit
 from proxy.responses.objects import deleted
 from proxy.responses.output_items import Event
@@ -94,13 +95,16 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if run.request.stream:
             return await _stream(request, run.follow(None))
         return _json(run.response)
-    if not run.request.stream:
-        final = await service.execute(run)
-        return _json_text(run.stored_json) if run.stored_json else _json(final)
-    stream = EventStream(request, "responses")
-    await stream.open()
-    await service.execute(run, stream.send)
-    return await stream.finish()
+    try:
+        if not run.request.stream:
+            final = await service.execute(run)
+            return _json_text(run.stored_json) if run.stored_json else _json(final)
+        stream = EventStream(request, "responses")
+        await stream.open()
+        await service.execute(run, stream.send)
+        return await stream.finish()
+    finally:
+        note_wait(request, run.admission)
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.catalog import ModelInfo
+from proxy.queues import Admission
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationTurn
 from proxy.responses.mcp_items import McpTarget
@@ -18,6 +19,7 @@ from proxy.responses.mcp_tools import McpSetup
 from proxy.responses.output_items import Event
 from proxy.responses.render import ChatTools
 from proxy.responses.request import CreateRequest
+from proxy.slots import INTERACTIVE
 from storage.records import StoredItem
 
 # Where the events of a response go: an SSE writer, a background run's log, nothing.
@@ -75,6 +77,8 @@ class ResponseRun:
     # The turn's chat messages as last stored (what a continuation reads).
     stored_turn: str | None = None
     turn: ConversationTurn | None = None
+    # Its claim on the model's slots, entered around each upstream call (none: no limit).
+    admission: Admission = field(default_factory=lambda: Admission(None, INTERACTIVE))
     _changed: asyncio.Condition | None = None
     _settled: asyncio.Event | None = None
 

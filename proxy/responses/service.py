@@ -25,17 +25,16 @@ from typing import Any, Literal
 from proxy.catalog import ModelCatalog
 from proxy.chat_output import ChatOutput, function_names, mcp_text_calls, output_for
 from proxy.config import Config
-from proxy.errors import (
-    BadRequest,
-    UpstreamError,
-)
+from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.servers import MCPServers
+from proxy.queues import ModelQueues
 from proxy.responses import compaction, render
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationClaims
 from proxy.responses.failures import (
+    TURN_FAILURES,
     client_error,
     failure_code,
     response_error_code,
@@ -80,6 +79,7 @@ class ResponsesService:
         mcp: MCPServers,
         worker: WorkerThread,
         *,
+        queues: ModelQueues,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
     ) -> None:
@@ -93,6 +93,7 @@ class ResponsesService:
         # Background runs not yet stored in their final state: running, or unstored.
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
+        self.queues = queues
         self.rounds = ResponseRounds(upstream, mcp, config.mcp)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
@@ -149,6 +150,11 @@ class ResponsesService:
                 "'instructions', or continue with 'previous_response_id' or 'conversation'.",
                 param="input",
             )
+        priority = self.queues.priority(owner, background=request.background)
+        if request.generate:
+            # A full queue refuses now, as a plain 429, before a stream opens or a
+            # background response is acknowledged.
+            self.queues.check_room(prepared.model)
         created_at = int(self.clock())
         response = response_object(
             request, response_id=response_id, model=prepared.model.id, created_at=created_at
@@ -164,7 +170,13 @@ class ResponsesService:
             mcp=prepared.mcp.targets if prepared.mcp is not None else None,
             output=self.reading(prepared),
         )
-        run = ResponseRun(response_id, prepared, builder, created_at)
+        run = ResponseRun(
+            response_id,
+            prepared,
+            builder,
+            created_at,
+            admission=self.queues.admission(prepared.model, priority),
+        )
         if request.background:
             await run.record(builder.start(queued=True))
             await self.recorder.save(run)  # acknowledged as queued only once it is durable
@@ -296,7 +308,7 @@ class ResponsesService:
             final = await asyncio.shield(self.recorder.store_final(run, final))
             await deliver(sink, final)
             raise
-        except UpstreamError as exc:
+        except TURN_FAILURES as exc:
             code = failure_code(exc)
             final = builder.fail(response_error_code(exc, code), exc.message, kind=code)
             final = await self.recorder.store_final(run, final)
@@ -419,13 +431,14 @@ class ResponsesService:
         messages = render.join_message_arrays(
             [dumps(prepared.system), *fit_history(prepared), dumps(prepared.new_messages)]
         )
-        resp = await self.upstream.open(
-            "POST",
-            CHAT_PATH,
-            body=render.chat_body_bytes(settings, messages, stream=False),
-            route=ROUTE,
-        )
-        completion = loads(await self.upstream.read_body(resp) or b"{}")
+        async with self.queues.admission(prepared.model, self.queues.priority(owner)):
+            resp = await self.upstream.open(
+                "POST",
+                CHAT_PATH,
+                body=render.chat_body_bytes(settings, messages, stream=False),
+                route=ROUTE,
+            )
+            completion = loads(await self.upstream.read_body(resp) or b"{}")
         usage = usage_from_chat(completion.get("usage") if isinstance(completion, dict) else None)
         if usage and usage["input_tokens"]:
             return int(usage["input_tokens"])
@@ -437,10 +450,11 @@ class ResponsesService:
             raise BadRequest("Missing required parameter: 'model'.", param="model")
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
         prepared = await self.prepare(await self.parse(body), owner)
-        resp = await self.upstream.open(
-            "POST", CHAT_PATH, body=compaction.request_body(prepared), route=ROUTE
-        )
-        completion = loads(await self.upstream.read_body(resp))
+        async with self.queues.admission(prepared.model, self.queues.priority(owner)):
+            resp = await self.upstream.open(
+                "POST", CHAT_PATH, body=compaction.request_body(prepared), route=ROUTE
+            )
+            completion = loads(await self.upstream.read_body(resp))
         return compaction.compaction_object(completion, ids=self.ids, clock=self.clock)
 
     # --- lifecycle --------------------------------------------------------

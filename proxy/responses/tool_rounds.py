@@ -5,6 +5,7 @@ completions'), each step handed to the builder, whose events go to the sink."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -57,13 +58,17 @@ class ResponseRounds:
             policy.next_round()
             first_item = len(builder.items)
             overrides = {"tool_choice": "none"} if forced else None
-            if streamed:
-                async for chunk in stream_chat(self.upstream, prepared, extra, overrides):
-                    await sink(builder.feed(chunk))
-            else:
-                builder.feed_completion(
-                    await complete_chat(self.upstream, prepared, extra, overrides)
-                )
+            # A slot of the model for this call only: none is held while tools run.
+            async with run.admission:
+                if streamed:
+                    chunks = stream_chat(self.upstream, prepared, extra, overrides)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            await sink(builder.feed(chunk))
+                else:
+                    builder.feed_completion(
+                        await complete_chat(self.upstream, prepared, extra, overrides)
+                    )
             if setup is None:
                 return
             events, pending_calls = builder.finish_round()

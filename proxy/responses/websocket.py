@@ -181,6 +181,7 @@ class Connection:
         previous: str | None = None
         model = "-"
         status = 200
+        run: ResponseRun | None = None
         try:
             body = await self.worker.run_if(len(data) > LARGE_BODY, partial(read_create, data))
             previous = continued(body)
@@ -204,7 +205,8 @@ class Connection:
             elif previous is not None:
                 session.forget(previous)
         finally:
-            self._log_turn(request_id, model, status, time.perf_counter() - started)
+            queued = run.admission.waited if run is not None and run.admission.queued else None
+            self._log_turn(request_id, model, status, time.perf_counter() - started, queued)
 
     async def _refuse(self, exc: Exception, request_id: str | None = None) -> int:
         """A turn's error, sent as the envelope; its status."""
@@ -216,20 +218,23 @@ class Connection:
             await self.stream.error(status, body)
         return status
 
-    def _log_turn(self, request_id: str, model: str, status: int, seconds: float) -> None:
+    def _log_turn(
+        self, request_id: str, model: str, status: int, seconds: float, queued: float | None
+    ) -> None:
         self.request[MODEL] = model
         self.metrics.count_request("/v1/responses (websocket)", model, status, seconds)
         if self.request_log.enabled:
-            self.request_log.write(
-                {
-                    "request_id": request_id,
-                    "method": "WEBSOCKET",
-                    "path": "/v1/responses",
-                    "model": model,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 2),
-                }
-            )
+            line = {
+                "request_id": request_id,
+                "method": "WEBSOCKET",
+                "path": "/v1/responses",
+                "model": model,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+            }
+            if queued is not None:
+                line["queued_ms"] = round(queued * 1000, 2)
+            self.request_log.write(line)
 
 
 def _history_after(run: ResponseRun, previous: str | None) -> History:

@@ -18,6 +18,7 @@ PURE = [
     "proxy.tool_deltas",
     "proxy.browsers",
     "proxy.breaker",
+    "proxy.slots",
     "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.chat_output",

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.catalog import (
+    LMSTUDIO_PARALLEL,
     MISS_REFRESH_INTERVAL,
     ModelCatalog,
     ModelInfo,
@@ -90,6 +91,7 @@ LMSTUDIO_V1_MODELS = [
         aliases=("qwen/qwen3-4b:2",),
         capabilities=("trained_for_tool_use",),
         vision=False,
+        parallel=LMSTUDIO_PARALLEL,
     ),
     ModelInfo(
         id="google/gemma-3-4b",
@@ -99,6 +101,7 @@ LMSTUDIO_V1_MODELS = [
         owned_by="google",
         capabilities=("vision",),
         vision=True,
+        parallel=LMSTUDIO_PARALLEL,
     ),
     ModelInfo(
         id="text-embedding-nomic-embed-text-v1.5",
@@ -107,6 +110,7 @@ LMSTUDIO_V1_MODELS = [
         context_length=2048,
         owned_by="nomic-ai",
         vision=False,
+        parallel=LMSTUDIO_PARALLEL,
     ),
 ]
 
@@ -158,6 +162,7 @@ LMSTUDIO_V0_MODELS = [
         context_length=32768,
         owned_by="mlx-community",
         vision=True,
+        parallel=LMSTUDIO_PARALLEL,
     ),
     ModelInfo(
         id="meta-llama-3.1-8b-instruct",
@@ -167,6 +172,7 @@ LMSTUDIO_V0_MODELS = [
         owned_by="lmstudio-community",
         capabilities=("tool_use",),
         vision=False,
+        parallel=LMSTUDIO_PARALLEL,
     ),
     ModelInfo(
         id="text-embedding-nomic-embed-text-v1.5",
@@ -175,6 +181,7 @@ LMSTUDIO_V0_MODELS = [
         context_length=2048,
         owned_by="nomic-ai",
         vision=False,
+        parallel=LMSTUDIO_PARALLEL,
     ),
 ]
 
@@ -385,13 +392,14 @@ def test_parse_lmstudio_v1_skips_malformed_entries():
         ]
     }
     assert parse_lmstudio_v1(payload) == [
-        ModelInfo(id="a", type="llm", state="loaded", vision=False),
+        ModelInfo(id="a", type="llm", state="loaded", vision=False, parallel=LMSTUDIO_PARALLEL),
         ModelInfo(
             id="b",
             type="unknown",
             state="not-loaded",
             context_length=1024,
             capabilities=("tool_use",),
+            parallel=LMSTUDIO_PARALLEL,
         ),
         ModelInfo(
             id="c",
@@ -400,8 +408,9 @@ def test_parse_lmstudio_v1_skips_malformed_entries():
             context_length=2048,
             aliases=("c:2",),
             vision=False,
+            parallel=LMSTUDIO_PARALLEL,
         ),
-        ModelInfo(id="d", type="llm", state="not-loaded", vision=False),
+        ModelInfo(id="d", type="llm", state="not-loaded", vision=False, parallel=LMSTUDIO_PARALLEL),
     ]
 
 
@@ -426,9 +435,13 @@ def test_parse_lmstudio_v0_skips_malformed_entries():
         ]
     }
     assert parse_lmstudio_v0(payload) == [
-        ModelInfo(id="a", type="llm", state="loaded", vision=False),
-        ModelInfo(id="b", type="unknown", state="unknown", capabilities=("x",)),
-        ModelInfo(id="c", type="embeddings", state="unknown", vision=False),
+        ModelInfo(id="a", type="llm", state="loaded", vision=False, parallel=LMSTUDIO_PARALLEL),
+        ModelInfo(
+            id="b", type="unknown", state="unknown", capabilities=("x",), parallel=LMSTUDIO_PARALLEL
+        ),
+        ModelInfo(
+            id="c", type="embeddings", state="unknown", vision=False, parallel=LMSTUDIO_PARALLEL
+        ),
     ]
 
 
@@ -1146,6 +1159,33 @@ async def test_reader_takes_tool_support_from_llama_cpp_props(props, tools):
     (model,) = (await reader.read()).models
     assert model.tools is tools
     assert (model.tools_note() is not None) is (tools is False)
+
+
+@pytest.mark.parametrize(
+    ("props", "parallel"),
+    [
+        ({"total_slots": 4}, 4),
+        ({"total_slots": 1, "chat_template_caps": {}}, 1),
+        ({"total_slots": 0}, None),
+        ({"total_slots": "4"}, None),
+        ({"total_slots": True}, None),
+        ({}, None),
+        (not_found(PROPS), None),
+    ],
+)
+async def test_reader_takes_parallel_slots_from_llama_cpp_props(props, parallel):
+    """llama.cpp's /props says how many requests it runs at once (total_slots), the
+    default of the model's max_concurrent; anything else there leaves it unknown."""
+    reader = ModelListReader(FakeGetJson({OAI: LLAMA_CPP, PROPS: props}), FakeClock())
+    (model,) = (await reader.read()).models
+    assert model.parallel == parallel
+
+
+def test_lm_studio_models_run_four_at_once():
+    """LM Studio's lists do not say a model's Max Concurrent Predictions: its default, 4."""
+    for model in [*(parse_lmstudio_v1(LMSTUDIO_V1) or []), *(parse_lmstudio_v0(LMSTUDIO_V0) or [])]:
+        assert model.parallel == LMSTUDIO_PARALLEL == 4
+    assert all(m.parallel is None for m in parse_openai(VLLM) or [])
 
 
 async def test_reader_asks_only_a_one_model_llama_cpp_for_props():

@@ -379,7 +379,8 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
         (
             "[models]\naliases = {}\ncache = 5\n",
             "models.cache: unknown key (known keys of [models]: cache_ttl, default, aliases, "
-            "text_tool_calls, describe_tools, think_tags)",
+            "text_tool_calls, describe_tools, think_tags, max_concurrent, queue_size, "
+            'queue_timeout); a table [models."PATTERN"] holds the settings of some models',
         ),
         (
             "[bogus]\nkey = 1\n",
@@ -843,3 +844,146 @@ def test_render_round_trips_characters_outside_the_bmp(tmp_path):
     """A model name with an emoji renders as valid TOML and reloads unchanged."""
     config = load(flags={"models.aliases": {"rocket-🚀": "qwen/qwen3-4b"}})
     assert round_trip(config, tmp_path) == config
+
+
+# --- per-model tables ---------------------------------------------------------------
+
+PER_MODEL = """
+[models]
+queue_size = 10
+queue_timeout = "2m"
+
+[models."*"]
+max_concurrent = 8
+queue_size = 3
+
+[models."qwen3-*"]
+max_concurrent = 2
+
+[models."qwen3-4b"]
+queue_timeout = "5s"
+
+[models."qwen3-?b"]
+max_concurrent = 5
+
+[models."llama-3.1-8b"]
+max_concurrent = 1
+
+[models."q*"]
+max_concurrent = 9
+
+[models."Mistral-*"]
+queue_size = 0
+
+[models."mistral-?"]
+queue_size = 7
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("other", (8, 3, 120.0)),  # "*" only
+        ("qwen3-4b", (5, 3, 5.0)),  # the exact id over every glob
+        ("qwen3-8b", (5, 3, 120.0)),  # "qwen3-?b" is longer than "qwen3-*"
+        ("QWEN3-32B", (2, 3, 120.0)),  # case-insensitive; "qwen3-?b" does not match
+        ("qwen2", (9, 3, 120.0)),  # "q*" over "*"
+        ("llama-3.1-8b", (1, 3, 120.0)),  # a dot in an exact id
+        ("mistral-7", (8, 7, 120.0)),  # "Mistral-*" and "mistral-?" as long: the later
+        ("mistral-7b", (8, 0, 120.0)),
+    ],
+)
+def test_settings_for_a_model(write_toml, model, expected):
+    """Every matching table applies, the more specific over the less: an exact id over
+    globs, a longer glob over a shorter, the later of equals; unset keys come from
+    [models]."""
+    settings = load(write_toml(PER_MODEL)).models.settings_for(model)
+    assert (settings.max_concurrent, settings.queue_size, settings.queue_timeout) == expected
+
+
+def test_settings_for_without_tables_are_the_defaults():
+    """Without tables every model gets the [models] values: no limit, 64 waiting, 300 s."""
+    settings = load().models.settings_for("any")
+    assert (settings.max_concurrent, settings.queue_size, settings.queue_timeout) == (
+        None,
+        64,
+        300.0,
+    )
+
+
+def test_every_per_model_setting_has_a_default_in_models():
+    """Each key of a [models."PATTERN"] table is also a key of [models], its default."""
+    from proxy.config import ModelsConfig, ModelSettings
+
+    assert set(ModelSettings.model_fields) <= set(ModelsConfig.model_fields)
+
+
+def test_a_per_model_table_on_the_command_line():
+    """A table given as a dotted flag (models.PATTERN) is read like one of the file."""
+    config = load(flags={"models.qwen*": {"max_concurrent": 1}})
+    assert config.models.settings_for("qwen3").max_concurrent == 1
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[models."qwen3-*"]\nmax_concurent = 1\n',
+            'models."qwen3-*".max_concurent: unknown key (known keys of a [models."PATTERN"] '
+            "table: max_concurrent, queue_size, queue_timeout)",
+        ),
+        (
+            '[models."qwen3-*"]\nmax_concurrent = 0\n',
+            'models."qwen3-*".max_concurrent: Input should be greater than or equal to 1 (got 0)',
+        ),
+        (
+            '[models."qwen3-4b"]\nqueue_timeout = "soon"\n',
+            "models.qwen3-4b.queue_timeout: not a duration: 'soon'",
+        ),
+        (
+            '[models."qwen3-4b"]\nqueue_size = -1\n',
+            "models.qwen3-4b.queue_size: Input should be greater than or equal to 0 (got -1)",
+        ),
+        ("[models]\nqueue_timeout = 0\n", "models.queue_timeout: Input should be greater than 0"),
+    ],
+    ids=["unknown-key", "max-concurrent-zero", "bad-duration", "negative-queue", "zero-timeout"],
+)
+def test_problems_in_per_model_tables(write_toml, toml, expected):
+    """A mistake in a per-model table is one line naming the table, the key and the file."""
+    path = write_toml(toml)
+    message = config_error(path)
+    assert message.startswith(expected)
+    assert message.endswith(f"[from {path}]")
+
+
+def test_environment_variables_cannot_name_a_model_table():
+    """LMBRIDGE_MODELS_<PATTERN> is no configuration key: tables are written in the file."""
+    message = config_error(environ={"LMBRIDGE_MODELS_QWEN3": '{"max_concurrent": 1}'})
+    assert message.startswith("LMBRIDGE_MODELS_QWEN3: not a configuration key")
+
+
+def test_render_round_trips_per_model_tables(write_toml, tmp_path):
+    """check-config prints each table as [models."PATTERN"], which loads back the same."""
+    config = load(write_toml(PER_MODEL))
+    assert '[models."qwen3-*"]' in render_toml(config)
+    reloaded = round_trip(config, tmp_path)
+    assert reloaded == config
+    assert list(reloaded.models.tables) == list(config.models.tables)
+
+
+def test_low_priority_keys_are_among_the_api_keys(monkeypatch):
+    """auth.low_priority_keys names keys of auth.api_keys (written again or as env:VAR);
+    another key is an error that does not show it."""
+    monkeypatch.setenv("LMB_TEST_BATCH_KEY", "sk-batch")
+    config = load(
+        flags={
+            "auth.api_keys": ["sk-me", "env:LMB_TEST_BATCH_KEY"],
+            "auth.low_priority_keys": ["sk-batch"],
+        }
+    )
+    assert [k.get_secret_value() for k in config.auth.low_priority_keys] == ["sk-batch"]
+    message = config_error(
+        flags={"auth.api_keys": ["sk-me"], "auth.low_priority_keys": ["sk-me", "sk-other"]}
+    )
+    assert message.startswith("auth.low_priority_keys: key 2 of the list is not one of")
+    assert "sk-other" not in message

@@ -81,6 +81,17 @@ def test_every_error_code_is_documented():
         assert f"`{cls.code}`" in doc, cls.__name__
 
 
+def test_every_per_model_setting_is_documented():
+    """docs/configuration.md lists every key of a [models."PATTERN"] table."""
+    from proxy.config import ModelSettings
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    part = section_of(doc, 'models."PATTERN"')
+    for key, info in ModelSettings.model_fields.items():
+        assert f"| `{key}` |" in part
+        assert info.description and info.description in part
+
+
 def test_every_mcp_server_setting_is_documented():
     """docs/configuration.md lists every key of an [mcp.servers.NAME] table."""
     from proxy.config import MCPServerConfig
