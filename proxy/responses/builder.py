@@ -324,16 +324,7 @@ class ResponseBuilder(McpItems):
                 text=part["text"],
                 logprobs=[],
             ),
-            self._event(
-                "response.content_part.done",
-                item_id=body["id"],
-                output_index=item.index,
-                content_index=0,
-                part=self._copy(part),
-            ),
-            self._event(
-                "response.output_item.done", output_index=item.index, item=self._copy(body)
-            ),
+            *self._part_and_item_done(item, part),
         ]
 
     def _close_reasoning(self, status: str = "completed") -> list[Event]:
@@ -352,6 +343,13 @@ class ResponseBuilder(McpItems):
                 content_index=0,
                 text=part["text"],
             ),
+            *self._part_and_item_done(item, part),
+        ]
+
+    def _part_and_item_done(self, item: Item, part: dict[str, Any]) -> list[Event]:
+        """The last two events of a text or reasoning item: its one part, then itself."""
+        body = item.body
+        return [
             self._event(
                 "response.content_part.done",
                 item_id=body["id"],
