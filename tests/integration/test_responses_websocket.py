@@ -502,3 +502,22 @@ async def test_the_openai_sdk_connects_over_a_websocket(proxy, fake_upstream):
     assert second.output_text == "Again." and second.previous_response_id == first.id
     assert [m["content"] for m in sent_messages(fake_upstream)] == ["hi", "Hello", "more"]
     await client.close()
+
+
+async def test_an_upstream_failure_fails_the_turn_and_forgets_what_it_continued(
+    proxy, fake_upstream
+):
+    """The upstream answers 500 to a continuation: the turn ends response.failed (the
+    stream had begun), the response it continued is forgotten, the socket stays usable."""
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("A")))
+    fake_upstream.add_reply(CHAT, Reply(status=500, json={"error": {"message": "boom"}}))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("fresh")))
+    async with proxy.ws_connect(R) as ws:
+        first = (await turn(ws, input="one", store=False))[-1]["response"]
+        failed = await turn(ws, input="two", store=False, previous_response_id=first["id"])
+        assert failed[-1]["type"] == "response.failed"
+        assert failed[-1]["response"]["error"]["code"]
+        [gone] = await turn(ws, input="two", store=False, previous_response_id=first["id"])
+        assert gone["error"]["code"] == "previous_response_not_found"
+        fresh = await turn(ws, input="start again", store=False)
+    assert fresh[-1]["response"]["output"][0]["content"][0]["text"] == "fresh"
