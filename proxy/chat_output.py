@@ -9,9 +9,8 @@ becomes ``reasoning_content``. Between the upstream's answer and the client on
 - ``normalise_completion``: a whole completion, rewritten in place.
 - ``ChatStreamRewriter``: fed the chunks of a stream, returns for each ``None`` (the
   chunk is unchanged) or the chunks to send instead.
-- ``ChatStreamEditor``: the same over the raw SSE bytes, for the relay: what is unchanged
-  goes out byte for byte, and once nothing more can change (plain content began and no
-  tools were offered) every later byte passes without being parsed.
+- ``ChatStreamEditor`` (``chat_stream_editor.py``): the same over the raw SSE bytes, for
+  the relay.
 
 What the upstream already separated is left alone: structured ``tool_calls`` end the
 search for text calls, and a ``reasoning_content`` (or ``reasoning``) delta ends the
@@ -21,17 +20,14 @@ search for tags.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.ids import new_id
-from proxy.jsontext import loads
 from proxy.model_output.text_calls import TextCall, TextCallRecogniser
 from proxy.model_output.text_calls import split as split_text_calls
 from proxy.model_output.think_tags import THINK, ReasoningSplitter, ThinkTags, split_reasoning
-from proxy.sse import DONE_EVENT, SSEEvent, SSEParser, encode_event
 
 # The request's own switches: {"lmbridge": {"text_tool_calls": false, "think_tags": false}}.
 SWITCHES_FIELD = "lmbridge"
@@ -355,141 +351,3 @@ class ChatStreamRewriter:
             if isinstance(call, dict) and isinstance(call.get("index"), int):
                 call["index"] += self.calls
         return shifted
-
-
-class ChatStreamEditor:
-    """A ``ChatStreamRewriter`` over the raw bytes of an SSE stream: bytes in, bytes out.
-
-    Bytes of events left unchanged go out as they came, once their events are complete;
-    a changed event goes out encoded again, with the events completed before it. When
-    the rewriter stops watching, ``relaying`` turns true and every later chunk is
-    returned as it is, without being parsed."""
-
-    def __init__(self, rewriter: ChatStreamRewriter) -> None:
-        self.rewriter = rewriter
-        self.relaying = False
-        self._parser = SSEParser()
-        self._held = b""  # raw bytes of events not yet complete, all unchanged so far
-        # The events completed since: unchanged ones as they came (encoded only if they
-        # must go out encoded), changed ones as their encoded replacement.
-        self._pending: list[SSEEvent | bytes] = []
-        self._dirty = False  # the raw bytes of an event in the parser were given up
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.relaying:
-            return chunk
-        if b"\r" in chunk:  # rare framing: read whole
-            return self._feed(chunk)
-        # Event by event, so that relaying can start right after the event that decided
-        # it, with the rest of a read that holds many events left unparsed.
-        out: list[bytes] = []
-        while chunk:
-            end = chunk.find(b"\n\n") + 2
-            if end == 1:
-                end = len(chunk)
-            piece, chunk = chunk[:end], chunk[end:]
-            if self._passes(piece):
-                out.append(piece)
-                continue
-            out.append(self._feed(piece))
-            if self.relaying:
-                out.append(chunk)
-                break
-        return b"".join(out)
-
-    def _passes(self, piece: bytes) -> bool:
-        """Whether ``piece`` is one whole event of plain content that passes as it is: the
-        common case, decided without the SSE parser or JSON."""
-        return (
-            piece.startswith(b"data: ")
-            and piece.find(b"\n") == len(piece) - 2
-            and piece.endswith(b"\n\n")
-            and self._parser.idle
-            and not self._dirty
-            and self.rewriter.passing
-            and _plain_content(piece[6:-2])
-        )
-
-    def _feed(self, chunk: bytes) -> bytes:
-        changed = self._read(self._parser.feed(chunk))
-        idle = self._parser.idle
-        if changed or self._dirty:
-            out = self._encoded()
-            self._pending, self._held = [], b""
-            self._dirty = not idle
-        elif idle:
-            out = self._held + chunk
-            self._pending, self._held = [], b""
-        else:
-            self._held += chunk
-            return b""
-        if idle and not self.rewriter.watching:
-            self.relaying = True
-        return out
-
-    def finish(self) -> bytes:
-        """The end of the upstream's stream: what is held, and what the rewriter held."""
-        if self.relaying:
-            return b""
-        changed = self._read(self._parser.finish())
-        flushed = self.rewriter.finish()
-        if changed or self._dirty or flushed:
-            return self._encoded() + b"".join(encode_event(c) for c in flushed)
-        return self._held
-
-    def _encoded(self) -> bytes:
-        return b"".join(
-            encode_event(p.data, p.event) if isinstance(p, SSEEvent) else p for p in self._pending
-        )
-
-    def _read(self, events: list[SSEEvent]) -> bool:
-        """Each event into ``_pending``; whether any changed."""
-        changed = False
-        for event in events:
-            result = self._rewrite(event)
-            if result is None:
-                self._pending.append(event)
-            else:
-                self._pending.append(result)
-                changed = True
-        return changed
-
-    def _rewrite(self, event: SSEEvent) -> bytes | None:
-        rewriter = self.rewriter
-        if not rewriter.watching:  # a read ends with events nothing can change
-            return None
-        if rewriter.passing and _plain_content(event.data):
-            return None  # the common case of a stream with tools offered: no parsing
-        if event.is_done:
-            flushed = self.rewriter.finish()
-            if not flushed:
-                return None
-            return b"".join(encode_event(c) for c in flushed) + DONE_EVENT
-        try:
-            chunk = loads(event.data)
-        except ValueError:
-            return None
-        chunks = self.rewriter.feed(chunk)
-        if chunks is None:
-            return None
-        return b"".join(encode_event(c) for c in chunks)
-
-
-_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
-
-
-def _plain_content(data: bytes) -> bool:
-    """Whether an event is a content delta the readers would pass unchanged, seen from its
-    bytes: no ``<``, backtick or ``[`` but the one of ``"choices": [``, no escape (a
-    ``\\u003c`` is a ``<``), no calls, reasoning, error or finish reason. (Separate
-    ``in`` tests: twice as fast here as one regular expression with alternatives.)"""
-    return (
-        data.count(b"[") == 1
-        and b"<" not in data
-        and b"`" not in data
-        and b"\\" not in data
-        and b'"tool_calls"' not in data
-        and b'"reasoning' not in data
-        and b'"error"' not in data
-        and _FINISH.search(data) is None
-    )

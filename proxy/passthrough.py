@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -24,13 +24,13 @@ from proxy.catalog import Purpose
 from proxy.chat_output import (
     SWITCHES_FIELD,
     ChatOutput,
-    ChatStreamEditor,
     ChatStreamRewriter,
     normalise_completion,
     output_for,
     read_switches,
 )
 from proxy.chat_stream import StreamObserver, usage_counts
+from proxy.chat_stream_editor import ChatStreamEditor
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
 from proxy.event_stream import REQUEST_ID_HEADER, EventStream
@@ -318,12 +318,15 @@ async def relay_stream(
     failure: UpstreamError | None = None
     try:
         response = await stream.open()
-        source = upstream.iter_chunks(resp)
-        if editor is not None:
-            source = _edited(source, editor)
-        async with contextlib.aclosing(source) as chunks:
+        async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
             try:
                 async for chunk in chunks:
+                    if editor is not None and not editor.relaying:
+                        # Edited in this loop rather than by a generator around it: one
+                        # hop less per chunk.
+                        chunk = editor.feed(chunk)
+                        if not chunk:
+                            continue
                     await response.write(chunk)  # as it came: the hot loop of a relay
                     if observer.data_events == 0:
                         if observer.feed(chunk):
@@ -332,6 +335,14 @@ async def relay_stream(
                             )
                     else:
                         observer.feed(chunk)
+                tail = editor.finish() if editor is not None else b""
+                if tail:  # what the readers held to the end
+                    await response.write(tail)
+                    first = observer.data_events == 0
+                    if observer.feed(tail) and first:
+                        metrics.ttft_seconds.observe(
+                            (model,), time.perf_counter() - request[STARTED]
+                        )
             except UpstreamError as exc:
                 failure = exc
         observer.finish()
@@ -355,24 +366,6 @@ async def relay_stream(
     if stream.response is None:  # the client went away before the headers
         return web.Response(status=499)
     return stream.response
-
-
-async def _edited(
-    chunks: AsyncGenerator[bytes, None], editor: ChatStreamEditor
-) -> AsyncGenerator[bytes, None]:
-    """The upstream's chunks through the editor; once it only relays, as they come."""
-    async with contextlib.aclosing(chunks):
-        async for chunk in chunks:
-            out = editor.feed(chunk)
-            if out:
-                yield out
-            if editor.relaying:
-                break
-        async for chunk in chunks:
-            yield chunk
-        tail = editor.finish()
-        if tail:
-            yield tail
 
 
 def _upstream_headers(request: web.Request) -> dict[str, str]:

@@ -22,6 +22,7 @@ PURE = [
     "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.chat_output",
+    "proxy.chat_stream_editor",
     "proxy.tool_prompt",
     "proxy.sse",
     "proxy.mcp.policy",

@@ -10,12 +10,12 @@ import pytest
 
 from proxy.chat_output import (
     ChatOutput,
-    ChatStreamEditor,
     ChatStreamRewriter,
     normalise_completion,
     output_for,
     read_switches,
 )
+from proxy.chat_stream_editor import ChatStreamEditor
 from proxy.model_output.think_tags import THINK
 from proxy.sse import SSEParser, encode_event
 from tests.fake_upstream import chat_completion, chunk
@@ -128,6 +128,53 @@ def test_streamed_fixture_in_small_deltas(fixture, step, cut):
         assert all(c["id"] == "call_test" for c in result["calls"].values())
     else:
         assert result["finish"] == ("length" if truncated else "stop")
+
+
+@pytest.mark.parametrize("step", [1, 4])
+@pytest.mark.parametrize("fixture", FIXTURES, ids=IDS)
+def test_streamed_fixture_read_event_by_event(fixture, step):
+    """Each read one whole event, as most upstreams write them: the same calls, reasoning
+    and text as whole (the quick checks of plain events see every delta)."""
+    truncated = (fixture.get("think") or {}).get("truncated")
+    events = stream_of(fixture["content"], step, finish="length" if truncated else "stop")
+    editor = ChatStreamEditor(ChatStreamRewriter(output_of(fixture), ids=_ids))
+    out = b"".join(editor.feed(encode_event(e)) for e in events)
+    out += editor.feed(b"data: [DONE]\n\n") + editor.finish()
+    result = assemble(out)
+    wanted = expected(fixture)
+    assert calls_of(result) == wanted.calls
+    assert result["content"].strip() == wanted.text.strip()
+    assert result["reasoning"] == wanted.reasoning
+    assert result["done"] and result["usage"]["total_tokens"] == 3
+
+
+def test_a_null_finish_reason_spaced_otherwise_is_not_an_end():
+    """``"finish_reason" : null`` is read as no finish reason: a call written after it is
+    still found."""
+    events = [chunk(role="assistant", content="Let me look. ")]
+    events += [
+        chunk(piece) for piece in ("Sure. ", '<tool_call>{"name": "f", ', '"arguments": {}}')
+    ]
+    events += [chunk("</tool_call>"), chunk(finish="stop")]
+    raw = [
+        encode_event(e).replace(b'"finish_reason": null', b'"finish_reason" : null') for e in events
+    ]
+    editor = ChatStreamEditor(ChatStreamRewriter(ChatOutput(frozenset({"f"})), ids=_ids))
+    out = b"".join(editor.feed(r) for r in raw) + editor.finish()
+    result = assemble(out)
+    assert calls_of(result) == [("f", {})]
+    assert result["content"] == "Let me look. Sure. "
+
+
+def test_plain_events_keep_their_bytes_and_the_last_ends_the_reading():
+    """Read event by event, plain deltas and the one that ends the answer go out as they
+    came, and nothing after it is parsed."""
+    events = stream_of("The weather is fine today.", 3)
+    editor = ChatStreamEditor(ChatStreamRewriter(ChatOutput(frozenset({"f"}), THINK)))
+    raws = [encode_event(e) for e in events]
+    assert [editor.feed(r) for r in raws[:-1]] == raws[:-1]
+    assert editor.relaying
+    assert editor.feed(b"data: garbage\n\n") == b"data: garbage\n\n"
 
 
 def test_plain_stream_is_byte_for_byte_and_then_relayed():
