@@ -330,3 +330,49 @@ async def test_bench_real_reuses_the_prompt_cache(tmp_path: Path):
     assert second["cached_tokens"] > 0.9 * second["prompt_tokens"]
     assert report["cold_last_prompt"]["prompt_tokens"] >= second["prompt_tokens"]
     assert "prompt cache across one /v1/responses chain" in text
+
+
+async def test_smollm2_writes_a_call_as_text_and_the_client_gets_a_tool_call(client):
+    """SmolLM2's template cannot render tools: lmbridge describes the offered function
+    tool in the system message, and the call the model writes as text comes back as a
+    structured call, whole and streamed. (A 135M model does not call tools by itself: a
+    llama.cpp grammar makes it write the call; the text is still the model's own output,
+    read by lmbridge like any other.)"""
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    ask = dict(
+        model="smollm2",
+        temperature=0,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[weather],
+        extra_body={"grammar": "root ::= " + json.dumps(call)},
+    )
+    completion = await client.chat.completions.create(**ask)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert not choice.message.content
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
+
+    content, names, arguments, finish = "", [], "", None
+    async with await client.chat.completions.create(**ask, stream=True) as stream:
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for part in delta.tool_calls or []:
+                names += [part.function.name] if part.function and part.function.name else []
+                arguments += (part.function.arguments or "") if part.function else ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert (content, names, finish) == ("", ["get_weather"], "tool_calls")
+    assert json.loads(arguments) == {"city": "Paris"}
