@@ -124,7 +124,7 @@ async def test_models_prints_a_table(tmp_path, fake_upstream):
         *("llm", "loaded", "32768", "-"),
         *("think", "<think>,", "reasoning", "drop"),
     ]
-    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-"]
+    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-", "-"]
     assert lines[3] == f"(2 model(s) listed by the upstream at {fake_upstream.url})"
 
 
