@@ -27,7 +27,8 @@ from typing import Any
 from proxy.ids import new_id
 from proxy.model_output.text_calls import TextCall, TextCallRecogniser
 from proxy.model_output.text_calls import split as split_text_calls
-from proxy.model_output.think_tags import THINK, ReasoningSplitter, ThinkTags, split_reasoning
+from proxy.model_output.think_tags import ReasoningSplitter, Variants, split_reasoning
+from proxy.profiles import ModelProfile
 
 # The request's own switches: {"lmbridge": {"text_tool_calls": false, "think_tags": false}}.
 SWITCHES_FIELD = "lmbridge"
@@ -43,7 +44,8 @@ class ChatOutput:
     """What lmbridge reads out of one request's answer."""
 
     offered: frozenset[str] = frozenset()  # function tools whose text calls count
-    think: ThinkTags | None = None  # the tags of thinking looked for, None: not looked for
+    think: Variants | None = None  # the tags of thinking looked for, None: not looked for
+    think_opened: bool = False  # the template opened the block: the answer starts in it
 
     @property
     def active(self) -> bool:
@@ -79,15 +81,10 @@ def function_names(tools: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def output_for(
-    tools: Any, switches: Mapping[str, bool], *, text_tool_calls: bool, think_tags: bool
-) -> ChatOutput:
-    """What is on for a request: each part when its setting and the request allow it."""
-    offered = frozenset[str]()
-    if text_tool_calls and switches.get("text_tool_calls", True):
-        offered = function_names(tools)
-    think = THINK if think_tags and switches.get("think_tags", True) else None
-    return ChatOutput(offered, think)
+def output_for(tools: Any, profile: ModelProfile) -> ChatOutput:
+    """What is on for a request: what its model's profile (switches applied) says."""
+    offered = function_names(tools) if profile.text_tool_calls else frozenset[str]()
+    return ChatOutput(offered, profile.think_tags or None, profile.think_opened)
 
 
 def mcp_text_calls(
@@ -132,7 +129,9 @@ def normalise_completion(
         finish = choice.get("finish_reason")
         if output.think is not None and not _has_reasoning(message):
             truncated = finish == "length"
-            reasoning, answer = split_reasoning(content, output.think, truncated=truncated)
+            reasoning, answer = split_reasoning(
+                content, output.think, opened=output.think_opened, truncated=truncated
+            )
             if reasoning or answer != content:  # an empty block is taken off too
                 message["reasoning_content"] = reasoning
                 message["content"] = content = answer
@@ -164,7 +163,9 @@ class MessageReader:
 
     def __init__(self, output: ChatOutput) -> None:
         self._recogniser = TextCallRecogniser(output.offered) if output.offered else None
-        self._splitter = ReasoningSplitter(output.think) if output.think else None
+        self._splitter = (
+            ReasoningSplitter(output.think, opened=output.think_opened) if output.think else None
+        )
 
     @property
     def watching(self) -> bool:

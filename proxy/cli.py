@@ -240,7 +240,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def render_models(models: list[dict[str, Any]]) -> str:
     """The models of /v1/models (lmbridge's shape) as a table."""
-    rows = [("ID", "TYPE", "STATE", "CONTEXT", "TOOLS")]
+    rows = [("ID", "TYPE", "STATE", "CONTEXT", "TOOLS", "PROFILE")]
     for m in models:
         name = str(m["id"]) + (f" (alias of {m['alias_for']})" if m.get("alias_for") else "")
         context = m.get("max_context_length")
@@ -252,6 +252,7 @@ def render_models(models: list[dict[str, Any]]) -> str:
             str(m.get("state", "-")),
             str(context) if context else "-",
             tools,
+            profile_summary(m.get("profile")),
         )
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -261,12 +262,27 @@ def render_models(models: list[dict[str, Any]]) -> str:
     )
 
 
+def profile_summary(profile: Any) -> str:
+    """A model profile (docs/profiles.md) in a few words: the thinking tags read ("+":
+    opened by the template), reasoning sent back or not, tools described, text calls."""
+    if not isinstance(profile, dict):
+        return "-"
+    tags = [str(t).split(",")[0] for t in profile.get("think_tags") or []]
+    think = "/".join(tags) + ("+" if profile.get("think_opened") else "") if tags else "off"
+    words = [f"think {think}", f"reasoning {profile.get('reasoning_in_history')}"]
+    if profile.get("describe_tools"):
+        words.append("tools described")
+    if profile.get("text_tool_calls") is False:
+        words.append("no text calls")
+    return ", ".join(words)
+
+
 async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict[str, Any]], str]:
     """What the daemon of this configuration serves; when none runs, what its upstream
     lists. The second value says where the list came from."""
     from proxy.bridge.client import DaemonClient, DaemonUnreachable
     from proxy.bridge.run import daemon_key, daemon_url
-    from proxy.catalog import ModelListReader
+    from proxy.catalog import ModelCatalog, ModelListReader
     from proxy.metrics import Metrics
     from proxy.upstream import UpstreamClient, new_session
 
@@ -291,7 +307,8 @@ async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict
     where = f"listed by the upstream at {redact_url(config.upstream.url)}"
     if daemon_first:
         where += f"; lmbridge is not running at {daemon_url(config)}"
-    return [m.as_openai() for m in models.models], where
+    catalog = ModelCatalog(config.models, ModelListReader(upstream.get_json).read)
+    return [catalog.described(m) for m in models.models], where
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from proxy.mcp.remote_urls import RemoteURLError, parse_pattern
+from proxy.profiles import parse_tags
 from proxy.redact import redact_url
 
 ENV_PREFIX = "LMBRIDGE_"
@@ -313,6 +314,52 @@ _QUEUE_SIZE = (
 _QUEUE_TIMEOUT = "Longest a request waits in a model's queue; then it gets 504 queue_timeout."
 
 
+def _check_tags(value: bool | list[str]) -> bool | list[str]:
+    if isinstance(value, list):
+        parse_tags(value)
+    return value
+
+
+ThinkTagsSetting = Annotated[bool | list[str], AfterValidator(_check_tags)]
+ReasoningSetting = Literal["auto", "drop", "keep"]
+_TEXT_TOOL_CALLS = (
+    "Turn tool calls that models write as text (<tool_call>{...}</tool_call>, "
+    '[TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ..., "arguments": '
+    "...}) into structured tool calls, on both APIs, for function and MCP tools; only "
+    "names of offered tools and complete JSON count. A request turns it off with "
+    '"lmbridge": {"text_tool_calls": false}.'
+)
+_DESCRIBE_TOOLS = (
+    "For a model whose chat template cannot render tools (llama.cpp's /props says "
+    "supports_tools: false, or template_tools = false), describe the offered function and "
+    "MCP tools in the system message and read the calls back from the text (with "
+    'text_tool_calls on), on both APIs. A request turns it off with "lmbridge": '
+    '{"describe_tools": false}.'
+)
+_THINK_TAGS = (
+    "Take thinking in tags at the start of the content off as reasoning "
+    "(reasoning_content on chat completions, a reasoning item on the Responses API), "
+    "unless the upstream separated it. true: the tags the model's profile names (<think> "
+    "unless the template or the model family says otherwise); false: off; or a list of "
+    'variants, each a name (think, thinking, thought, seed, mistral) or "OPEN,CLOSE". A '
+    'request turns it off with "lmbridge": {"think_tags": false}.'
+)
+_THINK_OPENED = (
+    "Whether the chat template opens the thinking block itself, so that the answer starts "
+    "inside it and only the closing tag appears. Unset: read from llama.cpp's chat template."
+)
+_TEMPLATE_TOOLS = (
+    "Whether the chat template renders tools. Unset: as the upstream says (llama.cpp's "
+    "/props supports_tools). false makes describe_tools apply."
+)
+_REASONING = (
+    "Whether the reasoning of earlier assistant turns goes back upstream (Responses chains "
+    "and conversations, MCP loop rounds): keep, drop, or auto (keep when the chat template "
+    "reads reasoning_content or thinking, or for gpt-oss; drop otherwise). Stored "
+    "responses keep their reasoning items either way."
+)
+
+
 class ModelSettings(_Section):
     """A ``[models."PATTERN"]`` table: settings of the models whose id the pattern matches
     (an exact id, or a glob such as ``"qwen3-*"``, case-insensitive). A field left unset
@@ -321,6 +368,12 @@ class ModelSettings(_Section):
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count | None = Field(None, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration | None = Field(None, gt=0, description=_QUEUE_TIMEOUT)
+    text_tool_calls: bool | None = Field(None, description=_TEXT_TOOL_CALLS)
+    describe_tools: bool | None = Field(None, description=_DESCRIBE_TOOLS)
+    think_tags: ThinkTagsSetting | None = Field(None, description=_THINK_TAGS)
+    think_opened: bool | None = Field(None, description=_THINK_OPENED)
+    template_tools: bool | None = Field(None, description=_TEMPLATE_TOOLS)
+    reasoning_in_history: ReasoningSetting | None = Field(None, description=_REASONING)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -345,29 +398,12 @@ class ModelsConfig(_Section):
         description="Names clients may send, mapped to upstream model ids "
         '(e.g. { "gpt-4o-mini" = "qwen/qwen3-4b" }).',
     )
-    text_tool_calls: bool = Field(
-        True,
-        description="Turn tool calls that models write as text (<tool_call>{...}</tool_call>, "
-        '[TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ..., "arguments": '
-        "...}) into structured tool calls, on both APIs, for function and MCP tools; only "
-        "names of offered tools and complete JSON count. A request turns it off with "
-        '"lmbridge": {"text_tool_calls": false}.',
-    )
-    describe_tools: bool = Field(
-        True,
-        description="For a model whose chat template cannot render tools (llama.cpp's /props "
-        "says supports_tools: false), describe the offered function tools in the system "
-        "message and read the calls back from the text (with text_tool_calls on), on "
-        '/v1/chat/completions. A request turns it off with "lmbridge": {"describe_tools": '
-        "false}.",
-    )
-    think_tags: bool = Field(
-        True,
-        description="Take <think>...</think> at the start of the content off as reasoning "
-        "(reasoning_content on chat completions, a reasoning item on the Responses API), "
-        "unless the upstream separated it. A request turns it off with "
-        '"lmbridge": {"think_tags": false}.',
-    )
+    text_tool_calls: bool = Field(True, description=_TEXT_TOOL_CALLS)
+    describe_tools: bool = Field(True, description=_DESCRIBE_TOOLS)
+    think_tags: ThinkTagsSetting = Field(True, description=_THINK_TAGS)
+    think_opened: bool | None = Field(None, description=_THINK_OPENED)
+    template_tools: bool | None = Field(None, description=_TEMPLATE_TOOLS)
+    reasoning_in_history: ReasoningSetting = Field("auto", description=_REASONING)
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count = Field(64, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration = Field(300.0, gt=0, description=_QUEUE_TIMEOUT)

@@ -48,7 +48,6 @@ from proxy.keys import (
     API_KEYS,
     CATALOG,
     CLIENT_GONE,
-    CONFIG,
     MCP,
     METRICS,
     MODEL,
@@ -61,6 +60,8 @@ from proxy.keys import (
     WORKER,
 )
 from proxy.mcp.chat import chat_with_tools
+from proxy.model_output.think_tags import ThinkTags
+from proxy.profiles import with_switches
 from proxy.queues import Admission, note_wait
 from proxy.sse import DONE_EVENT
 from proxy.tool_prompt import describe_tools
@@ -75,10 +76,10 @@ _PASS_PREFIXES = ("x-ratelimit-",)
 async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     models = await catalog.get()
-    data = [m.as_openai() for m in models.models]
+    data = [catalog.described(m) for m in models.models]
     for alias, target in catalog.config.aliases.items():
         if alias not in models.by_name and target in models.by_name:
-            entry = models.by_name[target].as_openai()
+            entry = catalog.described(models.by_name[target])
             entry.update(id=alias, alias_for=models.by_name[target].id)
             data.append(entry)
     return web.json_response({"object": "list", "data": data})
@@ -86,8 +87,9 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     requested = request.match_info["model"]
-    model = await request.app[CATALOG].resolve(requested, "any")
-    entry = model.as_openai()
+    catalog = request.app[CATALOG]
+    model = await catalog.resolve(requested, "any")
+    entry = catalog.described(model)
     if requested != model.id:
         entry.update(id=requested, alias_for=model.id)
     return web.json_response(entry)
@@ -204,28 +206,17 @@ async def forward(
         requested = body.pop("mcp_servers", None)
         switches = request_switches(body)
         selection = request.app[MCP].select(requested, request.headers.get("X-MCP-Servers"))
-        settings = request.app[CONFIG].models
-        output = output_for(
-            body.get("tools"),
-            switches or {},
-            text_tool_calls=settings.text_tool_calls,
-            think_tags=settings.think_tags,
-        )
+        profile = with_switches(catalog.profile(model), switches or {})
+        output = output_for(body.get("tools"), profile)
         # A template that cannot render tools: they are described in the system message
         # and the calls read back from the text.
-        describe = (
-            model.tools is False
-            and not selection
-            and bool(output.offered)
-            and settings.describe_tools
-            and (switches or {}).get("describe_tools", True)
-        )
-        offers = bool(selection or body.get("tools")) and not describe
+        describe = profile.describe_tools and not selection and bool(output.offered)
+        offers = bool(selection or body.get("tools")) and not profile.describe_tools
         if offers and (warning := catalog.tools_warning(model)):
             request[WARNING] = warning
         if selection:
             body["model"] = model.id
-            return await chat_with_tools(request, body, model, selection, switches)
+            return await chat_with_tools(request, body, model, selection, switches, profile)
         if requested is not None or switches is not None:
             raw = b""  # a field was removed: serialise again below
         if describe and describe_tools(body):
@@ -279,7 +270,7 @@ def request_switches(body: dict[str, Any]) -> dict[str, bool] | None:
 def normalised(content: bytes, output: ChatOutput) -> bytes:
     """A completion's body with its text calls and thinking read out; the same bytes
     when there is nothing to change."""
-    if not output.offered and (output.think is None or output.think.open.encode() not in content):
+    if not output.offered and not _may_think(output, content):
         return content  # only tags can change it, and there are none
     try:
         completion = loads(content)
@@ -288,6 +279,16 @@ def normalised(content: bytes, output: ChatOutput) -> bytes:
     if not normalise_completion(completion, output):
         return content
     return dumps_bytes(completion)
+
+
+def _may_think(output: ChatOutput, content: bytes) -> bool:
+    think = output.think
+    if think is None:
+        return False
+    if output.think_opened:
+        return True  # the answer starts inside the block: no opening tag to look for
+    tags = (think,) if isinstance(think, ThinkTags) else think
+    return any(t.open.encode() in content for t in tags)
 
 
 async def serialise(request: web.Request, body: dict[str, Any], size: int) -> bytes:

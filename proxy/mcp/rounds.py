@@ -235,10 +235,15 @@ class Round:
     def _ordered(self) -> list[Call]:
         return [self.calls[i] for i in sorted(self.calls)]
 
-    def assistant_message(self, *, include_client_calls: bool = True) -> dict[str, Any]:
-        """The assistant's turn as it goes back into the conversation upstream."""
+    def assistant_message(
+        self, *, include_client_calls: bool = True, reasoning: bool = False
+    ) -> dict[str, Any]:
+        """The assistant's turn as it goes back into the conversation upstream (with its
+        reasoning when the model's template reads it)."""
         calls = [c for c in self._ordered() if c.kind == "mcp" or include_client_calls]
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if reasoning and self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
         if calls:
             message["tool_calls"] = [c.as_chat() for c in calls]
         return message

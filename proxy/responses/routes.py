@@ -87,9 +87,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     run = await service.create(body, request[OWNER])
     prepared = run.prepared
     request[MODEL] = prepared.model.id
-    if (prepared.tools.tools or prepared.mcp) and (
-        warning := request.app[CATALOG].tools_warning(prepared.model)
-    ):
+    offers = (prepared.tools.tools or prepared.mcp) and not prepared.profile.describe_tools
+    if offers and (warning := request.app[CATALOG].tools_warning(prepared.model)):
         request[WARNING] = warning
     if run.request.background:
         if run.request.stream:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.catalog import ModelInfo
+from proxy.profiles import ModelProfile
 from proxy.queues import Admission
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationTurn
@@ -44,6 +45,8 @@ class Prepared:
     input_items: list[dict[str, Any]]
     new_messages: list[dict[str, Any]]
     owner: str
+    # What is normalised for the model (switches applied): the one resolution per turn.
+    profile: ModelProfile = field(default_factory=ModelProfile)
     mcp: McpSetup | None = None
     # Calls the client approved (mcp_approval_response): the request item and its target.
     approved: list[tuple[dict[str, Any], McpTarget]] = field(default_factory=list)

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.servers import MCPServers
+from proxy.profiles import with_switches
 from proxy.queues import ModelQueues
 from proxy.responses import compaction, render
 from proxy.responses.builder import ResponseBuilder
@@ -184,26 +186,21 @@ class ResponsesService:
 
     def reading(self, prepared: Prepared) -> ChatOutput:
         """What is read out of the model's answer: text calls to the offered function
-        tools and MCP tools, thinking in tags; as the settings and the request say."""
+        tools and MCP tools, thinking in tags; as the model's profile and the request say."""
         switches = prepared.request.switches
-        models = self.config.models
-        output = output_for(
-            prepared.tools.tools,
-            switches,
-            text_tool_calls=models.text_tool_calls,
-            think_tags=models.think_tags,
-        )
+        output = output_for(prepared.tools.tools, prepared.profile)
         setup = prepared.mcp
         if setup is None or not mcp_text_calls(
-            models.text_tool_calls, self.config.mcp.text_tool_calls, switches
+            prepared.profile.text_tool_calls, self.config.mcp.text_tool_calls, switches
         ):
             return output
-        return ChatOutput(output.offered | function_names(setup.chat_tools), output.think)
+        return replace(output, offered=output.offered | function_names(setup.chat_tools))
 
     async def prepare(
         self, request: CreateRequest, owner: str, history: History | None = None
     ) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")
+        profile = with_switches(self.catalog.profile(model), request.switches)
         tools = render.convert_tools(
             request, reject_unsupported=self.config.responses.unsupported_tools == "reject"
         )
@@ -215,6 +212,7 @@ class ResponsesService:
                 owner,
                 tools.names,
                 images=model.vision is not False,
+                reasoning=profile.keeps_reasoning,
                 max_items=self.config.responses.max_history_items,
             )
         listed_before = history.listed
@@ -261,10 +259,15 @@ class ResponsesService:
             new_messages=await self.worker.run_if(
                 len(input_items) > LARGE_INPUT,
                 partial(
-                    render.render_items, input_items, tools.names, images=model.vision is not False
+                    render.render_items,
+                    input_items,
+                    tools.names,
+                    images=model.vision is not False,
+                    reasoning=profile.keeps_reasoning,
                 ),
             ),
             owner=owner,
+            profile=profile,
             mcp=setup,
             approved=approved,
             mcp_listed=setup.listed if setup is not None else tuple(sorted(listed_before)),

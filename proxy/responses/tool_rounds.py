@@ -38,6 +38,7 @@ class ResponseRounds:
         max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
         max_rounds = min(limits.max_rounds, prepared.request.mcp_max_rounds or 1 << 30)
         extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
+        keep = prepared.profile.keeps_reasoning
         policy = LoopPolicy(max_rounds=max_rounds, max_tool_calls=max_calls)
         if setup is not None:
             for label, tools, error in setup.to_list:
@@ -52,7 +53,7 @@ class ResponseRounds:
                 await sink(builder.added_events(pending))
                 decision = policy.decide(pending.flat_name, pending.arguments)
                 await self._run_mcp(setup, pending, target, decision, policy, builder, sink)
-                extra += render.render_items([pending.item], prepared.tools.names)
+                extra += render.render_items([pending.item], prepared.tools.names, reasoning=keep)
         forced = False
         while True:
             policy.next_round()
@@ -96,7 +97,9 @@ class ResponseRounds:
             )
             if forced or not runnable or waits_for_client:
                 return
-            extra += render.render_items(builder.output[first_item:], prepared.tools.names)
+            extra += render.render_items(
+                builder.output[first_item:], prepared.tools.names, reasoning=keep
+            )
             if policy.must_finish():
                 log.info(
                     "tool loop limit reached after %d round(s), %d call(s): asking for "

@@ -118,9 +118,13 @@ async def test_models_prints_a_table(tmp_path, fake_upstream):
     code, out, err = await run_cli(tmp_path, "models", "--upstream", fake_upstream.url)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT", "TOOLS"]
-    assert lines[1].split() == ["qwen3-4b", "llm", "loaded", "32768", "-"]
-    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-"]
+    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT", "TOOLS", "PROFILE"]
+    assert lines[1].split() == [
+        "qwen3-4b",
+        *("llm", "loaded", "32768", "-"),
+        *("think", "<think>,", "reasoning", "drop"),
+    ]
+    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-", "-"]
     assert lines[3] == f"(2 model(s) listed by the upstream at {fake_upstream.url})"
 
 
@@ -133,6 +137,7 @@ async def test_models_shows_what_the_running_daemon_serves(tmp_path, start_daemo
         tmp_path,
         f'[server]\nport = {port}\n[upstream]\nurl = "{fake_upstream.url}"\n'
         '[models]\naliases = { "gpt-4o-mini" = "test-model" }\n'
+        '[models."test-*"]\nreasoning_in_history = "keep"\n'
         '[auth]\napi_keys = ["sk-local"]\n',
     )
     env = clean_env(tmp_path, LMBRIDGE_CONFIG=config)
@@ -141,7 +146,9 @@ async def test_models_shows_what_the_running_daemon_serves(tmp_path, start_daemo
     assert code == 0, err
     lines = out.splitlines()
     assert lines[1].split()[0] == "test-model"
-    assert lines[1].endswith("no (template drops them)")
+    assert "no (template drops them)" in lines[1]
+    # The profile in effect: detected (tools described), then the table over it.
+    assert lines[1].endswith("think <think>, reasoning keep, tools described")
     assert lines[2].startswith("gpt-4o-mini (alias of test-model)")
     assert lines[3] == f"(2 model(s) served by lmbridge at http://127.0.0.1:{port})"
 

@@ -275,8 +275,13 @@ async def run_loop(replies: list[dict[str, Any]], **limits: Any) -> tuple[Any, l
         client_tools={"lookup"},
         max_rounds=limits.get("max_rounds", 5),
         max_tool_calls=limits.get("max_tool_calls", 5),
+        text_tool_calls=limits.get("text_tool_calls", False),
+        keep_reasoning=limits.get("keep_reasoning", False),
+        describe_tools=limits.get("describe_tools", False),
     )
-    body = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
+    if "tools" in limits:
+        body["tools"] = limits["tools"]
     return await loop.run(body, complete=complete), sent, ran
 
 
@@ -293,6 +298,49 @@ async def test_the_loop_runs_calls_until_an_answer():
     assert result.completion["choices"][0]["message"]["content"] == "5"
     assert result.completion["usage"]["total_tokens"] == 14
     assert result.rounds == 2
+
+
+def thought(reply: dict[str, Any], reasoning: str) -> dict[str, Any]:
+    reply["choices"][0]["message"]["reasoning_content"] = reasoning
+    return reply
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_reasoning_goes_back_only_when_the_profile_keeps_it(keep):
+    """The reasoning before an MCP call goes back upstream with the call when the
+    model's template reads it (keep), not otherwise."""
+    replies = [
+        thought(completion(None, ("c1", "calc__add", '{"a": 2}')), "Add them."),
+        completion("2"),
+    ]
+    _, sent, _ = await run_loop(replies, keep_reasoning=keep)
+    assistant = sent[1]["messages"][1]
+    assert assistant["role"] == "assistant"
+    assert ("reasoning_content" in assistant) is keep
+    if keep:
+        assert assistant["reasoning_content"] == "Add them."
+
+
+async def test_tools_described_in_each_round_for_a_template_without_tools():
+    """describe_tools: every round's request describes the tools in the system message
+    (no tools field), the earlier call and result as text; the call written as text
+    runs."""
+    tool = {"type": "function", "function": {"name": "calc__add", "parameters": {}}}
+    written = '<tool_call>\n{"name": "calc__add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    _, sent, ran = await run_loop(
+        [completion(written), completion("5")],
+        tools=[tool],
+        text_tool_calls=True,
+        describe_tools=True,
+    )
+    assert ran == [(ToolRef("calc", "add"), {"a": 2, "b": 3})]
+    assert all("tools" not in body for body in sent)
+    assert sent[0]["messages"][0]["role"] == "system"
+    assert "calc__add" in sent[0]["messages"][0]["content"]
+    roles = [m["role"] for m in sent[1]["messages"]]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert "<tool_call>" in sent[1]["messages"][2]["content"]
+    assert sent[1]["messages"][3]["content"].startswith("<tool_response>")
 
 
 async def test_a_client_call_ends_the_loop_after_the_mcp_calls_of_its_round():
