@@ -94,6 +94,8 @@ async def chat_with_tools(
         text_tool_calls=text_calls,
         keep_reasoning=profile.keeps_reasoning,
         describe_tools=profile.describe_tools and text_calls,
+        think=profile.think_tags or None,
+        think_opened=profile.think_opened,
         images=images,
         client_tools=_names(client_tools),
     )

@@ -28,6 +28,7 @@ from proxy.mcp.names import ToolDirectory, ToolRef
 from proxy.mcp.policy import LIMIT_NOTE, Answered, LoopPolicy
 from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.rounds import Call, Round
+from proxy.model_output.think_tags import Variants
 from proxy.tool_prompt import describe_tools
 from proxy.usage import add_usage, chat_usage
 
@@ -80,12 +81,17 @@ class ToolLoop:
         client_tools: Collection[str] | None = None,
         keep_reasoning: bool = False,
         describe_tools: bool = False,
+        think: Variants | None = None,
+        think_opened: bool = False,
     ) -> None:
         # keep_reasoning: each round's reasoning goes back upstream with its calls;
         # describe_tools: the template cannot render tools, so each round's request
         # describes them in the system message (tool_prompt) and the calls are text.
         self.keep_reasoning = keep_reasoning
         self.describe_tools = describe_tools
+        # The tags of thinking each round's content is read for (None: not read).
+        self.think = think
+        self.think_opened = think_opened
         self.directory = directory
         self.client_tools = client_tools
         self.call_tool = call_tool
@@ -125,6 +131,8 @@ class ToolLoop:
                 client_tools=self.client_tools,
                 text_tool_calls=self.text_tool_calls,
                 number=rounds,
+                think=self.think,
+                think_opened=self.think_opened,
             )
             if stream is not None:
                 async with contextlib.aclosing(stream(request)) as chunks:
@@ -136,6 +144,9 @@ class ToolLoop:
                                 out["id"] = stream_id
                         if relayed and emit is not None:
                             await emit(relayed)
+                tail = reply.end_of_stream()
+                if tail and emit is not None:
+                    await emit(tail)
             else:
                 assert complete is not None
                 reply.feed_completion(await complete(request))

@@ -11,6 +11,7 @@ from proxy.mcp.names import MAX_LENGTH, ToolDirectory, ToolRef, exposed_name
 from proxy.mcp.results import cut, error_output, render_result
 from proxy.mcp.rounds import Round
 from proxy.model_output.text_calls import TextCall, split
+from proxy.model_output.think_tags import THINK
 
 # --- names ---------------------------------------------------------------------------
 
@@ -372,8 +373,7 @@ async def test_at_the_limit_the_answer_is_asked_for():
 
 
 def test_text_calls_to_client_tools_in_a_whole_reply():
-    """A whole reply's text call to one of the client's own tools is a client call; in a
-    streamed reply (its text already sent) it stays text."""
+    """A whole reply's text call to one of the client's own tools is a client call."""
     content = '<tool_call>\n{"name": "lookup", "arguments": {"q": 1}}\n</tool_call>'
     reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
     message = {"role": "assistant", "content": content}
@@ -381,7 +381,65 @@ def test_text_calls_to_client_tools_in_a_whole_reply():
     reply.finish()
     assert [(c.name, c.arguments_text) for c in reply.client_calls] == [("lookup", '{"q": 1}')]
     assert reply.mcp_calls == [] and reply.content == []
-    streamed = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
-    streamed.feed(chunk({"content": content}))
-    streamed.finish()
-    assert streamed.client_calls == [] and streamed.content == [content]
+
+
+def _streamed(reply: Round, content: str, step: int, finish: str | None = "stop") -> list[dict]:
+    """``content`` fed in deltas of ``step`` characters; the chunks relayed."""
+    relayed = []
+    for i in range(0, len(content), step):
+        relayed += reply.feed(chunk({"content": content[i : i + step]}))
+    if finish is not None:
+        relayed += reply.feed(chunk({}, finish))
+    else:
+        relayed += reply.end_of_stream()
+    reply.finish()
+    return relayed
+
+
+def _relayed_text(relayed: list[dict], key: str = "content") -> str:
+    return "".join(c["choices"][0]["delta"].get(key) or "" for c in relayed)
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streamed_text_calls_are_held_back_and_become_calls(step):
+    """In a stream, a call written as text never reaches the client as text: an MCP
+    call is held for the loop to run, a call to the client's tool goes out as a
+    structured call; the text around them streams."""
+    content = (
+        'Let me check. <tool_call>{"name": "calc__add", "arguments": {"a": 1}}</tool_call>'
+        '<tool_call>{"name": "lookup", "arguments": {"q": 2}}</tool_call>'
+    )
+    reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
+    relayed = _streamed(reply, content, step)
+    assert _relayed_text(relayed) == "Let me check. "
+    sent_calls = [c for r in relayed for c in r["choices"][0]["delta"].get("tool_calls") or []]
+    assert [
+        (c["index"], c["function"]["name"], c["function"]["arguments"]) for c in sent_calls
+    ] == [(0, "lookup", '{"q": 2}')]
+    assert [(c.name, c.arguments_text) for c in reply.mcp_calls] == [("calc__add", '{"a": 1}')]
+    assert [c.id for c in reply.client_calls] == [sent_calls[0]["id"]]
+    message = reply.assistant_message(include_client_calls=False)
+    assert message["content"] == "Let me check."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["calc__add"]
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_streamed_thinking_in_tags_is_reasoning(step):
+    """<think> at the start of a round's content streams as reasoning_content; the
+    content keeps the answer only."""
+    reply = Round({"calc__add"}, text_tool_calls=True, think=THINK)
+    relayed = _streamed(reply, "<think>Add them.</think>\n\nThe sum is 3.", step)
+    assert _relayed_text(relayed, "reasoning_content") == "Add them."
+    assert _relayed_text(relayed) == "The sum is 3."
+    assert "".join(reply.reasoning) == "Add them."
+
+
+@pytest.mark.parametrize("step", [1, 5])
+def test_streamed_text_that_is_no_call_is_released_unchanged(step):
+    """A tag naming a tool nobody offered, and a held tag at a stream's abrupt end, go
+    out as the text they were."""
+    content = 'Use <tool_call>{"name": "nope", "arguments": {}}</tool_call> then <tool'
+    reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
+    relayed = _streamed(reply, content, step, finish=None)
+    assert _relayed_text(relayed) == content
+    assert reply.mcp_calls == [] and reply.client_calls == []
