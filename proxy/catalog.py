@@ -62,6 +62,8 @@ class ModelInfo:
     # Requests the upstream runs at once for this model (LM Studio's default Max
     # Concurrent Predictions, llama.cpp's slots): None when it does not say.
     parallel: int | None = None
+    # LM Studio 0.4+: the ids of the loaded instances (what an unload names).
+    instances: tuple[str, ...] = ()
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -376,6 +378,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 else (),
                 vision=None if model_type == "unknown" else vision,
                 parallel=LMSTUDIO_PARALLEL,
+                instances=tuple(str(i["id"]) for i in instances if isinstance(i.get("id"), str)),
             )
         )
     return out
