@@ -403,8 +403,8 @@ class ModelLifecycle:
 def request_ttl(body: dict[str, Any]) -> float | None:
     """A request's own idle ttl for its model: LM Studio's ``ttl`` (seconds) or Ollama's
     ``keep_alive`` (seconds or a duration such as "5m"; negative: for ever); None when it
-    sets none. A 400 for a value that is neither."""
-    if "keep_alive" in body:
+    sets none (null counts as none). A 400 for a value that is neither."""
+    if body.get("keep_alive") is not None:
         value = body["keep_alive"]
         if isinstance(value, str) and value.strip().startswith("-"):
             return math.inf
@@ -419,7 +419,7 @@ def request_ttl(body: dict[str, Any]) -> float | None:
                 "'keep_alive' must be seconds or a duration such as \"5m\".", param="keep_alive"
             )
         return float(seconds)
-    if "ttl" in body:
+    if body.get("ttl") is not None:
         value = body["ttl"]
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise BadRequest("'ttl' must be a positive number of seconds.", param="ttl")
