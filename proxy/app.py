@@ -4,12 +4,13 @@ each resource is opened and closed in one ``cleanup_ctx`` generator."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
-from proxy import health, passthrough
+from proxy import health, model_admin, passthrough
 from proxy.browsers import BrowserPolicy
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
@@ -20,6 +21,7 @@ from proxy.keys import (
     CATALOG,
     CONFIG,
     CONVERSATIONS,
+    LIFECYCLE,
     MCP,
     METRICS,
     QUEUES,
@@ -31,6 +33,7 @@ from proxy.keys import (
     UPSTREAM,
     WORKER,
 )
+from proxy.lifecycle import ModelLifecycle
 from proxy.logs import RequestLog
 from proxy.mcp import routes as mcp_routes
 from proxy.mcp.servers import MCPServers
@@ -98,6 +101,7 @@ def _add_routes(app: web.Application) -> None:
     r.add_post("/v1/completions", passthrough.completions)
     r.add_post("/v1/embeddings", passthrough.embeddings)
     r.add_get("/v1/mcp/servers", mcp_routes.list_servers)
+    model_admin.add_routes(app)
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -122,12 +126,32 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
                 ModelListReader(upstream.get_json).read,
                 on_refresh=lambda outcome: app[METRICS].model_list_refreshes.labels(outcome).inc(),
             )
-            yield
+            async with _lifecycle(app, upstream):
+                yield
         finally:
             if given is None:
                 await session.close()
 
     return ctx
+
+
+@contextlib.asynccontextmanager
+async def _lifecycle(app: web.Application, upstream: UpstreamClient) -> AsyncIterator[None]:
+    """The upstream's model lifecycle: its idle reaper and models.preload, in the
+    background (a slow or failed preload never holds start-up)."""
+    config = app[CONFIG].models
+    lifecycle = ModelLifecycle(upstream, app[CATALOG], config, app[METRICS])
+    app[LIFECYCLE] = lifecycle
+    app[QUEUES].lifecycle = lifecycle
+    tasks = BackgroundTasks()
+    tasks.spawn(lifecycle.reap_forever(), "unload idle models")
+    if config.preload:
+        tasks.spawn(lifecycle.preload(config.preload), "preload models")
+    try:
+        yield
+    finally:
+        await tasks.close()
+        await lifecycle.close()
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:

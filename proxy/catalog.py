@@ -65,6 +65,8 @@ class ModelInfo:
     parallel: int | None = None
     # What llama.cpp's chat template says about thinking (None: no template seen).
     template: TemplateTraits | None = None
+    # LM Studio 0.4+: the ids of the loaded instances (what an unload names).
+    instances: tuple[str, ...] = ()
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -391,6 +393,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 else (),
                 vision=None if model_type == "unknown" else vision,
                 parallel=LMSTUDIO_PARALLEL,
+                instances=tuple(str(i["id"]) for i in instances if isinstance(i.get("id"), str)),
             )
         )
     return out

@@ -1,4 +1,4 @@
-"""The ``lmbridge`` command: serve, check-config, models, bench.
+"""The ``lmbridge`` command: serve, check-config, models, ps, load, unload, bench.
 
 Every failure an operator can cause (a bad config, an unreachable upstream, a
 port in use) ends with one readable line on stderr and a non-zero status,
@@ -101,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(models, "listen", "upstream")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=cmd_models)
+
+    ps = commands.add_parser(
+        "ps",
+        help="the models loaded upstream: by whom, idle for how long, requests on them",
+        description="Asks the running daemon (where the configuration says it listens).",
+    )
+    _add_config_flags(ps, "listen")
+    ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ps.set_defaults(func=cmd_ps)
+    load = commands.add_parser("load", help="have the running daemon load a model (LM Studio 0.4+)")
+    _add_config_flags(load, "listen")
+    load.add_argument("model", help="the model id (or an alias)")
+    load.add_argument(
+        "--ttl", metavar="S", help="unload it after this idle time (seconds or e.g. 30m)"
+    )
+    load.set_defaults(func=cmd_load)
+    unload = commands.add_parser(
+        "unload", help="have the running daemon unload a model (LM Studio 0.4+)"
+    )
+    _add_config_flags(unload, "listen")
+    unload.add_argument("model", help="the model id (or an alias)")
+    unload.set_defaults(func=cmd_unload)
 
     mcp_list = commands.add_parser(
         "mcp-list", help="connect to the configured MCP servers and print their tools"
@@ -309,6 +331,24 @@ async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict
         where += f"; lmbridge is not running at {daemon_url(config)}"
     catalog = ModelCatalog(config.models, ModelListReader(upstream.get_json).read)
     return [catalog.described(m) for m in models.models], where
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from proxy.model_commands import ps
+
+    return ps(_load(args), as_json=args.json)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from proxy.model_commands import load
+
+    return load(_load(args), args.model, args.ttl)
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    from proxy.model_commands import unload
+
+    return unload(_load(args), args.model)
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:

@@ -312,6 +312,14 @@ _QUEUE_SIZE = (
     "model_busy with Retry-After (0: no queue, refused at once)."
 )
 _QUEUE_TIMEOUT = "Longest a request waits in a model's queue; then it gets 504 queue_timeout."
+_TTL = (
+    "Idle time after which lmbridge unloads a model it loaded itself (LM Studio's native "
+    "API); a request's own ttl or keep_alive field sets it for that model. Unset: never."
+)
+_CONTEXT_LENGTH = (
+    "Context length (tokens) lmbridge asks for when it loads the model (LM Studio's native "
+    "API). Unset: the upstream's default."
+)
 
 
 def _check_tags(value: bool | list[str]) -> bool | list[str]:
@@ -374,6 +382,8 @@ class ModelSettings(_Section):
     think_opened: bool | None = Field(None, description=_THINK_OPENED)
     template_tools: bool | None = Field(None, description=_TEMPLATE_TOOLS)
     reasoning_in_history: ReasoningSetting | None = Field(None, description=_REASONING)
+    ttl: Duration | None = Field(None, gt=0, description=_TTL)
+    context_length: Count | None = Field(None, ge=1, description=_CONTEXT_LENGTH)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -407,6 +417,19 @@ class ModelsConfig(_Section):
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count = Field(64, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration = Field(300.0, gt=0, description=_QUEUE_TIMEOUT)
+    ttl: Duration | None = Field(None, gt=0, description=_TTL)
+    context_length: Count | None = Field(None, ge=1, description=_CONTEXT_LENGTH)
+    preload: list[str] = Field(
+        default_factory=list,
+        description="Models lmbridge loads at start, in the background (LM Studio's native "
+        "API); a failure is logged and start-up goes on.",
+    )
+    load_keepalive: Duration = Field(
+        10.0,
+        gt=0,
+        description="While a model loads, how often a waiting stream gets a keep-alive (an "
+        "SSE comment line) so that clients do not time out.",
+    )
 
     @property
     def tables(self) -> dict[str, ModelSettings]:

@@ -8,6 +8,7 @@ happens before a request exists (a refused connection, a head that never came), 
     LMBridgeError                      500 server_error
     ├── BadRequest                     400 invalid_request_error (param)
     │   ├── ModelRequired              400 model_required
+    │   ├── LoadNotSupported           400 load_not_supported
     │   └── MalformedRequest           400 malformed_request (not HTTP/1.1 aiohttp reads)
     ├── Unauthorized                   401 invalid_api_key
     ├── Forbidden                      403
@@ -18,6 +19,7 @@ happens before a request exists (a refused connection, a head that never came), 
     │   └── PreviousResponseNotFound   404 previous_response_not_found
     ├── RequestTimeout                 408 request_timeout
     ├── ConversationLocked             409 conversation_locked (Retry-After)
+    ├── ModelNotLoaded                 409 model_not_loaded
     ├── PayloadTooLarge                413 request_too_large
     ├── URITooLong                     414 uri_too_long
     ├── UnsupportedMediaType           415 unsupported_media_type
@@ -29,6 +31,7 @@ happens before a request exists (a refused connection, a head that never came), 
         ├── UpstreamUnavailable        502 upstream_unavailable
         ├── UpstreamTimeout            504 upstream_timeout
         ├── CircuitOpen                503 circuit_open
+        ├── ModelLoadFailed            502 model_load_failed (the upstream's status and reason)
         └── UpstreamStatus             upstream's own status and error body
 
 storage's StorageError (the database could not be written or read) becomes a
@@ -84,6 +87,12 @@ class BadRequest(LMBridgeError):
 
 class ModelRequired(BadRequest):
     code = "model_required"
+
+
+class LoadNotSupported(BadRequest):
+    """A load or unload asked of an upstream without a load endpoint (not LM Studio 0.4+)."""
+
+    code = "load_not_supported"
 
 
 class MalformedRequest(BadRequest):
@@ -160,6 +169,14 @@ class ConversationLocked(LMBridgeError):
     retry_after = 1.0
 
 
+class ModelNotLoaded(LMBridgeError):
+    """An unload of a model that no instance of is loaded."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "model_not_loaded"
+
+
 class PayloadTooLarge(LMBridgeError):
     status = 413
     error_type = "invalid_request_error"
@@ -230,6 +247,18 @@ class UpstreamTimeout(UpstreamError):
 class CircuitOpen(UpstreamError):
     status = 503
     code = "circuit_open"
+
+
+class ModelLoadFailed(UpstreamError):
+    """The upstream could not load a model a request needs: every request that waited for
+    that load gets this same error (status and reason in the message)."""
+
+    code = "model_load_failed"
+
+    def again(self) -> ModelLoadFailed:
+        """A copy for one more waiter: one exception object raised in many tasks would
+        gather their tracebacks."""
+        return ModelLoadFailed(self.message, param=self.param)
 
 
 class UpstreamStatus(UpstreamError):

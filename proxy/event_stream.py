@@ -58,6 +58,13 @@ def stream_headers(request: web.Request) -> dict[str, str]:
 INTERRUPTED = "The upstream stream was interrupted: "
 
 
+def loading_comment(model: str) -> bytes:
+    """The keep-alive of a stream whose model loads: an SSE comment, which clients skip
+    but which resets their read timeout."""
+    name = "".join(c if c.isprintable() and c.isascii() else "?" for c in model)
+    return f": loading {name}\n\n".encode()
+
+
 def responses_frame(events: Iterable[Mapping[str, Any]]) -> bytes:
     """Responses events as one write: each ``event:`` and its ``data:`` line together
     (some clients drop an event whose closing blank line comes in a later read)."""

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from proxy.catalog import ModelCatalog
     from proxy.config import Config
     from proxy.event_stream import EventStream, RelayedStream
+    from proxy.lifecycle import ModelLifecycle
     from proxy.logs import RequestLog
     from proxy.mcp.servers import MCPServers
     from proxy.mcp.turns import TurnMemory
@@ -33,6 +34,8 @@ UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 CATALOG: web.AppKey[ModelCatalog] = web.AppKey("catalog")
 # Each model's concurrency limit and the requests waiting for it.
 QUEUES: web.AppKey[ModelQueues] = web.AppKey("queues")
+# Loading and unloading the upstream's models (proxy/lifecycle.py).
+LIFECYCLE: web.AppKey[ModelLifecycle] = web.AppKey("lifecycle")
 STORE: web.AppKey[SQLiteStore] = web.AppKey("store")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
 TASKS: web.AppKey[BackgroundTasks] = web.AppKey("tasks")
@@ -57,6 +60,8 @@ STARTED = web.RequestKey("started", float)
 MODEL = web.RequestKey("model", str)
 # Seconds a request waited in its model's queue, when it had to (the log line's queued_ms).
 QUEUED = web.RequestKey("queued", float)
+# Seconds a request waited for its model to load, when it had to (load_wait_ms).
+LOAD_WAIT = web.RequestKey("load_wait", float)
 # Who owns what this request stores: the hash of its API key, "" without keys.
 OWNER = web.RequestKey("owner", str)
 # The CORS headers of an answer to an allowed cross-origin browser request.

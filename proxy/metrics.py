@@ -276,6 +276,40 @@ class Metrics:
                 yield from (running, queued, limit)
 
         r.register(QueueCollector())
+        self.model_loads = Counter(
+            "lmbridge_model_loads",
+            "Model loads lmbridge asked the upstream for, by model and outcome (ok, failed).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_load_seconds = Histogram(
+            "lmbridge_model_load_duration_seconds",
+            "Time a model load took, from the request upstream to its answer.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            "lmbridge_model_unloads",
+            "Models lmbridge unloaded, by model and reason (ttl, admin).",
+            ["model", "reason"],
+            registry=r,
+        )
+        # Loaded models by who loaded them, read at scrape time (proxy/lifecycle.py sets it).
+        self.loaded_models: Callable[[], dict[str, int]] = dict
+
+        class LoadedCollector(Collector):
+            def collect(self) -> Iterable[Metric]:
+                family = GaugeMetricFamily(
+                    "lmbridge_models_loaded",
+                    "Models loaded upstream now, by who loaded them (lmbridge, upstream).",
+                    labels=["loaded_by"],
+                )
+                for who, count in metrics.loaded_models().items():
+                    family.add_metric([who], count)
+                yield family
+
+        r.register(LoadedCollector())
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
             "Reads of the upstream's model list, by outcome.",

@@ -19,6 +19,7 @@ from proxy.browsers import is_json_type
 from proxy.errors import (
     HostNotAllowed,
     LMBridgeError,
+    ModelLoadFailed,
     NotFound,
     OriginNotAllowed,
     PayloadTooLarge,
@@ -35,6 +36,7 @@ from proxy.keys import (
     CLIENT_GONE,
     CONFIG,
     CORS,
+    LOAD_WAIT,
     METRICS,
     MODEL,
     OPEN_STREAM,
@@ -124,7 +126,11 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             elif stream is None:
                 response = _error_response(code, body, exc)
             else:
-                await stream.fail(body, interrupted=isinstance(exc, UpstreamError))
+                # A failed load came before the upstream's stream: nothing was interrupted.
+                interrupted = isinstance(exc, UpstreamError) and not isinstance(
+                    exc, ModelLoadFailed
+                )
+                await stream.fail(body, interrupted=interrupted)
                 response = await stream.open()
         status = 499 if request.get(CLIENT_GONE) else response.status
         if not response.prepared:
@@ -153,6 +159,8 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             }
             if QUEUED in request:
                 line["queued_ms"] = round(request[QUEUED] * 1000, 2)
+            if LOAD_WAIT in request:
+                line["load_wait_ms"] = round(request[LOAD_WAIT] * 1000, 2)
             request_log.write(line)
 
 

@@ -33,7 +33,7 @@ from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.chat_stream_editor import ChatStreamEditor
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
-from proxy.event_stream import REQUEST_ID_HEADER, EventStream
+from proxy.event_stream import REQUEST_ID_HEADER, EventStream, loading_comment
 from proxy.jsontext import (
     JSONDecodeError,
     TooManyItems,
@@ -59,10 +59,11 @@ from proxy.keys import (
     WARNING,
     WORKER,
 )
+from proxy.lifecycle import request_ttl
 from proxy.mcp.chat import chat_with_tools
 from proxy.model_output.think_tags import ThinkTags
 from proxy.profiles import with_switches
-from proxy.queues import Admission, note_wait
+from proxy.queues import note_wait
 from proxy.sse import DONE_EVENT
 from proxy.tool_prompt import describe_tools
 
@@ -200,6 +201,14 @@ async def forward(
     catalog = request.app[CATALOG]
     model = await catalog.resolve(body.get("model"), purpose)
     request[MODEL] = model.id
+    lifecycle = request.app[QUEUES].loader()
+    if lifecycle is not None:
+        ttl = request_ttl(body)
+        if ttl is not None:
+            lifecycle.set_ttl(model.id, ttl)
+            # Ollama's field, which lmbridge honoured; LM Studio's own ttl goes on.
+            if body.pop("keep_alive", None) is not None:
+                raw = b""
     output = ChatOutput()
     if path == CHAT_PATH:
         # mcp_servers and lmbridge are lmbridge's own fields: they never go upstream.
@@ -231,12 +240,19 @@ async def forward(
 
     # A model with a limit: a slot, held until the answer is read whole, a stream to its
     # end. Without one (no queue), the path is what it was before queues, one lookup.
+    # A model the upstream must load first: loaded in acquire, while a stream's client
+    # gets keep-alive comments.
     admission = None
-    queue = request.app[QUEUES].get(model)
-    if queue is not None:
-        admission = Admission(queue, request.app[QUEUES].priority(request[OWNER]))
+    early: EventStream | None = None
+    queues = request.app[QUEUES]
+    queue = queues.get(model)
+    if queue is not None or lifecycle is not None:
+        admission = queues.admission(model, queues.priority(request[OWNER]))
+        if admission.lifecycle is not None and body.get("stream") is True:
+            early = EventStream(request, "chat")
+            admission.keepalive = partial(early.send_bytes, loading_comment(model.id))
         try:
-            await queue.acquire(admission)
+            await admission.acquire()
         finally:
             note_wait(request, admission)
     try:
@@ -244,9 +260,10 @@ async def forward(
         resp = await upstream.open(
             "POST", path, body=raw, headers=_upstream_headers(request), route=path
         )
-        if resp.content_type == "text/event-stream":
+        if resp.content_type == "text/event-stream" or (early is not None and early.opened):
             editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
-            return await relay_stream(request, resp, model.id, editor)
+            opened = early if early is not None and early.opened else None
+            return await relay_stream(request, resp, model.id, editor, opened)
         content = await upstream.read_body(resp)
         if output.active and resp.status == 200:
             content = normalised(content, output)
@@ -304,9 +321,11 @@ async def relay_stream(
     resp: aiohttp.ClientResponse,
     model: str,
     editor: ChatStreamEditor | None = None,
+    stream: EventStream | None = None,
 ) -> web.StreamResponse:
     """Write each upstream chunk to the client as it arrives, unchanged, or as the
-    ``editor`` rewrites it (text calls, thinking in tags).
+    ``editor`` rewrites it (text calls, thinking in tags); into ``stream`` when it was
+    opened already (keep-alives while the model loaded).
 
     The stream always ends well-formed for the client: a clean end without
     ``[DONE]`` gets one; a stream broken off before its ``finish_reason`` ends
@@ -314,7 +333,8 @@ async def relay_stream(
     """
     upstream = request.app[UPSTREAM]
     metrics = request.app[METRICS]
-    stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
+    if stream is None:
+        stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
     observer = StreamObserver()
     failure: UpstreamError | None = None
     try:

@@ -45,7 +45,7 @@ from proxy.keys import (
     WORKER,
 )
 from proxy.passthrough import LARGE_BODY, json_type, parse_json, read_body, serialise
-from proxy.queues import Admission, note_wait
+from proxy.queues import note_wait
 from proxy.relay_rules import (
     IDEMPOTENT_METHODS,
     RELAYED_METHODS,
@@ -64,10 +64,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     model, raw = await _check_model(request, raw)
     queues = request.app[QUEUES]
-    queue = None if model is None else queues.get(model)
-    if queue is None:  # no model named, or one without a limit
-        return await _send(request, raw)
-    admission = Admission(queue, queues.priority(request[OWNER]))
+    if model is None or (queues.get(model) is None and queues.loader() is None):
+        return await _send(request, raw)  # no model named, or one without a limit
+    admission = queues.admission(model, queues.priority(request[OWNER]))
     try:
         async with admission:  # held until the answer is relayed whole
             return await _send(request, raw)

@@ -9,12 +9,13 @@ middleware, with the API's ``error`` event.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, Literal
 
 from aiohttp import web
 
 from proxy.errors import BadRequest, ItemLimit
-from proxy.event_stream import EventStream
+from proxy.event_stream import EventStream, loading_comment
 from proxy.jsontext import dumps
 from proxy.keys import (
     CATALOG,
@@ -100,6 +101,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return _json_text(run.stored_json) if run.stored_json else _json(final)
         stream = EventStream(request, "responses")
         await stream.open()
+        # Comments while the model loads: after response.in_progress, before the output.
+        run.admission.keepalive = partial(stream.send_bytes, loading_comment(prepared.model.id))
         await service.execute(run, stream.send)
         return await stream.finish()
     finally:
