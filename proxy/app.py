@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from proxy import health, model_admin, passthrough
+from proxy import health, model_admin, passthrough, usage_http
 from proxy.browsers import BrowserPolicy
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
@@ -25,12 +25,15 @@ from proxy.keys import (
     MCP,
     METRICS,
     QUEUES,
+    QUOTAS,
     REQUEST_LOG,
     RESPONSES,
     STORE,
     TASKS,
     TURNS,
     UPSTREAM,
+    USAGE,
+    USAGE_ADMINS,
     WORKER,
 )
 from proxy.lifecycle import ModelLifecycle
@@ -41,11 +44,13 @@ from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
 from proxy.queues import ModelQueues
+from proxy.quotas import Quota, QuotaBook
 from proxy.responses import routes as responses_routes
 from proxy.responses.conversations import ConversationService
 from proxy.responses.service import ResponsesService, owner_of
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
+from proxy.usage_recorder import UsageRecorder
 from storage.sqlite import SQLiteStore
 
 
@@ -74,11 +79,24 @@ def create_app(
     app[QUEUES] = ModelQueues(
         config.models, app[METRICS], low_priority={owner_of(key) for key in low_priority}
     )
+    usage = config.usage
+    app[USAGE_ADMINS] = frozenset(
+        owner_of(key.get_secret_value().encode()) for key in usage.admin_keys
+    )
+    app[QUOTAS] = QuotaBook(
+        {
+            owner_of(q.key.get_secret_value().encode()): Quota(
+                q.tokens_per_day, q.requests_per_minute
+            )
+            for q in usage.quotas
+        }
+    )
     app[BROWSERS] = BrowserPolicy(config.server.allowed_hosts, config.server.cors_origins)
     app[TURNS] = TurnMemory()
     app.cleanup_ctx.append(_worker_ctx)
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
+    app.cleanup_ctx.append(_usage_ctx)
     app.cleanup_ctx.append(_mcp_ctx)
     app.cleanup_ctx.append(_responses_ctx)
     _add_routes(app)
@@ -102,6 +120,7 @@ def _add_routes(app: web.Application) -> None:
     r.add_post("/v1/embeddings", passthrough.embeddings)
     r.add_get("/v1/mcp/servers", mcp_routes.list_servers)
     model_admin.add_routes(app)
+    r.add_get("/v1/lmbridge/usage", usage_http.get_usage)
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -174,6 +193,32 @@ async def _mcp_ctx(app: web.Application) -> AsyncIterator[None]:
         await servers.close()
 
 
+async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].usage
+    recorder = UsageRecorder(
+        app[STORE],
+        app[METRICS],
+        app[QUOTAS],
+        enabled=config.enabled,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending,
+    )
+    app[USAGE] = recorder
+    await recorder.start()
+    tasks = BackgroundTasks()
+    tasks.spawn(recorder.run(), "write usage records")
+    if config.retention:
+        interval = app[CONFIG].responses.purge_interval
+        tasks.spawn(recorder.purge_forever(config.retention, interval), "purge usage records")
+    try:
+        yield
+    finally:
+        # After the responses' clean-up (contexts close in reverse): the records of the
+        # background responses it stopped are written too.
+        await tasks.close()
+        await recorder.flush()
+
+
 async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
@@ -186,6 +231,7 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
         app[MCP],
         app[WORKER],
         queues=app[QUEUES],
+        usage=app[USAGE],
     )
     app[RESPONSES] = service
     app[CONVERSATIONS] = ConversationService(

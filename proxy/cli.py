@@ -1,4 +1,4 @@
-"""The ``lmbridge`` command: serve, check-config, models, ps, load, unload, bench.
+"""The ``lmbridge`` command: serve, check-config, models, ps, load, unload, usage, bench.
 
 Every failure an operator can cause (a bad config, an unreachable upstream, a
 port in use) ends with one readable line on stderr and a non-zero status,
@@ -163,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     # Without --standalone these would do nothing: cmd_mcp refuses them.
     _add_config_flags(mcp, "upstream", "storage", "logging", "mcp", "embedded")
     mcp.set_defaults(func=cmd_mcp)
+
+    usage = commands.add_parser(
+        "usage",
+        help="tokens, requests, errors and latency per key, model, upstream or day",
+        description="Asks the running daemon (where the configuration says it listens) for "
+        "its usage records summed per group. Times are unix seconds, a date (2025-01-31) or "
+        "an RFC 3339 time; without --since, the last 24 hours.",
+    )
+    _add_config_flags(usage, "listen")
+    usage.add_argument("--since", help="from this time (inclusive)")
+    usage.add_argument("--until", help="up to this time (exclusive; default: now)")
+    usage.add_argument(
+        "--group-by", choices=["key", "model", "upstream", "day"], help="default: model"
+    )
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(func=cmd_usage)
 
     gc = commands.add_parser(
         "gc", help="purge expired responses and conversations from the database now"
@@ -349,6 +365,36 @@ def cmd_unload(args: argparse.Namespace) -> int:
     from proxy.model_commands import unload
 
     return unload(_load(args), args.model)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from proxy.bridge.client import DaemonClient, DaemonError, DaemonUnreachable
+    from proxy.bridge.run import daemon_key, daemon_url
+    from proxy.usage_report import render_table
+
+    config = _load(args)
+    params = {"since": args.since, "until": args.until, "group_by": args.group_by}
+    query = urlencode({name: value for name, value in params.items() if value})
+
+    async def ask() -> dict[str, Any]:
+        client = DaemonClient(daemon_url(config), daemon_key(config))
+        try:
+            return await client.get("/v1/lmbridge/usage" + (f"?{query}" if query else ""))
+        finally:
+            await client.close()
+
+    try:
+        answer = asyncio.run(ask())
+    except DaemonError as exc:
+        _fail(exc.message)
+        return EXIT_FAILURE
+    except DaemonUnreachable as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n" if args.json else render_table(answer))
+    return 0
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:

@@ -665,6 +665,51 @@ class MCPConfig(_Section):
         return value
 
 
+class QuotaConfig(_Section):
+    """One key's quotas: an entry of [[usage.quotas]]."""
+
+    key: Secret = Field(description="The key (one of auth.api_keys, or the same env:VAR).")
+    tokens_per_day: Count | None = Field(
+        None, ge=1, description="Prompt plus completion tokens per UTC day (unset: no limit)."
+    )
+    requests_per_minute: Count | None = Field(
+        None, ge=1, description="Requests that call a model per sliding minute (unset: no limit)."
+    )
+
+
+class UsageConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Record every model request's tokens, timings and outcome per key and "
+        "model in the database (GET /v1/lmbridge/usage, lmbridge usage).",
+    )
+    retention: Duration = Field(
+        90 * 86400.0,
+        description="How long usage records are kept before they are purged (0: for ever).",
+    )
+    flush_interval: Duration = Field(
+        1.0,
+        gt=0,
+        description="Records are written in one batch at most this long after a request ends.",
+    )
+    max_pending: Count = Field(
+        10_000,
+        ge=1,
+        description="Records waiting to be written; beyond this (the database stalls) new "
+        "ones are dropped and counted in lmbridge_usage_records_dropped_total.",
+    )
+    admin_keys: list[Secret] = Field(
+        default_factory=list,
+        description="Keys among auth.api_keys that may read every key's usage; any other key "
+        "reads its own.",
+    )
+    quotas: list[QuotaConfig] = Field(
+        default_factory=list,
+        description="Per-key quotas ([[usage.quotas]] with key, tokens_per_day, "
+        "requests_per_minute); over one, 429 quota_exceeded with Retry-After.",
+    )
+
+
 class BridgeConfig(_Section):
     url: str | None = Field(
         None,
@@ -712,6 +757,9 @@ class Config(_Section):
         default_factory=BridgeConfig,
         description="`lmbridge mcp`: the daemon as an MCP server for coding assistants.",
     )
+    usage: UsageConfig = Field(
+        default_factory=UsageConfig, description="Usage accounting and per-key quotas."
+    )
 
     @model_validator(mode="after")
     def _cors_needs_keys(self) -> Config:
@@ -720,6 +768,24 @@ class Config(_Section):
                 "server.cors_origins = ['*'] lets every web page the user opens call the "
                 "API; it needs auth.api_keys"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _usage_keys_are_client_keys(self) -> Config:
+        keys = {key.get_secret_value() for key in self.auth.api_keys}
+        for number, key in enumerate(self.usage.admin_keys, 1):
+            if key.get_secret_value() not in keys:
+                raise ValueError(f"usage.admin_keys: key {number} is not one of auth.api_keys")
+        seen: set[str] = set()
+        for number, quota in enumerate(self.usage.quotas, 1):
+            secret = quota.key.get_secret_value()
+            if secret not in keys:
+                raise ValueError(
+                    f"usage.quotas: the key of entry {number} is not one of auth.api_keys"
+                )
+            if secret in seen:
+                raise ValueError(f"usage.quotas: entry {number} repeats the key of another")
+            seen.add(secret)
         return self
 
 

@@ -24,6 +24,7 @@ happens before a request exists (a refused connection, a head that never came), 
     ├── URITooLong                     414 uri_too_long
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── ModelBusy                      429 model_busy (Retry-After)
+    ├── QuotaExceeded                  429 quota_exceeded (Retry-After)
     ├── HeadersTooLarge                431 headers_too_large
     ├── TooManyConnections             503 too_many_connections
     ├── QueueTimeout                   504 queue_timeout
@@ -204,6 +205,22 @@ class ModelBusy(LMBridgeError):
     error_type = "rate_limit_error"
     code = "model_busy"
     retry_after = 1.0
+
+
+class QuotaExceeded(LMBridgeError):
+    """A key spent its usage quota (tokens per day, requests per minute): refused before
+    the upstream is called, until the reset time the message gives."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, retry: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        # False: the wait is long (a new day), and clients that honour x-should-retry
+        # (the openai SDKs) should not retry at once.
+        self.retry = retry
 
 
 class QueueTimeout(LMBridgeError):

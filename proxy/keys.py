@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from proxy.accounting import Metered
     from proxy.browsers import BrowserPolicy
     from proxy.catalog import ModelCatalog
     from proxy.config import Config
@@ -21,11 +22,13 @@ if TYPE_CHECKING:
     from proxy.mcp.turns import TurnMemory
     from proxy.metrics import Metrics
     from proxy.queues import ModelQueues
+    from proxy.quotas import QuotaBook
     from proxy.responses.conversations import ConversationService
     from proxy.responses.service import ResponsesService
     from proxy.responses.websocket import Connection
     from proxy.tasks import BackgroundTasks, WorkerThread
     from proxy.upstream import UpstreamClient
+    from proxy.usage_recorder import UsageRecorder
     from storage.sqlite import SQLiteStore
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
@@ -51,6 +54,11 @@ RESPONSE_SOCKETS: web.AppKey[set[Connection]] = web.AppKey("response_sockets")
 # Client API keys, resolved once, each with the owner id of what it stores; empty
 # means no authentication.
 API_KEYS: web.AppKey[dict[bytes, str]] = web.AppKey("api_keys")
+# Where usage records go (proxy/usage_recorder.py), and the per-key quotas they count.
+USAGE: web.AppKey[UsageRecorder] = web.AppKey("usage")
+QUOTAS: web.AppKey[QuotaBook] = web.AppKey("quotas")
+# Keys that may read every key's usage (their owner ids).
+USAGE_ADMINS: web.AppKey[frozenset[str]] = web.AppKey("usage_admins")
 # server.allowed_hosts and server.cors_origins, applied to every request.
 BROWSERS: web.AppKey[BrowserPolicy] = web.AppKey("browsers")
 
@@ -72,5 +80,7 @@ WARNING = web.RequestKey("warning", str)
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 # A request relayed to the upstream as it came (proxy/relay.py): its metric route label.
 RELAYED = web.RequestKey("relayed", str)
+# A request that calls a model: what it spent, recorded when it ends (proxy/accounting.py).
+METERED: web.RequestKey[Metered] = web.RequestKey("metered")
 # A stream whose headers are out: an error after that can only end it (middleware).
 OPEN_STREAM: web.RequestKey[EventStream | RelayedStream] = web.RequestKey("open_stream")

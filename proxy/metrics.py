@@ -310,6 +310,25 @@ class Metrics:
                 yield family
 
         r.register(LoadedCollector())
+        self.usage_written = Counter(
+            "lmbridge_usage_records_written",
+            "Usage records written to the database.",
+            registry=r,
+        )
+        self.usage_dropped = Counter(
+            "lmbridge_usage_records_dropped",
+            "Usage records lost, by reason: buffer_full (usage.max_pending waiting), "
+            "storage_error (the database refused the batch).",
+            ["reason"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "lmbridge_quota_refused",
+            "Requests refused with 429 quota_exceeded, by quota (tokens_per_day, "
+            "requests_per_minute).",
+            ["kind"],
+            registry=r,
+        )
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
             "Reads of the upstream's model list, by outcome.",

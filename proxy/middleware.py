@@ -37,6 +37,7 @@ from proxy.keys import (
     CONFIG,
     CORS,
     LOAD_WAIT,
+    METERED,
     METRICS,
     MODEL,
     OPEN_STREAM,
@@ -46,9 +47,11 @@ from proxy.keys import (
     REQUEST_ID,
     REQUEST_LOG,
     STARTED,
+    USAGE,
     WARNING,
 )
 from proxy.relay_rules import is_own_path, route_label
+from proxy.usage_http import check_quota
 from storage.errors import DatabaseReplaced, StorageError
 
 log = logging.getLogger("lmbridge.request")
@@ -102,6 +105,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     metrics = app[METRICS]
     metrics.in_flight += 1
     status = 500
+    error_code: object = None
     try:
         try:
             label = _relay_label(request)
@@ -110,6 +114,8 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
                 handler = relay.forward
             preflight = admit_browser(request)
             authenticate(request)
+            if preflight is None:
+                check_quota(request)
             response = preflight or await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -120,6 +126,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         except Exception as exc:
             code, body = describe_error(exc, request_id)
+            error_code = _code_of(body)
             stream: EventStream | RelayedStream | None = request.get(OPEN_STREAM)
             if isinstance(exc, UpstreamStatus) and RELAYED in request:
                 response = relay.upstream_answer(exc)  # the upstream's own, as it came
@@ -147,6 +154,16 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         route = _route_label(request)
         model = request.get(MODEL, "-")
         metrics.count_request(route, model, status, elapsed)
+        metered = request.get(METERED)
+        if metered is not None:
+            app[USAGE].ended(
+                metered,
+                owner=request.get(OWNER, ""),
+                model=model,
+                status=status,
+                error_code=error_code if isinstance(error_code, str) else None,
+                seconds=elapsed,
+            )
         request_log = app[REQUEST_LOG]
         if request_log.enabled and route not in _QUIET_ROUTES:
             line = {
@@ -165,6 +182,11 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 _QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+
+
+def _code_of(body: dict[str, object]) -> object:
+    error = body.get("error")
+    return error.get("code") if isinstance(error, dict) else None
 
 
 def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, object]]:
@@ -224,6 +246,8 @@ def _error_response(status: int, body: dict[str, object], exc: Exception | None)
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float) and retry_after > 0:
         headers["Retry-After"] = str(max(1, round(retry_after)))
+    if getattr(exc, "retry", True) is False:
+        headers["x-should-retry"] = "false"
     return web.json_response(body, status=status, headers=headers)
 
 

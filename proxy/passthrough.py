@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy.accounting import Api, Metered, usage_in_body
 from proxy.catalog import Purpose
 from proxy.chat_output import (
     SWITCHES_FIELD,
@@ -49,6 +50,7 @@ from proxy.keys import (
     CATALOG,
     CLIENT_GONE,
     MCP,
+    METERED,
     METRICS,
     MODEL,
     OWNER,
@@ -97,6 +99,11 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 CHAT_PATH = "/v1/chat/completions"
+_APIS: dict[str, Api] = {
+    CHAT_PATH: "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -201,6 +208,7 @@ async def forward(
     catalog = request.app[CATALOG]
     model = await catalog.resolve(body.get("model"), purpose)
     request[MODEL] = model.id
+    request[METERED] = metered = Metered(_APIS[path])
     lifecycle = request.app[QUEUES].loader()
     if lifecycle is not None:
         ttl = request_ttl(body)
@@ -268,6 +276,7 @@ async def forward(
         if output.active and resp.status == 200:
             content = normalised(content, output)
         request.app[METRICS].record_tokens(model.id, *usage_counts(content))
+        metered.add(usage_in_body(content))
         return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
     finally:
         if admission is not None:
@@ -336,6 +345,7 @@ async def relay_stream(
     if stream is None:
         stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
     observer = StreamObserver()
+    metered = request.get(METERED)
     failure: UpstreamError | None = None
     try:
         response = await stream.open()
@@ -351,9 +361,10 @@ async def relay_stream(
                     await response.write(chunk)  # as it came: the hot loop of a relay
                     if observer.data_events == 0:
                         if observer.feed(chunk):
-                            metrics.ttft_seconds.observe(
-                                (model,), time.perf_counter() - request[STARTED]
-                            )
+                            ttft = time.perf_counter() - request[STARTED]
+                            metrics.ttft_seconds.observe((model,), ttft)
+                            if metered is not None:
+                                metered.first_token(ttft)
                     else:
                         observer.feed(chunk)
                 tail = editor.finish() if editor is not None else b""
@@ -368,6 +379,8 @@ async def relay_stream(
                 failure = exc
         observer.finish()
         if failure is not None and not observer.finished and not observer.done:
+            if metered is not None:
+                metered.error_code = failure.code
             await stream.fail(failure.body(), interrupted=True)
         else:
             await stream.finish(b"" if observer.done else DONE_EVENT)
@@ -375,7 +388,11 @@ async def relay_stream(
         request[CLIENT_GONE] = True
     if observer.usage is not None:
         metrics.record_usage(model, observer.usage)
+        if metered is not None:
+            metered.add(observer.usage)
     if observer.upstream_error is not None:
+        if metered is not None:
+            metered.error_code = "stream_error"
         # Relayed to the client as it came; only here does the operator see that a
         # 200 stream carried a failure.
         metrics.upstream_failures.labels("stream_error").inc()

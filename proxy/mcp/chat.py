@@ -20,7 +20,7 @@ from proxy.catalog import ModelInfo
 from proxy.chat_output import mcp_text_calls
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
-from proxy.keys import CONFIG, MCP, METRICS, OWNER, QUEUES, TURNS, UPSTREAM
+from proxy.keys import CONFIG, MCP, METERED, METRICS, OWNER, QUEUES, TURNS, UPSTREAM
 from proxy.mcp.loop import LoopResult, StreamChat, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.policy import LIMIT_NOTE
@@ -156,6 +156,9 @@ async def _stream(
 def _count_usage(request: web.Request, model: str, result: LoopResult) -> None:
     usage = result.completion.get("usage")
     request.app[METRICS].record_usage(model, usage)
+    metered = request.get(METERED)
+    if metered is not None:
+        metered.add(usage)
 
 
 def _remember_hidden_steps(

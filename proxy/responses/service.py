@@ -45,7 +45,7 @@ from proxy.responses.failures import (
 from proxy.responses.input_items import check_call_outputs
 from proxy.responses.mcp_tools import setup_mcp
 from proxy.responses.objects import list_page, response_object
-from proxy.responses.output_items import TERMINAL_EVENTS, Event
+from proxy.responses.output_items import FIRST_TOKEN_EVENTS, TERMINAL_EVENTS, Event
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
 from proxy.responses.replay import replay_events
 from proxy.responses.request import CreateRequest, parse_create
@@ -60,6 +60,7 @@ from proxy.responses.upstream_turn import (
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from proxy.usage import usage_from_chat
+from proxy.usage_recorder import UsageRecorder
 from storage.records import ResponseStore
 
 log = logging.getLogger("lmbridge.responses")
@@ -82,6 +83,7 @@ class ResponsesService:
         worker: WorkerThread,
         *,
         queues: ModelQueues,
+        usage: UsageRecorder | None = None,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
     ) -> None:
@@ -96,6 +98,7 @@ class ResponsesService:
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
         self.queues = queues
+        self.usage = usage
         self.rounds = ResponseRounds(upstream, mcp, config.mcp)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
@@ -281,11 +284,27 @@ class ResponsesService:
         Foreground requests run this in their handler; when the client goes away
         the task is cancelled and the partial response is stored as cancelled.
         """
+        started = time.perf_counter()
+        first: list[float] = []
+
+        async def timed(events: list[Event]) -> None:
+            if not first and any(e.get("type") in FIRST_TOKEN_EVENTS for e in events):
+                first.append(time.perf_counter() - started)
+            await sink(events)
+
         try:
-            return await self._execute(run, sink)
+            return await self._execute(run, timed)
         finally:
             if run.turn is not None:
                 await asyncio.shield(self.claims.release(run.turn))
+            if self.usage is not None and run.request.generate:
+                self.usage.response_ended(
+                    run.builder.response,
+                    owner=run.prepared.owner,
+                    model=run.prepared.model.id,
+                    seconds=time.perf_counter() - started,
+                    ttft=first[0] if first else None,
+                )
 
     async def _execute(self, run: ResponseRun, sink: Sink) -> dict[str, Any]:
         builder = run.builder

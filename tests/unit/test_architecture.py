@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # I/O module, so each is tested with tables and no sockets.
 PURE = [
     "proxy.usage",
+    "proxy.accounting",
+    "proxy.quotas",
+    "proxy.usage_report",
     "proxy.tool_deltas",
     "proxy.browsers",
     "proxy.breaker",

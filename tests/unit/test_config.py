@@ -387,7 +387,7 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
         (
             "[bogus]\nkey = 1\n",
             "bogus: unknown section (known sections: server, upstream, models, storage, auth, "
-            "logging, embedded, responses, mcp, bridge)",
+            "logging, embedded, responses, mcp, bridge, usage)",
         ),
         ("port = 1\n", "port: unknown section"),
         ("[server.extra]\nkey = 1\n", "server.extra: unknown key"),
