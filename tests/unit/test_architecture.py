@@ -24,6 +24,7 @@ PURE = [
     "proxy.chat_output",
     "proxy.tool_prompt",
     "proxy.sse",
+    "proxy.structured",
     "proxy.mcp.policy",
     "proxy.mcp.rounds",
     "proxy.mcp.names",
