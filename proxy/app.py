@@ -162,6 +162,7 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
         app[MCP],
         app[WORKER],
         queues=app[QUEUES],
+        metrics=app[METRICS],
     )
     app[RESPONSES] = service
     app[CONVERSATIONS] = ConversationService(

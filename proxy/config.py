@@ -311,6 +311,13 @@ _QUEUE_SIZE = (
     "model_busy with Retry-After (0: no queue, refused at once)."
 )
 _QUEUE_TIMEOUT = "Longest a request waits in a model's queue; then it gets 504 queue_timeout."
+_SCHEMA_RETRY = (
+    "When an answer asked for with a JSON schema (response_format, text.format) does not "
+    "validate, ask the model once more with the validation errors; if it still does not, "
+    "the client gets 502 schema_mismatch. Off: the answer is returned as it is, with "
+    "X-LMBridge-Schema: invalid. A request turns it off with "
+    '"lmbridge": {"schema_retry": false}.'
+)
 
 
 class ModelSettings(_Section):
@@ -321,6 +328,7 @@ class ModelSettings(_Section):
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count | None = Field(None, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration | None = Field(None, gt=0, description=_QUEUE_TIMEOUT)
+    schema_retry: bool | None = Field(None, description=_SCHEMA_RETRY)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -371,6 +379,7 @@ class ModelsConfig(_Section):
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count = Field(64, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration = Field(300.0, gt=0, description=_QUEUE_TIMEOUT)
+    schema_retry: bool = Field(True, description=_SCHEMA_RETRY)
 
     @property
     def tables(self) -> dict[str, ModelSettings]:

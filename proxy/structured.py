@@ -24,6 +24,8 @@ from jsonschema.exceptions import SchemaError, ValidationError
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
+from proxy.usage import add_usage, chat_usage, usage_from_chat
+
 Outcome = Literal["valid", "valid_after_retry", "invalid"]
 
 # What the feedback and the error quote of the validation errors: enough to fix an
@@ -284,3 +286,50 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "an array"
+
+
+# --- chat completions ------------------------------------------------------
+
+
+def first_message(completion: Any) -> dict[str, Any] | None:
+    """The message of a completion's first choice (local servers answer one)."""
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    message = choices[0].get("message")
+    return message if isinstance(message, dict) else None
+
+
+def summed_usage(first: Any, second: Any) -> dict[str, Any] | None:
+    """The chat ``usage`` of two calls together (the answer and the one asked again)."""
+    a = usage_from_chat(first if isinstance(first, dict) else None)
+    b = usage_from_chat(second if isinstance(second, dict) else None)
+    return chat_usage(add_usage(a, b))
+
+
+def completion_chunks(completion: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
+    """A whole completion as the chunks of a stream: the message in one delta, the
+    finish reason, and the usage when the client asked for it."""
+    top = {k: v for k, v in completion.items() if k not in ("choices", "usage", "object")}
+    top["object"] = "chat.completion.chunk"
+    chunks: list[dict[str, Any]] = []
+    for choice in completion.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            message = {}
+        delta = {k: v for k, v in message.items() if v is not None and k != "tool_calls"}
+        calls = message.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            delta["tool_calls"] = [
+                {"index": n, **call} if isinstance(call, dict) else call
+                for n, call in enumerate(calls)
+            ]
+        index = choice.get("index", 0)
+        chunks.append({**top, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        finish = choice.get("finish_reason") or "stop"
+        chunks.append({**top, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]})
+    if include_usage and isinstance(completion.get("usage"), dict):
+        chunks.append({**top, "choices": [], "usage": completion["usage"]})
+    return chunks

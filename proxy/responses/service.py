@@ -29,6 +29,7 @@ from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.servers import MCPServers
+from proxy.metrics import Metrics
 from proxy.queues import ModelQueues
 from proxy.responses import compaction, render
 from proxy.responses.builder import ResponseBuilder
@@ -55,6 +56,7 @@ from proxy.responses.upstream_turn import (
     ROUTE,
     fit_history,
 )
+from proxy.structured import answer_schema, upstream_format
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from proxy.usage import usage_from_chat
@@ -80,6 +82,7 @@ class ResponsesService:
         worker: WorkerThread,
         *,
         queues: ModelQueues,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
     ) -> None:
@@ -94,7 +97,7 @@ class ResponsesService:
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
         self.queues = queues
-        self.rounds = ResponseRounds(upstream, mcp, config.mcp)
+        self.rounds = ResponseRounds(upstream, mcp, config.mcp, metrics)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
         self.recorder = ResponseRecorder(
@@ -228,6 +231,14 @@ class ResponsesService:
             if i.get("type") == "mcp_list_tools" and "server_label" in i
         }
         settings = render.chat_settings(request, model.id, tools)
+        schema = answer_schema(settings.get("response_format"), "text.format")
+        listed = self.catalog.cached
+        sent = upstream_format(
+            settings.get("response_format"),
+            lmstudio=listed is not None and listed.dialect != "openai",
+        )
+        if sent is not None:
+            settings["response_format"] = sent
         setup = None
         if any(tool.get("type") == "mcp" for tool in request.tools):
             setup = await setup_mcp(
@@ -268,6 +279,9 @@ class ResponsesService:
             mcp=setup,
             approved=approved,
             mcp_listed=setup.listed if setup is not None else tuple(sorted(listed_before)),
+            schema=schema,
+            schema_retry=bool(self.config.models.settings_for(model.id).schema_retry)
+            and request.switches.get("schema_retry", True),
         )
 
     # --- running ----------------------------------------------------------

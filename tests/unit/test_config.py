@@ -380,7 +380,8 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
             "[models]\naliases = {}\ncache = 5\n",
             "models.cache: unknown key (known keys of [models]: cache_ttl, default, aliases, "
             "text_tool_calls, describe_tools, think_tags, max_concurrent, queue_size, "
-            'queue_timeout); a table [models."PATTERN"] holds the settings of some models',
+            'queue_timeout, schema_retry); a table [models."PATTERN"] holds the settings of '
+            "some models",
         ),
         (
             "[bogus]\nkey = 1\n",
@@ -930,7 +931,7 @@ def test_a_per_model_table_on_the_command_line():
         (
             '[models."qwen3-*"]\nmax_concurent = 1\n',
             'models."qwen3-*".max_concurent: unknown key (known keys of a [models."PATTERN"] '
-            "table: max_concurrent, queue_size, queue_timeout)",
+            "table: max_concurrent, queue_size, queue_timeout, schema_retry)",
         ),
         (
             '[models."qwen3-*"]\nmax_concurrent = 0\n',
