@@ -232,6 +232,7 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
         app[WORKER],
         queues=app[QUEUES],
         usage=app[USAGE],
+        metrics=app[METRICS],
     )
     app[RESPONSES] = service
     app[CONVERSATIONS] = ConversationService(

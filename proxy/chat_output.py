@@ -32,7 +32,7 @@ from proxy.profiles import ModelProfile
 
 # The request's own switches: {"lmbridge": {"text_tool_calls": false, "think_tags": false}}.
 SWITCHES_FIELD = "lmbridge"
-SWITCHES = ("text_tool_calls", "think_tags", "describe_tools")
+SWITCHES = ("text_tool_calls", "think_tags", "describe_tools", "schema_retry")
 
 # Finish reasons a recognised call turns into "tool_calls"; "length" and the others
 # say something the client must still see.

@@ -366,6 +366,13 @@ _REASONING = (
     "reads reasoning_content or thinking, or for gpt-oss; drop otherwise). Stored "
     "responses keep their reasoning items either way."
 )
+_SCHEMA_RETRY = (
+    "When an answer asked for with a JSON schema (response_format, text.format) does not "
+    "validate, ask the model once more with the validation errors; if it still does not, "
+    "the client gets 502 schema_mismatch. Off: the answer is returned as it is, with "
+    "X-LMBridge-Schema: invalid. A request turns it off with "
+    '"lmbridge": {"schema_retry": false}.'
+)
 
 
 class ModelSettings(_Section):
@@ -384,6 +391,7 @@ class ModelSettings(_Section):
     reasoning_in_history: ReasoningSetting | None = Field(None, description=_REASONING)
     ttl: Duration | None = Field(None, gt=0, description=_TTL)
     context_length: Count | None = Field(None, ge=1, description=_CONTEXT_LENGTH)
+    schema_retry: bool | None = Field(None, description=_SCHEMA_RETRY)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -430,6 +438,7 @@ class ModelsConfig(_Section):
         description="While a model loads, how often a waiting stream gets a keep-alive (an "
         "SSE comment line) so that clients do not time out.",
     )
+    schema_retry: bool = Field(True, description=_SCHEMA_RETRY)
 
     @property
     def tables(self) -> dict[str, ModelSettings]:

@@ -29,6 +29,7 @@ happens before a request exists (a refused connection, a head that never came), 
     ├── TooManyConnections             503 too_many_connections
     ├── QueueTimeout                   504 queue_timeout
     └── UpstreamError                  502 upstream_error
+        ├── SchemaMismatch             502 schema_mismatch (X-Should-Retry: false)
         ├── UpstreamUnavailable        502 upstream_unavailable
         ├── UpstreamTimeout            504 upstream_timeout
         ├── CircuitOpen                503 circuit_open
@@ -250,6 +251,15 @@ class UpstreamError(LMBridgeError):
     status = 502
     error_type = "upstream_error"
     code = "upstream_error"
+
+
+class SchemaMismatch(UpstreamError):
+    """The model's answer did not validate against the request's JSON schema, asked once
+    more (models.schema_retry). A 5xx: the request was right, the model failed it; but
+    lmbridge already asked twice, so the SDKs are told not to retry on their own."""
+
+    code = "schema_mismatch"
+    should_retry = False
 
 
 class UpstreamUnavailable(UpstreamError):

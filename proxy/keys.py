@@ -76,6 +76,9 @@ OWNER = web.RequestKey("owner", str)
 CORS = web.RequestKey("cors", dict[str, str])
 # A warning for the client about this request (sent as the X-LMBridge-Warning header).
 WARNING = web.RequestKey("warning", str)
+# Whether the answer to a request for JSON validated against its schema: "valid" or
+# "invalid" (the X-LMBridge-Schema header, the log line's schema).
+SCHEMA = web.RequestKey("schema", str)
 # Set by a stream relay when the client went away before the end.
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 # A request relayed to the upstream as it came (proxy/relay.py): its metric route label.

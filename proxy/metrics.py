@@ -209,6 +209,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.schema_answers = Counter(
+            "lmbridge_schema_answers",
+            "Answers asked for with a JSON schema, by model and outcome: valid (the first "
+            "answer), valid_after_retry (the second, after the validation errors were fed "
+            "back), invalid (the final answer did not validate).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "lmbridge_circuit_state",
             "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",

@@ -29,7 +29,13 @@ from proxy.errors import (
     UpstreamStatus,
     error_body,
 )
-from proxy.event_stream import REQUEST_ID_HEADER, WARNING_HEADER, EventStream, RelayedStream
+from proxy.event_stream import (
+    REQUEST_ID_HEADER,
+    SCHEMA_HEADER,
+    WARNING_HEADER,
+    EventStream,
+    RelayedStream,
+)
 from proxy.keys import (
     API_KEYS,
     BROWSERS,
@@ -46,6 +52,7 @@ from proxy.keys import (
     RELAYED,
     REQUEST_ID,
     REQUEST_LOG,
+    SCHEMA,
     STARTED,
     USAGE,
     WARNING,
@@ -144,6 +151,8 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             response.headers[REQUEST_ID_HEADER] = request_id
             if WARNING in request:
                 response.headers[WARNING_HEADER] = request[WARNING]
+            if SCHEMA in request:
+                response.headers[SCHEMA_HEADER] = request[SCHEMA]
             cors = request.get(CORS)
             if cors is not None:
                 response.headers.update(cors)
@@ -178,6 +187,8 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
                 line["queued_ms"] = round(request[QUEUED] * 1000, 2)
             if LOAD_WAIT in request:
                 line["load_wait_ms"] = round(request[LOAD_WAIT] * 1000, 2)
+            if SCHEMA in request:
+                line["schema"] = request[SCHEMA]
             request_log.write(line)
 
 
@@ -243,6 +254,8 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
 
 def _error_response(status: int, body: dict[str, object], exc: Exception | None) -> web.Response:
     headers = {}
+    if getattr(exc, "should_retry", True) is False:
+        headers["X-Should-Retry"] = "false"  # the OpenAI SDKs' own header
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float) and retry_after > 0:
         headers["Retry-After"] = str(max(1, round(retry_after)))

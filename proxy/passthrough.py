@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy import chat_schema
 from proxy.accounting import Api, Metered, usage_in_body
 from proxy.catalog import Purpose
 from proxy.chat_output import (
@@ -218,6 +219,7 @@ async def forward(
             if body.pop("keep_alive", None) is not None:
                 raw = b""
     output = ChatOutput()
+    structured = None
     if path == CHAT_PATH:
         # mcp_servers and lmbridge are lmbridge's own fields: they never go upstream.
         requested = body.pop("mcp_servers", None)
@@ -234,14 +236,15 @@ async def forward(
         if selection:
             body["model"] = model.id
             return await chat_with_tools(request, body, model, selection, switches, profile)
-        if requested is not None or switches is not None:
-            raw = b""  # a field was removed: serialise again below
+        structured = chat_schema.plan(request, body, model, switches or {})
+        if requested is not None or switches is not None or structured is not None:
+            raw = b""  # a field was removed or rewritten: serialise again below
         if describe and describe_tools(body):
             raw = b""
     if body.get("model") != model.id or not raw:
         body["model"] = model.id
         raw = await serialise(request, body, size)
-    if size > LARGE_BODY:
+    if size > LARGE_BODY and structured is None:  # a retry sends the messages again
         # Left to the end of the handler, a million messages would be freed in one go on
         # the event loop (0.1 s); the worker frees them a slice at a time.
         await request.app[WORKER].run(partial(free_in_pieces, body))
@@ -263,24 +266,37 @@ async def forward(
             await admission.acquire()
         finally:
             note_wait(request, admission)
+    upstream = request.app[UPSTREAM]
+    headers = _upstream_headers(request)
     try:
-        upstream = request.app[UPSTREAM]
-        resp = await upstream.open(
-            "POST", path, body=raw, headers=_upstream_headers(request), route=path
-        )
-        if resp.content_type == "text/event-stream" or (early is not None and early.opened):
+        resp = await upstream.open("POST", path, body=raw, headers=headers, route=path)
+        streamed = resp.content_type == "text/event-stream" and structured is None
+        if streamed or (early is not None and early.opened):
             editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
             opened = early if early is not None and early.opened else None
             return await relay_stream(request, resp, model.id, editor, opened)
         content = await upstream.read_body(resp)
-        if output.active and resp.status == 200:
-            content = normalised(content, output)
-        request.app[METRICS].record_tokens(model.id, *usage_counts(content))
-        metered.add(usage_in_body(content))
-        return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
     finally:
         if admission is not None:
             admission.release()
+    if output.active and resp.status == 200:
+        content = normalised(content, output)
+    if structured is not None:
+        content = await chat_schema.settle(
+            request,
+            structured,
+            body,
+            content,
+            model.id,
+            admission,
+            partial(normalised, output=output),
+            headers,
+        )
+    request.app[METRICS].record_tokens(model.id, *usage_counts(content))
+    metered.add(usage_in_body(content))
+    if structured is not None and structured.stream:
+        return await chat_schema.send_as_stream(request, structured, content)
+    return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
 
 
 def request_switches(body: dict[str, Any]) -> dict[str, bool] | None:

@@ -24,6 +24,7 @@ from proxy.keys import (
     MODEL,
     OWNER,
     RESPONSES,
+    SCHEMA,
     WARNING,
 )
 from proxy.passthrough import read_body, read_json_object
@@ -107,6 +108,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return await stream.finish()
     finally:
         note_wait(request, run.admission)
+        if run.schema_outcome is not None:
+            request[SCHEMA] = run.schema_outcome
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:

@@ -30,6 +30,7 @@ from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.servers import MCPServers
+from proxy.metrics import Metrics
 from proxy.profiles import with_switches
 from proxy.queues import ModelQueues
 from proxy.responses import compaction, render
@@ -57,6 +58,7 @@ from proxy.responses.upstream_turn import (
     ROUTE,
     fit_history,
 )
+from proxy.structured import plan_answer
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from proxy.usage import usage_from_chat
@@ -84,6 +86,7 @@ class ResponsesService:
         *,
         queues: ModelQueues,
         usage: UsageRecorder | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
     ) -> None:
@@ -99,7 +102,7 @@ class ResponsesService:
         self.mcp = mcp
         self.queues = queues
         self.usage = usage
-        self.rounds = ResponseRounds(upstream, mcp, config.mcp)
+        self.rounds = ResponseRounds(upstream, mcp, config.mcp, metrics)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
         self.recorder = ResponseRecorder(
@@ -229,6 +232,9 @@ class ResponsesService:
             if i.get("type") == "mcp_list_tools" and "server_label" in i
         }
         settings = render.chat_settings(request, model.id, tools)
+        listed = self.catalog.cached
+        lmstudio = listed is not None and listed.dialect != "openai"
+        schema = plan_answer(settings, lmstudio=lmstudio, param="text.format")
         setup = None
         if any(tool.get("type") == "mcp" for tool in request.tools):
             setup = await setup_mcp(
@@ -274,6 +280,9 @@ class ResponsesService:
             mcp=setup,
             approved=approved,
             mcp_listed=setup.listed if setup is not None else tuple(sorted(listed_before)),
+            schema=schema,
+            schema_retry=bool(self.config.models.settings_for(model.id).schema_retry)
+            and request.switches.get("schema_retry", True),
         )
 
     # --- running ----------------------------------------------------------

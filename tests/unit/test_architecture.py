@@ -29,6 +29,7 @@ PURE = [
     "proxy.tool_prompt",
     "proxy.profiles",
     "proxy.sse",
+    "proxy.structured",
     "proxy.mcp.policy",
     "proxy.mcp.rounds",
     "proxy.mcp.names",

@@ -381,8 +381,8 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
             "models.cache: unknown key (known keys of [models]: cache_ttl, default, aliases, "
             "text_tool_calls, describe_tools, think_tags, think_opened, template_tools, "
             "reasoning_in_history, max_concurrent, queue_size, queue_timeout, ttl, "
-            'context_length, preload, load_keepalive); a table [models."PATTERN"] holds the '
-            "settings of some models",
+            'context_length, preload, load_keepalive, schema_retry); a table [models."PATTERN"] '
+            "holds the settings of some models",
         ),
         (
             "[bogus]\nkey = 1\n",
@@ -934,7 +934,7 @@ def test_a_per_model_table_on_the_command_line():
             'models."qwen3-*".max_concurent: unknown key (known keys of a [models."PATTERN"] '
             "table: max_concurrent, queue_size, queue_timeout, "
             "text_tool_calls, describe_tools, think_tags, think_opened, template_tools, "
-            "reasoning_in_history, ttl, context_length)",
+            "reasoning_in_history, ttl, context_length, schema_retry)",
         ),
         (
             '[models."qwen3-*"]\nmax_concurrent = 0\n',
