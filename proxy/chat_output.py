@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.ids import new_id
-from proxy.model_output.text_calls import TextCall, TextCallRecogniser
+from proxy.model_output.text_calls import DEFAULT_MAX_HELD, TextCall, TextCallRecogniser
 from proxy.model_output.text_calls import split as split_text_calls
 from proxy.model_output.think_tags import ReasoningSplitter, Variants, split_reasoning
 from proxy.profiles import ModelProfile
@@ -46,6 +46,7 @@ class ChatOutput:
     offered: frozenset[str] = frozenset()  # function tools whose text calls count
     think: Variants | None = None  # the tags of thinking looked for, None: not looked for
     think_opened: bool = False  # the template opened the block: the answer starts in it
+    max_held: int = DEFAULT_MAX_HELD  # most characters held while they may be a call
 
     @property
     def active(self) -> bool:
@@ -84,7 +85,9 @@ def function_names(tools: Any) -> frozenset[str]:
 def output_for(tools: Any, profile: ModelProfile) -> ChatOutput:
     """What is on for a request: what its model's profile (switches applied) says."""
     offered = function_names(tools) if profile.text_tool_calls else frozenset[str]()
-    return ChatOutput(offered, profile.think_tags or None, profile.think_opened)
+    return ChatOutput(
+        offered, profile.think_tags or None, profile.think_opened, profile.text_call_hold
+    )
 
 
 def mcp_text_calls(
@@ -162,7 +165,9 @@ class MessageReader:
     and calls. Shared by the chat stream and the Responses builder."""
 
     def __init__(self, output: ChatOutput) -> None:
-        self._recogniser = TextCallRecogniser(output.offered) if output.offered else None
+        self._recogniser = (
+            TextCallRecogniser(output.offered, max_held=output.max_held) if output.offered else None
+        )
         self._splitter = (
             ReasoningSplitter(output.think, opened=output.think_opened) if output.think else None
         )

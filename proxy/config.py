@@ -337,6 +337,11 @@ _TEXT_TOOL_CALLS = (
     "names of offered tools and complete JSON count. A request turns it off with "
     '"lmbridge": {"text_tool_calls": false}.'
 )
+_TEXT_CALL_HOLD = (
+    "Most characters of a streamed answer held back while they may still be a tool call "
+    "written as text (what began with a tag or a leading brace); past that they go out as "
+    "text, and a call written longer than this stays text."
+)
 _DESCRIBE_TOOLS = (
     "For a model whose chat template cannot render tools (llama.cpp's /props says "
     "supports_tools: false, or template_tools = false), describe the offered function and "
@@ -384,6 +389,7 @@ class ModelSettings(_Section):
     queue_size: Count | None = Field(None, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration | None = Field(None, gt=0, description=_QUEUE_TIMEOUT)
     text_tool_calls: bool | None = Field(None, description=_TEXT_TOOL_CALLS)
+    text_call_hold: Count | None = Field(None, ge=64, description=_TEXT_CALL_HOLD)
     describe_tools: bool | None = Field(None, description=_DESCRIBE_TOOLS)
     think_tags: ThinkTagsSetting | None = Field(None, description=_THINK_TAGS)
     think_opened: bool | None = Field(None, description=_THINK_OPENED)
@@ -417,6 +423,7 @@ class ModelsConfig(_Section):
         '(e.g. { "gpt-4o-mini" = "qwen/qwen3-4b" }).',
     )
     text_tool_calls: bool = Field(True, description=_TEXT_TOOL_CALLS)
+    text_call_hold: Count = Field(65536, ge=64, description=_TEXT_CALL_HOLD)
     describe_tools: bool = Field(True, description=_DESCRIBE_TOOLS)
     think_tags: ThinkTagsSetting = Field(True, description=_THINK_TAGS)
     think_opened: bool | None = Field(None, description=_THINK_OPENED)

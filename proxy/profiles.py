@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+from proxy.model_output.text_calls import DEFAULT_MAX_HELD
 from proxy.model_output.think_tags import (
     MISTRAL_THINK,
     NAMED,
@@ -94,6 +95,8 @@ class Overrides(Protocol):
     @property
     def text_tool_calls(self) -> bool | None: ...
     @property
+    def text_call_hold(self) -> int | None: ...
+    @property
     def describe_tools(self) -> bool | None: ...
     @property
     def think_tags(self) -> bool | list[str] | None: ...
@@ -113,6 +116,8 @@ class ModelProfile:
     tools: bool | None = None
     # Tool calls written as text read back as tool calls.
     text_tool_calls: bool = True
+    # Most characters of a stream held back while they may still be a text call.
+    text_call_hold: int = DEFAULT_MAX_HELD
     # Tools described in the system message (the template cannot render them, and
     # text calls are read back).
     describe_tools: bool = False
@@ -180,6 +185,7 @@ def profile_for(model: Described, settings: Overrides) -> ModelProfile:
     return ModelProfile(
         tools=tools,
         text_tool_calls=text_calls,
+        text_call_hold=settings.text_call_hold or DEFAULT_MAX_HELD,
         describe_tools=settings.describe_tools is not False and text_calls and tools is False,
         think_tags=tags,
         think_opened=found.think_opened if settings.think_opened is None else settings.think_opened,

@@ -94,8 +94,7 @@ async def chat_with_tools(
         text_tool_calls=text_calls,
         keep_reasoning=profile.keeps_reasoning,
         describe_tools=profile.describe_tools and text_calls,
-        think=profile.think_tags or None,
-        think_opened=profile.think_opened,
+        profile=profile,
         images=images,
         client_tools=_names(client_tools),
     )

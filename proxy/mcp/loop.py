@@ -28,7 +28,7 @@ from proxy.mcp.names import ToolDirectory, ToolRef
 from proxy.mcp.policy import LIMIT_NOTE, Answered, LoopPolicy
 from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.rounds import Call, Round
-from proxy.model_output.think_tags import Variants
+from proxy.profiles import ModelProfile
 from proxy.tool_prompt import describe_tools
 from proxy.usage import add_usage, chat_usage
 
@@ -81,17 +81,15 @@ class ToolLoop:
         client_tools: Collection[str] | None = None,
         keep_reasoning: bool = False,
         describe_tools: bool = False,
-        think: Variants | None = None,
-        think_opened: bool = False,
+        profile: ModelProfile | None = None,
     ) -> None:
         # keep_reasoning: each round's reasoning goes back upstream with its calls;
         # describe_tools: the template cannot render tools, so each round's request
         # describes them in the system message (tool_prompt) and the calls are text.
         self.keep_reasoning = keep_reasoning
         self.describe_tools = describe_tools
-        # The tags of thinking each round's content is read for (None: not read).
-        self.think = think
-        self.think_opened = think_opened
+        # What each round's content is read for: thinking tags, how long a call is held.
+        self.profile = profile
         self.directory = directory
         self.client_tools = client_tools
         self.call_tool = call_tool
@@ -131,8 +129,7 @@ class ToolLoop:
                 client_tools=self.client_tools,
                 text_tool_calls=self.text_tool_calls,
                 number=rounds,
-                think=self.think,
-                think_opened=self.think_opened,
+                profile=self.profile,
             )
             if stream is not None:
                 async with contextlib.aclosing(stream(request)) as chunks:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.chat_output import ChatOutput, MessageReader, Part, Reasoning
-from proxy.model_output.text_calls import TextCall
-from proxy.model_output.think_tags import Variants
+from proxy.model_output.text_calls import DEFAULT_MAX_HELD, TextCall
+from proxy.profiles import ModelProfile
 from proxy.tool_deltas import arguments_piece, delta_index, merge_name
 from proxy.usage import usage_from_chat
 
@@ -66,8 +66,7 @@ class Round:
         text_tool_calls: bool = False,
         number: int = 1,
         client_tools: Collection[str] | None = None,
-        think: Variants | None = None,
-        think_opened: bool = False,
+        profile: ModelProfile | None = None,
     ) -> None:
         self.mcp_tools = mcp_tools
         # Known: a call to a name that is neither an MCP tool nor one of these is run by
@@ -81,7 +80,14 @@ class Round:
             if text_tool_calls
             else frozenset[str]()
         )
-        output = ChatOutput(offered, think, think_opened)
+        # Thinking in tags is read only as the model's profile says.
+        think = profile.think_tags or None if profile is not None else None
+        output = ChatOutput(
+            offered,
+            think,
+            profile is not None and profile.think_opened,
+            profile.text_call_hold if profile is not None else DEFAULT_MAX_HELD,
+        )
         self._reader: MessageReader | None = MessageReader(output) if output.active else None
         self.content: list[str] = []
         self.reasoning: list[str] = []

@@ -12,6 +12,7 @@ from proxy.mcp.results import cut, error_output, render_result
 from proxy.mcp.rounds import Round
 from proxy.model_output.text_calls import TextCall, split
 from proxy.model_output.think_tags import THINK
+from proxy.profiles import ModelProfile
 
 # --- names ---------------------------------------------------------------------------
 
@@ -427,7 +428,7 @@ def test_streamed_text_calls_are_held_back_and_become_calls(step):
 def test_streamed_thinking_in_tags_is_reasoning(step):
     """<think> at the start of a round's content streams as reasoning_content; the
     content keeps the answer only."""
-    reply = Round({"calc__add"}, text_tool_calls=True, think=THINK)
+    reply = Round({"calc__add"}, text_tool_calls=True, profile=ModelProfile(think_tags=(THINK,)))
     relayed = _streamed(reply, "<think>Add them.</think>\n\nThe sum is 3.", step)
     assert _relayed_text(relayed, "reasoning_content") == "Add them."
     assert _relayed_text(relayed) == "The sum is 3."
