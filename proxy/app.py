@@ -43,11 +43,12 @@ from proxy.mcp.servers import MCPServers
 from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
+from proxy.owners import owner_of
 from proxy.queues import ModelQueues
 from proxy.quotas import Quota, QuotaBook
 from proxy.responses import routes as responses_routes
 from proxy.responses.conversations import ConversationService
-from proxy.responses.service import ResponsesService, owner_of
+from proxy.responses.service import ResponsesService
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
 from proxy.usage_recorder import UsageRecorder

@@ -89,6 +89,9 @@ class ResponseRun:
     schema_outcome: str | None = None
     # Its claim on the model's slots, entered around each upstream call (none: no limit).
     admission: Admission = field(default_factory=lambda: Admission(None, INTERACTIVE))
+    # Run once, when the response first holds a slot of its model: a background
+    # response stays queued while it waits in the model's queue, then runs.
+    on_admitted: Callable[[], Awaitable[None]] | None = None
     _changed: asyncio.Condition | None = None
     _settled: asyncio.Event | None = None
 
@@ -113,6 +116,12 @@ class ResponseRun:
     @property
     def response(self) -> dict[str, Any]:
         return self.builder.response
+
+    async def admitted(self) -> None:
+        """The response holds a slot of its model (or needs none any more)."""
+        hook, self.on_admitted = self.on_admitted, None
+        if hook is not None:
+            await hook()
 
     async def record(self, events: list[Event]) -> None:
         """The sink of a background response: keep the events, wake the readers."""

@@ -15,7 +15,6 @@ what a failure becomes (``failures``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -66,11 +65,6 @@ from proxy.usage_recorder import UsageRecorder
 from storage.records import ResponseStore
 
 log = logging.getLogger("lmbridge.responses")
-
-
-def owner_of(api_key: bytes | None) -> str:
-    """Stored objects belong to the hash of the key that created them ("" without keys)."""
-    return hashlib.sha256(api_key).hexdigest()[:32] if api_key else ""
 
 
 class ResponsesService:
@@ -191,8 +185,7 @@ class ResponsesService:
         return run
 
     def reading(self, prepared: Prepared) -> ChatOutput:
-        """What is read out of the model's answer: text calls to the offered function
-        tools and MCP tools, thinking in tags; as the model's profile and the request say."""
+        """What is read out of the answer (text calls to function and MCP tools, tags)."""
         switches = prepared.request.switches
         output = output_for(prepared.tools.tools, prepared.profile)
         setup = prepared.mcp
@@ -324,12 +317,13 @@ class ResponsesService:
             if not request.background:
                 await sink(builder.start())
             else:
-                if run.cancel_requested:  # cancelled while queued
+                if run.cancel_requested:  # cancelled before it ran
                     raise asyncio.CancelledError
-                await sink(builder.in_progress())
-                await self.recorder.save(run)
+                # Queued until it holds a slot of its model.
+                run.on_admitted = partial(self._running, run, sink)
             if request.generate:
                 await self.rounds.run(run, sink, streamed)
+            await run.admitted()  # a turn that called no model ran all the same
             final = builder.finish()
         except asyncio.CancelledError:
             if request.background and not run.cancel_requested:
@@ -353,6 +347,10 @@ class ResponsesService:
         final = await self.recorder.store_final(run, final)
         await sink(final)
         return builder.response
+
+    async def _running(self, run: ResponseRun, sink: Sink) -> None:
+        await sink(run.builder.in_progress())
+        await self.recorder.save(run)
 
     async def _run_background(self, run: ResponseRun) -> None:
         try:

@@ -127,6 +127,7 @@ class ResponseRounds:
         builder = run.builder
         # A slot of the model for this call only: none is held while tools run.
         async with run.admission:
+            await run.admitted()
             if streamed:
                 chunks = stream_chat(self.upstream, run.prepared, extra, overrides)
                 async with contextlib.aclosing(chunks):
@@ -154,6 +155,7 @@ class ResponseRounds:
         assert schema is not None
         builder = run.builder
         async with run.admission:
+            await run.admitted()
             completion = await complete_chat(self.upstream, prepared, extra, overrides)
         normalise_completion(completion, builder.reading)
         message = first_message(completion)
@@ -170,6 +172,7 @@ class ResponseRounds:
             )
             asked = [*extra, *feedback(message.get("content"), verdict)]
             async with run.admission:
+                await run.admitted()
                 again = await complete_chat(self.upstream, prepared, asked, overrides)
             normalise_completion(again, builder.reading)
             again["usage"] = summed_usage(completion.get("usage"), again.get("usage"))

@@ -157,12 +157,19 @@ async def test_background_responses_wait_behind_interactive_requests(make_proxy,
     background = await create(proxy, input="background work", background=True)
     assert background["status"] == "queued"
     await until(lambda: queued(proxy) == 1, "the background response queued")
+    # Waiting for a slot of its model, it is still queued, not in progress.
+    polled = await (await proxy.get(f"{R}/{background['id']}")).json()
+    assert polled["status"] == "queued"
     interactive = asyncio.create_task(proxy.post(CHAT, json=ask("interactive")))
     await until(lambda: queued(proxy) == 2, "the interactive request queued")
     release.set()
     assert (await running).status == 200 and (await interactive).status == 200
     await until(lambda: len(fake_upstream.requests_to(CHAT)) == 3, "the background upstream")
     assert contents(fake_upstream) == ["running", "interactive", "background work"]
+    events = sse_events(await (await proxy.get(f"{R}/{background['id']}?stream=true")).read())
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
 
 
 async def test_requests_of_a_low_priority_key_wait_behind_the_others(make_proxy, fake_upstream):

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI, RateLimitError
 
 from proxy.keys import QUOTAS, USAGE
-from proxy.responses.service import owner_of
+from proxy.owners import owner_of
 from tests.clock import FakeClock
 from tests.fake_upstream import CHAT, Reply, chat_completion, chunk, text_stream
 from tests.integration.test_mcp_chat import CALC_SERVER, tool_calls

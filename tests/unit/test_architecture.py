@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # I/O module, so each is tested with tables and no sockets.
 PURE = [
     "proxy.usage",
+    "proxy.owners",
     "proxy.accounting",
     "proxy.quotas",
     "proxy.usage_report",
