@@ -28,6 +28,7 @@ from proxy.config import Config
 from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
+from proxy.lifecycle import request_ttl
 from proxy.mcp.servers import MCPServers
 from proxy.metrics import Metrics
 from proxy.profiles import with_switches
@@ -123,6 +124,7 @@ class ResponsesService:
         """A response to ``body``, prepared (state loaded, the turn rendered), not yet
         run. ``history``: what ``previous_response_id`` continues, when the caller holds
         it (a WebSocket connection keeps its latest responses), instead of storage's."""
+        ttl = request_ttl(body)  # LM Studio's ttl, Ollama's keep_alive: the model's idle time
         request = await self.parse(body)
         response_id = self.ids("resp")
         # Before its items are read: the turn sees every turn before it.
@@ -134,6 +136,8 @@ class ResponsesService:
                 await asyncio.shield(self.claims.release(turn))
             raise
         run.turn = turn
+        if ttl is not None and (loader := self.queues.loader()) is not None:
+            loader.set_ttl(run.prepared.model.id, ttl)
         if request.background:
             self.running[run.id] = run
             run.task = self.tasks.spawn(self._run_background(run), f"response {run.id}")

@@ -245,6 +245,24 @@ async def test_request_keep_alive_sets_the_ttl_and_stays_home(make_proxy, fake_u
     assert len(native.loads) == 2
 
 
+async def test_a_responses_request_sets_the_ttl_too(make_proxy, fake_upstream):
+    """/v1/responses honours ttl and keep_alive the same way; a bad value is a 400 before
+    any upstream call."""
+    fake_upstream.native_lmstudio([MODEL])
+    proxy, _ = await started(make_proxy)
+    lifecycle = proxy.server.app[LIFECYCLE]
+    resp = await proxy.post(R, json={"model": MODEL, "input": "hi", "keep_alive": "2m"})
+    assert resp.status == 200
+    assert lifecycle.ttl_of(MODEL) == 120
+    resp = await proxy.post(R, json={"model": MODEL, "input": "hi", "ttl": 45})
+    assert resp.status == 200 and lifecycle.ttl_of(MODEL) == 45
+    calls = len(fake_upstream.requests_to(CHAT))
+    bad = await proxy.post(R, json={"model": MODEL, "input": "hi", "keep_alive": "soon"})
+    assert bad.status == 400
+    assert (await bad.json())["error"]["param"] == "keep_alive"
+    assert len(fake_upstream.requests_to(CHAT)) == calls
+
+
 async def test_preload_loads_at_start(make_proxy, fake_upstream):
     """models.preload: loaded in the background once the daemon starts; a model that
     cannot be loaded is logged and start-up goes on."""
