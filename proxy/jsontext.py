@@ -280,3 +280,18 @@ def free_in_pieces(value: dict[str, Any]) -> None:
 
 
 _FREE_SLICE = 4096
+
+
+def json_type(value: Any) -> str:
+    """A value's JSON type as an error message names it ("a string", "null")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -17,8 +17,9 @@ from aiohttp import web
 from proxy.catalog import ModelInfo
 from proxy.config import parse_duration
 from proxy.errors import BadRequest
+from proxy.jsontext import json_type
 from proxy.keys import CATALOG, LIFECYCLE, MODEL, QUEUES
-from proxy.passthrough import json_type, read_json_object
+from proxy.passthrough import read_json_object
 
 ADMIN_PATH = "/v1/lmbridge/models"
 

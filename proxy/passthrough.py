@@ -42,6 +42,7 @@ from proxy.jsontext import (
     dumps_bytes,
     dumps_bytes_in_pieces,
     free_in_pieces,
+    json_type,
     loads,
     loads_request,
     loads_request_in_pieces,
@@ -450,17 +451,3 @@ def _error_kind(error: Any) -> str:
         return "no type"
     kind = ", ".join(str(error[k]) for k in ("type", "code") if error.get(k) is not None)
     return kind or "no type"
-
-
-def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"

@@ -32,7 +32,7 @@ from proxy.browsers import is_json_type
 from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamStatus
 from proxy.event_stream import REQUEST_ID_HEADER, RelayedStream
-from proxy.jsontext import free_in_pieces
+from proxy.jsontext import free_in_pieces, json_type
 from proxy.keys import (
     API_KEYS,
     CATALOG,
@@ -46,7 +46,7 @@ from proxy.keys import (
     UPSTREAM,
     WORKER,
 )
-from proxy.passthrough import LARGE_BODY, json_type, parse_json, read_body, serialise
+from proxy.passthrough import LARGE_BODY, parse_json, read_body, serialise
 from proxy.queues import note_wait
 from proxy.relay_rules import (
     IDEMPOTENT_METHODS,

@@ -24,6 +24,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
+from proxy.jsontext import json_type
 from proxy.usage import add_usage, chat_usage, usage_from_chat
 
 Outcome = Literal["valid", "valid_after_retry", "invalid"]
@@ -84,7 +85,7 @@ class AnswerSchema:
             return Verdict(None, (_not_json(content),))
         text, value = found
         if self.kind == "json_object" and not isinstance(value, dict):
-            return Verdict(text, (f"The answer must be a JSON object, not {_kind(value)}.",))
+            return Verdict(text, (f"The answer must be a JSON object, not {json_type(value)}.",))
         return Verdict(text, tuple(self._errors(value)))
 
     def _errors(self, value: Any) -> Iterator[str]:
@@ -287,18 +288,6 @@ def _path(path: Any) -> str:
 
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array"
 
 
 # --- chat completions ------------------------------------------------------

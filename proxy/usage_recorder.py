@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.accounting import Api, Metered, outcome_of, responses_outcome, tokens_of
+from proxy.accounting import (
+    Api,
+    Metered,
+    Outcome,
+    Tokens,
+    outcome_of,
+    responses_outcome,
+    tokens_of,
+)
 from proxy.metrics import Metrics
 from proxy.quotas import QuotaBook, day_start
 from storage.records import UsageRecord, UsageStore
@@ -73,24 +81,9 @@ class UsageRecorder:
         """A metered request ended with ``status`` (its error's code, if any) after
         ``seconds``."""
         outcome, code = outcome_of(status, metered.error_code or error_code)
-        prompt, cached, completion, reasoning = metered.tokens
-        self.add(
-            UsageRecord(
-                ts=self.clock(),
-                owner=owner,
-                model=model,
-                upstream=self.upstream,
-                api=metered.api,
-                outcome=outcome,
-                status=status,
-                error_code=code,
-                prompt_tokens=prompt,
-                cached_tokens=cached,
-                completion_tokens=completion,
-                reasoning_tokens=reasoning,
-                duration_ms=seconds * 1000,
-                ttft_ms=None if metered.ttft is None else metered.ttft * 1000,
-            )
+        ttft = metered.ttft
+        self._record(
+            owner, model, metered.api, outcome, status, code, metered.tokens, seconds, ttft
         )
 
     def response_ended(
@@ -105,8 +98,23 @@ class UsageRecorder:
     ) -> None:
         """A Response reached its end (completed, incomplete, failed or cancelled)."""
         outcome, code = responses_outcome(response)
-        prompt, cached, completion, reasoning = tokens_of(response.get("usage"))
         status = {"ok": 200, "cancelled": 499}.get(outcome, 500)
+        tokens = tokens_of(response.get("usage"))
+        self._record(owner, model, api, outcome, status, code, tokens, seconds, ttft)
+
+    def _record(
+        self,
+        owner: str,
+        model: str,
+        api: Api,
+        outcome: Outcome,
+        status: int,
+        code: str | None,
+        tokens: Tokens,
+        seconds: float,
+        ttft: float | None,
+    ) -> None:
+        prompt, cached, completion, reasoning = tokens
         self.add(
             UsageRecord(
                 ts=self.clock(),
