@@ -49,8 +49,9 @@ def tool_result_sent(fake_upstream) -> dict:
     return next(m for m in messages if m["role"] == "tool")
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-async def test_agent_on_responses_runs_a_call_written_as_text(daemon, fake_upstream, streamed):
+async def run_agent(daemon, fake_upstream, model_class, streamed: bool):
+    """The weather agent asked once, against a model that thinks in tags and writes its
+    call as text, then answers: the run's result, its tool run once for Oslo."""
     if streamed:
         fake_upstream.add_reply(CHAT, streamed_reply(WRITTEN))
         fake_upstream.add_reply(CHAT, streamed_reply("It is sunny in Oslo."))
@@ -59,8 +60,7 @@ async def test_agent_on_responses_runs_a_call_written_as_text(daemon, fake_upstr
         fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is sunny in Oslo.")))
     calls: list[str] = []
     async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
-        model = agents.OpenAIResponsesModel(model="test-model", openai_client=c)
-        agent = weather_agent(model, calls)
+        agent = weather_agent(model_class(model="test-model", openai_client=c), calls)
         if streamed:
             result = agents.Runner.run_streamed(agent, "Weather in Oslo?")
             async for _ in result.stream_events():
@@ -69,6 +69,12 @@ async def test_agent_on_responses_runs_a_call_written_as_text(daemon, fake_upstr
             result = await agents.Runner.run(agent, "Weather in Oslo?")
     assert result.final_output == "It is sunny in Oslo."
     assert calls == ["Oslo"]
+    return result
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_agent_on_responses_runs_a_call_written_as_text(daemon, fake_upstream, streamed):
+    result = await run_agent(daemon, fake_upstream, agents.OpenAIResponsesModel, streamed)
     reasoning = [i for i in result.new_items if isinstance(i, agents.ReasoningItem)]
     # lmbridge's reasoning item carries the text as reasoning_text content.
     assert [c.text for i in reasoning for c in i.raw_item.content or []] == [THOUGHT]
@@ -81,24 +87,7 @@ async def test_agent_on_responses_runs_a_call_written_as_text(daemon, fake_upstr
 async def test_agent_on_chat_completions_runs_a_call_written_as_text(
     daemon, fake_upstream, streamed
 ):
-    if streamed:
-        fake_upstream.add_reply(CHAT, streamed_reply(WRITTEN))
-        fake_upstream.add_reply(CHAT, streamed_reply("It is sunny in Oslo."))
-    else:
-        fake_upstream.add_reply(CHAT, Reply(json=chat_completion(WRITTEN)))
-        fake_upstream.add_reply(CHAT, Reply(json=chat_completion("It is sunny in Oslo.")))
-    calls: list[str] = []
-    async with openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0) as c:
-        model = agents.OpenAIChatCompletionsModel(model="test-model", openai_client=c)
-        agent = weather_agent(model, calls)
-        if streamed:
-            result = agents.Runner.run_streamed(agent, "Weather in Oslo?")
-            async for _ in result.stream_events():
-                pass
-        else:
-            result = await agents.Runner.run(agent, "Weather in Oslo?")
-    assert result.final_output == "It is sunny in Oslo."
-    assert calls == ["Oslo"]
+    result = await run_agent(daemon, fake_upstream, agents.OpenAIChatCompletionsModel, streamed)
     first = fake_upstream.requests_to(CHAT)[0].body
     assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
     result_message = tool_result_sent(fake_upstream)
