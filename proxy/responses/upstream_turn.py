@@ -30,6 +30,7 @@ def chat_body(
     stream: bool,
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,
+    describe: bool = True,
 ) -> bytes:
     messages = render.join_message_arrays(
         [
@@ -40,7 +41,7 @@ def chat_body(
     )
     settings = {**prepared.settings, **overrides} if overrides else prepared.settings
     messages = prompt_shape.merge_leading_system(messages)
-    if prepared.profile.describe_tools and settings.get("tools"):
+    if describe and prepared.profile.describe_tools and settings.get("tools"):
         settings, messages = prompt_shape.described(settings, messages)
     return render.chat_body_bytes(settings, messages, stream=stream)
 
@@ -53,14 +54,28 @@ async def open_chat(
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Any:
-    """Send the chat request, dropping the oldest turns while the upstream says the
-    context is exceeded (``truncation: "auto"`` only)."""
+    """Send the chat request; while the upstream says the context is exceeded, first
+    without the tools described in the system message (a template that cannot render
+    tools then drops them, as it would without lmbridge), then dropping the oldest turns
+    (``truncation: "auto"`` only)."""
     history = fit_history(prepared)
+    settings = {**prepared.settings, **overrides} if overrides else prepared.settings
+    describe = prepared.profile.describe_tools and bool(settings.get("tools"))
     while True:
-        body = chat_body(prepared, history, stream=stream, extra=extra, overrides=overrides)
+        body = chat_body(
+            prepared, history, stream=stream, extra=extra, overrides=overrides, describe=describe
+        )
         try:
             return await upstream.open("POST", CHAT_PATH, body=body, route=ROUTE)
         except UpstreamStatus as exc:
+            if exc.context_overflow and describe:
+                log.warning(
+                    "the tools described for model %s do not fit its context: sent without "
+                    "them (its template drops them; the model does not see them)",
+                    prepared.model.id,
+                )
+                describe = False
+                continue
             can_shorten = exc.context_overflow and prepared.request.truncation == "auto"
             if not (can_shorten and history):
                 raise

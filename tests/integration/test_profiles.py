@@ -101,6 +101,33 @@ async def test_tools_described_on_the_responses_api(proxy, fake_upstream):
     assert '"name": "f"' in system["content"]
 
 
+async def test_described_tools_that_do_not_fit_are_left_to_the_template(proxy, fake_upstream):
+    """When the tools described in the system message overflow the model's context, the
+    turn goes again without the description (the template drops the tools, as it would
+    without lmbridge) rather than failing: a coding agent's many tools on a small model."""
+    fake_upstream.llama_props = NO_TOOLS
+    overflow = {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size",
+            "type": "exceed_context_size_error",
+        }
+    }
+    fake_upstream.add_reply(CHAT, Reply(status=400, json=overflow))
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Hello.")))
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    resp = await proxy.post(
+        "/v1/responses",
+        json={"model": "test-model", "input": "hi", "instructions": "Be brief.", "tools": [tool]},
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["output"][0]["content"][0]["text"] == "Hello."
+    first, second = (r.body for r in fake_upstream.requests_to(CHAT))
+    assert "# Tools" in first["messages"][0]["content"] and "tools" not in first
+    assert second["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert [t["function"]["name"] for t in second["tools"]] == ["f"]
+
+
 async def test_tools_sent_as_they_are_when_the_request_says_so(proxy, fake_upstream):
     """ "lmbridge": {"describe_tools": false} leaves the tools field as it is."""
     fake_upstream.llama_props = NO_TOOLS
