@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.jsontext import dumps_bytes, loads
 from proxy.sse import SSEParser
 from proxy.upstream import UpstreamClient
@@ -65,10 +65,18 @@ def chunk_json(data: bytes) -> dict[str, Any] | None:
     if not isinstance(chunk, dict):
         return None
     if chunk.get("error"):
-        error = chunk["error"]
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        raise UpstreamError(f"The upstream stream reported an error: {message}")
+        raise stream_error(chunk["error"])
     return chunk
+
+
+def stream_error(error: Any) -> UpstreamError:
+    """An error event of a stream, as the error its status would have been (llama.cpp
+    reports a prompt too long for the context this way, with the status as ``code``)."""
+    if not isinstance(error, dict):
+        return UpstreamError(f"The upstream stream reported an error: {error}")
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 502
+    return UpstreamStatus(status, dumps_bytes({"error": error}), "application/json")
 
 
 def request_bytes(body: dict[str, Any], *, stream: bool) -> bytes:

@@ -46,6 +46,36 @@ def chat_body(
     return render.chat_body_bytes(settings, messages, stream=stream)
 
 
+class _Attempt:
+    """What a turn sends upstream, narrowed while the upstream says the context is
+    exceeded: first without the tools described in the system message (a template that
+    cannot render tools then drops them, as it would without lmbridge), then without the
+    oldest turns (``truncation: "auto"`` only)."""
+
+    def __init__(self, prepared: Prepared, overrides: dict[str, Any] | None) -> None:
+        self.prepared = prepared
+        self.history = fit_history(prepared)
+        settings = {**prepared.settings, **overrides} if overrides else prepared.settings
+        self.describe = prepared.profile.describe_tools and bool(settings.get("tools"))
+
+    def narrowed(self, exc: UpstreamStatus) -> bool:
+        """Whether there is a smaller request to try after ``exc``."""
+        if not exc.context_overflow:
+            return False
+        if self.describe:
+            log.warning(
+                "the tools described for model %s do not fit its context: sent without "
+                "them (its template drops them; the model does not see them)",
+                self.prepared.model.id,
+            )
+            self.describe = False
+            return True
+        if self.prepared.request.truncation != "auto" or not self.history:
+            return False
+        self.history = self.history[len(self.history) // 2 + (len(self.history) % 2) :]
+        return True
+
+
 async def open_chat(
     upstream: UpstreamClient,
     prepared: Prepared,
@@ -53,33 +83,24 @@ async def open_chat(
     stream: bool,
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,
+    attempt: _Attempt | None = None,
 ) -> Any:
-    """Send the chat request; while the upstream says the context is exceeded, first
-    without the tools described in the system message (a template that cannot render
-    tools then drops them, as it would without lmbridge), then dropping the oldest turns
-    (``truncation: "auto"`` only)."""
-    history = fit_history(prepared)
-    settings = {**prepared.settings, **overrides} if overrides else prepared.settings
-    describe = prepared.profile.describe_tools and bool(settings.get("tools"))
+    """Send the chat request, narrowed while the upstream says the context is exceeded."""
+    attempt = attempt or _Attempt(prepared, overrides)
     while True:
         body = chat_body(
-            prepared, history, stream=stream, extra=extra, overrides=overrides, describe=describe
+            prepared,
+            attempt.history,
+            stream=stream,
+            extra=extra,
+            overrides=overrides,
+            describe=attempt.describe,
         )
         try:
             return await upstream.open("POST", CHAT_PATH, body=body, route=ROUTE)
         except UpstreamStatus as exc:
-            if exc.context_overflow and describe:
-                log.warning(
-                    "the tools described for model %s do not fit its context: sent without "
-                    "them (its template drops them; the model does not see them)",
-                    prepared.model.id,
-                )
-                describe = False
-                continue
-            can_shorten = exc.context_overflow and prepared.request.truncation == "auto"
-            if not (can_shorten and history):
+            if not attempt.narrowed(exc):
                 raise
-            history = history[len(history) // 2 + (len(history) % 2) :]
 
 
 def fit_history(prepared: Prepared) -> list[str]:
@@ -114,7 +135,23 @@ async def stream_chat(
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    resp = await open_chat(upstream, prepared, stream=True, extra=extra, overrides=overrides)
-    async with contextlib.aclosing(chat_upstream.read_chunks(upstream, resp)) as chunks:
-        async for chunk in chunks:
-            yield chunk
+    attempt = _Attempt(prepared, overrides)
+    while True:
+        resp = await open_chat(
+            upstream, prepared, stream=True, extra=extra, overrides=overrides, attempt=attempt
+        )
+        async with contextlib.aclosing(chat_upstream.read_chunks(upstream, resp)) as chunks:
+            try:
+                # A stream may open with 200 and report the context exceeded in its first
+                # event (llama.cpp): nothing was read yet, so it is narrowed like a status.
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except UpstreamStatus as exc:
+                if attempt.narrowed(exc):
+                    continue
+                raise
+            yield first
+            async for chunk in chunks:
+                yield chunk
+            return

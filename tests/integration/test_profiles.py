@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fake_upstream import CHAT, Reply, chat_completion
+import pytest
+
+from tests.fake_upstream import CHAT, Reply, chat_completion, chunk
+from tests.integration.test_responses import sse_events
 from tests.unit.test_profiles import QWEN3_THINKING
 
 NO_TOOLS = {"chat_template_caps": {"supports_tools": False}}
@@ -101,27 +104,38 @@ async def test_tools_described_on_the_responses_api(proxy, fake_upstream):
     assert '"name": "f"' in system["content"]
 
 
-async def test_described_tools_that_do_not_fit_are_left_to_the_template(proxy, fake_upstream):
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_described_tools_that_do_not_fit_are_left_to_the_template(
+    proxy, fake_upstream, streamed
+):
     """When the tools described in the system message overflow the model's context, the
     turn goes again without the description (the template drops the tools, as it would
-    without lmbridge) rather than failing: a coding agent's many tools on a small model."""
+    without lmbridge) rather than failing: a coding agent's many tools on a small model.
+    Streamed, llama.cpp answers 200 and reports the overflow in the stream's first event."""
     fake_upstream.llama_props = NO_TOOLS
     overflow = {
         "error": {
             "code": 400,
-            "message": "the request exceeds the available context size",
+            "message": "request (8974 tokens) exceeds the available context size (8192 tokens)",
             "type": "exceed_context_size_error",
         }
     }
-    fake_upstream.add_reply(CHAT, Reply(status=400, json=overflow))
-    fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Hello.")))
+    if streamed:
+        fake_upstream.add_reply(CHAT, Reply(stream=[overflow]))
+        fake_upstream.add_reply(CHAT, Reply(stream=[chunk("Hello."), chunk(finish="stop")]))
+    else:
+        fake_upstream.add_reply(CHAT, Reply(status=400, json=overflow))
+        fake_upstream.add_reply(CHAT, Reply(json=chat_completion("Hello.")))
     tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
-    resp = await proxy.post(
-        "/v1/responses",
-        json={"model": "test-model", "input": "hi", "instructions": "Be brief.", "tools": [tool]},
-    )
+    ask = {"model": "test-model", "input": "hi", "instructions": "Be brief.", "tools": [tool]}
+    resp = await proxy.post("/v1/responses", json={**ask, "stream": streamed})
     assert resp.status == 200, await resp.text()
-    assert (await resp.json())["output"][0]["content"][0]["text"] == "Hello."
+    if streamed:
+        events = sse_events(await resp.read())
+        assert events[-1]["type"] == "response.completed"
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == "Hello."
+    else:
+        assert (await resp.json())["output"][0]["content"][0]["text"] == "Hello."
     first, second = (r.body for r in fake_upstream.requests_to(CHAT))
     assert "# Tools" in first["messages"][0]["content"] and "tools" not in first
     assert second["messages"][0] == {"role": "system", "content": "Be brief."}
