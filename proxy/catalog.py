@@ -62,6 +62,8 @@ class ModelInfo:
     # Requests the upstream runs at once for this model (LM Studio's default Max
     # Concurrent Predictions, llama.cpp's slots): None when it does not say.
     parallel: int | None = None
+    # The upstreams that list it, in the configuration's order (proxy/routing.py).
+    upstreams: tuple[str, ...] = ()
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
