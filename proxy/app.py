@@ -4,12 +4,13 @@ each resource is opened and closed in one ``cleanup_ctx`` generator."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
-from proxy import health, passthrough
+from proxy import health, model_admin, passthrough, usage_http
 from proxy.browsers import BrowserPolicy
 from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
@@ -20,17 +21,22 @@ from proxy.keys import (
     CATALOG,
     CONFIG,
     CONVERSATIONS,
+    LIFECYCLE,
     MCP,
     METRICS,
     QUEUES,
+    QUOTAS,
     REQUEST_LOG,
     RESPONSES,
     STORE,
     TASKS,
     TURNS,
     UPSTREAM,
+    USAGE,
+    USAGE_ADMINS,
     WORKER,
 )
+from proxy.lifecycle import ModelLifecycle
 from proxy.logs import RequestLog
 from proxy.mcp import routes as mcp_routes
 from proxy.mcp.servers import MCPServers
@@ -38,11 +44,13 @@ from proxy.mcp.turns import TurnMemory
 from proxy.metrics import Metrics
 from proxy.middleware import handle_request
 from proxy.queues import ModelQueues
+from proxy.quotas import Quota, QuotaBook
 from proxy.responses import routes as responses_routes
 from proxy.responses.conversations import ConversationService
 from proxy.responses.service import ResponsesService, owner_of
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
+from proxy.usage_recorder import UsageRecorder
 from storage.sqlite import SQLiteStore
 
 
@@ -71,11 +79,24 @@ def create_app(
     app[QUEUES] = ModelQueues(
         config.models, app[METRICS], low_priority={owner_of(key) for key in low_priority}
     )
+    usage = config.usage
+    app[USAGE_ADMINS] = frozenset(
+        owner_of(key.get_secret_value().encode()) for key in usage.admin_keys
+    )
+    app[QUOTAS] = QuotaBook(
+        {
+            owner_of(q.key.get_secret_value().encode()): Quota(
+                q.tokens_per_day, q.requests_per_minute
+            )
+            for q in usage.quotas
+        }
+    )
     app[BROWSERS] = BrowserPolicy(config.server.allowed_hosts, config.server.cors_origins)
     app[TURNS] = TurnMemory()
     app.cleanup_ctx.append(_worker_ctx)
     app.cleanup_ctx.append(_upstream_ctx(session))
     app.cleanup_ctx.append(_storage_ctx(store))
+    app.cleanup_ctx.append(_usage_ctx)
     app.cleanup_ctx.append(_mcp_ctx)
     app.cleanup_ctx.append(_responses_ctx)
     _add_routes(app)
@@ -98,6 +119,8 @@ def _add_routes(app: web.Application) -> None:
     r.add_post("/v1/completions", passthrough.completions)
     r.add_post("/v1/embeddings", passthrough.embeddings)
     r.add_get("/v1/mcp/servers", mcp_routes.list_servers)
+    model_admin.add_routes(app)
+    r.add_get("/v1/lmbridge/usage", usage_http.get_usage)
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -122,12 +145,32 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
                 ModelListReader(upstream.get_json).read,
                 on_refresh=lambda outcome: app[METRICS].model_list_refreshes.labels(outcome).inc(),
             )
-            yield
+            async with _lifecycle(app, upstream):
+                yield
         finally:
             if given is None:
                 await session.close()
 
     return ctx
+
+
+@contextlib.asynccontextmanager
+async def _lifecycle(app: web.Application, upstream: UpstreamClient) -> AsyncIterator[None]:
+    """The upstream's model lifecycle: its idle reaper and models.preload, in the
+    background (a slow or failed preload never holds start-up)."""
+    config = app[CONFIG].models
+    lifecycle = ModelLifecycle(upstream, app[CATALOG], config, app[METRICS])
+    app[LIFECYCLE] = lifecycle
+    app[QUEUES].lifecycle = lifecycle
+    tasks = BackgroundTasks()
+    tasks.spawn(lifecycle.reap_forever(), "unload idle models")
+    if config.preload:
+        tasks.spawn(lifecycle.preload(config.preload), "preload models")
+    try:
+        yield
+    finally:
+        await tasks.close()
+        await lifecycle.close()
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -150,6 +193,32 @@ async def _mcp_ctx(app: web.Application) -> AsyncIterator[None]:
         await servers.close()
 
 
+async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].usage
+    recorder = UsageRecorder(
+        app[STORE],
+        app[METRICS],
+        app[QUOTAS],
+        enabled=config.enabled,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending,
+    )
+    app[USAGE] = recorder
+    await recorder.start()
+    tasks = BackgroundTasks()
+    tasks.spawn(recorder.run(), "write usage records")
+    if config.retention:
+        interval = app[CONFIG].responses.purge_interval
+        tasks.spawn(recorder.purge_forever(config.retention, interval), "purge usage records")
+    try:
+        yield
+    finally:
+        # After the responses' clean-up (contexts close in reverse): the records of the
+        # background responses it stopped are written too.
+        await tasks.close()
+        await recorder.flush()
+
+
 async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
@@ -162,6 +231,8 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
         app[MCP],
         app[WORKER],
         queues=app[QUEUES],
+        usage=app[USAGE],
+        metrics=app[METRICS],
     )
     app[RESPONSES] = service
     app[CONVERSATIONS] = ConversationService(

@@ -29,6 +29,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.profiles import ModelProfile, TemplateTraits, profile_for, template_traits
 
 log = logging.getLogger("lmbridge.models")
 
@@ -62,6 +63,10 @@ class ModelInfo:
     # Requests the upstream runs at once for this model (LM Studio's default Max
     # Concurrent Predictions, llama.cpp's slots): None when it does not say.
     parallel: int | None = None
+    # What llama.cpp's chat template says about thinking (None: no template seen).
+    template: TemplateTraits | None = None
+    # LM Studio 0.4+: the ids of the loaded instances (what an unload names).
+    instances: tuple[str, ...] = ()
     # The upstreams that list it, in the configuration's order (proxy/routing.py).
     upstreams: tuple[str, ...] = ()
 
@@ -178,6 +183,17 @@ class ModelCatalog:
     def _count(self, outcome: str) -> None:
         if self._on_refresh is not None:
             self._on_refresh(outcome)
+
+    def profile(self, model: ModelInfo) -> ModelProfile:
+        """What lmbridge normalises for the model: detected, then its settings."""
+        return profile_for(model, self.config.settings_for(model.id))
+
+    def described(self, model: ModelInfo) -> dict[str, Any]:
+        """The model as ``/v1/models`` lists it, a chat model with its profile."""
+        entry = model.as_openai()
+        if model.serves("chat"):
+            entry["profile"] = self.profile(model).as_json()
+        return entry
 
     def tools_warning(self, model: ModelInfo) -> str | None:
         """For a request that offers tools: the warning for the client when the model
@@ -328,7 +344,8 @@ class ModelListReader:
             return models
         tools = template_renders_tools(props)
         slots = _int(props.get("total_slots")) if isinstance(props, dict) else None
-        return [replace(models[0], tools=tools, parallel=slots)]
+        template = template_traits(props.get("chat_template")) if isinstance(props, dict) else None
+        return [replace(models[0], tools=tools, parallel=slots, template=template)]
 
 
 def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
@@ -378,6 +395,7 @@ def parse_lmstudio_v1(data: Any) -> list[ModelInfo] | None:
                 else (),
                 vision=None if model_type == "unknown" else vision,
                 parallel=LMSTUDIO_PARALLEL,
+                instances=tuple(str(i["id"]) for i in instances if isinstance(i.get("id"), str)),
             )
         )
     return out

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.ids import new_id
-from proxy.model_output.text_calls import TextCall, TextCallRecogniser
+from proxy.model_output.text_calls import DEFAULT_MAX_HELD, TextCall, TextCallRecogniser
 from proxy.model_output.text_calls import split as split_text_calls
-from proxy.model_output.think_tags import THINK, ReasoningSplitter, ThinkTags, split_reasoning
+from proxy.model_output.think_tags import ReasoningSplitter, Variants, split_reasoning
+from proxy.profiles import ModelProfile
 
 # The request's own switches: {"lmbridge": {"text_tool_calls": false, "think_tags": false}}.
 SWITCHES_FIELD = "lmbridge"
-SWITCHES = ("text_tool_calls", "think_tags", "describe_tools")
+SWITCHES = ("text_tool_calls", "think_tags", "describe_tools", "schema_retry")
 
 # Finish reasons a recognised call turns into "tool_calls"; "length" and the others
 # say something the client must still see.
@@ -43,7 +44,9 @@ class ChatOutput:
     """What lmbridge reads out of one request's answer."""
 
     offered: frozenset[str] = frozenset()  # function tools whose text calls count
-    think: ThinkTags | None = None  # the tags of thinking looked for, None: not looked for
+    think: Variants | None = None  # the tags of thinking looked for, None: not looked for
+    think_opened: bool = False  # the template opened the block: the answer starts in it
+    max_held: int = DEFAULT_MAX_HELD  # most characters held while they may be a call
 
     @property
     def active(self) -> bool:
@@ -79,15 +82,12 @@ def function_names(tools: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def output_for(
-    tools: Any, switches: Mapping[str, bool], *, text_tool_calls: bool, think_tags: bool
-) -> ChatOutput:
-    """What is on for a request: each part when its setting and the request allow it."""
-    offered = frozenset[str]()
-    if text_tool_calls and switches.get("text_tool_calls", True):
-        offered = function_names(tools)
-    think = THINK if think_tags and switches.get("think_tags", True) else None
-    return ChatOutput(offered, think)
+def output_for(tools: Any, profile: ModelProfile) -> ChatOutput:
+    """What is on for a request: what its model's profile (switches applied) says."""
+    offered = function_names(tools) if profile.text_tool_calls else frozenset[str]()
+    return ChatOutput(
+        offered, profile.think_tags or None, profile.think_opened, profile.text_call_hold
+    )
 
 
 def mcp_text_calls(
@@ -132,7 +132,9 @@ def normalise_completion(
         finish = choice.get("finish_reason")
         if output.think is not None and not _has_reasoning(message):
             truncated = finish == "length"
-            reasoning, answer = split_reasoning(content, output.think, truncated=truncated)
+            reasoning, answer = split_reasoning(
+                content, output.think, opened=output.think_opened, truncated=truncated
+            )
             if reasoning or answer != content:  # an empty block is taken off too
                 message["reasoning_content"] = reasoning
                 message["content"] = content = answer
@@ -163,8 +165,12 @@ class MessageReader:
     and calls. Shared by the chat stream and the Responses builder."""
 
     def __init__(self, output: ChatOutput) -> None:
-        self._recogniser = TextCallRecogniser(output.offered) if output.offered else None
-        self._splitter = ReasoningSplitter(output.think) if output.think else None
+        self._recogniser = (
+            TextCallRecogniser(output.offered, max_held=output.max_held) if output.offered else None
+        )
+        self._splitter = (
+            ReasoningSplitter(output.think, opened=output.think_opened) if output.think else None
+        )
 
     @property
     def watching(self) -> bool:

@@ -1,4 +1,4 @@
-"""The ``lmbridge`` command: serve, check-config, models, bench.
+"""The ``lmbridge`` command: serve, check-config, models, ps, load, unload, usage, bench.
 
 Every failure an operator can cause (a bad config, an unreachable upstream, a
 port in use) ends with one readable line on stderr and a non-zero status,
@@ -102,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=cmd_models)
 
+    ps = commands.add_parser(
+        "ps",
+        help="the models loaded upstream: by whom, idle for how long, requests on them",
+        description="Asks the running daemon (where the configuration says it listens).",
+    )
+    _add_config_flags(ps, "listen")
+    ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ps.set_defaults(func=cmd_ps)
+    load = commands.add_parser("load", help="have the running daemon load a model (LM Studio 0.4+)")
+    _add_config_flags(load, "listen")
+    load.add_argument("model", help="the model id (or an alias)")
+    load.add_argument(
+        "--ttl", metavar="S", help="unload it after this idle time (seconds or e.g. 30m)"
+    )
+    load.set_defaults(func=cmd_load)
+    unload = commands.add_parser(
+        "unload", help="have the running daemon unload a model (LM Studio 0.4+)"
+    )
+    _add_config_flags(unload, "listen")
+    unload.add_argument("model", help="the model id (or an alias)")
+    unload.set_defaults(func=cmd_unload)
+
     mcp_list = commands.add_parser(
         "mcp-list", help="connect to the configured MCP servers and print their tools"
     )
@@ -141,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     # Without --standalone these would do nothing: cmd_mcp refuses them.
     _add_config_flags(mcp, "upstream", "storage", "logging", "mcp", "embedded")
     mcp.set_defaults(func=cmd_mcp)
+
+    usage = commands.add_parser(
+        "usage",
+        help="tokens, requests, errors and latency per key, model, upstream or day",
+        description="Asks the running daemon (where the configuration says it listens) for "
+        "its usage records summed per group. Times are unix seconds, a date (2025-01-31) or "
+        "an RFC 3339 time; without --since, the last 24 hours.",
+    )
+    _add_config_flags(usage, "listen")
+    usage.add_argument("--since", help="from this time (inclusive)")
+    usage.add_argument("--until", help="up to this time (exclusive; default: now)")
+    usage.add_argument(
+        "--group-by", choices=["key", "model", "upstream", "day"], help="default: model"
+    )
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(func=cmd_usage)
 
     gc = commands.add_parser(
         "gc", help="purge expired responses and conversations from the database now"
@@ -240,7 +278,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def render_models(models: list[dict[str, Any]]) -> str:
     """The models of /v1/models (lmbridge's shape) as a table."""
-    rows = [("ID", "TYPE", "STATE", "CONTEXT", "TOOLS")]
+    rows = [("ID", "TYPE", "STATE", "CONTEXT", "TOOLS", "PROFILE")]
     for m in models:
         name = str(m["id"]) + (f" (alias of {m['alias_for']})" if m.get("alias_for") else "")
         context = m.get("max_context_length")
@@ -252,6 +290,7 @@ def render_models(models: list[dict[str, Any]]) -> str:
             str(m.get("state", "-")),
             str(context) if context else "-",
             tools,
+            profile_summary(m.get("profile")),
         )
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -261,12 +300,27 @@ def render_models(models: list[dict[str, Any]]) -> str:
     )
 
 
+def profile_summary(profile: Any) -> str:
+    """A model profile (docs/profiles.md) in a few words: the thinking tags read ("+":
+    opened by the template), reasoning sent back or not, tools described, text calls."""
+    if not isinstance(profile, dict):
+        return "-"
+    tags = [str(t).split(",")[0] for t in profile.get("think_tags") or []]
+    think = "/".join(tags) + ("+" if profile.get("think_opened") else "") if tags else "off"
+    words = [f"think {think}", f"reasoning {profile.get('reasoning_in_history')}"]
+    if profile.get("describe_tools"):
+        words.append("tools described")
+    if profile.get("text_tool_calls") is False:
+        words.append("no text calls")
+    return ", ".join(words)
+
+
 async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict[str, Any]], str]:
     """What the daemon of this configuration serves; when none runs, what its upstream
     lists. The second value says where the list came from."""
     from proxy.bridge.client import DaemonClient, DaemonUnreachable
     from proxy.bridge.run import daemon_key, daemon_url
-    from proxy.catalog import ModelListReader
+    from proxy.catalog import ModelCatalog, ModelListReader
     from proxy.metrics import Metrics
     from proxy.upstream import UpstreamClient, new_session
 
@@ -291,7 +345,56 @@ async def _read_models(config: Config, *, daemon_first: bool) -> tuple[list[dict
     where = f"listed by the upstream at {redact_url(config.upstream.url)}"
     if daemon_first:
         where += f"; lmbridge is not running at {daemon_url(config)}"
-    return [m.as_openai() for m in models.models], where
+    catalog = ModelCatalog(config.models, ModelListReader(upstream.get_json).read)
+    return [catalog.described(m) for m in models.models], where
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from proxy.model_commands import ps
+
+    return ps(_load(args), as_json=args.json)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from proxy.model_commands import load
+
+    return load(_load(args), args.model, args.ttl)
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    from proxy.model_commands import unload
+
+    return unload(_load(args), args.model)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from proxy.bridge.client import DaemonClient, DaemonError, DaemonUnreachable
+    from proxy.bridge.run import daemon_key, daemon_url
+    from proxy.usage_report import render_table
+
+    config = _load(args)
+    params = {"since": args.since, "until": args.until, "group_by": args.group_by}
+    query = urlencode({name: value for name, value in params.items() if value})
+
+    async def ask() -> dict[str, Any]:
+        client = DaemonClient(daemon_url(config), daemon_key(config))
+        try:
+            return await client.get("/v1/lmbridge/usage" + (f"?{query}" if query else ""))
+        finally:
+            await client.close()
+
+    try:
+        answer = asyncio.run(ask())
+    except DaemonError as exc:
+        _fail(exc.message)
+        return EXIT_FAILURE
+    except DaemonUnreachable as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n" if args.json else render_table(answer))
+    return 0
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:

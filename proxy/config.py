@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from proxy.mcp.remote_urls import RemoteURLError, parse_pattern
+from proxy.profiles import parse_tags
 from proxy.redact import redact_url
 
 ENV_PREFIX = "LMBRIDGE_"
@@ -311,6 +312,72 @@ _QUEUE_SIZE = (
     "model_busy with Retry-After (0: no queue, refused at once)."
 )
 _QUEUE_TIMEOUT = "Longest a request waits in a model's queue; then it gets 504 queue_timeout."
+_TTL = (
+    "Idle time after which lmbridge unloads a model it loaded itself (LM Studio's native "
+    "API); a request's own ttl or keep_alive field sets it for that model. Unset: never."
+)
+_CONTEXT_LENGTH = (
+    "Context length (tokens) lmbridge asks for when it loads the model (LM Studio's native "
+    "API). Unset: the upstream's default."
+)
+
+
+def _check_tags(value: bool | list[str]) -> bool | list[str]:
+    if isinstance(value, list):
+        parse_tags(value)
+    return value
+
+
+ThinkTagsSetting = Annotated[bool | list[str], AfterValidator(_check_tags)]
+ReasoningSetting = Literal["auto", "drop", "keep"]
+_TEXT_TOOL_CALLS = (
+    "Turn tool calls that models write as text (<tool_call>{...}</tool_call>, "
+    '[TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ..., "arguments": '
+    "...}) into structured tool calls, on both APIs, for function and MCP tools; only "
+    "names of offered tools and complete JSON count. A request turns it off with "
+    '"lmbridge": {"text_tool_calls": false}.'
+)
+_TEXT_CALL_HOLD = (
+    "Most characters of a streamed answer held back while they may still be a tool call "
+    "written as text (what began with a tag or a leading brace); past that they go out as "
+    "text, and a call written longer than this stays text."
+)
+_DESCRIBE_TOOLS = (
+    "For a model whose chat template cannot render tools (llama.cpp's /props says "
+    "supports_tools: false, or template_tools = false), describe the offered function and "
+    "MCP tools in the system message and read the calls back from the text (with "
+    'text_tool_calls on), on both APIs. A request turns it off with "lmbridge": '
+    '{"describe_tools": false}.'
+)
+_THINK_TAGS = (
+    "Take thinking in tags at the start of the content off as reasoning "
+    "(reasoning_content on chat completions, a reasoning item on the Responses API), "
+    "unless the upstream separated it. true: the tags the model's profile names (<think> "
+    "unless the template or the model family says otherwise); false: off; or a list of "
+    'variants, each a name (think, thinking, thought, seed, mistral) or "OPEN,CLOSE". A '
+    'request turns it off with "lmbridge": {"think_tags": false}.'
+)
+_THINK_OPENED = (
+    "Whether the chat template opens the thinking block itself, so that the answer starts "
+    "inside it and only the closing tag appears. Unset: read from llama.cpp's chat template."
+)
+_TEMPLATE_TOOLS = (
+    "Whether the chat template renders tools. Unset: as the upstream says (llama.cpp's "
+    "/props supports_tools). false makes describe_tools apply."
+)
+_REASONING = (
+    "Whether the reasoning of earlier assistant turns goes back upstream (Responses chains "
+    "and conversations, MCP loop rounds): keep, drop, or auto (keep when the chat template "
+    "reads reasoning_content or thinking, or for gpt-oss; drop otherwise). Stored "
+    "responses keep their reasoning items either way."
+)
+_SCHEMA_RETRY = (
+    "When an answer asked for with a JSON schema (response_format, text.format) does not "
+    "validate, ask the model once more with the validation errors; if it still does not, "
+    "the client gets 502 schema_mismatch. Off: the answer is returned as it is, with "
+    "X-LMBridge-Schema: invalid. A request turns it off with "
+    '"lmbridge": {"schema_retry": false}.'
+)
 
 
 class ModelSettings(_Section):
@@ -321,6 +388,16 @@ class ModelSettings(_Section):
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count | None = Field(None, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration | None = Field(None, gt=0, description=_QUEUE_TIMEOUT)
+    text_tool_calls: bool | None = Field(None, description=_TEXT_TOOL_CALLS)
+    text_call_hold: Count | None = Field(None, ge=64, description=_TEXT_CALL_HOLD)
+    describe_tools: bool | None = Field(None, description=_DESCRIBE_TOOLS)
+    think_tags: ThinkTagsSetting | None = Field(None, description=_THINK_TAGS)
+    think_opened: bool | None = Field(None, description=_THINK_OPENED)
+    template_tools: bool | None = Field(None, description=_TEMPLATE_TOOLS)
+    reasoning_in_history: ReasoningSetting | None = Field(None, description=_REASONING)
+    ttl: Duration | None = Field(None, gt=0, description=_TTL)
+    context_length: Count | None = Field(None, ge=1, description=_CONTEXT_LENGTH)
+    schema_retry: bool | None = Field(None, description=_SCHEMA_RETRY)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -345,32 +422,30 @@ class ModelsConfig(_Section):
         description="Names clients may send, mapped to upstream model ids "
         '(e.g. { "gpt-4o-mini" = "qwen/qwen3-4b" }).',
     )
-    text_tool_calls: bool = Field(
-        True,
-        description="Turn tool calls that models write as text (<tool_call>{...}</tool_call>, "
-        '[TOOL_CALLS], <function=...>, DeepSeek\'s tokens, a bare {"name": ..., "arguments": '
-        "...}) into structured tool calls, on both APIs, for function and MCP tools; only "
-        "names of offered tools and complete JSON count. A request turns it off with "
-        '"lmbridge": {"text_tool_calls": false}.',
-    )
-    describe_tools: bool = Field(
-        True,
-        description="For a model whose chat template cannot render tools (llama.cpp's /props "
-        "says supports_tools: false), describe the offered function tools in the system "
-        "message and read the calls back from the text (with text_tool_calls on), on "
-        '/v1/chat/completions. A request turns it off with "lmbridge": {"describe_tools": '
-        "false}.",
-    )
-    think_tags: bool = Field(
-        True,
-        description="Take <think>...</think> at the start of the content off as reasoning "
-        "(reasoning_content on chat completions, a reasoning item on the Responses API), "
-        "unless the upstream separated it. A request turns it off with "
-        '"lmbridge": {"think_tags": false}.',
-    )
+    text_tool_calls: bool = Field(True, description=_TEXT_TOOL_CALLS)
+    text_call_hold: Count = Field(65536, ge=64, description=_TEXT_CALL_HOLD)
+    describe_tools: bool = Field(True, description=_DESCRIBE_TOOLS)
+    think_tags: ThinkTagsSetting = Field(True, description=_THINK_TAGS)
+    think_opened: bool | None = Field(None, description=_THINK_OPENED)
+    template_tools: bool | None = Field(None, description=_TEMPLATE_TOOLS)
+    reasoning_in_history: ReasoningSetting = Field("auto", description=_REASONING)
     max_concurrent: Count | None = Field(None, ge=1, description=_MAX_CONCURRENT)
     queue_size: Count = Field(64, ge=0, description=_QUEUE_SIZE)
     queue_timeout: Duration = Field(300.0, gt=0, description=_QUEUE_TIMEOUT)
+    ttl: Duration | None = Field(None, gt=0, description=_TTL)
+    context_length: Count | None = Field(None, ge=1, description=_CONTEXT_LENGTH)
+    preload: list[str] = Field(
+        default_factory=list,
+        description="Models lmbridge loads at start, in the background (LM Studio's native "
+        "API); a failure is logged and start-up goes on.",
+    )
+    load_keepalive: Duration = Field(
+        10.0,
+        gt=0,
+        description="While a model loads, how often a waiting stream gets a keep-alive (an "
+        "SSE comment line) so that clients do not time out.",
+    )
+    schema_retry: bool = Field(True, description=_SCHEMA_RETRY)
 
     @property
     def tables(self) -> dict[str, ModelSettings]:
@@ -606,6 +681,51 @@ class MCPConfig(_Section):
         return value
 
 
+class QuotaConfig(_Section):
+    """One key's quotas: an entry of [[usage.quotas]]."""
+
+    key: Secret = Field(description="The key (one of auth.api_keys, or the same env:VAR).")
+    tokens_per_day: Count | None = Field(
+        None, ge=1, description="Prompt plus completion tokens per UTC day (unset: no limit)."
+    )
+    requests_per_minute: Count | None = Field(
+        None, ge=1, description="Requests that call a model per sliding minute (unset: no limit)."
+    )
+
+
+class UsageConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Record every model request's tokens, timings and outcome per key and "
+        "model in the database (GET /v1/lmbridge/usage, lmbridge usage).",
+    )
+    retention: Duration = Field(
+        90 * 86400.0,
+        description="How long usage records are kept before they are purged (0: for ever).",
+    )
+    flush_interval: Duration = Field(
+        1.0,
+        gt=0,
+        description="Records are written in one batch at most this long after a request ends.",
+    )
+    max_pending: Count = Field(
+        10_000,
+        ge=1,
+        description="Records waiting to be written; beyond this (the database stalls) new "
+        "ones are dropped and counted in lmbridge_usage_records_dropped_total.",
+    )
+    admin_keys: list[Secret] = Field(
+        default_factory=list,
+        description="Keys among auth.api_keys that may read every key's usage; any other key "
+        "reads its own.",
+    )
+    quotas: list[QuotaConfig] = Field(
+        default_factory=list,
+        description="Per-key quotas ([[usage.quotas]] with key, tokens_per_day, "
+        "requests_per_minute); over one, 429 quota_exceeded with Retry-After.",
+    )
+
+
 class BridgeConfig(_Section):
     url: str | None = Field(
         None,
@@ -653,6 +773,9 @@ class Config(_Section):
         default_factory=BridgeConfig,
         description="`lmbridge mcp`: the daemon as an MCP server for coding assistants.",
     )
+    usage: UsageConfig = Field(
+        default_factory=UsageConfig, description="Usage accounting and per-key quotas."
+    )
 
     @model_validator(mode="after")
     def _cors_needs_keys(self) -> Config:
@@ -661,6 +784,24 @@ class Config(_Section):
                 "server.cors_origins = ['*'] lets every web page the user opens call the "
                 "API; it needs auth.api_keys"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _usage_keys_are_client_keys(self) -> Config:
+        keys = {key.get_secret_value() for key in self.auth.api_keys}
+        for number, key in enumerate(self.usage.admin_keys, 1):
+            if key.get_secret_value() not in keys:
+                raise ValueError(f"usage.admin_keys: key {number} is not one of auth.api_keys")
+        seen: set[str] = set()
+        for number, quota in enumerate(self.usage.quotas, 1):
+            secret = quota.key.get_secret_value()
+            if secret not in keys:
+                raise ValueError(
+                    f"usage.quotas: the key of entry {number} is not one of auth.api_keys"
+                )
+            if secret in seen:
+                raise ValueError(f"usage.quotas: entry {number} repeats the key of another")
+            seen.add(secret)
         return self
 
 

@@ -8,6 +8,7 @@ happens before a request exists (a refused connection, a head that never came), 
     LMBridgeError                      500 server_error
     ├── BadRequest                     400 invalid_request_error (param)
     │   ├── ModelRequired              400 model_required
+    │   ├── LoadNotSupported           400 load_not_supported
     │   └── MalformedRequest           400 malformed_request (not HTTP/1.1 aiohttp reads)
     ├── Unauthorized                   401 invalid_api_key
     ├── Forbidden                      403
@@ -18,17 +19,21 @@ happens before a request exists (a refused connection, a head that never came), 
     │   └── PreviousResponseNotFound   404 previous_response_not_found
     ├── RequestTimeout                 408 request_timeout
     ├── ConversationLocked             409 conversation_locked (Retry-After)
+    ├── ModelNotLoaded                 409 model_not_loaded
     ├── PayloadTooLarge                413 request_too_large
     ├── URITooLong                     414 uri_too_long
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── ModelBusy                      429 model_busy (Retry-After)
+    ├── QuotaExceeded                  429 quota_exceeded (Retry-After)
     ├── HeadersTooLarge                431 headers_too_large
     ├── TooManyConnections             503 too_many_connections
     ├── QueueTimeout                   504 queue_timeout
     └── UpstreamError                  502 upstream_error
+        ├── SchemaMismatch             502 schema_mismatch (X-Should-Retry: false)
         ├── UpstreamUnavailable        502 upstream_unavailable
         ├── UpstreamTimeout            504 upstream_timeout
         ├── CircuitOpen                503 circuit_open
+        ├── ModelLoadFailed            502 model_load_failed (the upstream's status and reason)
         └── UpstreamStatus             upstream's own status and error body
 
 storage's StorageError (the database could not be written or read) becomes a
@@ -84,6 +89,12 @@ class BadRequest(LMBridgeError):
 
 class ModelRequired(BadRequest):
     code = "model_required"
+
+
+class LoadNotSupported(BadRequest):
+    """A load or unload asked of an upstream without a load endpoint (not LM Studio 0.4+)."""
+
+    code = "load_not_supported"
 
 
 class MalformedRequest(BadRequest):
@@ -160,6 +171,14 @@ class ConversationLocked(LMBridgeError):
     retry_after = 1.0
 
 
+class ModelNotLoaded(LMBridgeError):
+    """An unload of a model that no instance of is loaded."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "model_not_loaded"
+
+
 class PayloadTooLarge(LMBridgeError):
     status = 413
     error_type = "invalid_request_error"
@@ -187,6 +206,22 @@ class ModelBusy(LMBridgeError):
     error_type = "rate_limit_error"
     code = "model_busy"
     retry_after = 1.0
+
+
+class QuotaExceeded(LMBridgeError):
+    """A key spent its usage quota (tokens per day, requests per minute): refused before
+    the upstream is called, until the reset time the message gives."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, retry: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        # False: the wait is long (a new day), and clients that honour x-should-retry
+        # (the openai SDKs) should not retry at once.
+        self.retry = retry
 
 
 class QueueTimeout(LMBridgeError):
@@ -218,6 +253,15 @@ class UpstreamError(LMBridgeError):
     code = "upstream_error"
 
 
+class SchemaMismatch(UpstreamError):
+    """The model's answer did not validate against the request's JSON schema, asked once
+    more (models.schema_retry). A 5xx: the request was right, the model failed it; but
+    lmbridge already asked twice, so the SDKs are told not to retry on their own."""
+
+    code = "schema_mismatch"
+    should_retry = False
+
+
 class UpstreamUnavailable(UpstreamError):
     code = "upstream_unavailable"
 
@@ -230,6 +274,18 @@ class UpstreamTimeout(UpstreamError):
 class CircuitOpen(UpstreamError):
     status = 503
     code = "circuit_open"
+
+
+class ModelLoadFailed(UpstreamError):
+    """The upstream could not load a model a request needs: every request that waited for
+    that load gets this same error (status and reason in the message)."""
+
+    code = "model_load_failed"
+
+    def again(self) -> ModelLoadFailed:
+        """A copy for one more waiter: one exception object raised in many tasks would
+        gather their tracebacks."""
+        return ModelLoadFailed(self.message, param=self.param)
 
 
 class UpstreamStatus(UpstreamError):

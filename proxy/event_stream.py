@@ -33,7 +33,7 @@ from aiohttp import ClientConnectionResetError, WSCloseCode, web
 from multidict import CIMultiDict
 
 from proxy.jsontext import dumps
-from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, WARNING
+from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, SCHEMA, WARNING
 from proxy.sse import DONE_EVENT, encode_event
 
 log = logging.getLogger("lmbridge.upstream")
@@ -41,6 +41,7 @@ log = logging.getLogger("lmbridge.upstream")
 Kind = Literal["chat", "responses"]
 REQUEST_ID_HEADER = "X-Request-ID"
 WARNING_HEADER = "X-LMBridge-Warning"
+SCHEMA_HEADER = "X-LMBridge-Schema"
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:
@@ -49,6 +50,8 @@ def stream_headers(request: web.Request) -> dict[str, str]:
     headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
     if WARNING in request:
         headers[WARNING_HEADER] = request[WARNING]
+    if SCHEMA in request:
+        headers[SCHEMA_HEADER] = request[SCHEMA]
     cors = request.get(CORS)
     if cors is not None:
         headers.update(cors)
@@ -56,6 +59,13 @@ def stream_headers(request: web.Request) -> dict[str, str]:
 
 
 INTERRUPTED = "The upstream stream was interrupted: "
+
+
+def loading_comment(model: str) -> bytes:
+    """The keep-alive of a stream whose model loads: an SSE comment, which clients skip
+    but which resets their read timeout."""
+    name = "".join(c if c.isprintable() and c.isascii() else "?" for c in model)
+    return f": loading {name}\n\n".encode()
 
 
 def responses_frame(events: Iterable[Mapping[str, Any]]) -> bytes:

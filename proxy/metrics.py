@@ -209,6 +209,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.schema_answers = Counter(
+            "lmbridge_schema_answers",
+            "Answers asked for with a JSON schema, by model and outcome: valid (the first "
+            "answer), valid_after_retry (the second, after the validation errors were fed "
+            "back), invalid (the final answer did not validate).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "lmbridge_circuit_state",
             "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
@@ -276,6 +284,59 @@ class Metrics:
                 yield from (running, queued, limit)
 
         r.register(QueueCollector())
+        self.model_loads = Counter(
+            "lmbridge_model_loads",
+            "Model loads lmbridge asked the upstream for, by model and outcome (ok, failed).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_load_seconds = Histogram(
+            "lmbridge_model_load_duration_seconds",
+            "Time a model load took, from the request upstream to its answer.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            "lmbridge_model_unloads",
+            "Models lmbridge unloaded, by model and reason (ttl, admin).",
+            ["model", "reason"],
+            registry=r,
+        )
+        # Loaded models by who loaded them, read at scrape time (proxy/lifecycle.py sets it).
+        self.loaded_models: Callable[[], dict[str, int]] = dict
+
+        class LoadedCollector(Collector):
+            def collect(self) -> Iterable[Metric]:
+                family = GaugeMetricFamily(
+                    "lmbridge_models_loaded",
+                    "Models loaded upstream now, by who loaded them (lmbridge, upstream).",
+                    labels=["loaded_by"],
+                )
+                for who, count in metrics.loaded_models().items():
+                    family.add_metric([who], count)
+                yield family
+
+        r.register(LoadedCollector())
+        self.usage_written = Counter(
+            "lmbridge_usage_records_written",
+            "Usage records written to the database.",
+            registry=r,
+        )
+        self.usage_dropped = Counter(
+            "lmbridge_usage_records_dropped",
+            "Usage records lost, by reason: buffer_full (usage.max_pending waiting), "
+            "storage_error (the database refused the batch).",
+            ["reason"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "lmbridge_quota_refused",
+            "Requests refused with 429 quota_exceeded, by quota (tokens_per_day, "
+            "requests_per_minute).",
+            ["kind"],
+            registry=r,
+        )
         self.model_list_refreshes = Counter(
             "lmbridge_model_list_refreshes",
             "Reads of the upstream's model list, by outcome.",

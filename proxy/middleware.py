@@ -19,6 +19,7 @@ from proxy.browsers import is_json_type
 from proxy.errors import (
     HostNotAllowed,
     LMBridgeError,
+    ModelLoadFailed,
     NotFound,
     OriginNotAllowed,
     PayloadTooLarge,
@@ -28,13 +29,21 @@ from proxy.errors import (
     UpstreamStatus,
     error_body,
 )
-from proxy.event_stream import REQUEST_ID_HEADER, WARNING_HEADER, EventStream, RelayedStream
+from proxy.event_stream import (
+    REQUEST_ID_HEADER,
+    SCHEMA_HEADER,
+    WARNING_HEADER,
+    EventStream,
+    RelayedStream,
+)
 from proxy.keys import (
     API_KEYS,
     BROWSERS,
     CLIENT_GONE,
     CONFIG,
     CORS,
+    LOAD_WAIT,
+    METERED,
     METRICS,
     MODEL,
     OPEN_STREAM,
@@ -43,10 +52,13 @@ from proxy.keys import (
     RELAYED,
     REQUEST_ID,
     REQUEST_LOG,
+    SCHEMA,
     STARTED,
+    USAGE,
     WARNING,
 )
 from proxy.relay_rules import is_own_path, route_label
+from proxy.usage_http import check_quota
 from storage.errors import DatabaseReplaced, StorageError
 
 log = logging.getLogger("lmbridge.request")
@@ -100,6 +112,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     metrics = app[METRICS]
     metrics.in_flight += 1
     status = 500
+    error_code: object = None
     try:
         try:
             label = _relay_label(request)
@@ -108,6 +121,8 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
                 handler = relay.forward
             preflight = admit_browser(request)
             authenticate(request)
+            if preflight is None:
+                check_quota(request)
             response = preflight or await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -118,19 +133,26 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         except Exception as exc:
             code, body = describe_error(exc, request_id)
+            error_code = _code_of(body)
             stream: EventStream | RelayedStream | None = request.get(OPEN_STREAM)
             if isinstance(exc, UpstreamStatus) and RELAYED in request:
                 response = relay.upstream_answer(exc)  # the upstream's own, as it came
             elif stream is None:
                 response = _error_response(code, body, exc)
             else:
-                await stream.fail(body, interrupted=isinstance(exc, UpstreamError))
+                # A failed load came before the upstream's stream: nothing was interrupted.
+                interrupted = isinstance(exc, UpstreamError) and not isinstance(
+                    exc, ModelLoadFailed
+                )
+                await stream.fail(body, interrupted=interrupted)
                 response = await stream.open()
         status = 499 if request.get(CLIENT_GONE) else response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
             if WARNING in request:
                 response.headers[WARNING_HEADER] = request[WARNING]
+            if SCHEMA in request:
+                response.headers[SCHEMA_HEADER] = request[SCHEMA]
             cors = request.get(CORS)
             if cors is not None:
                 response.headers.update(cors)
@@ -141,6 +163,16 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         route = _route_label(request)
         model = request.get(MODEL, "-")
         metrics.count_request(route, model, status, elapsed)
+        metered = request.get(METERED)
+        if metered is not None:
+            app[USAGE].ended(
+                metered,
+                owner=request.get(OWNER, ""),
+                model=model,
+                status=status,
+                error_code=error_code if isinstance(error_code, str) else None,
+                seconds=elapsed,
+            )
         request_log = app[REQUEST_LOG]
         if request_log.enabled and route not in _QUIET_ROUTES:
             line = {
@@ -153,10 +185,19 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
             }
             if QUEUED in request:
                 line["queued_ms"] = round(request[QUEUED] * 1000, 2)
+            if LOAD_WAIT in request:
+                line["load_wait_ms"] = round(request[LOAD_WAIT] * 1000, 2)
+            if SCHEMA in request:
+                line["schema"] = request[SCHEMA]
             request_log.write(line)
 
 
 _QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+
+
+def _code_of(body: dict[str, object]) -> object:
+    error = body.get("error")
+    return error.get("code") if isinstance(error, dict) else None
 
 
 def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, object]]:
@@ -213,9 +254,13 @@ def describe_error(exc: Exception, request_id: str) -> tuple[int, dict[str, obje
 
 def _error_response(status: int, body: dict[str, object], exc: Exception | None) -> web.Response:
     headers = {}
+    if getattr(exc, "should_retry", True) is False:
+        headers["X-Should-Retry"] = "false"  # the OpenAI SDKs' own header
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float) and retry_after > 0:
         headers["Retry-After"] = str(max(1, round(retry_after)))
+    if getattr(exc, "retry", True) is False:
+        headers["x-should-retry"] = "false"
     return web.json_response(body, status=status, headers=headers)
 
 

@@ -20,6 +20,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy import chat_schema
+from proxy.accounting import Api, Metered, usage_in_body
 from proxy.catalog import Purpose
 from proxy.chat_output import (
     SWITCHES_FIELD,
@@ -33,7 +35,7 @@ from proxy.chat_stream import StreamObserver, usage_counts
 from proxy.chat_stream_editor import ChatStreamEditor
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
-from proxy.event_stream import REQUEST_ID_HEADER, EventStream
+from proxy.event_stream import REQUEST_ID_HEADER, EventStream, loading_comment
 from proxy.jsontext import (
     JSONDecodeError,
     TooManyItems,
@@ -48,8 +50,8 @@ from proxy.keys import (
     API_KEYS,
     CATALOG,
     CLIENT_GONE,
-    CONFIG,
     MCP,
+    METERED,
     METRICS,
     MODEL,
     OWNER,
@@ -60,8 +62,11 @@ from proxy.keys import (
     WARNING,
     WORKER,
 )
+from proxy.lifecycle import request_ttl
 from proxy.mcp.chat import chat_with_tools
-from proxy.queues import Admission, note_wait
+from proxy.model_output.think_tags import ThinkTags
+from proxy.profiles import with_switches
+from proxy.queues import note_wait
 from proxy.sse import DONE_EVENT
 from proxy.tool_prompt import describe_tools
 
@@ -75,10 +80,10 @@ _PASS_PREFIXES = ("x-ratelimit-",)
 async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     models = await catalog.get()
-    data = [m.as_openai() for m in models.models]
+    data = [catalog.described(m) for m in models.models]
     for alias, target in catalog.config.aliases.items():
         if alias not in models.by_name and target in models.by_name:
-            entry = models.by_name[target].as_openai()
+            entry = catalog.described(models.by_name[target])
             entry.update(id=alias, alias_for=models.by_name[target].id)
             data.append(entry)
     return web.json_response({"object": "list", "data": data})
@@ -86,14 +91,20 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     requested = request.match_info["model"]
-    model = await request.app[CATALOG].resolve(requested, "any")
-    entry = model.as_openai()
+    catalog = request.app[CATALOG]
+    model = await catalog.resolve(requested, "any")
+    entry = catalog.described(model)
     if requested != model.id:
         entry.update(id=requested, alias_for=model.id)
     return web.json_response(entry)
 
 
 CHAT_PATH = "/v1/chat/completions"
+_APIS: dict[str, Api] = {
+    CHAT_PATH: "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -198,72 +209,94 @@ async def forward(
     catalog = request.app[CATALOG]
     model = await catalog.resolve(body.get("model"), purpose)
     request[MODEL] = model.id
+    request[METERED] = metered = Metered(_APIS[path])
+    lifecycle = request.app[QUEUES].loader()
+    if lifecycle is not None:
+        ttl = request_ttl(body)
+        if ttl is not None:
+            lifecycle.set_ttl(model.id, ttl)
+            # Ollama's field, which lmbridge honoured; LM Studio's own ttl goes on.
+            if body.pop("keep_alive", None) is not None:
+                raw = b""
     output = ChatOutput()
+    structured = None
     if path == CHAT_PATH:
         # mcp_servers and lmbridge are lmbridge's own fields: they never go upstream.
         requested = body.pop("mcp_servers", None)
         switches = request_switches(body)
         selection = request.app[MCP].select(requested, request.headers.get("X-MCP-Servers"))
-        settings = request.app[CONFIG].models
-        output = output_for(
-            body.get("tools"),
-            switches or {},
-            text_tool_calls=settings.text_tool_calls,
-            think_tags=settings.think_tags,
-        )
+        profile = with_switches(catalog.profile(model), switches or {})
+        output = output_for(body.get("tools"), profile)
         # A template that cannot render tools: they are described in the system message
         # and the calls read back from the text.
-        describe = (
-            model.tools is False
-            and not selection
-            and bool(output.offered)
-            and settings.describe_tools
-            and (switches or {}).get("describe_tools", True)
-        )
-        offers = bool(selection or body.get("tools")) and not describe
+        describe = profile.describe_tools and not selection and bool(output.offered)
+        offers = bool(selection or body.get("tools")) and not profile.describe_tools
         if offers and (warning := catalog.tools_warning(model)):
             request[WARNING] = warning
         if selection:
             body["model"] = model.id
-            return await chat_with_tools(request, body, model, selection, switches)
-        if requested is not None or switches is not None:
-            raw = b""  # a field was removed: serialise again below
+            return await chat_with_tools(request, body, model, selection, switches, profile)
+        structured = chat_schema.plan(request, body, model, switches or {})
+        if requested is not None or switches is not None or structured is not None:
+            raw = b""  # a field was removed or rewritten: serialise again below
         if describe and describe_tools(body):
             raw = b""
     if body.get("model") != model.id or not raw:
         body["model"] = model.id
         raw = await serialise(request, body, size)
-    if size > LARGE_BODY:
+    if size > LARGE_BODY and structured is None:  # a retry sends the messages again
         # Left to the end of the handler, a million messages would be freed in one go on
         # the event loop (0.1 s); the worker frees them a slice at a time.
         await request.app[WORKER].run(partial(free_in_pieces, body))
 
     # A model with a limit: a slot, held until the answer is read whole, a stream to its
     # end. Without one (no queue), the path is what it was before queues, one lookup.
+    # A model the upstream must load first: loaded in acquire, while a stream's client
+    # gets keep-alive comments.
     admission = None
-    queue = request.app[QUEUES].get(model)
-    if queue is not None:
-        admission = Admission(queue, request.app[QUEUES].priority(request[OWNER]))
+    early: EventStream | None = None
+    queues = request.app[QUEUES]
+    queue = queues.get(model)
+    if queue is not None or lifecycle is not None:
+        admission = queues.admission(model, queues.priority(request[OWNER]))
+        if admission.lifecycle is not None and body.get("stream") is True:
+            early = EventStream(request, "chat")
+            admission.keepalive = partial(early.send_bytes, loading_comment(model.id))
         try:
-            await queue.acquire(admission)
+            await admission.acquire()
         finally:
             note_wait(request, admission)
+    upstream = request.app[UPSTREAM]
+    headers = _upstream_headers(request)
     try:
-        upstream = request.app[UPSTREAM]
-        resp = await upstream.open(
-            "POST", path, body=raw, headers=_upstream_headers(request), route=path
-        )
-        if resp.content_type == "text/event-stream":
+        resp = await upstream.open("POST", path, body=raw, headers=headers, route=path)
+        streamed = resp.content_type == "text/event-stream" and structured is None
+        if streamed or (early is not None and early.opened):
             editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
-            return await relay_stream(request, resp, model.id, editor)
+            opened = early if early is not None and early.opened else None
+            return await relay_stream(request, resp, model.id, editor, opened)
         content = await upstream.read_body(resp)
-        if output.active and resp.status == 200:
-            content = normalised(content, output)
-        request.app[METRICS].record_tokens(model.id, *usage_counts(content))
-        return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
     finally:
         if admission is not None:
             admission.release()
+    if output.active and resp.status == 200:
+        content = normalised(content, output)
+    if structured is not None:
+        content = await chat_schema.settle(
+            request,
+            structured,
+            body,
+            content,
+            model.id,
+            admission,
+            partial(normalised, output=output),
+            headers,
+        )
+    request.app[METRICS].record_tokens(model.id, *usage_counts(content))
+    metered.add(usage_in_body(content))
+    if structured is not None and structured.stream:
+        return await chat_schema.send_as_stream(request, structured, content)
+    return web.Response(body=content, status=resp.status, headers=_client_headers(resp))
 
 
 def request_switches(body: dict[str, Any]) -> dict[str, bool] | None:
@@ -279,7 +312,7 @@ def request_switches(body: dict[str, Any]) -> dict[str, bool] | None:
 def normalised(content: bytes, output: ChatOutput) -> bytes:
     """A completion's body with its text calls and thinking read out; the same bytes
     when there is nothing to change."""
-    if not output.offered and (output.think is None or output.think.open.encode() not in content):
+    if not output.offered and not _may_think(output, content):
         return content  # only tags can change it, and there are none
     try:
         completion = loads(content)
@@ -288,6 +321,16 @@ def normalised(content: bytes, output: ChatOutput) -> bytes:
     if not normalise_completion(completion, output):
         return content
     return dumps_bytes(completion)
+
+
+def _may_think(output: ChatOutput, content: bytes) -> bool:
+    think = output.think
+    if think is None:
+        return False
+    if output.think_opened:
+        return True  # the answer starts inside the block: no opening tag to look for
+    tags = (think,) if isinstance(think, ThinkTags) else think
+    return any(t.open.encode() in content for t in tags)
 
 
 async def serialise(request: web.Request, body: dict[str, Any], size: int) -> bytes:
@@ -303,9 +346,11 @@ async def relay_stream(
     resp: aiohttp.ClientResponse,
     model: str,
     editor: ChatStreamEditor | None = None,
+    stream: EventStream | None = None,
 ) -> web.StreamResponse:
     """Write each upstream chunk to the client as it arrives, unchanged, or as the
-    ``editor`` rewrites it (text calls, thinking in tags).
+    ``editor`` rewrites it (text calls, thinking in tags); into ``stream`` when it was
+    opened already (keep-alives while the model loaded).
 
     The stream always ends well-formed for the client: a clean end without
     ``[DONE]`` gets one; a stream broken off before its ``finish_reason`` ends
@@ -313,8 +358,10 @@ async def relay_stream(
     """
     upstream = request.app[UPSTREAM]
     metrics = request.app[METRICS]
-    stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
+    if stream is None:
+        stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
     observer = StreamObserver()
+    metered = request.get(METERED)
     failure: UpstreamError | None = None
     try:
         response = await stream.open()
@@ -330,9 +377,10 @@ async def relay_stream(
                     await response.write(chunk)  # as it came: the hot loop of a relay
                     if observer.data_events == 0:
                         if observer.feed(chunk):
-                            metrics.ttft_seconds.observe(
-                                (model,), time.perf_counter() - request[STARTED]
-                            )
+                            ttft = time.perf_counter() - request[STARTED]
+                            metrics.ttft_seconds.observe((model,), ttft)
+                            if metered is not None:
+                                metered.first_token(ttft)
                     else:
                         observer.feed(chunk)
                 tail = editor.finish() if editor is not None else b""
@@ -347,6 +395,8 @@ async def relay_stream(
                 failure = exc
         observer.finish()
         if failure is not None and not observer.finished and not observer.done:
+            if metered is not None:
+                metered.error_code = failure.code
             await stream.fail(failure.body(), interrupted=True)
         else:
             await stream.finish(b"" if observer.done else DONE_EVENT)
@@ -354,7 +404,11 @@ async def relay_stream(
         request[CLIENT_GONE] = True
     if observer.usage is not None:
         metrics.record_usage(model, observer.usage)
+        if metered is not None:
+            metered.add(observer.usage)
     if observer.upstream_error is not None:
+        if metered is not None:
+            metered.error_code = "stream_error"
         # Relayed to the client as it came; only here does the operator see that a
         # 200 stream carried a failure.
         metrics.upstream_failures.labels("stream_error").inc()

@@ -13,6 +13,10 @@ first place in line, so no request holds a slot while it waits for another.
 A model with no limit (none configured, none the upstream reports) has no queue:
 ``ModelQueues.get`` answers None and the request goes straight upstream, as fast as
 before queues existed.
+
+Entering an admission is also where a model not loaded is loaded first (the upstream's
+``ModelLifecycle``, when it loads models on request), before the request takes its
+place in line: every model call passes here, so none reaches an unloaded model.
 """
 
 from __future__ import annotations
@@ -21,16 +25,19 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from proxy.catalog import ModelInfo
 from proxy.config import ModelsConfig, ModelSettings
 from proxy.errors import ModelBusy, QueueTimeout
-from proxy.keys import QUEUED
+from proxy.keys import LOAD_WAIT, QUEUED
 from proxy.metrics import Metrics, QueueState
 from proxy.slots import BACKGROUND, INTERACTIVE, SlotQueue, Waiter
+
+if TYPE_CHECKING:
+    from proxy.lifecycle import Keepalive, ModelLifecycle
 
 Clock = Callable[[], float]
 
@@ -38,36 +45,79 @@ Clock = Callable[[], float]
 class Admission:
     """One request's claim on a model's slots, entered (``async with``) around each of
     its upstream calls: its priority, its place in line (kept from its first call), and
-    how long it waited in all."""
+    how long it waited in all. With a ``lifecycle``, the model is loaded first when it is
+    not; ``keepalive`` is called while a stream waits for that."""
 
-    __slots__ = ("place", "priority", "queue", "queued", "since", "waited")
+    __slots__ = (
+        "keepalive",
+        "lifecycle",
+        "load_wait",
+        "model",
+        "place",
+        "priority",
+        "queue",
+        "queued",
+        "since",
+        "waited",
+    )
 
-    def __init__(self, queue: ModelQueue | None, priority: int) -> None:
+    def __init__(
+        self,
+        queue: ModelQueue | None,
+        priority: int,
+        model: ModelInfo | None = None,
+        lifecycle: ModelLifecycle | None = None,
+    ) -> None:
         self.queue = queue
         self.priority = priority
+        self.model = model
+        self.lifecycle = lifecycle if model is not None else None
+        self.keepalive: Keepalive | None = None
         self.place: int | None = None
         self.queued = False  # it waited in line at least once
         self.waited = 0.0  # seconds, all its calls together
+        self.load_wait = 0.0  # seconds waited for the model to load, all calls together
         self.since = 0.0  # when it got its current slot
 
     async def __aenter__(self) -> None:
-        if self.queue is not None:
-            await self.queue.acquire(self)
+        await self.acquire()
 
     async def __aexit__(self, *exc: object) -> None:
         self.release()
+
+    async def acquire(self) -> None:
+        """The model loaded if it must be, then a slot for this call."""
+        lifecycle = self.lifecycle
+        if lifecycle is None:
+            if self.queue is not None:
+                await self.queue.acquire(self)
+            return
+        assert self.model is not None
+        lifecycle.enter(self.model.id)  # counted as busy from now: never unloaded under it
+        try:
+            self.load_wait += await lifecycle.ensure_loaded(self.model, self.keepalive)
+            if self.queue is not None:
+                await self.queue.acquire(self)
+        except BaseException:
+            lifecycle.leave(self.model.id)
+            raise
 
     def release(self) -> None:
         """The slot of the current call given back (after ``acquire``/``__aenter__``)."""
         if self.queue is not None:
             self.queue.release(self)
+        if self.lifecycle is not None:
+            assert self.model is not None
+            self.lifecycle.leave(self.model.id)
 
 
 def note_wait(request: web.Request, admission: Admission) -> None:
     """The time a request waited in its model's queue, when it did: its log line's
-    ``queued_ms``."""
+    ``queued_ms``; and for its model to load: ``load_wait_ms``."""
     if admission.queued:
         request[QUEUED] = admission.waited
+    if admission.load_wait:
+        request[LOAD_WAIT] = admission.load_wait
 
 
 class ModelQueue:
@@ -192,6 +242,9 @@ class ModelQueues:
         self._known: dict[str, tuple[int | None, ModelQueue | None]] = {}
         self._settings: dict[str, ModelSettings] = {}
         self._queues: dict[str, ModelQueue] = {}
+        # Loads the models of the upstream when it loads on request (set with the
+        # upstream client; None: models are taken as they are).
+        self.lifecycle: ModelLifecycle | None = None
         metrics.queue_states = self.states
 
     def get(self, model: ModelInfo) -> ModelQueue | None:
@@ -224,8 +277,13 @@ class ModelQueues:
         """Background work and low-priority keys wait behind interactive requests."""
         return BACKGROUND if background or owner in self.low_priority else INTERACTIVE
 
+    def loader(self) -> ModelLifecycle | None:
+        """The lifecycle when the upstream loads models on request, else None."""
+        lifecycle = self.lifecycle
+        return lifecycle if lifecycle is not None and lifecycle.active else None
+
     def admission(self, model: ModelInfo, priority: int) -> Admission:
-        return Admission(self.get(model), priority)
+        return Admission(self.get(model), priority, model, self.loader())
 
     def check_room(self, model: ModelInfo) -> None:
         """ModelBusy now when a request arriving now would be refused: for answers that

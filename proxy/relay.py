@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.accounting import Metered, usage_in_body
 from proxy.browsers import is_json_type
 from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamStatus
@@ -36,6 +37,7 @@ from proxy.keys import (
     API_KEYS,
     CATALOG,
     CLIENT_GONE,
+    METERED,
     MODEL,
     OWNER,
     QUEUES,
@@ -45,7 +47,7 @@ from proxy.keys import (
     WORKER,
 )
 from proxy.passthrough import LARGE_BODY, json_type, parse_json, read_body, serialise
-from proxy.queues import Admission, note_wait
+from proxy.queues import note_wait
 from proxy.relay_rules import (
     IDEMPOTENT_METHODS,
     RELAYED_METHODS,
@@ -63,11 +65,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
         raise web.HTTPMethodNotAllowed(request.method, sorted(RELAYED_METHODS))
     raw = await read_body(request)
     model, raw = await _check_model(request, raw)
+    if model is not None:
+        request[METERED] = Metered("relay")
     queues = request.app[QUEUES]
-    queue = None if model is None else queues.get(model)
-    if queue is None:  # no model named, or one without a limit
-        return await _send(request, raw)
-    admission = Admission(queue, queues.priority(request[OWNER]))
+    if model is None or (queues.get(model) is None and queues.loader() is None):
+        return await _send(request, raw)  # no model named, or one without a limit
+    admission = queues.admission(model, queues.priority(request[OWNER]))
     try:
         async with admission:  # held until the answer is relayed whole
             return await _send(request, raw)
@@ -129,11 +132,17 @@ async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> w
         reason=resp.reason,
         content_length=length,
     )
+    metered = request.get(METERED)
+    tail = b""
     try:
         await stream.open()
         async with contextlib.aclosing(request.app[UPSTREAM].iter_chunks(resp)) as chunks:
             async for chunk in chunks:
                 await stream.send_bytes(chunk)
+                if metered is not None:
+                    tail = (tail + chunk)[-_USAGE_TAIL:]
+        if metered is not None and resp.content_type == "application/json":
+            metered.add(usage_in_body(tail))
         return await stream.finish()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         request[CLIENT_GONE] = True
@@ -143,6 +152,10 @@ async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> w
         # Closes the upstream request unless its body came whole (then it was released
         # for the next request): a client gone, or cancelled, stops the generation.
         resp.close()
+
+
+# A JSON answer's usage object is at its end (OpenAI, Anthropic): only the end is kept.
+_USAGE_TAIL = 4096
 
 
 def upstream_answer(error: UpstreamStatus) -> web.Response:

@@ -28,6 +28,7 @@ OWN_PATHS = (
     "/v1/responses",
     "/v1/conversations",
     "/v1/mcp",
+    "/v1/lmbridge",
 )
 _OWN_SEGMENTS = tuple(tuple(p.strip("/").split("/")) for p in OWN_PATHS)
 

@@ -41,7 +41,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.jsontext import loads
+from proxy.jsontext import dumps_bytes, loads
 from proxy.metrics import Metrics
 from proxy.redact import redact_url
 
@@ -436,6 +436,12 @@ class UpstreamClient:
 
     async def get_json(self, path: str, *, route: str = "models") -> Any:
         resp = await self.open("GET", path, route=route)
+        return self._json(path, await self.read_body(resp))
+
+    async def post_json(self, path: str, body: Any, *, route: str = "models") -> Any:
+        """A POST of lmbridge's own (a model load): sent again only when no connection
+        could be made, since a load that reached the upstream may be under way."""
+        resp = await self.open("POST", path, body=dumps_bytes(body), route=route, idempotent=False)
         return self._json(path, await self.read_body(resp))
 
     def _json(self, path: str, raw: bytes) -> Any:

@@ -96,8 +96,33 @@ ALTER TABLE conversations ADD COLUMN busy_by TEXT;
 ALTER TABLE conversations ADD COLUMN busy_until INTEGER NOT NULL DEFAULT 0;
 """
 
+# One row per metered request (proxy/accounting.py): who spent how many tokens on which
+# model. ``owner`` is the hash of the API key, never the key. ``ts`` is when the request
+# ended (unix seconds, fractional); every query and the purge select by it.
+USAGE = """
+CREATE TABLE usage_records (
+    ts REAL NOT NULL,
+    owner TEXT NOT NULL,
+    model TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    api TEXT NOT NULL,
+    outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'error', 'cancelled')),
+    error_code TEXT,
+    status INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    duration_ms REAL NOT NULL,
+    ttft_ms REAL
+);
+CREATE INDEX usage_records_ts ON usage_records (ts);
+CREATE INDEX usage_records_owner_ts ON usage_records (owner, ts);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "responses and conversations", RESPONSES),
     Migration(2, "MCP servers listed along a chain", MCP_LISTED),
     Migration(3, "the turn running in a conversation", CONVERSATION_LEASE),
+    Migration(4, "token usage per request", USAGE),
 )

@@ -13,6 +13,7 @@ owned by someone else is reported as absent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -90,6 +91,49 @@ class ConversationRecord:
     expires_at: int
     metadata: str = "{}"  # JSON object text
     items: tuple[StoredItem, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One metered request as it ended: who (``owner``, the key's hash), which model and
+    upstream, through which API, how it ended, the tokens the upstream reported, and its
+    timings (milliseconds; ``ttft_ms`` only for streams)."""
+
+    ts: float
+    owner: str
+    model: str
+    upstream: str
+    api: str  # chat, completions, embeddings, responses, relay
+    outcome: str  # ok, error, cancelled
+    status: int
+    error_code: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    duration_ms: float = 0.0
+    ttft_ms: float | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """The requests of one group (a key, a model, an upstream or a day) in a window."""
+
+    group: str
+    requests: int
+    errors: int
+    cancelled: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    p50_ms: float | None
+    p95_ms: float | None
+    ttft_p50_ms: float | None
 
 
 class ResponseStore(Protocol):
@@ -194,3 +238,24 @@ class ResponseStore(Protocol):
     async def delete_conversation_item(
         self, conversation_id: str, owner: str, item_id: str
     ) -> bool: ...
+
+
+class UsageStore(Protocol):
+    async def record_usage(self, records: Sequence[UsageRecord]) -> int:
+        """Insert records in the next group commit; how many, once durable."""
+        ...
+
+    async def purge_usage(self, before: float) -> int:
+        """Delete the records older than ``before`` (unix seconds); how many."""
+        ...
+
+    async def usage_report(
+        self, group_by: str, since: float, until: float, owner: str | None
+    ) -> list[UsageGroup]:
+        """The records with ``since <= ts < until`` (only ``owner``'s unless None) summed
+        per group (key, model, upstream or day), with latency percentiles."""
+        ...
+
+    async def tokens_since(self, since: float) -> dict[str, int]:
+        """Prompt plus completion tokens per owner in the records since ``since``."""
+        ...

@@ -16,13 +16,13 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from storage import writes
+from storage import usage, writes
 from storage.chain_cache import ChainCache
 from storage.errors import DatabaseReplaced, StorageError
 from storage.migrations import MIGRATIONS, Migration
@@ -33,6 +33,8 @@ from storage.records import (
     Page,
     ResponseRecord,
     StoredItem,
+    UsageGroup,
+    UsageRecord,
 )
 from storage.writer import Writer, WriteStats
 from storage.writer_process import file_identity
@@ -300,6 +302,26 @@ class SQLiteStore:
         deleted = await self._writer.submit(writes.purge_expired, writes.Purge(now, retention))
         await self._writer.submit_alone(writes.give_back_free_pages, None)
         return deleted
+
+    # --- usage ---
+
+    async def record_usage(self, records: Sequence[UsageRecord]) -> int:
+        return await self._writer.submit(usage.insert_usage, [usage.row(r) for r in records])
+
+    async def purge_usage(self, before: float) -> int:
+        return await self._writer.submit(usage.purge_usage, before)
+
+    async def usage_report(
+        self, group_by: str, since: float, until: float, owner: str | None
+    ) -> list[UsageGroup]:
+        rows = await self._read(
+            usage.REPORTS[group_by], {"since": since, "until": until, "owner": owner}
+        )
+        return [UsageGroup(str(row[0]), *row[1:8], *row[8:11]) for row in rows]
+
+    async def tokens_since(self, since: float) -> dict[str, int]:
+        rows = await self._read(usage.TOKENS_SINCE, (since,))
+        return {str(owner): int(tokens or 0) for owner, tokens in rows}
 
     # --- conversations ---
 

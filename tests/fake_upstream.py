@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_lmstudio import NativeModels
+
 CHAT = "/v1/chat/completions"
 
 
@@ -121,6 +123,8 @@ class FakeUpstream:
         # Set to a dict to answer LM Studio's native lists.
         self.lmstudio_v1: dict | None = None
         self.lmstudio_v0: dict | None = None
+        # Set (``native_lmstudio``) to answer like LM Studio 0.4, loads and unloads included.
+        self.native: NativeModels | None = None
         # Set to a dict to answer like llama.cpp: /v1/models owned by "llamacpp", /props.
         self.llama_props: dict | None = None
         self.replies: dict[str, deque[Reply]] = defaultdict(deque)
@@ -134,6 +138,12 @@ class FakeUpstream:
         for _ in range(times):
             self.replies[path].append(reply)
 
+    def native_lmstudio(self, models: list[str], **options: Any) -> NativeModels:
+        """Answer LM Studio 0.4's native routes for these models (none loaded unless
+        ``loaded`` says so)."""
+        self.native = NativeModels(models, **options)
+        return self.native
+
     def requests_to(self, path: str) -> list[Seen]:
         return [s for s in self.seen if s.path == path]
 
@@ -145,6 +155,8 @@ class FakeUpstream:
         app.router.add_get("/api/v0/models", self._lmstudio_v0)
         app.router.add_get("/api/v1/models", self._lmstudio_v1)
         app.router.add_route("*", "/props", self._props)
+        app.router.add_post("/api/v1/models/load", self._native_load)
+        app.router.add_post("/api/v1/models/unload", self._native_unload)
         app.router.add_post("/v1/{tail:.*}", self._post)
         app.router.add_route("*", "/{tail:.*}", self._other)
         return app
@@ -172,8 +184,22 @@ class FakeUpstream:
             return web.json_response({"error": "Unexpected endpoint or method."}, status=404)
         return web.json_response(self.lmstudio_v0)
 
+    async def _native_load(self, request: web.Request) -> web.StreamResponse:
+        if self.native is None:
+            return await self._other(request)
+        self._record(request, None)
+        return await self.native.load(request)
+
+    async def _native_unload(self, request: web.Request) -> web.StreamResponse:
+        if self.native is None:
+            return await self._other(request)
+        self._record(request, None)
+        return await self.native.unload(request)
+
     async def _lmstudio_v1(self, request: web.Request) -> web.StreamResponse:
         self._record(request, None)
+        if self.native is not None:
+            return web.json_response(self.native.listing())
         if self.lmstudio_v1 is None:
             return web.json_response({"error": "Unexpected endpoint or method."}, status=404)
         return web.json_response(self.lmstudio_v1)
@@ -210,6 +236,8 @@ class FakeUpstream:
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         body = await self._read(request)
+        if self.native is not None and isinstance(body, dict):
+            self.native.jit(body.get("model"))
         queue = self.replies.get(request.path)
         if queue:
             return await self._answer(request, queue.popleft())

@@ -6,6 +6,7 @@ Not on the request path: only the command line imports this package.
   an MCP server with one cheap tool (``mcp_server``), throughput and latency, direct and
   through the daemon, in alternating rounds of one run;
 - ``agent_loop``: an agent loop over the WebSocket mode and over HTTP SSE;
+- ``lifecycle``: the first requests for a model that must be loaded;
 - ``real`` (``--real``): prompt-cache reuse over a Responses chain on llama.cpp;
 - ``load`` generates the requests, ``processes`` starts the children and reads their
   CPU and memory, ``placement`` pins them to CPUs.
@@ -57,10 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["passthrough", "responses", "mcp", "agent", "output"],
-        default=["passthrough", "responses", "mcp", "agent", "output"],
+        choices=["passthrough", "responses", "mcp", "agent", "output", "lifecycle"],
+        default=["passthrough", "responses", "mcp", "agent", "output", "lifecycle"],
         help="what to measure (output: streamed chat with text calls and <think> read, "
-        "against the same with the reading off)",
+        "against the same with the reading off; lifecycle: --concurrency first requests "
+        "for a model LM Studio loads in 2 s)",
     )
     parser.add_argument(
         "--real",

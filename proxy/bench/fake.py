@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from proxy.bench.agent_loop import measure_agent_loop
+from proxy.bench.lifecycle import measure_lifecycle
 from proxy.bench.load import (
     HEADERS,
     PLAIN_BODY,
@@ -426,6 +427,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results += await measure_agent_loop(setup)
             if "output" in args.only:
                 results += await measure_model_output(setup)
+            if "lifecycle" in args.only:
+                results += await measure_lifecycle(args, tmp)
             async with session.get(upstream_url + "/bench/stats") as resp:
                 upstream_stats = await resp.json()
     finally:

@@ -20,11 +20,12 @@ from proxy.catalog import ModelInfo
 from proxy.chat_output import mcp_text_calls
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
-from proxy.keys import CONFIG, MCP, METRICS, OWNER, QUEUES, TURNS, UPSTREAM
+from proxy.keys import CONFIG, MCP, METERED, METRICS, OWNER, QUEUES, TURNS, UPSTREAM
 from proxy.mcp.loop import LoopResult, StreamChat, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.policy import LIMIT_NOTE
 from proxy.mcp.results import ToolOutput
+from proxy.profiles import ModelProfile
 from proxy.queues import note_wait
 
 ROUTE = "/v1/chat/completions"
@@ -38,7 +39,9 @@ async def chat_with_tools(
     model: ModelInfo,
     selection: list[str],
     switches: Mapping[str, bool] | None = None,
+    profile: ModelProfile | None = None,
 ) -> web.StreamResponse:
+    profile = profile or ModelProfile()
     servers = request.app[MCP]
     upstream = request.app[UPSTREAM]
     settings = request.app[CONFIG]
@@ -82,14 +85,16 @@ async def chat_with_tools(
             async for chunk in c:
                 yield chunk
 
+    text_calls = mcp_text_calls(profile.text_tool_calls, config.text_tool_calls, switches or {})
     loop = ToolLoop(
         offer.directory,
         call_tool,
         max_rounds=config.max_rounds,
         max_tool_calls=config.max_tool_calls,
-        text_tool_calls=mcp_text_calls(
-            settings.models.text_tool_calls, config.text_tool_calls, switches or {}
-        ),
+        text_tool_calls=text_calls,
+        keep_reasoning=profile.keeps_reasoning,
+        describe_tools=profile.describe_tools and text_calls,
+        profile=profile,
         images=images,
         client_tools=_names(client_tools),
     )
@@ -150,6 +155,9 @@ async def _stream(
 def _count_usage(request: web.Request, model: str, result: LoopResult) -> None:
     usage = result.completion.get("usage")
     request.app[METRICS].record_usage(model, usage)
+    metered = request.get(METERED)
+    if metered is not None:
+        metered.add(usage)
 
 
 def _remember_hidden_steps(

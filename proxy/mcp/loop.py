@@ -28,6 +28,8 @@ from proxy.mcp.names import ToolDirectory, ToolRef
 from proxy.mcp.policy import LIMIT_NOTE, Answered, LoopPolicy
 from proxy.mcp.results import ToolOutput, error_output
 from proxy.mcp.rounds import Call, Round
+from proxy.profiles import ModelProfile
+from proxy.tool_prompt import describe_tools
 from proxy.usage import add_usage, chat_usage
 
 log = logging.getLogger("lmbridge.mcp")
@@ -77,7 +79,17 @@ class ToolLoop:
         text_tool_calls: bool = False,
         images: bool = False,
         client_tools: Collection[str] | None = None,
+        keep_reasoning: bool = False,
+        describe_tools: bool = False,
+        profile: ModelProfile | None = None,
     ) -> None:
+        # keep_reasoning: each round's reasoning goes back upstream with its calls;
+        # describe_tools: the template cannot render tools, so each round's request
+        # describes them in the system message (tool_prompt) and the calls are text.
+        self.keep_reasoning = keep_reasoning
+        self.describe_tools = describe_tools
+        # What each round's content is read for: thinking tags, how long a call is held.
+        self.profile = profile
         self.directory = directory
         self.client_tools = client_tools
         self.call_tool = call_tool
@@ -109,12 +121,15 @@ class ToolLoop:
             request = {**body, "messages": messages}
             if forced_final:
                 request["tool_choice"] = "none"
+            if self.describe_tools:
+                describe_tools(request)
             reply = Round(
                 self.directory,
                 stream_id=stream_id,
                 client_tools=self.client_tools,
                 text_tool_calls=self.text_tool_calls,
                 number=rounds,
+                profile=self.profile,
             )
             if stream is not None:
                 async with contextlib.aclosing(stream(request)) as chunks:
@@ -126,6 +141,9 @@ class ToolLoop:
                                 out["id"] = stream_id
                         if relayed and emit is not None:
                             await emit(relayed)
+                tail = reply.end_of_stream()
+                if tail and emit is not None:
+                    await emit(tail)
             else:
                 assert complete is not None
                 reply.feed_completion(await complete(request))
@@ -135,7 +153,9 @@ class ToolLoop:
             calls = reply.mcp_calls
             if not calls or forced_final:
                 break
-            messages.append(reply.assistant_message(include_client_calls=False))
+            messages.append(
+                reply.assistant_message(include_client_calls=False, reasoning=self.keep_reasoning)
+            )
             outputs = await self._run_calls(calls)
             images: list[dict[str, Any]] = []
             for call, output in zip(calls, outputs, strict=True):

@@ -8,6 +8,11 @@ stream early (a ``finish_reason``, a usage chunk, ``[DONE]``) is kept for the
 last round. At the end of the round it gives the assistant message to append to
 the conversation and the calls to run. Pure: no I/O.
 
+What the model writes is read as on the pass-through (``chat_output.MessageReader``):
+thinking in tags becomes reasoning, and calls written as text (to the MCP tools and to
+the client's own) become calls; in a stream, text that may begin a call is held back
+until it is decided, so a call's text never reaches the client.
+
 Upstream quirks handled: tool-call deltas that repeat ``id`` and ``name`` every
 time, deltas without ``index``, several servers sending ``finish_reason: "stop"``
 with tool calls (the calls decide, never the finish reason).
@@ -16,11 +21,13 @@ with tool calls (the calls decide, never the finish reason).
 from __future__ import annotations
 
 import copy
-from collections.abc import Container
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.model_output.text_calls import split as split_text_calls
+from proxy.chat_output import ChatOutput, MessageReader, Part, Reasoning
+from proxy.model_output.text_calls import DEFAULT_MAX_HELD, TextCall
+from proxy.profiles import ModelProfile
 from proxy.tool_deltas import arguments_piece, delta_index, merge_name
 from proxy.usage import usage_from_chat
 
@@ -47,28 +54,19 @@ class Call:
         }
 
 
-@dataclass(frozen=True)
-class _Offered:
-    """The names a call written as text may take: the MCP tools and the client's own."""
-
-    mcp_tools: Container[str]
-    client_tools: Container[str] | None
-
-    def __contains__(self, name: object) -> bool:
-        if name in self.mcp_tools:
-            return True
-        return self.client_tools is not None and name in self.client_tools
+_REASONING_KEYS = ("reasoning_content", "reasoning")
 
 
 class Round:
     def __init__(
         self,
-        mcp_tools: Container[str],
+        mcp_tools: Collection[str],
         *,
         stream_id: str | None = None,
         text_tool_calls: bool = False,
         number: int = 1,
-        client_tools: Container[str] | None = None,
+        client_tools: Collection[str] | None = None,
+        profile: ModelProfile | None = None,
     ) -> None:
         self.mcp_tools = mcp_tools
         # Known: a call to a name that is neither an MCP tool nor one of these is run by
@@ -76,22 +74,35 @@ class Round:
         self.client_tools = client_tools
         self.number = number
         self.stream_id = stream_id
-        self.text_tool_calls = text_tool_calls
+        # Calls written as text count for the MCP tools and the client's known tools.
+        offered = (
+            frozenset(mcp_tools) | frozenset(client_tools or ())
+            if text_tool_calls
+            else frozenset[str]()
+        )
+        # Thinking in tags is read only as the model's profile says.
+        think = profile.think_tags or None if profile is not None else None
+        output = ChatOutput(
+            offered,
+            think,
+            profile is not None and profile.think_opened,
+            profile.text_call_hold if profile is not None else DEFAULT_MAX_HELD,
+        )
+        self._reader: MessageReader | None = MessageReader(output) if output.active else None
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.calls: dict[int, Call] = {}
+        self.written: list[Call] = []  # calls written as text, before any structured one
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None  # the Responses form, summable
         self.chat_usage: dict[str, Any] | None = None
         self.first_id: str | None = None
         self._client_calls = 0
-        self._streamed = False
 
     # --- streamed chunks ---------------------------------------------------
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks to relay now (possibly rewritten)."""
-        self._streamed = True
         if self.first_id is None and isinstance(chunk.get("id"), str):
             self.first_id = chunk["id"]
         if isinstance(chunk.get("usage"), dict):
@@ -102,36 +113,102 @@ class Round:
             return []  # a usage-only chunk: summed, sent once at the very end
         choice = choices[0]
         delta: dict[str, Any] = choice["delta"] if isinstance(choice.get("delta"), dict) else {}
-        if isinstance(choice.get("finish_reason"), str):
-            self.finish_reason = choice["finish_reason"]
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str):
+            self.finish_reason = finish
+        parts = self._separated(delta)
         out_delta: dict[str, Any] = {}
         for key, value in delta.items():
             if key == "tool_calls":
                 continue
             if key == "content" and isinstance(value, str):
+                if self._reader is not None:
+                    parts += self._reader.content(value)
+                    continue
                 self.content.append(value)
             if key in ("reasoning_content", "reasoning") and isinstance(value, str):
                 self.reasoning.append(value)
             out_delta[key] = value
-        relayed_calls: list[dict[str, Any]] = []
+        if isinstance(finish, str) and finish and self._reader is not None:
+            parts += self._end_reader(truncated=finish == "length")
+        relayed_calls = self._take(parts, out_delta)
         for position, call_delta in enumerate(delta.get("tool_calls") or []):
             if isinstance(call_delta, dict):
                 relayed_calls += self._call_delta(call_delta, position)
         if relayed_calls:
             out_delta["tool_calls"] = relayed_calls
+        return self._relayed(chunk, choice, out_delta)
+
+    def end_of_stream(self) -> list[dict[str, Any]]:
+        """A stream that ended without a finish reason: what the reader still held."""
+        if self._reader is None:
+            return []
+        out_delta: dict[str, Any] = {}
+        calls = self._take(self._end_reader(truncated=False), out_delta)
+        if calls:
+            out_delta["tool_calls"] = calls
+        template = {"id": self.first_id or "", "object": "chat.completion.chunk"}
+        return self._relayed(template, {"index": 0}, out_delta)
+
+    def _relayed(
+        self, chunk: dict[str, Any], choice: dict[str, Any], out_delta: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         if not out_delta or out_delta == {"content": None}:
             return []
-        out = {k: v for k, v in chunk.items() if k != "usage"}
+        out = {k: v for k, v in chunk.items() if k not in ("usage", "choices")}
         if self.stream_id is not None:
             out["id"] = self.stream_id
         out["choices"] = [
             {
-                **{k: v for k, v in choice.items() if k != "finish_reason"},
+                **{k: v for k, v in choice.items() if k not in ("delta", "finish_reason")},
                 "delta": out_delta,
                 "finish_reason": None,
             }
         ]
         return [out]
+
+    def _separated(self, message: dict[str, Any]) -> list[Part]:
+        """The upstream separated reasoning or calls itself: the reader stops looking
+        for them, and gives back what it held."""
+        reader = self._reader
+        if reader is None:
+            return []
+        parts: list[Part] = []
+        if any(isinstance(message.get(k), str) and message[k] for k in _REASONING_KEYS):
+            parts += reader.separated_reasoning()
+        if message.get("tool_calls"):
+            parts += reader.separated_calls()
+        return parts
+
+    def _end_reader(self, *, truncated: bool) -> list[Part]:
+        reader, self._reader = self._reader, None
+        return reader.end(truncated=truncated) if reader is not None else []
+
+    def _take(self, parts: list[Part], out_delta: dict[str, Any]) -> list[dict[str, Any]]:
+        """What the reader gave: text and reasoning into ``out_delta`` (and the reply),
+        calls into ``written``; returns the deltas of the client's calls among them."""
+        relayed: list[dict[str, Any]] = []
+        for part in parts:
+            if isinstance(part, Reasoning):
+                self.reasoning.append(part.text)
+                out_delta["reasoning_content"] = out_delta.get("reasoning_content", "") + part.text
+            elif isinstance(part, str):
+                self.content.append(part)
+                out_delta["content"] = (out_delta.get("content") or "") + part
+            else:
+                relayed += self._written_call(part)
+        return relayed
+
+    def _written_call(self, text_call: TextCall) -> list[dict[str, Any]]:
+        n = len(self.written)
+        call = Call(n, f"call_text_{self.number}_{n}", text_call.name, [text_call.arguments])
+        self.written.append(call)
+        if text_call.name in self.mcp_tools:
+            call.kind = "mcp"
+            return []
+        call.kind, call.client_index = "client", self._client_calls
+        self._client_calls += 1
+        return [{"index": call.client_index, **call.as_chat()}]
 
     def _call_delta(self, delta: dict[str, Any], position: int) -> list[dict[str, Any]]:
         ids = {index: call.id for index, call in self.calls.items()}
@@ -184,11 +261,18 @@ class Round:
         )
         if isinstance(choice.get("finish_reason"), str):
             self.finish_reason = choice["finish_reason"]
-        if isinstance(message.get("content"), str):
-            self.content.append(message["content"])
-        for key in ("reasoning_content", "reasoning"):
+        for key in _REASONING_KEYS:
             if isinstance(message.get(key), str):
                 self.reasoning.append(message[key])
+        parts = self._separated(message)
+        content = message.get("content")
+        if isinstance(content, str):
+            if self._reader is None:
+                self.content.append(content)
+            else:
+                parts += self._reader.content(content)
+        parts += self._end_reader(truncated=self.finish_reason == "length")
+        self._take(parts, {})
         for position, call in enumerate(message.get("tool_calls") or []):
             if isinstance(call, dict):
                 self._call_delta({**call, "index": position}, position)
@@ -196,23 +280,12 @@ class Round:
     # --- the end of the round ----------------------------------------------
 
     def finish(self) -> None:
-        """Look for text-written calls (when enabled) once the reply is complete."""
-        if self.text_tool_calls and not self.calls and self.content:
-            # Streamed, the content went to the client as it came: a call of its own
-            # found in it now could not be sent before the text that wrote it.
-            client_tools = None if self._streamed else self.client_tools
-            offered = _Offered(self.mcp_tools, client_tools)
-            found, rest = split_text_calls("".join(self.content), offered)
-            for n, text_call in enumerate(found):
-                call_id = f"call_text_{self.number}_{n}"
-                call = Call(n, call_id, text_call.name, [text_call.arguments], "mcp")
-                if text_call.name not in self.mcp_tools:  # one of the client's own
-                    call.kind, call.client_index = "client", self._client_calls
-                    self._client_calls += 1
-                self.calls[n] = call
-            if found:
-                rest = rest.strip()  # what separated the calls from the text
-                self.content = [rest] if rest else []
+        """The reply is complete: settle what it held."""
+        self._take(self._end_reader(truncated=False), {})  # a reply with no finish reason
+        if self.written:
+            # What separated the calls from the text, or ended the message.
+            rest = "".join(self.content).strip()
+            self.content = [rest] if rest else []
         for call in self.calls.values():  # a call whose name never came: not ours to run
             if call.kind == "pending":
                 call.kind = "client"
@@ -233,12 +306,17 @@ class Round:
         return [c for c in self._ordered() if c.kind == "client"]
 
     def _ordered(self) -> list[Call]:
-        return [self.calls[i] for i in sorted(self.calls)]
+        return [*self.written, *(self.calls[i] for i in sorted(self.calls))]
 
-    def assistant_message(self, *, include_client_calls: bool = True) -> dict[str, Any]:
-        """The assistant's turn as it goes back into the conversation upstream."""
+    def assistant_message(
+        self, *, include_client_calls: bool = True, reasoning: bool = False
+    ) -> dict[str, Any]:
+        """The assistant's turn as it goes back into the conversation upstream (with its
+        reasoning when the model's template reads it)."""
         calls = [c for c in self._ordered() if c.kind == "mcp" or include_client_calls]
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if reasoning and self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
         if calls:
             message["tool_calls"] = [c.as_chat() for c in calls]
         return message

@@ -4,9 +4,10 @@ the same result for every way a stream can be cut into deltas. Pure, sans-io.
 
 ``<think>...</think>`` (DeepSeek-R1 and its distills, Qwen3, QwQ) at the start of the
 content, after optional whitespace, is reasoning; the answer is what follows the closing
-tag. Other models name other tags (``ThinkTags``; a profile says which). When the chat
-template opened the tag itself (``opened``), the content starts inside the block and only
-the closing tag appears. Whitespace around the reasoning and before the answer is
+tag. Other models name other tags (``ThinkTags``; a profile says which, and may name
+several: the first one the content opens with counts). When the chat template opened the
+tag itself (``opened``), the content starts inside the block (of the first variant) and
+only the closing tag appears. Whitespace around the reasoning and before the answer is
 dropped; a tag anywhere but at the start is text.
 
 A block that never closes: cut by the length limit (``truncated``), it stays reasoning;
@@ -37,6 +38,17 @@ THOUGHT = ThinkTags("<|begin_of_thought|>", "<|end_of_thought|>")  # Sky-T1, Ope
 SEED_THINK = ThinkTags("<seed:think>", "</seed:think>")  # Seed-OSS
 MISTRAL_THINK = ThinkTags("[THINK]", "[/THINK]")  # Magistral
 
+# The variants a configuration may name (``think_tags = ["think", "thinking"]``).
+NAMED: dict[str, ThinkTags] = {
+    "think": THINK,
+    "thinking": THINKING,
+    "thought": THOUGHT,
+    "seed": SEED_THINK,
+    "mistral": MISTRAL_THINK,
+}
+
+Variants = ThinkTags | tuple[ThinkTags, ...]
+
 
 class Split(NamedTuple):
     """What may be released: reasoning first, then answer (never the other way). A
@@ -53,8 +65,9 @@ class ReasoningSplitter:
     """Fed the content deltas of one message, returns the reasoning and the answer
     decided so far; ``finish`` returns the rest."""
 
-    def __init__(self, tags: ThinkTags = THINK, *, opened: bool = False) -> None:
-        self.tags = tags
+    def __init__(self, tags: Variants = THINK, *, opened: bool = False) -> None:
+        self.variants = (tags,) if isinstance(tags, ThinkTags) else tags
+        self.tags = self.variants[0]  # the one in effect once a block opened
         self.opened = opened
         self._state = _START
         self._held = ""
@@ -108,12 +121,13 @@ class ReasoningSplitter:
     def _start(self, final: bool) -> bool:
         """Whether the state moved on; holds whitespace and what may be the opening tag."""
         first = self._held.lstrip()
-        opening = self.tags.open
-        if first.startswith(opening):
-            self._held = first[len(opening) :]
-            self._state = _REASONING
-            return True
-        if not final and (not first or opening.startswith(first)):
+        for tags in self.variants:
+            if first.startswith(tags.open):
+                self.tags = tags
+                self._held = first[len(tags.open) :]
+                self._state = _REASONING
+                return True
+        if not final and (not first or any(t.open.startswith(first) for t in self.variants)):
             return False
         if self.opened:
             self._state = _REASONING
@@ -160,7 +174,7 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 def split_reasoning(
-    content: str, tags: ThinkTags = THINK, *, opened: bool = False, truncated: bool = False
+    content: str, tags: Variants = THINK, *, opened: bool = False, truncated: bool = False
 ) -> tuple[str, str]:
     """The reasoning and the answer of a whole message's ``content``."""
     splitter = ReasoningSplitter(tags, opened=opened)

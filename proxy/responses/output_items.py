@@ -106,3 +106,13 @@ TERMINAL_EVENTS = {
     "incomplete": "response.incomplete",
     "cancelled": "response.incomplete",
 }
+
+# The events that carry a model's first generated token (its time to first token).
+FIRST_TOKEN_EVENTS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.reasoning_text.delta",
+        "response.function_call_arguments.delta",
+        "response.mcp_call_arguments.delta",
+    }
+)

@@ -188,12 +188,17 @@ def _turn_messages(prepared: Prepared, output: list[dict[str, Any]]) -> list[dic
     message takes the calls after it), so the input's rendering from ``prepare`` is
     reused; otherwise both are rendered together."""
     images = prepared.model.vision is not False
+    reasoning = prepared.profile.keeps_reasoning
     inputs = prepared.input_items
     last = inputs[-1] if inputs else None
     if last is not None and last.get("type") == "message" and last.get("role") != "assistant":
-        output_messages = render.render_items(output, prepared.tools.names, images=images)
+        output_messages = render.render_items(
+            output, prepared.tools.names, images=images, reasoning=reasoning
+        )
         return [*prepared.new_messages, *output_messages]
-    return render.render_items([*inputs, *output], prepared.tools.names, images=images)
+    return render.render_items(
+        [*inputs, *output], prepared.tools.names, images=images, reasoning=reasoning
+    )
 
 
 def _stored(item: dict[str, Any]) -> StoredItem:

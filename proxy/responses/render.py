@@ -172,17 +172,28 @@ IMAGE_PLACEHOLDER = "[image omitted: the model does not read images]"
 
 
 def render_items(
-    items: Iterable[Mapping[str, Any]], names: ToolNames, *, images: bool = True
+    items: Iterable[Mapping[str, Any]],
+    names: ToolNames,
+    *,
+    images: bool = True,
+    reasoning: bool = False,
 ) -> list[dict[str, Any]]:
     """Chat messages for a run of items, in order. An assistant message and the function
     calls that follow it become one assistant message with ``tool_calls``. With
     ``images=False`` (a model known to read text only) images become a short note, so
-    that the upstream does not fail the whole request."""
+    that the upstream does not fail the whole request. With ``reasoning`` (the model's
+    template reads it) reasoning items become the ``reasoning_content`` of the assistant
+    message they precede; otherwise they stay in state only."""
     messages: list[dict[str, Any]] = []
     # Results of MCP calls wait until every call of the same assistant turn is in it.
     results: list[dict[str, Any]] = []
+    thought: list[str] = []  # reasoning waiting for the assistant message it precedes
     for item in items:
         kind = item.get("type")
+        if kind == "reasoning":
+            if reasoning:
+                thought.append(reasoning_text(item))
+            continue
         call = _as_call(item, names)
         if call is not None:
             last = messages[-1] if messages else None
@@ -190,10 +201,12 @@ def render_items(
                 last.setdefault("tool_calls", []).append(call)
                 if last.get("content") == "":
                     last["content"] = None
+                _add_reasoning(last, thought)
             else:
                 messages += results
                 results.clear()
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                messages.append(_add_reasoning(message, thought))
             if kind == "mcp_call":
                 results.append(
                     {"role": "tool", "tool_call_id": item["id"], "content": mcp_call_text(item)}
@@ -202,10 +215,14 @@ def render_items(
         messages += results
         results.clear()
         if kind == "message":
-            message = _render_message(item, images)
-            if message is not None:
-                messages.append(message)
-        elif kind == "function_call_output":
+            rendered = _render_message(item, images)
+            if rendered is not None and rendered["role"] == "assistant":
+                _add_reasoning(rendered, thought)
+            thought.clear()  # reasoning is the assistant's: none goes before a user message
+            if rendered is not None:
+                messages.append(rendered)
+            continue
+        if kind == "function_call_output":
             messages.append(
                 {
                     "role": "tool",
@@ -234,9 +251,30 @@ def render_items(
             messages.append(
                 {"role": "user", "content": COMPACTION_PREFIX + decode_compaction(item)}
             )
-        # reasoning, mcp_list_tools, an approval given: kept in state, not sent upstream.
+        # mcp_list_tools, an approval given: kept in state, not sent upstream.
     messages += results
     return messages
+
+
+def reasoning_text(item: Mapping[str, Any]) -> str:
+    """A reasoning item's text: its reasoning_text parts, else its summary."""
+    for key in ("content", "summary"):
+        parts = item.get(key)
+        if isinstance(parts, list):
+            text = "".join(
+                str(p.get("text", "")) for p in parts if isinstance(p, dict) and p.get("text")
+            )
+            if text:
+                return text
+    return ""
+
+
+def _add_reasoning(message: dict[str, Any], thought: list[str]) -> dict[str, Any]:
+    text = "".join(thought)
+    thought.clear()
+    if text:
+        message["reasoning_content"] = message.get("reasoning_content", "") + text
+    return message
 
 
 def _as_call(item: Mapping[str, Any], names: ToolNames) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from proxy.chat_output import SWITCHES_FIELD, read_switches
 from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.responses.input_items import normalize_input
+from proxy.structured import SchemaProblem, check_schema
 
 TRUNCATION = ("auto", "disabled")
 # The closed sets of the API (and of the SDK's Response model, which echoes them).
@@ -261,6 +262,10 @@ def _check_text_format(text: Mapping[str, Any]) -> None:
             raise BadRequest(
                 "'text.format.schema' must be a JSON schema object.", param="text.format.schema"
             )
+        try:
+            check_schema(fmt["schema"], "text.format.schema")
+        except SchemaProblem as exc:
+            raise BadRequest(str(exc), param=exc.param) from None
 
 
 def _check_tool(tool: Any, where: str) -> None:

@@ -9,12 +9,13 @@ middleware, with the API's ``error`` event.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, Literal
 
 from aiohttp import web
 
 from proxy.errors import BadRequest, ItemLimit
-from proxy.event_stream import EventStream
+from proxy.event_stream import EventStream, loading_comment
 from proxy.jsontext import dumps
 from proxy.keys import (
     CATALOG,
@@ -23,6 +24,7 @@ from proxy.keys import (
     MODEL,
     OWNER,
     RESPONSES,
+    SCHEMA,
     WARNING,
 )
 from proxy.passthrough import read_body, read_json_object
@@ -87,9 +89,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     run = await service.create(body, request[OWNER])
     prepared = run.prepared
     request[MODEL] = prepared.model.id
-    if (prepared.tools.tools or prepared.mcp) and (
-        warning := request.app[CATALOG].tools_warning(prepared.model)
-    ):
+    offers = (prepared.tools.tools or prepared.mcp) and not prepared.profile.describe_tools
+    if offers and (warning := request.app[CATALOG].tools_warning(prepared.model)):
         request[WARNING] = warning
     if run.request.background:
         if run.request.stream:
@@ -101,10 +102,14 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return _json_text(run.stored_json) if run.stored_json else _json(final)
         stream = EventStream(request, "responses")
         await stream.open()
+        # Comments while the model loads: after response.in_progress, before the output.
+        run.admission.keepalive = partial(stream.send_bytes, loading_comment(prepared.model.id))
         await service.execute(run, stream.send)
         return await stream.finish()
     finally:
         note_wait(request, run.admission)
+        if run.schema_outcome is not None:
+            request[SCHEMA] = run.schema_outcome
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:

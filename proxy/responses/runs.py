@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.catalog import ModelInfo
+from proxy.profiles import ModelProfile
 from proxy.queues import Admission
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationTurn
@@ -20,6 +21,7 @@ from proxy.responses.output_items import Event
 from proxy.responses.render import ChatTools
 from proxy.responses.request import CreateRequest
 from proxy.slots import INTERACTIVE
+from proxy.structured import AnswerSchema
 from storage.records import StoredItem
 
 # Where the events of a response go: an SSE writer, a background run's log, nothing.
@@ -44,12 +46,18 @@ class Prepared:
     input_items: list[dict[str, Any]]
     new_messages: list[dict[str, Any]]
     owner: str
+    # What is normalised for the model (switches applied): the one resolution per turn.
+    profile: ModelProfile = field(default_factory=ModelProfile)
     mcp: McpSetup | None = None
     # Calls the client approved (mcp_approval_response): the request item and its target.
     approved: list[tuple[dict[str, Any], McpTarget]] = field(default_factory=list)
     mcp_listed: tuple[str, ...] = ()
     # The input items as stored, made at the first save.
     stored_inputs: tuple[StoredItem, ...] | None = None
+    # text.format asked for JSON: what the answer is checked against, and whether an
+    # invalid one is asked for once more (models.schema_retry, the request's switch).
+    schema: AnswerSchema | None = None
+    schema_retry: bool = True
 
 
 @dataclass
@@ -77,6 +85,8 @@ class ResponseRun:
     # The turn's chat messages as last stored (what a continuation reads).
     stored_turn: str | None = None
     turn: ConversationTurn | None = None
+    # Whether the answer validated against text.format's schema ("valid", "invalid").
+    schema_outcome: str | None = None
     # Its claim on the model's slots, entered around each upstream call (none: no limit).
     admission: Admission = field(default_factory=lambda: Admission(None, INTERACTIVE))
     _changed: asyncio.Condition | None = None

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ from proxy.errors import BadRequest
 from proxy.ids import new_id
 from proxy.jsontext import dumps, loads
 from proxy.mcp.servers import MCPServers
+from proxy.metrics import Metrics
+from proxy.profiles import with_switches
 from proxy.queues import ModelQueues
 from proxy.responses import compaction, render
 from proxy.responses.builder import ResponseBuilder
@@ -43,7 +46,7 @@ from proxy.responses.failures import (
 from proxy.responses.input_items import check_call_outputs
 from proxy.responses.mcp_tools import setup_mcp
 from proxy.responses.objects import list_page, response_object
-from proxy.responses.output_items import TERMINAL_EVENTS, Event
+from proxy.responses.output_items import FIRST_TOKEN_EVENTS, TERMINAL_EVENTS, Event
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
 from proxy.responses.replay import replay_events
 from proxy.responses.request import CreateRequest, parse_create
@@ -55,9 +58,11 @@ from proxy.responses.upstream_turn import (
     ROUTE,
     fit_history,
 )
+from proxy.structured import plan_answer
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import UpstreamClient
 from proxy.usage import usage_from_chat
+from proxy.usage_recorder import UsageRecorder
 from storage.records import ResponseStore
 
 log = logging.getLogger("lmbridge.responses")
@@ -80,6 +85,8 @@ class ResponsesService:
         worker: WorkerThread,
         *,
         queues: ModelQueues,
+        usage: UsageRecorder | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         ids: Callable[[str], str] = new_id,
     ) -> None:
@@ -94,7 +101,8 @@ class ResponsesService:
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
         self.queues = queues
-        self.rounds = ResponseRounds(upstream, mcp, config.mcp)
+        self.usage = usage
+        self.rounds = ResponseRounds(upstream, mcp, config.mcp, metrics)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
         self.recorder = ResponseRecorder(
@@ -184,26 +192,21 @@ class ResponsesService:
 
     def reading(self, prepared: Prepared) -> ChatOutput:
         """What is read out of the model's answer: text calls to the offered function
-        tools and MCP tools, thinking in tags; as the settings and the request say."""
+        tools and MCP tools, thinking in tags; as the model's profile and the request say."""
         switches = prepared.request.switches
-        models = self.config.models
-        output = output_for(
-            prepared.tools.tools,
-            switches,
-            text_tool_calls=models.text_tool_calls,
-            think_tags=models.think_tags,
-        )
+        output = output_for(prepared.tools.tools, prepared.profile)
         setup = prepared.mcp
         if setup is None or not mcp_text_calls(
-            models.text_tool_calls, self.config.mcp.text_tool_calls, switches
+            prepared.profile.text_tool_calls, self.config.mcp.text_tool_calls, switches
         ):
             return output
-        return ChatOutput(output.offered | function_names(setup.chat_tools), output.think)
+        return replace(output, offered=output.offered | function_names(setup.chat_tools))
 
     async def prepare(
         self, request: CreateRequest, owner: str, history: History | None = None
     ) -> Prepared:
         model = await self.catalog.resolve(request.model, "chat")
+        profile = with_switches(self.catalog.profile(model), request.switches)
         tools = render.convert_tools(
             request, reject_unsupported=self.config.responses.unsupported_tools == "reject"
         )
@@ -215,6 +218,7 @@ class ResponsesService:
                 owner,
                 tools.names,
                 images=model.vision is not False,
+                reasoning=profile.keeps_reasoning,
                 max_items=self.config.responses.max_history_items,
             )
         listed_before = history.listed
@@ -228,6 +232,9 @@ class ResponsesService:
             if i.get("type") == "mcp_list_tools" and "server_label" in i
         }
         settings = render.chat_settings(request, model.id, tools)
+        listed = self.catalog.cached
+        lmstudio = listed is not None and listed.dialect != "openai"
+        schema = plan_answer(settings, lmstudio=lmstudio, param="text.format")
         setup = None
         if any(tool.get("type") == "mcp" for tool in request.tools):
             setup = await setup_mcp(
@@ -261,13 +268,21 @@ class ResponsesService:
             new_messages=await self.worker.run_if(
                 len(input_items) > LARGE_INPUT,
                 partial(
-                    render.render_items, input_items, tools.names, images=model.vision is not False
+                    render.render_items,
+                    input_items,
+                    tools.names,
+                    images=model.vision is not False,
+                    reasoning=profile.keeps_reasoning,
                 ),
             ),
             owner=owner,
+            profile=profile,
             mcp=setup,
             approved=approved,
             mcp_listed=setup.listed if setup is not None else tuple(sorted(listed_before)),
+            schema=schema,
+            schema_retry=bool(self.config.models.settings_for(model.id).schema_retry)
+            and request.switches.get("schema_retry", True),
         )
 
     # --- running ----------------------------------------------------------
@@ -278,11 +293,27 @@ class ResponsesService:
         Foreground requests run this in their handler; when the client goes away
         the task is cancelled and the partial response is stored as cancelled.
         """
+        started = time.perf_counter()
+        first: list[float] = []
+
+        async def timed(events: list[Event]) -> None:
+            if not first and any(e.get("type") in FIRST_TOKEN_EVENTS for e in events):
+                first.append(time.perf_counter() - started)
+            await sink(events)
+
         try:
-            return await self._execute(run, sink)
+            return await self._execute(run, timed)
         finally:
             if run.turn is not None:
                 await asyncio.shield(self.claims.release(run.turn))
+            if self.usage is not None and run.request.generate:
+                self.usage.response_ended(
+                    run.builder.response,
+                    owner=run.prepared.owner,
+                    model=run.prepared.model.id,
+                    seconds=time.perf_counter() - started,
+                    ttft=first[0] if first else None,
+                )
 
     async def _execute(self, run: ResponseRun, sink: Sink) -> dict[str, Any]:
         builder = run.builder

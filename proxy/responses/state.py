@@ -40,6 +40,7 @@ async def load_history(
     *,
     images: bool,
     max_items: int,
+    reasoning: bool = False,
 ) -> History:
     """The chain of ``previous_response_id`` (stored rendered, turn by turn), or the
     items of ``conversation`` rendered now, or nothing."""
@@ -78,7 +79,8 @@ async def load_history(
     if not items:
         return History()
     rendered, listed = await worker.run_if(
-        len(items) > LARGE_INPUT, partial(_render_stored, items, names, images=images)
+        len(items) > LARGE_INPUT,
+        partial(_render_stored, items, names, images=images, reasoning=reasoning),
     )
     return History([rendered], [render.estimate_tokens(rendered)], listed)
 
@@ -141,11 +143,11 @@ async def resolve_references(
 
 
 def _render_stored(
-    items: Sequence[StoredItem], names: ToolNames, *, images: bool
+    items: Sequence[StoredItem], names: ToolNames, *, images: bool, reasoning: bool
 ) -> tuple[str, set[str]]:
     """A conversation's stored items as one chat message array text, and the MCP servers
     they listed."""
     parsed = [loads(i.json) for i in items]
-    rendered = dumps(render.render_items(parsed, names, images=images))
+    rendered = dumps(render.render_items(parsed, names, images=images, reasoning=reasoning))
     listed = {i["server_label"] for i in parsed if i.get("type") == "mcp_list_tools"}
     return rendered, listed

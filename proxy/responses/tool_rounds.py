@@ -9,25 +9,36 @@ import contextlib
 import logging
 from typing import Any
 
+from proxy.chat_output import normalise_completion
 from proxy.config import MCPConfig
+from proxy.errors import SchemaMismatch
 from proxy.mcp.policy import LIMIT_NOTE, Answered, Decision, LoopPolicy
 from proxy.mcp.servers import MCPServers
+from proxy.metrics import Metrics
 from proxy.responses import render
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.mcp_items import McpTarget, PendingMcpCall
 from proxy.responses.mcp_tools import McpSetup, run_mcp_call
 from proxy.responses.runs import ResponseRun, Sink
 from proxy.responses.upstream_turn import complete_chat, stream_chat
+from proxy.structured import Outcome, feedback, first_message, summed_usage
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("lmbridge.responses")
 
 
 class ResponseRounds:
-    def __init__(self, upstream: UpstreamClient, mcp: MCPServers, limits: MCPConfig) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        mcp: MCPServers,
+        limits: MCPConfig,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.upstream = upstream
         self.mcp = mcp
         self.limits = limits
+        self.metrics = metrics
 
     async def run(self, run: ResponseRun, sink: Sink, streamed: bool) -> None:
         """One upstream reply, or, with MCP tools, the loop model -> tools -> model."""
@@ -38,6 +49,7 @@ class ResponseRounds:
         max_calls = min(limits.max_tool_calls, prepared.request.max_tool_calls or 1 << 30)
         max_rounds = min(limits.max_rounds, prepared.request.mcp_max_rounds or 1 << 30)
         extra: list[dict[str, Any]] = []  # messages of earlier rounds of this response
+        keep = prepared.profile.keeps_reasoning
         policy = LoopPolicy(max_rounds=max_rounds, max_tool_calls=max_calls)
         if setup is not None:
             for label, tools, error in setup.to_list:
@@ -52,23 +64,16 @@ class ResponseRounds:
                 await sink(builder.added_events(pending))
                 decision = policy.decide(pending.flat_name, pending.arguments)
                 await self._run_mcp(setup, pending, target, decision, policy, builder, sink)
-                extra += render.render_items([pending.item], prepared.tools.names)
+                extra += render.render_items([pending.item], prepared.tools.names, reasoning=keep)
         forced = False
         while True:
             policy.next_round()
             first_item = len(builder.items)
             overrides = {"tool_choice": "none"} if forced else None
-            # A slot of the model for this call only: none is held while tools run.
-            async with run.admission:
-                if streamed:
-                    chunks = stream_chat(self.upstream, prepared, extra, overrides)
-                    async with contextlib.aclosing(chunks):
-                        async for chunk in chunks:
-                            await sink(builder.feed(chunk))
-                else:
-                    builder.feed_completion(
-                        await complete_chat(self.upstream, prepared, extra, overrides)
-                    )
+            if prepared.schema is not None:
+                await self._answer_in_json(run, sink, streamed, extra, overrides)
+            else:
+                await self._answer(run, sink, streamed, extra, overrides)
             if setup is None:
                 return
             events, pending_calls = builder.finish_round()
@@ -96,7 +101,9 @@ class ResponseRounds:
             )
             if forced or not runnable or waits_for_client:
                 return
-            extra += render.render_items(builder.output[first_item:], prepared.tools.names)
+            extra += render.render_items(
+                builder.output[first_item:], prepared.tools.names, reasoning=keep
+            )
             if policy.must_finish():
                 log.info(
                     "tool loop limit reached after %d round(s), %d call(s): asking for "
@@ -107,6 +114,92 @@ class ResponseRounds:
                 extra.append({"role": "user", "content": LIMIT_NOTE})
                 forced = True
             builder.new_round()
+
+    async def _answer(
+        self,
+        run: ResponseRun,
+        sink: Sink,
+        streamed: bool,
+        extra: list[dict[str, Any]],
+        overrides: dict[str, Any] | None,
+    ) -> None:
+        """One model call, its reply fed to the builder as it comes."""
+        builder = run.builder
+        # A slot of the model for this call only: none is held while tools run.
+        async with run.admission:
+            if streamed:
+                chunks = stream_chat(self.upstream, run.prepared, extra, overrides)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        await sink(builder.feed(chunk))
+            else:
+                builder.feed_completion(
+                    await complete_chat(self.upstream, run.prepared, extra, overrides)
+                )
+
+    async def _answer_in_json(
+        self,
+        run: ResponseRun,
+        sink: Sink,
+        streamed: bool,
+        extra: list[dict[str, Any]],
+        overrides: dict[str, Any] | None,
+    ) -> None:
+        """A reply asked for in JSON: read whole (streamed too: a text cannot be taken
+        back once sent), checked against the schema, asked for once more with the errors
+        when it does not validate; only the final reply reaches the builder. Raises
+        SchemaMismatch when that one does not validate either (the turn fails)."""
+        prepared = run.prepared
+        schema = prepared.schema
+        assert schema is not None
+        builder = run.builder
+        async with run.admission:
+            completion = await complete_chat(self.upstream, prepared, extra, overrides)
+        normalise_completion(completion, builder.reading)
+        message = first_message(completion)
+        if message is None or message.get("tool_calls"):
+            await self._feed(run, sink, streamed, completion)  # a call, not an answer
+            return
+        verdict = schema.check(message.get("content"))
+        outcome: Outcome = "valid" if verdict.valid else "invalid"
+        if not verdict.valid and prepared.schema_retry:
+            log.info(
+                "response %s: the answer did not match the schema (%d error(s)); asking once more",
+                run.id,
+                len(verdict.errors),
+            )
+            asked = [*extra, *feedback(message.get("content"), verdict)]
+            async with run.admission:
+                again = await complete_chat(self.upstream, prepared, asked, overrides)
+            normalise_completion(again, builder.reading)
+            again["usage"] = summed_usage(completion.get("usage"), again.get("usage"))
+            completion, message = again, first_message(again)
+            verdict = schema.check(message.get("content") if message is not None else None)
+            if not verdict.valid:
+                self._count(run, "invalid")
+                raise SchemaMismatch(
+                    "The model's answer did not match the JSON schema of text.format, also "
+                    f"when asked again with the errors: {verdict.summary()}",
+                    param="text.format",
+                )
+            outcome = "valid_after_retry"
+        self._count(run, outcome)
+        if message is not None and verdict.text is not None:
+            message["content"] = verdict.text
+        await self._feed(run, sink, streamed, completion)
+
+    @staticmethod
+    async def _feed(
+        run: ResponseRun, sink: Sink, streamed: bool, completion: dict[str, Any]
+    ) -> None:
+        events = run.builder.feed_completion(completion)
+        if streamed:
+            await sink(events)
+
+    def _count(self, run: ResponseRun, outcome: Outcome) -> None:
+        run.schema_outcome = "invalid" if outcome == "invalid" else "valid"
+        if self.metrics is not None:
+            self.metrics.schema_answers.labels(run.prepared.model.id, outcome).inc()
 
     async def _run_mcp(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 from proxy import chat_upstream
 from proxy.errors import UpstreamStatus
 from proxy.jsontext import dumps
-from proxy.responses import render
+from proxy.responses import prompt_shape, render
 from proxy.responses.runs import Prepared
 from proxy.upstream import UpstreamClient
 
@@ -39,6 +39,9 @@ def chat_body(
         ]
     )
     settings = {**prepared.settings, **overrides} if overrides else prepared.settings
+    messages = prompt_shape.merge_leading_system(messages)
+    if prepared.profile.describe_tools and settings.get("tools"):
+        settings, messages = prompt_shape.described(settings, messages)
     return render.chat_body_bytes(settings, messages, stream=stream)
 
 

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from openai import AsyncOpenAI
 
 from tests.e2e.conftest import clean_env, free_port, lmbridge
 
@@ -118,9 +119,13 @@ async def test_models_prints_a_table(tmp_path, fake_upstream):
     code, out, err = await run_cli(tmp_path, "models", "--upstream", fake_upstream.url)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT", "TOOLS"]
-    assert lines[1].split() == ["qwen3-4b", "llm", "loaded", "32768", "-"]
-    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-"]
+    assert lines[0].split() == ["ID", "TYPE", "STATE", "CONTEXT", "TOOLS", "PROFILE"]
+    assert lines[1].split() == [
+        "qwen3-4b",
+        *("llm", "loaded", "32768", "-"),
+        *("think", "<think>,", "reasoning", "drop"),
+    ]
+    assert lines[2].split() == ["nomic-embed", "embeddings", "not-loaded", "-", "-", "-"]
     assert lines[3] == f"(2 model(s) listed by the upstream at {fake_upstream.url})"
 
 
@@ -133,6 +138,7 @@ async def test_models_shows_what_the_running_daemon_serves(tmp_path, start_daemo
         tmp_path,
         f'[server]\nport = {port}\n[upstream]\nurl = "{fake_upstream.url}"\n'
         '[models]\naliases = { "gpt-4o-mini" = "test-model" }\n'
+        '[models."test-*"]\nreasoning_in_history = "keep"\n'
         '[auth]\napi_keys = ["sk-local"]\n',
     )
     env = clean_env(tmp_path, LMBRIDGE_CONFIG=config)
@@ -141,7 +147,9 @@ async def test_models_shows_what_the_running_daemon_serves(tmp_path, start_daemo
     assert code == 0, err
     lines = out.splitlines()
     assert lines[1].split()[0] == "test-model"
-    assert lines[1].endswith("no (template drops them)")
+    assert "no (template drops them)" in lines[1]
+    # The profile in effect: detected (tools described), then the table over it.
+    assert lines[1].endswith("think <think>, reasoning keep, tools described")
     assert lines[2].startswith("gpt-4o-mini (alias of test-model)")
     assert lines[3] == f"(2 model(s) served by lmbridge at http://127.0.0.1:{port})"
 
@@ -308,3 +316,43 @@ async def test_bench_says_why_the_daemon_did_not_start(tmp_path):
     assert "lmbridge serve exited with status 2" in err
     assert "LMBRIDGE_NOT_A_SETTING: not a configuration key" in err
     assert "Traceback" not in err
+
+
+async def test_usage_prints_what_the_daemon_recorded(tmp_path, start_daemon, fake_upstream):
+    """`lmbridge usage` asks the running daemon with the configuration's key: a table of
+    the tokens the upstream reported per model, or the report as JSON; a bad time is one
+    line naming it and status 1."""
+    port = free_port()
+    config = write(
+        tmp_path,
+        f'[server]\nport = {port}\n[upstream]\nurl = "{fake_upstream.url}"\n'
+        '[auth]\napi_keys = ["sk-local"]\n[usage]\nflush_interval = "10ms"\n',
+    )
+    env = clean_env(tmp_path, LMBRIDGE_CONFIG=config)
+    daemon = await start_daemon(env=env, port=port)
+    async with AsyncOpenAI(base_url=daemon.base_url + "/v1", api_key="sk-local") as client:
+        for _ in range(2):  # the fake upstream reports 5 prompt and 2 completion tokens
+            await client.chat.completions.create(
+                model="test-model", messages=[{"role": "user", "content": "hi"}]
+            )
+    for _ in range(100):  # written within flush_interval; the report shows it once there
+        code, out, err = await run_cli(tmp_path, "usage", "--json", env=env)
+        assert code == 0, err
+        if json.loads(out)["total"]["requests"] == 2:
+            break
+    answer = json.loads(out)
+    [group] = answer["data"]
+    assert (group["group"], group["prompt_tokens"], group["completion_tokens"]) == (
+        "test-model",
+        10,
+        4,
+    )
+    code, out, err = await run_cli(tmp_path, "usage", "--group-by", "model", env=env)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "REQUESTS", "ERRORS"]
+    assert lines[1].split()[:8] == ["test-model", "2", "0", "10", "0", "4", "0", "14"]
+    assert lines[2].split()[:2] == ["TOTAL", "2"]
+    code, out, err = await run_cli(tmp_path, "usage", "--since", "yesterday", env=env)
+    assert code == 1
+    assert err.startswith("lmbridge: 'since' must be unix seconds") and err.count("\n") == 1

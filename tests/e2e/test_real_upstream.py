@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import anthropic
 import openai
+import pydantic
 import pytest
 
 from proxy.config import EmbeddedConfig
@@ -61,6 +62,26 @@ async def test_models_and_chat(client):
     )
     assert completion.choices[0].message.content
     assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+async def test_a_json_schema_answer_from_llama_cpp_is_valid(client):
+    """llama.cpp enforces a json_schema with a grammar: through lmbridge the answer parses
+    as the schema's object and the header says valid, in one upstream call."""
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int
+
+    raw = await client.chat.completions.with_raw_response.parse(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Name a large city and its population."}],
+        response_format=City,
+        max_tokens=128,
+        temperature=0,
+    )
+    assert raw.headers["X-LMBridge-Schema"] == "valid"
+    parsed = raw.parse().choices[0].message.parsed
+    assert isinstance(parsed, City)
 
 
 async def test_default_model_and_stream_with_usage(client):

@@ -439,6 +439,39 @@ async def test_text_tool_calls_when_enabled(make_proxy, fake_upstream):
     assert sent(fake_upstream)["messages"][-1]["content"] == "8"
 
 
+async def test_streamed_loop_reads_text_calls_and_thinking(proxy, fake_upstream):
+    """Streamed, a round whose model thinks in <think> tags and writes its MCP call as
+    text: the client sees the thinking as reasoning_content and never the call's text;
+    the call runs and the next round answers."""
+    written = (
+        "<think>Two and three.</think>Adding. "
+        '<tool_call>{"name": "calc__add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    )
+    pieces = [chunk(written[i : i + 5]) for i in range(0, len(written), 5)]
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk(role="assistant", content=""), *pieces, chunk(finish="stop")])
+    )
+    fake_upstream.add_reply(
+        CHAT, Reply(stream=[chunk(role="assistant", content="It is 5."), chunk(finish="stop")])
+    )
+    resp = await proxy.post(CHAT, json={**ASK, "stream": True})
+    raw = await resp.read()
+    events = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Adding. It is 5."
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Two and three."
+    assert not any(d.get("tool_calls") for d in deltas)
+    history = sent(fake_upstream)["messages"]
+    assert history[-2]["tool_calls"][0]["function"]["name"] == "calc__add"
+    assert history[-2]["content"] == "Adding."
+    assert history[-1] == {
+        "role": "tool",
+        "tool_call_id": history[-2]["tool_calls"][0]["id"],
+        "content": "5",
+    }
+
+
 async def test_readyz_and_metrics_show_server_state(proxy):
     """/readyz's body lists the MCP servers; /metrics says whether each is up."""
     from proxy.keys import MCP

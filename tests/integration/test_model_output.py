@@ -146,6 +146,30 @@ async def test_the_setting_turns_it_off(make_proxy, fake_upstream):
     assert (await resp.json())["choices"][0]["message"]["content"] == HERMES["content"]
 
 
+@pytest.mark.parametrize("hold,is_call", [(65536, True), (64, False)])
+async def test_the_hold_bounds_what_a_stream_waits_for(make_proxy, fake_upstream, hold, is_call):
+    """models.text_call_hold: a streamed call written longer than the bound is released
+    as the text it was, as soon as the bound is passed."""
+    proxy = await make_proxy(models__text_call_hold=hold)
+    note = "x" * 200
+    written = f'<tool_call>{{"name": "save", "arguments": {{"note": "{note}"}}}}</tool_call>'
+    fake_upstream.add_reply(CHAT, Reply(stream=deltas(written, step=16)))
+    tool = {"type": "function", "function": {"name": "save", "parameters": {"type": "object"}}}
+    body = {"model": "test-model", "messages": MESSAGES, "tools": [tool], "stream": True}
+    resp = await proxy.post(CHAT, json=body)
+    events = [line[6:] for line in (await resp.text()).split("\n") if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    deltas_out = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas_out)
+    calls = [c for d in deltas_out for c in d.get("tool_calls") or []]
+    if is_call:
+        assert content == "" and [c["function"]["name"] for c in calls] == ["save"]
+    else:
+        assert content == written and calls == []
+        # Released before the end: the text came in several deltas, not one at the finish.
+        assert sum(1 for d in deltas_out if d.get("content")) > 2
+
+
 async def test_a_bad_switch_is_a_400(proxy, fake_upstream):
     """An lmbridge field that is not an object of booleans is refused, naming it."""
     body = {"model": "test-model", "messages": MESSAGES, "lmbridge": {"text_tool_calls": "no"}}

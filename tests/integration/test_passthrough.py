@@ -427,7 +427,7 @@ async def test_tools_for_a_template_that_drops_them_get_a_warning(proxy, fake_up
     streamed; the log says it once per model."""
     fake_upstream.llama_props = NO_TOOLS
     messages = [{"role": "user", "content": "hi"}]
-    # On chat the tools are described in the system message unless the request says no.
+    # The tools are described in the system message unless the request says no.
     as_sent = {"describe_tools": False}
     requests = [
         ("/v1/chat/completions", {"messages": messages, "tools": [TOOL], "lmbridge": as_sent}),
@@ -435,10 +435,18 @@ async def test_tools_for_a_template_that_drops_them_get_a_warning(proxy, fake_up
             "/v1/chat/completions",
             {"messages": messages, "tools": [TOOL], "stream": True, "lmbridge": as_sent},
         ),
-        ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f"}]}),
         (
             "/v1/responses",
-            {"input": "hi", "tools": [{"type": "function", "name": "f"}], "stream": True},
+            {"input": "hi", "tools": [{"type": "function", "name": "f"}], "lmbridge": as_sent},
+        ),
+        (
+            "/v1/responses",
+            {
+                "input": "hi",
+                "tools": [{"type": "function", "name": "f"}],
+                "stream": True,
+                "lmbridge": as_sent,
+            },
         ),
     ]
     for path, body in requests:

@@ -348,6 +348,7 @@ async def test_rejecting_unsupported_tools_when_configured(make_proxy):
 async def test_settings_map_to_chat_parameters(proxy, fake_upstream):
     """text.format, max_output_tokens, temperature, reasoning.effort reach the upstream."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fake_upstream.add_reply(CHAT, Reply(json=chat_completion('{"a": 1}')))
     await create(
         proxy,
         input="x",

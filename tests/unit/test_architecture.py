@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # I/O module, so each is tested with tables and no sockets.
 PURE = [
     "proxy.usage",
+    "proxy.accounting",
+    "proxy.quotas",
+    "proxy.usage_report",
     "proxy.tool_deltas",
     "proxy.browsers",
     "proxy.breaker",
@@ -25,7 +28,9 @@ PURE = [
     "proxy.chat_output",
     "proxy.chat_stream_editor",
     "proxy.tool_prompt",
+    "proxy.profiles",
     "proxy.sse",
+    "proxy.structured",
     "proxy.mcp.policy",
     "proxy.mcp.rounds",
     "proxy.mcp.names",
@@ -38,6 +43,7 @@ PURE = [
     "proxy.responses.request",
     "proxy.responses.input_items",
     "proxy.responses.render",
+    "proxy.responses.prompt_shape",
     "proxy.responses.builder",
     "proxy.responses.output_items",
     "proxy.responses.mcp_items",

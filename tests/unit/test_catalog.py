@@ -92,6 +92,7 @@ LMSTUDIO_V1_MODELS = [
         capabilities=("trained_for_tool_use",),
         vision=False,
         parallel=LMSTUDIO_PARALLEL,
+        instances=("qwen/qwen3-4b", "qwen/qwen3-4b:2"),
     ),
     ModelInfo(
         id="google/gemma-3-4b",
@@ -409,6 +410,7 @@ def test_parse_lmstudio_v1_skips_malformed_entries():
             aliases=("c:2",),
             vision=False,
             parallel=LMSTUDIO_PARALLEL,
+            instances=("c", "c:2"),
         ),
         ModelInfo(id="d", type="llm", state="not-loaded", vision=False, parallel=LMSTUDIO_PARALLEL),
     ]

@@ -17,6 +17,7 @@ from proxy.chat_output import (
 )
 from proxy.chat_stream_editor import ChatStreamEditor
 from proxy.model_output.think_tags import THINK
+from proxy.profiles import ModelProfile, with_switches
 from proxy.sse import SSEParser, encode_event
 from tests.fake_upstream import chat_completion, chunk
 from tests.model_outputs import expected, load
@@ -251,18 +252,15 @@ def test_reasoning_is_a_delta_field():
 
 
 def test_switches_and_settings():
-    """The lmbridge object turns each part off; the settings turn it off for all."""
+    """The lmbridge object turns each part off; the profile turns it off for the model."""
     tools = [{"type": "function", "function": {"name": "f"}}]
-    both = output_for(tools, {}, text_tool_calls=True, think_tags=True)
-    assert both == ChatOutput(frozenset({"f"}), THINK)
+    both = output_for(tools, ModelProfile())
+    assert both == ChatOutput(frozenset({"f"}), (THINK,))
     off = output_for(
-        tools,
-        {"text_tool_calls": False, "think_tags": False},
-        text_tool_calls=True,
-        think_tags=True,
+        tools, with_switches(ModelProfile(), {"text_tool_calls": False, "think_tags": False})
     )
     assert not off.active
-    assert not output_for(tools, {}, text_tool_calls=False, think_tags=False).active
+    assert not output_for(tools, ModelProfile(text_tool_calls=False, think_tags=())).active
     assert read_switches({"think_tags": False}) == {"think_tags": False}
     for bad in ([], {"x": True}, {"think_tags": "no"}):
         with pytest.raises(ValueError):

@@ -379,13 +379,16 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
         (
             "[models]\naliases = {}\ncache = 5\n",
             "models.cache: unknown key (known keys of [models]: cache_ttl, default, aliases, "
-            "text_tool_calls, describe_tools, think_tags, max_concurrent, queue_size, "
-            'queue_timeout); a table [models."PATTERN"] holds the settings of some models',
+            "text_tool_calls, text_call_hold, describe_tools, think_tags, think_opened, "
+            "template_tools, "
+            "reasoning_in_history, max_concurrent, queue_size, queue_timeout, ttl, "
+            'context_length, preload, load_keepalive, schema_retry); a table [models."PATTERN"] '
+            "holds the settings of some models",
         ),
         (
             "[bogus]\nkey = 1\n",
             "bogus: unknown section (known sections: server, upstream, models, storage, auth, "
-            "logging, embedded, responses, mcp, bridge)",
+            "logging, embedded, responses, mcp, bridge, usage)",
         ),
         ("port = 1\n", "port: unknown section"),
         ("[server.extra]\nkey = 1\n", "server.extra: unknown key"),
@@ -930,7 +933,10 @@ def test_a_per_model_table_on_the_command_line():
         (
             '[models."qwen3-*"]\nmax_concurent = 1\n',
             'models."qwen3-*".max_concurent: unknown key (known keys of a [models."PATTERN"] '
-            "table: max_concurrent, queue_size, queue_timeout)",
+            "table: max_concurrent, queue_size, queue_timeout, "
+            "text_tool_calls, text_call_hold, describe_tools, think_tags, think_opened, "
+            "template_tools, "
+            "reasoning_in_history, ttl, context_length, schema_retry)",
         ),
         (
             '[models."qwen3-*"]\nmax_concurrent = 0\n',

@@ -11,6 +11,8 @@ from proxy.mcp.names import MAX_LENGTH, ToolDirectory, ToolRef, exposed_name
 from proxy.mcp.results import cut, error_output, render_result
 from proxy.mcp.rounds import Round
 from proxy.model_output.text_calls import TextCall, split
+from proxy.model_output.think_tags import THINK
+from proxy.profiles import ModelProfile
 
 # --- names ---------------------------------------------------------------------------
 
@@ -275,8 +277,13 @@ async def run_loop(replies: list[dict[str, Any]], **limits: Any) -> tuple[Any, l
         client_tools={"lookup"},
         max_rounds=limits.get("max_rounds", 5),
         max_tool_calls=limits.get("max_tool_calls", 5),
+        text_tool_calls=limits.get("text_tool_calls", False),
+        keep_reasoning=limits.get("keep_reasoning", False),
+        describe_tools=limits.get("describe_tools", False),
     )
-    body = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
+    if "tools" in limits:
+        body["tools"] = limits["tools"]
     return await loop.run(body, complete=complete), sent, ran
 
 
@@ -293,6 +300,49 @@ async def test_the_loop_runs_calls_until_an_answer():
     assert result.completion["choices"][0]["message"]["content"] == "5"
     assert result.completion["usage"]["total_tokens"] == 14
     assert result.rounds == 2
+
+
+def thought(reply: dict[str, Any], reasoning: str) -> dict[str, Any]:
+    reply["choices"][0]["message"]["reasoning_content"] = reasoning
+    return reply
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_reasoning_goes_back_only_when_the_profile_keeps_it(keep):
+    """The reasoning before an MCP call goes back upstream with the call when the
+    model's template reads it (keep), not otherwise."""
+    replies = [
+        thought(completion(None, ("c1", "calc__add", '{"a": 2}')), "Add them."),
+        completion("2"),
+    ]
+    _, sent, _ = await run_loop(replies, keep_reasoning=keep)
+    assistant = sent[1]["messages"][1]
+    assert assistant["role"] == "assistant"
+    assert ("reasoning_content" in assistant) is keep
+    if keep:
+        assert assistant["reasoning_content"] == "Add them."
+
+
+async def test_tools_described_in_each_round_for_a_template_without_tools():
+    """describe_tools: every round's request describes the tools in the system message
+    (no tools field), the earlier call and result as text; the call written as text
+    runs."""
+    tool = {"type": "function", "function": {"name": "calc__add", "parameters": {}}}
+    written = '<tool_call>\n{"name": "calc__add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    _, sent, ran = await run_loop(
+        [completion(written), completion("5")],
+        tools=[tool],
+        text_tool_calls=True,
+        describe_tools=True,
+    )
+    assert ran == [(ToolRef("calc", "add"), {"a": 2, "b": 3})]
+    assert all("tools" not in body for body in sent)
+    assert sent[0]["messages"][0]["role"] == "system"
+    assert "calc__add" in sent[0]["messages"][0]["content"]
+    roles = [m["role"] for m in sent[1]["messages"]]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert "<tool_call>" in sent[1]["messages"][2]["content"]
+    assert sent[1]["messages"][3]["content"].startswith("<tool_response>")
 
 
 async def test_a_client_call_ends_the_loop_after_the_mcp_calls_of_its_round():
@@ -324,8 +374,7 @@ async def test_at_the_limit_the_answer_is_asked_for():
 
 
 def test_text_calls_to_client_tools_in_a_whole_reply():
-    """A whole reply's text call to one of the client's own tools is a client call; in a
-    streamed reply (its text already sent) it stays text."""
+    """A whole reply's text call to one of the client's own tools is a client call."""
     content = '<tool_call>\n{"name": "lookup", "arguments": {"q": 1}}\n</tool_call>'
     reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
     message = {"role": "assistant", "content": content}
@@ -333,7 +382,65 @@ def test_text_calls_to_client_tools_in_a_whole_reply():
     reply.finish()
     assert [(c.name, c.arguments_text) for c in reply.client_calls] == [("lookup", '{"q": 1}')]
     assert reply.mcp_calls == [] and reply.content == []
-    streamed = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
-    streamed.feed(chunk({"content": content}))
-    streamed.finish()
-    assert streamed.client_calls == [] and streamed.content == [content]
+
+
+def _streamed(reply: Round, content: str, step: int, finish: str | None = "stop") -> list[dict]:
+    """``content`` fed in deltas of ``step`` characters; the chunks relayed."""
+    relayed = []
+    for i in range(0, len(content), step):
+        relayed += reply.feed(chunk({"content": content[i : i + step]}))
+    if finish is not None:
+        relayed += reply.feed(chunk({}, finish))
+    else:
+        relayed += reply.end_of_stream()
+    reply.finish()
+    return relayed
+
+
+def _relayed_text(relayed: list[dict], key: str = "content") -> str:
+    return "".join(c["choices"][0]["delta"].get(key) or "" for c in relayed)
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streamed_text_calls_are_held_back_and_become_calls(step):
+    """In a stream, a call written as text never reaches the client as text: an MCP
+    call is held for the loop to run, a call to the client's tool goes out as a
+    structured call; the text around them streams."""
+    content = (
+        'Let me check. <tool_call>{"name": "calc__add", "arguments": {"a": 1}}</tool_call>'
+        '<tool_call>{"name": "lookup", "arguments": {"q": 2}}</tool_call>'
+    )
+    reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
+    relayed = _streamed(reply, content, step)
+    assert _relayed_text(relayed) == "Let me check. "
+    sent_calls = [c for r in relayed for c in r["choices"][0]["delta"].get("tool_calls") or []]
+    assert [
+        (c["index"], c["function"]["name"], c["function"]["arguments"]) for c in sent_calls
+    ] == [(0, "lookup", '{"q": 2}')]
+    assert [(c.name, c.arguments_text) for c in reply.mcp_calls] == [("calc__add", '{"a": 1}')]
+    assert [c.id for c in reply.client_calls] == [sent_calls[0]["id"]]
+    message = reply.assistant_message(include_client_calls=False)
+    assert message["content"] == "Let me check."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["calc__add"]
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_streamed_thinking_in_tags_is_reasoning(step):
+    """<think> at the start of a round's content streams as reasoning_content; the
+    content keeps the answer only."""
+    reply = Round({"calc__add"}, text_tool_calls=True, profile=ModelProfile(think_tags=(THINK,)))
+    relayed = _streamed(reply, "<think>Add them.</think>\n\nThe sum is 3.", step)
+    assert _relayed_text(relayed, "reasoning_content") == "Add them."
+    assert _relayed_text(relayed) == "The sum is 3."
+    assert "".join(reply.reasoning) == "Add them."
+
+
+@pytest.mark.parametrize("step", [1, 5])
+def test_streamed_text_that_is_no_call_is_released_unchanged(step):
+    """A tag naming a tool nobody offered, and a held tag at a stream's abrupt end, go
+    out as the text they were."""
+    content = 'Use <tool_call>{"name": "nope", "arguments": {}}</tool_call> then <tool'
+    reply = Round({"calc__add"}, text_tool_calls=True, client_tools={"lookup"})
+    relayed = _streamed(reply, content, step, finish=None)
+    assert _relayed_text(relayed) == content
+    assert reply.mcp_calls == [] and reply.client_calls == []

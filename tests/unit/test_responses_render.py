@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from proxy.errors import BadRequest
+from proxy.profiles import ModelProfile
 from proxy.responses.render import (
     COMPACTION_PREFIX,
     IMAGE_PLACEHOLDER,
@@ -897,5 +898,6 @@ def test_a_turn_renders_as_its_input_and_output_together(inputs):
         input_items=items,
         new_messages=render_items(items, names),
         tools=SimpleNamespace(names=names),
+        profile=ModelProfile(),
     )
     assert _turn_messages(prepared, output) == render_items([*items, *output], names)
