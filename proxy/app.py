@@ -12,7 +12,6 @@ from aiohttp import web
 
 from proxy import health, model_admin, passthrough, usage_http
 from proxy.browsers import BrowserPolicy
-from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
 from proxy.embedded import context_hint
 from proxy.keys import (
@@ -32,11 +31,11 @@ from proxy.keys import (
     TASKS,
     TURNS,
     UPSTREAM,
+    UPSTREAMS,
     USAGE,
     USAGE_ADMINS,
     WORKER,
 )
-from proxy.lifecycle import ModelLifecycle
 from proxy.logs import RequestLog
 from proxy.mcp import routes as mcp_routes
 from proxy.mcp.servers import MCPServers
@@ -50,6 +49,7 @@ from proxy.responses.conversations import ConversationService
 from proxy.responses.service import ResponsesService, owner_of
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
+from proxy.upstreams import Upstream, UpstreamPool
 from proxy.usage_recorder import UsageRecorder
 from storage.sqlite import SQLiteStore
 
@@ -75,10 +75,7 @@ def create_app(
     app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
     keys = [key.get_secret_value().encode() for key in config.auth.api_keys]
     app[API_KEYS] = {key: owner_of(key) for key in keys}
-    low_priority = [key.get_secret_value().encode() for key in config.auth.low_priority_keys]
-    app[QUEUES] = ModelQueues(
-        config.models, app[METRICS], low_priority={owner_of(key) for key in low_priority}
-    )
+    app[QUEUES] = _queues(config, app[METRICS])
     usage = config.usage
     app[USAGE_ADMINS] = frozenset(
         owner_of(key.get_secret_value().encode()) for key in usage.admin_keys
@@ -129,42 +126,44 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
-        session = given or new_session(config.upstream)
-        try:
-            upstream = UpstreamClient(
-                config.upstream,
-                session,
-                app[METRICS],
-                context_hint=context_hint(config.embedded)
-                if config.embedded.enabled
-                else CONTEXT_HINT,
-            )
-            app[UPSTREAM] = upstream
-            app[CATALOG] = ModelCatalog(
-                config.models,
-                ModelListReader(upstream.get_json).read,
-                on_refresh=lambda outcome: app[METRICS].model_list_refreshes.labels(outcome).inc(),
-            )
-            async with _lifecycle(app, upstream):
-                yield
-        finally:
-            if given is None:
-                await session.close()
+        hint = context_hint(config.embedded) if config.embedded.enabled else CONTEXT_HINT
+        async with contextlib.AsyncExitStack() as stack:
+            upstreams = []
+            for number, entry in enumerate(config.upstream_list):
+                session = given
+                if session is None:
+                    session = new_session(entry)
+                    stack.push_async_callback(session.close)
+                client = UpstreamClient(entry, session, app[METRICS], context_hint=hint)
+                # The first upstream's queues are the app's (made with the app).
+                queues = app[QUEUES] if number == 0 else _queues(config, app[METRICS])
+                upstreams.append(Upstream(entry, client, config.models, app[METRICS], queues))
+            pool = UpstreamPool(upstreams, config.models, app[METRICS])
+            app[UPSTREAMS] = pool
+            app[UPSTREAM] = pool.first.client
+            app[CATALOG] = pool.catalog
+            app[LIFECYCLE] = pool.first.lifecycle
+            for upstream in upstreams:
+                await stack.enter_async_context(_lifecycle(app, upstream))
+            yield
 
     return ctx
 
 
+def _queues(config: Config, metrics: Metrics) -> ModelQueues:
+    low_priority = [key.get_secret_value().encode() for key in config.auth.low_priority_keys]
+    return ModelQueues(config.models, metrics, low_priority={owner_of(key) for key in low_priority})
+
+
 @contextlib.asynccontextmanager
-async def _lifecycle(app: web.Application, upstream: UpstreamClient) -> AsyncIterator[None]:
-    """The upstream's model lifecycle: its idle reaper and models.preload, in the
+async def _lifecycle(app: web.Application, upstream: Upstream) -> AsyncIterator[None]:
+    """An upstream's model lifecycle: its idle reaper and models.preload, in the
     background (a slow or failed preload never holds start-up)."""
     config = app[CONFIG].models
-    lifecycle = ModelLifecycle(upstream, app[CATALOG], config, app[METRICS])
-    app[LIFECYCLE] = lifecycle
-    app[QUEUES].lifecycle = lifecycle
+    lifecycle = upstream.lifecycle
     tasks = BackgroundTasks()
-    tasks.spawn(lifecycle.reap_forever(), "unload idle models")
-    if config.preload:
+    tasks.spawn(lifecycle.reap_forever(), f"unload idle models of {upstream.name}")
+    if config.preload and upstream is app[UPSTREAMS].first:
         tasks.spawn(lifecycle.preload(config.preload), "preload models")
     try:
         yield
@@ -225,12 +224,10 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     service = ResponsesService(
         app[CONFIG],
         app[STORE],
-        app[UPSTREAM],
-        app[CATALOG],
+        app[UPSTREAMS],
         tasks,
         app[MCP],
         app[WORKER],
-        queues=app[QUEUES],
         usage=app[USAGE],
         metrics=app[METRICS],
     )

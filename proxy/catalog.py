@@ -296,13 +296,20 @@ class ModelListReader:
         self,
         get_json: Callable[[str], Awaitable[Any]],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        kind: str = "auto",
     ) -> None:
         self._get_json = get_json
         self._clock = clock
+        # The upstream's kind (upstream.kind) narrows the dialects worth asking for.
+        self._dialects: list[Dialect] = (
+            ["lmstudio-v1", "lmstudio-v0", "openai"] if kind in ("auto", "lmstudio") else ["openai"]
+        )
+        self._llamacpp = kind == "llamacpp"
         self.dialect: Dialect | None = None
 
     async def read(self) -> ModelList:
-        order: list[Dialect] = ["lmstudio-v1", "lmstudio-v0", "openai"]
+        order = list(self._dialects)
         if self.dialect is not None:
             order.remove(self.dialect)
             order.insert(0, self.dialect)
@@ -334,7 +341,7 @@ class ModelListReader:
         """A llama.cpp server of one model says in ``/props`` whether its chat template
         renders tools and how many requests it runs at once; other servers have no such
         page (and are not asked)."""
-        if len(models) != 1 or models[0].owned_by != "llamacpp":
+        if len(models) != 1 or not (self._llamacpp or models[0].owned_by == "llamacpp"):
             return models
         try:
             props = await self._get_json("/props")

@@ -69,6 +69,7 @@ class UsageRecorder:
         status: int,
         error_code: str | None,
         seconds: float,
+        upstream: str | None = None,
     ) -> None:
         """A metered request ended with ``status`` (its error's code, if any) after
         ``seconds``."""
@@ -79,7 +80,7 @@ class UsageRecorder:
                 ts=self.clock(),
                 owner=owner,
                 model=model,
-                upstream=self.upstream,
+                upstream=upstream or self.upstream,
                 api=metered.api,
                 outcome=outcome,
                 status=status,
@@ -102,6 +103,7 @@ class UsageRecorder:
         seconds: float,
         ttft: float | None,
         api: Api = "responses",
+        upstream: str | None = None,
     ) -> None:
         """A Response reached its end (completed, incomplete, failed or cancelled)."""
         outcome, code = responses_outcome(response)
@@ -112,7 +114,7 @@ class UsageRecorder:
                 ts=self.clock(),
                 owner=owner,
                 model=model,
-                upstream=self.upstream,
+                upstream=upstream or self.upstream,
                 api=api,
                 outcome=outcome,
                 status=status,

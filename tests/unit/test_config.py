@@ -382,8 +382,8 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
             "text_tool_calls, text_call_hold, describe_tools, think_tags, think_opened, "
             "template_tools, "
             "reasoning_in_history, max_concurrent, queue_size, queue_timeout, ttl, "
-            'context_length, preload, load_keepalive, schema_retry); a table [models."PATTERN"] '
-            "holds the settings of some models",
+            "context_length, preload, load_keepalive, schema_retry, fallbacks); "
+            'a table [models."PATTERN"] holds the settings of some models',
         ),
         (
             "[bogus]\nkey = 1\n",
