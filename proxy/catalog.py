@@ -78,8 +78,9 @@ class ModelInfo:
         return self.type in ("llm", "vlm")
 
     def as_openai(self) -> dict[str, Any]:
-        """The OpenAI model object, with LM Studio's extra fields (clients ignore them)."""
-        return {
+        """The OpenAI model object, with LM Studio's extra fields (clients ignore them),
+        and with several upstreams the ones that list it."""
+        entry = {
             "id": self.id,
             "object": "model",
             "created": 0,
@@ -89,6 +90,9 @@ class ModelInfo:
             "max_context_length": self.context_length,
             "supports_tools": self.tools,
         }
+        if self.upstreams:
+            entry["upstreams"] = list(self.upstreams)
+        return entry
 
     def tools_note(self) -> str | None:
         """Why offered tools do nothing with this model, or None when they may work."""
