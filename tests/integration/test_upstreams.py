@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import load_config
-from proxy.keys import REQUEST_LOG, USAGE
+from proxy.keys import REQUEST_LOG, UPSTREAMS, USAGE
 from proxy.logs import RequestLog
 from tests.fake_upstream import CHAT, FakeUpstream, Reply, chat_completion
 
@@ -140,9 +140,7 @@ async def test_a_503_falls_back_and_is_counted(start, two):
     assert resp.headers[UPSTREAM] == "b"
     assert len(a.requests_to(CHAT)) == 1 and len(b.requests_to(CHAT)) == 1
     metrics = await (await proxy.get("/metrics")).text()
-    assert (
-        'lmbridge_upstream_fallbacks_total{from="a",reason="status_503",to="b"} 1.0' in metrics
-    )
+    assert 'lmbridge_upstream_fallbacks_total{from="a",reason="status_503",to="b"} 1.0' in metrics
 
 
 async def test_an_open_breaker_sends_calls_elsewhere_at_once(start, two):
@@ -154,6 +152,7 @@ async def test_an_open_breaker_sends_calls_elsewhere_at_once(start, two):
     resp = await chat(proxy, "shared")
     assert resp.headers[UPSTREAM] == "b"
     assert len(a.requests_to(CHAT)) == 1  # the failed call only
+    assert len(b.requests_to(CHAT)) == 2
     proxy.server.app[REQUEST_LOG].flush()
     entries = [e for e in log_lines(log) if e["path"] == CHAT]
     assert entries[0]["hops"] == ["a:status_503"]
@@ -263,3 +262,22 @@ async def test_usage_records_name_the_serving_upstream(start, two):
     groups = {g["group"]: g["requests"] for g in (await resp.json())["data"]}
     assert groups == {"a": 1, "b": 1}
 
+
+async def test_readyz_reports_each_upstream_and_is_ready_with_one(start, two):
+    """/readyz: each upstream's circuit and list; ready while one of them can serve,
+    not ready when none can."""
+    _, server_a, _, server_b = two
+    await server_a.close()
+    proxy, _ = await start()
+    resp = await proxy.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200, body
+    upstreams = body["checks"]["upstreams"]["upstreams"]
+    assert upstreams["a"]["ok"] is False and "error" in upstreams["a"]
+    assert upstreams["b"]["ok"] is True and upstreams["b"]["models"] == 2
+    assert upstreams["b"]["circuit"]["state"] == "closed"
+    await server_b.close()
+    proxy.server.app[UPSTREAMS].by_name["b"].catalog._current = None  # its list is stale
+    resp = await proxy.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["failing"] == ["upstreams"]
