@@ -78,8 +78,7 @@ class ModelInfo:
         return self.type in ("llm", "vlm")
 
     def as_openai(self) -> dict[str, Any]:
-        """The OpenAI model object, with LM Studio's extra fields (clients ignore them),
-        and with several upstreams the ones that list it."""
+        """The OpenAI model object with LM Studio's extra fields (clients ignore them)."""
         entry = {
             "id": self.id,
             "object": "model",
@@ -90,7 +89,7 @@ class ModelInfo:
             "max_context_length": self.context_length,
             "supports_tools": self.tools,
         }
-        if self.upstreams:
+        if self.upstreams:  # several upstreams: the ones that list it
             entry["upstreams"] = list(self.upstreams)
         return entry
 
@@ -293,7 +292,8 @@ class ModelListReader:
     Tried in order: LM Studio 0.4+ (``/api/v1/models``), LM Studio 0.3.6+
     (``/api/v0/models``), then any OpenAI-compatible server (``/v1/models``).
     The dialect that worked is tried first next time, so a steady state costs
-    one upstream call per refresh.
+    one upstream call per refresh. ``kind`` (upstream.kind) narrows the dialects: the
+    native lists for lmstudio and auto only, ``/props`` for llamacpp always.
     """
 
     def __init__(
@@ -305,15 +305,13 @@ class ModelListReader:
     ) -> None:
         self._get_json = get_json
         self._clock = clock
-        # The upstream's kind (upstream.kind) narrows the dialects worth asking for.
-        self._dialects: list[Dialect] = (
-            ["lmstudio-v1", "lmstudio-v0", "openai"] if kind in ("auto", "lmstudio") else ["openai"]
-        )
+        self._native = kind in ("auto", "lmstudio")
         self._llamacpp = kind == "llamacpp"
         self.dialect: Dialect | None = None
 
     async def read(self) -> ModelList:
-        order = list(self._dialects)
+        order: list[Dialect] = ["lmstudio-v1", "lmstudio-v0", "openai"]
+        del order[: 0 if self._native else 2]
         if self.dialect is not None:
             order.remove(self.dialect)
             order.insert(0, self.dialect)
