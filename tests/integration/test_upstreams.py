@@ -281,3 +281,26 @@ async def test_readyz_reports_each_upstream_and_is_ready_with_one(start, two):
     resp = await proxy.get("/readyz")
     assert resp.status == 503
     assert (await resp.json())["failing"] == ["upstreams"]
+
+
+async def test_admin_loads_on_the_named_upstream_and_lists_each(start, two):
+    """load with "upstream" goes to that upstream; ps lists each upstream's models; an
+    unknown upstream name is a 400 naming the field."""
+    a, _, b, _ = two
+    a.native_lmstudio(["shared"], loaded=("shared",))
+    b.native_lmstudio(["shared"])
+    proxy, _ = await start()
+    admin = "/v1/lmbridge/models"
+    resp = await proxy.post(admin + "/load", json={"model": "shared", "upstream": "b"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["upstream"] == "b"
+    assert [body["model"] for body in b.native.loads] == ["shared"]
+    assert a.native.loads == []
+    listing = await (await proxy.get(admin)).json()
+    assert sorted((e["upstream"], e["model"]) for e in listing["data"]) == [
+        ("a", "shared"),
+        ("b", "shared"),
+    ]
+    bad = await proxy.post(admin + "/unload", json={"model": "shared", "upstream": "c"})
+    assert bad.status == 400
+    assert (await bad.json())["error"]["param"] == "upstream"
