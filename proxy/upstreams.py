@@ -53,6 +53,9 @@ class Upstream:
             on_refresh=lambda outcome: metrics.model_list_refreshes.labels(outcome).inc(),
         )
         self.queues = queues
+        # Model calls open on it now, of every model: how busy it is where a model has no
+        # queue to say so.
+        self.calls = 0
         self.lifecycle = ModelLifecycle(client, self.catalog, models, metrics)
         queues.lifecycle = self.lifecycle
 
@@ -66,18 +69,23 @@ class Upstream:
         return breaker.state is CircuitState.OPEN and breaker.retry_after() > 0
 
     def placement(self, model: ModelInfo, order: int) -> Placement:
-        queue = self.queues.get(model)
-        listed = self.listed(model.id)
-        loaded = (listed or model).state == "loaded" or (
+        here = self.listed(model.id) or model
+        loaded = here.state == "loaded" or (
             self.lifecycle.active and self.lifecycle.is_loaded(model.id)
         )
+        queue = self.queues.get(here)
+        if queue is None:
+            return Placement(
+                self.name, order, loaded, running=self.calls, circuit_open=self.circuit_open()
+            )
+        slots = queue.slots
         return Placement(
             self.name,
             order,
             loaded,
-            running=queue.slots.running if queue is not None else 0,
-            queued=queue.slots.waiting if queue is not None else 0,
-            limit=queue.slots.limit if queue is not None else None,
+            running=slots.running,
+            queued=slots.waiting,
+            limit=slots.limit,
             circuit_open=self.circuit_open(),
         )
 
@@ -134,8 +142,8 @@ class UpstreamPool:
         ]
         if len(having) <= 1:
             return [u for _, u in having]
-        placements = {u.name: u.placement(model, order) for order, u in having}
-        return [self.by_name[p.upstream] for p in rank(placements.values())]
+        by_name = self.by_name
+        return [by_name[p.upstream] for p in rank([u.placement(model, o) for o, u in having])]
 
     def loaders(self, model: ModelInfo) -> list[ModelLifecycle]:
         """The lifecycles of the model's upstreams that load models on request."""
@@ -196,7 +204,17 @@ class Route:
     around the call and the reading of its answer). The upstream that answered is kept
     for the next calls of the request (a tool loop's rounds, a schema retry)."""
 
-    __slots__ = ("_admissions", "_held", "hops", "keepalive", "model", "pool", "priority", "served")
+    __slots__ = (
+        "_admissions",
+        "_held",
+        "_open_on",
+        "hops",
+        "keepalive",
+        "model",
+        "pool",
+        "priority",
+        "served",
+    )
 
     def __init__(self, pool: UpstreamPool, model: ModelInfo, priority: int) -> None:
         self.pool = pool
@@ -209,6 +227,7 @@ class Route:
         self.hops: list[str] = []
         self._admissions: dict[tuple[str, str], Admission] = {}
         self._held: Admission | None = None
+        self._open_on: Upstream | None = None  # where the call in progress was opened
 
     # --- what the request's log line and headers show -----------------------
 
@@ -252,6 +271,9 @@ class Route:
         held, self._held = self._held, None
         if held is not None:
             held.release()
+        upstream, self._open_on = self._open_on, None
+        if upstream is not None:
+            upstream.calls -= 1
 
     async def open(
         self,
@@ -307,7 +329,9 @@ class Route:
             tried.add((self.served[0].name, self.served[1].id))
             yield self.served
         listed = self.pool.catalog.cached
-        for model_id in model_chain(self.model.id, self.pool.fallbacks):
+        fallbacks = self.pool.fallbacks
+        chain = model_chain(self.model.id, fallbacks) if fallbacks else (self.model.id,)
+        for model_id in chain:
             model = self.model if model_id == self.model.id else None
             if model is None and listed is not None:
                 model = listed.by_name.get(model_id)
@@ -329,19 +353,29 @@ class Route:
         route: str,
         idempotent: bool,
     ) -> aiohttp.ClientResponse:
+        counted = not self.pool.direct  # busy from now, while it waits for the headers
+        if counted:
+            upstream.calls += 1
         admission = self._admission(upstream, model)
-        if admission is not None:
-            await admission.acquire()
         try:
-            resp = await upstream.client.open(
-                method, path, body=body, headers=headers, route=route, idempotent=idempotent
-            )
-        except BaseException:
             if admission is not None:
-                admission.release()
+                await admission.acquire()
+            try:
+                resp = await upstream.client.open(
+                    method, path, body=body, headers=headers, route=route, idempotent=idempotent
+                )
+            except BaseException:
+                if admission is not None:
+                    admission.release()
+                raise
+        except BaseException:
+            if counted:
+                upstream.calls -= 1
             raise
         self._held = admission
         self.served = (upstream, model)
+        if counted:
+            self._open_on = upstream
         return resp
 
     def _admission(self, upstream: Upstream, model: ModelInfo) -> Admission | None:

@@ -5,6 +5,7 @@ Responses chain whose turns are served by two upstreams."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -304,3 +305,24 @@ async def test_admin_loads_on_the_named_upstream_and_lists_each(start, two):
     bad = await proxy.post(admin + "/unload", json={"model": "shared", "upstream": "c"})
     assert bad.status == 400
     assert (await bad.json())["error"]["param"] == "upstream"
+
+
+async def test_the_least_busy_upstream_gets_the_next_call(start, two):
+    """While a works on a call, the next call for the same model goes to b."""
+    a, _, b, _ = two
+    held = asyncio.Event()
+    a.add_reply(CHAT, Reply(hold=held))
+    proxy, _ = await start()
+    first = asyncio.create_task(chat(proxy, "shared"))
+    try:
+        for _ in range(1000):  # until a has the first call
+            if a.requests_to(CHAT):
+                break
+            await asyncio.sleep(0.01)
+        second = await chat(proxy, "shared")
+    finally:
+        held.set()
+    assert second.headers[UPSTREAM] == "b"
+    assert len(b.requests_to(CHAT)) == 1
+    assert (await first).headers[UPSTREAM] == "a"
+    assert (await chat(proxy, "shared")).headers[UPSTREAM] == "a"  # idle again: order
