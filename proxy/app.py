@@ -4,7 +4,6 @@ each resource is opened and closed in one ``cleanup_ctx`` generator."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -127,13 +126,14 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
         hint = context_hint(config.embedded) if config.embedded.enabled else CONTEXT_HINT
-        async with contextlib.AsyncExitStack() as stack:
+        opened: list[aiohttp.ClientSession] = []
+        try:
             upstreams = []
             for number, entry in enumerate(config.upstream_list):
                 session = given
                 if session is None:
                     session = new_session(entry)
-                    stack.push_async_callback(session.close)
+                    opened.append(session)
                 client = UpstreamClient(entry, session, app[METRICS], context_hint=hint)
                 # The first upstream's queues are the app's (made with the app).
                 queues = app[QUEUES] if number == 0 else _queues(config, app[METRICS])
@@ -143,9 +143,16 @@ def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
             app[UPSTREAM] = pool.first.client
             app[CATALOG] = pool.catalog
             app[LIFECYCLE] = pool.first.lifecycle
-            for upstream in upstreams:
-                await stack.enter_async_context(_lifecycle(app, upstream))
-            yield
+            tasks = _start_lifecycles(app, pool)
+            try:
+                yield
+            finally:
+                await tasks.close()
+                for upstream in upstreams:
+                    await upstream.lifecycle.close()
+        finally:
+            for session in opened:
+                await session.close()
 
     return ctx
 
@@ -155,21 +162,18 @@ def _queues(config: Config, metrics: Metrics) -> ModelQueues:
     return ModelQueues(config.models, metrics, low_priority={owner_of(key) for key in low_priority})
 
 
-@contextlib.asynccontextmanager
-async def _lifecycle(app: web.Application, upstream: Upstream) -> AsyncIterator[None]:
-    """An upstream's model lifecycle: its idle reaper and models.preload, in the
-    background (a slow or failed preload never holds start-up)."""
+def _start_lifecycles(app: web.Application, pool: UpstreamPool) -> BackgroundTasks:
+    """Each upstream's model lifecycle: its idle reaper, and models.preload on the first,
+    in the background (a slow or failed preload never holds start-up). A function, not a
+    context manager: an async generator inside the upstream context could be finalized
+    before it when start-up fails later and nothing runs the clean-up."""
     config = app[CONFIG].models
-    lifecycle = upstream.lifecycle
     tasks = BackgroundTasks()
-    tasks.spawn(lifecycle.reap_forever(), f"unload idle models of {upstream.name}")
-    if config.preload and upstream is app[UPSTREAMS].first:
-        tasks.spawn(lifecycle.preload(config.preload), "preload models")
-    try:
-        yield
-    finally:
-        await tasks.close()
-        await lifecycle.close()
+    for upstream in pool.upstreams:
+        tasks.spawn(upstream.lifecycle.reap_forever(), f"unload idle models of {upstream.name}")
+    if config.preload:
+        tasks.spawn(pool.first.lifecycle.preload(config.preload), "preload models")
+    return tasks
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
