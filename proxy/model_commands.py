@@ -31,14 +31,20 @@ def ps(config: Config, *, as_json: bool) -> int:
 
 
 def render_ps(entries: list[dict[str, Any]]) -> str:
-    """The models of /v1/lmbridge/models as a table."""
-    rows = [("MODEL", "UPSTREAM", "STATE", "LOADED BY", "IDLE", "TTL", "RUNNING", "QUEUED")]
+    """The models of /v1/lmbridge/models as a table; an UPSTREAM column when there are
+    several ([[upstreams]]: none is the shorthand's "default")."""
+    several = any(e.get("upstream", "default") != "default" for e in entries)
+    where_head = ("UPSTREAM",) if several else ()
+    rows: list[tuple[str, ...]] = [
+        ("MODEL", *where_head, "STATE", "LOADED BY", "IDLE", "TTL", "RUNNING", "QUEUED")
+    ]
     for e in entries:
         idle, ttl = e.get("idle_seconds"), e.get("ttl")
+        where = (str(e.get("upstream") or "-"),) if several else ()
         rows.append(
             (
                 str(e["model"]),
-                str(e.get("upstream") or "-"),
+                *where,
                 str(e.get("state", "-")),
                 str(e.get("loaded_by") or "-"),
                 "-" if idle is None else f"{idle:g}s",
