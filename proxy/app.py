@@ -4,7 +4,6 @@ each resource is opened and closed in one ``cleanup_ctx`` generator."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -12,7 +11,6 @@ from aiohttp import web
 
 from proxy import health, model_admin, passthrough, usage_http
 from proxy.browsers import BrowserPolicy
-from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import Config
 from proxy.embedded import context_hint
 from proxy.keys import (
@@ -32,11 +30,11 @@ from proxy.keys import (
     TASKS,
     TURNS,
     UPSTREAM,
+    UPSTREAMS,
     USAGE,
     USAGE_ADMINS,
     WORKER,
 )
-from proxy.lifecycle import ModelLifecycle
 from proxy.logs import RequestLog
 from proxy.mcp import routes as mcp_routes
 from proxy.mcp.servers import MCPServers
@@ -51,6 +49,7 @@ from proxy.responses.conversations import ConversationService
 from proxy.responses.service import ResponsesService
 from proxy.tasks import BackgroundTasks, WorkerThread
 from proxy.upstream import CONTEXT_HINT, UpstreamClient, new_session
+from proxy.upstreams import Upstream, UpstreamPool
 from proxy.usage_recorder import UsageRecorder
 from storage.sqlite import SQLiteStore
 
@@ -76,10 +75,7 @@ def create_app(
     app.on_cleanup.append(lambda app: _flush(app[REQUEST_LOG]))
     keys = [key.get_secret_value().encode() for key in config.auth.api_keys]
     app[API_KEYS] = {key: owner_of(key) for key in keys}
-    low_priority = [key.get_secret_value().encode() for key in config.auth.low_priority_keys]
-    app[QUEUES] = ModelQueues(
-        config.models, app[METRICS], low_priority={owner_of(key) for key in low_priority}
-    )
+    app[QUEUES] = _queues(config, app[METRICS])
     usage = config.usage
     app[USAGE_ADMINS] = frozenset(
         owner_of(key.get_secret_value().encode()) for key in usage.admin_keys
@@ -130,48 +126,55 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 def _upstream_ctx(given: aiohttp.ClientSession | None) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
-        session = given or new_session(config.upstream)
+        hint = context_hint(config.embedded) if config.embedded.enabled else CONTEXT_HINT
+        opened: list[aiohttp.ClientSession] = []
         try:
-            upstream = UpstreamClient(
-                config.upstream,
-                session,
-                app[METRICS],
-                context_hint=context_hint(config.embedded)
-                if config.embedded.enabled
-                else CONTEXT_HINT,
-            )
-            app[UPSTREAM] = upstream
-            app[CATALOG] = ModelCatalog(
-                config.models,
-                ModelListReader(upstream.get_json).read,
-                on_refresh=lambda outcome: app[METRICS].model_list_refreshes.labels(outcome).inc(),
-            )
-            async with _lifecycle(app, upstream):
+            upstreams = []
+            for number, entry in enumerate(config.upstream_list):
+                session = given
+                if session is None:
+                    session = new_session(entry)
+                    opened.append(session)
+                client = UpstreamClient(entry, session, app[METRICS], context_hint=hint)
+                # The first upstream's queues are the app's (made with the app).
+                queues = app[QUEUES] if number == 0 else _queues(config, app[METRICS])
+                upstreams.append(Upstream(entry, client, config.models, app[METRICS], queues))
+            pool = UpstreamPool(upstreams, config.models, app[METRICS])
+            app[UPSTREAMS] = pool
+            app[UPSTREAM] = pool.first.client
+            app[CATALOG] = pool.catalog
+            app[LIFECYCLE] = pool.first.lifecycle
+            tasks = _start_lifecycles(app, pool)
+            try:
                 yield
+            finally:
+                await tasks.close()
+                for upstream in upstreams:
+                    await upstream.lifecycle.close()
         finally:
-            if given is None:
+            for session in opened:
                 await session.close()
 
     return ctx
 
 
-@contextlib.asynccontextmanager
-async def _lifecycle(app: web.Application, upstream: UpstreamClient) -> AsyncIterator[None]:
-    """The upstream's model lifecycle: its idle reaper and models.preload, in the
-    background (a slow or failed preload never holds start-up)."""
+def _queues(config: Config, metrics: Metrics) -> ModelQueues:
+    low_priority = [key.get_secret_value().encode() for key in config.auth.low_priority_keys]
+    return ModelQueues(config.models, metrics, low_priority={owner_of(key) for key in low_priority})
+
+
+def _start_lifecycles(app: web.Application, pool: UpstreamPool) -> BackgroundTasks:
+    """Each upstream's model lifecycle: its idle reaper, and models.preload on the first,
+    in the background (a slow or failed preload never holds start-up). A function, not a
+    context manager: an async generator inside the upstream context could be finalized
+    before it when start-up fails later and nothing runs the clean-up."""
     config = app[CONFIG].models
-    lifecycle = ModelLifecycle(upstream, app[CATALOG], config, app[METRICS])
-    app[LIFECYCLE] = lifecycle
-    app[QUEUES].lifecycle = lifecycle
     tasks = BackgroundTasks()
-    tasks.spawn(lifecycle.reap_forever(), "unload idle models")
+    for upstream in pool.upstreams:
+        tasks.spawn(upstream.lifecycle.reap_forever(), f"unload idle models of {upstream.name}")
     if config.preload:
-        tasks.spawn(lifecycle.preload(config.preload), "preload models")
-    try:
-        yield
-    finally:
-        await tasks.close()
-        await lifecycle.close()
+        tasks.spawn(pool.first.lifecycle.preload(config.preload), "preload models")
+    return tasks
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -226,12 +229,10 @@ async def _responses_ctx(app: web.Application) -> AsyncIterator[None]:
     service = ResponsesService(
         app[CONFIG],
         app[STORE],
-        app[UPSTREAM],
-        app[CATALOG],
+        app[UPSTREAMS],
         tasks,
         app[MCP],
         app[WORKER],
-        queues=app[QUEUES],
         usage=app[USAGE],
         metrics=app[METRICS],
     )

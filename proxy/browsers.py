@@ -24,7 +24,9 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 # Headers a browser app may read from lmbridge's answers besides the CORS-safe ones.
-EXPOSED_HEADERS = "X-Request-ID, X-LMBridge-Warning, X-MCP-Unavailable, Retry-After"
+EXPOSED_HEADERS = (
+    "X-Request-ID, X-LMBridge-Warning, X-LMBridge-Upstream, X-MCP-Unavailable, Retry-After"
+)
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE = "600"
 # Host values seen are remembered with their verdict; the header is the client's to

@@ -67,6 +67,8 @@ class ModelInfo:
     template: TemplateTraits | None = None
     # LM Studio 0.4+: the ids of the loaded instances (what an unload names).
     instances: tuple[str, ...] = ()
+    # The upstreams that list it, in the configuration's order (proxy/routing.py).
+    upstreams: tuple[str, ...] = ()
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -76,8 +78,8 @@ class ModelInfo:
         return self.type in ("llm", "vlm")
 
     def as_openai(self) -> dict[str, Any]:
-        """The OpenAI model object, with LM Studio's extra fields (clients ignore them)."""
-        return {
+        """The OpenAI model object with LM Studio's extra fields (clients ignore them)."""
+        entry = {
             "id": self.id,
             "object": "model",
             "created": 0,
@@ -87,6 +89,9 @@ class ModelInfo:
             "max_context_length": self.context_length,
             "supports_tools": self.tools,
         }
+        if self.upstreams:  # several upstreams: the ones that list it
+            entry["upstreams"] = list(self.upstreams)
+        return entry
 
     def tools_note(self) -> str | None:
         """Why offered tools do nothing with this model, or None when they may work."""
@@ -287,20 +292,26 @@ class ModelListReader:
     Tried in order: LM Studio 0.4+ (``/api/v1/models``), LM Studio 0.3.6+
     (``/api/v0/models``), then any OpenAI-compatible server (``/v1/models``).
     The dialect that worked is tried first next time, so a steady state costs
-    one upstream call per refresh.
+    one upstream call per refresh. ``kind`` (upstream.kind) narrows the dialects: the
+    native lists for lmstudio and auto only, ``/props`` for llamacpp always.
     """
 
     def __init__(
         self,
         get_json: Callable[[str], Awaitable[Any]],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        kind: str = "auto",
     ) -> None:
         self._get_json = get_json
         self._clock = clock
+        self._native = kind in ("auto", "lmstudio")
+        self._llamacpp = kind == "llamacpp"
         self.dialect: Dialect | None = None
 
     async def read(self) -> ModelList:
         order: list[Dialect] = ["lmstudio-v1", "lmstudio-v0", "openai"]
+        del order[: 0 if self._native else 2]
         if self.dialect is not None:
             order.remove(self.dialect)
             order.insert(0, self.dialect)
@@ -332,7 +343,7 @@ class ModelListReader:
         """A llama.cpp server of one model says in ``/props`` whether its chat template
         renders tools and how many requests it runs at once; other servers have no such
         page (and are not asked)."""
-        if len(models) != 1 or models[0].owned_by != "llamacpp":
+        if len(models) != 1 or not (self._llamacpp or models[0].owned_by == "llamacpp"):
             return models
         try:
             props = await self._get_json("/props")

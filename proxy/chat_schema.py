@@ -24,9 +24,8 @@ from proxy.chat_upstream import CHAT_PATH, request_bytes
 from proxy.errors import BadRequest, SchemaMismatch, UpstreamError
 from proxy.event_stream import EventStream
 from proxy.jsontext import dumps_bytes, loads
-from proxy.keys import CATALOG, CONFIG, METRICS, REQUEST_ID, SCHEMA, UPSTREAM
-from proxy.queues import Admission, note_wait
-from proxy.slots import INTERACTIVE
+from proxy.keys import CATALOG, CONFIG, METRICS, REQUEST_ID, SCHEMA
+from proxy.queues import note_wait
 from proxy.structured import (
     AnswerSchema,
     Outcome,
@@ -38,6 +37,7 @@ from proxy.structured import (
     plan_answer,
     summed_usage,
 )
+from proxy.upstreams import Route
 
 log = logging.getLogger("lmbridge.schema")
 
@@ -82,7 +82,7 @@ async def settle(
     body: dict[str, Any],
     content: bytes,
     model: str,
-    admission: Admission | None,
+    route: Route,
     normalise: Any,
     headers: dict[str, str],
 ) -> bytes:
@@ -103,7 +103,7 @@ async def settle(
             len(verdict.errors),
             extra={"fields": {"request_id": request[REQUEST_ID], "model": model}},
         )
-        again = await _ask_again(request, body, answer, verdict, admission, normalise, headers)
+        again = await _ask_again(request, body, answer, verdict, route, normalise, headers)
         again["usage"] = summed_usage(completion.get("usage"), again.get("usage"))
         completion, message = again, first_message(again)
         answer = message.get("content") if message is not None else None
@@ -141,7 +141,7 @@ async def _ask_again(
     body: dict[str, Any],
     answer: Any,
     verdict: Verdict,
-    admission: Admission | None,
+    route: Route,
     normalise: Any,
     headers: dict[str, str],
 ) -> dict[str, Any]:
@@ -149,12 +149,10 @@ async def _ask_again(
     slot of the model taken like the first (its place in line kept)."""
     follow = {**body, "messages": [*body["messages"], *feedback(answer, verdict)]}
     raw = request_bytes(follow, stream=False)
-    upstream = request.app[UPSTREAM]
-    async with admission or Admission(None, INTERACTIVE):
-        if admission is not None:
-            note_wait(request, admission)
-        resp = await upstream.open("POST", CHAT_PATH, body=raw, headers=headers, route=CHAT_PATH)
-        content = await upstream.read_body(resp)
+    async with route:
+        resp = await route.open("POST", CHAT_PATH, body=raw, headers=headers, route=CHAT_PATH)
+        content = await route.read_body(resp)
+    note_wait(request, route)
     return _completion(normalise(content))
 
 

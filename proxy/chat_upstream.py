@@ -1,6 +1,7 @@
 """Reading chat completions from the upstream as data, for lmbridge's own use
 (the Responses service and tool loops): a whole completion, or the chunks of a
-stream as dicts. The pass-through routes relay bytes instead (proxy/passthrough.py).
+stream as dicts, through the request's ``Route`` (the upstream it was sent to). The
+pass-through routes relay bytes instead (proxy/passthrough.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import aiohttp
 from proxy.errors import UpstreamError, UpstreamStatus
 from proxy.jsontext import dumps_bytes, loads
 from proxy.sse import SSEParser
-from proxy.upstream import UpstreamClient
+from proxy.upstreams import Route
 
 CHAT_PATH = "/v1/chat/completions"
 
 
-async def read_completion(upstream: UpstreamClient, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+async def read_completion(upstream: Route, resp: aiohttp.ClientResponse) -> dict[str, Any]:
     raw = await upstream.read_body(resp)
     try:
         completion = loads(raw)
@@ -31,7 +32,7 @@ async def read_completion(upstream: UpstreamClient, resp: aiohttp.ClientResponse
 
 
 async def read_chunks(
-    upstream: UpstreamClient, resp: aiohttp.ClientResponse
+    upstream: Route, resp: aiohttp.ClientResponse
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The chunks of a streamed reply; a reply that is not a stream (an upstream that
     ignored ``stream``) comes as one chunk."""
@@ -90,7 +91,7 @@ def request_bytes(body: dict[str, Any], *, stream: bool) -> bytes:
     return dumps_bytes(payload)
 
 
-async def complete(upstream: UpstreamClient, body: dict[str, Any], route: str) -> dict[str, Any]:
+async def complete(upstream: Route, body: dict[str, Any], route: str) -> dict[str, Any]:
     resp = await upstream.open(
         "POST", CHAT_PATH, body=request_bytes(body, stream=False), route=route
     )
@@ -98,7 +99,7 @@ async def complete(upstream: UpstreamClient, body: dict[str, Any], route: str) -
 
 
 async def stream(
-    upstream: UpstreamClient, body: dict[str, Any], route: str
+    upstream: Route, body: dict[str, Any], route: str
 ) -> AsyncGenerator[dict[str, Any], None]:
     resp = await upstream.open(
         "POST", CHAT_PATH, body=request_bytes(body, stream=True), route=route

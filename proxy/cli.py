@@ -58,6 +58,16 @@ def _add_config_flags(parser: argparse.ArgumentParser, *groups: str) -> None:
         )
 
 
+def _add_upstream_name(parser: argparse.ArgumentParser) -> None:
+    # Not dest "upstream": that one is the --upstream URL of the configuration flags.
+    parser.add_argument(
+        "--upstream",
+        dest="upstream_name",
+        metavar="NAME",
+        help="the [[upstreams]] entry to act on (default: the first that lists the model)",
+    )
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     flag = vars(args).get
     return {
@@ -116,12 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--ttl", metavar="S", help="unload it after this idle time (seconds or e.g. 30m)"
     )
+    _add_upstream_name(load)
     load.set_defaults(func=cmd_load)
     unload = commands.add_parser(
         "unload", help="have the running daemon unload a model (LM Studio 0.4+)"
     )
     _add_config_flags(unload, "listen")
     unload.add_argument("model", help="the model id (or an alias)")
+    _add_upstream_name(unload)
     unload.set_defaults(func=cmd_unload)
 
     mcp_list = commands.add_parser(
@@ -358,13 +370,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from proxy.model_commands import load
 
-    return load(_load(args), args.model, args.ttl)
+    return load(_load(args), args.model, args.ttl, args.upstream_name)
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
     from proxy.model_commands import unload
 
-    return unload(_load(args), args.model)
+    return unload(_load(args), args.model, args.upstream_name)
 
 
 def cmd_usage(args: argparse.Namespace) -> int:

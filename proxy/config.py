@@ -245,7 +245,21 @@ class ServerConfig(_Section):
         return value
 
 
+UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+UpstreamKind = Literal["auto", "lmstudio", "llamacpp", "ollama", "vllm", "openai"]
+
+
 class UpstreamConfig(_Section):
+    name: str = Field(
+        "default",
+        description="The upstream's name in logs, metrics, /readyz, the X-LMBridge-Upstream "
+        "header and usage records; required and unique in each [[upstreams]] entry.",
+    )
+    kind: UpstreamKind = Field(
+        "auto",
+        description="The kind of server (auto, lmstudio, llamacpp, ollama, vllm, openai): "
+        "which model lists are read. auto tries LM Studio's native lists, then /v1/models.",
+    )
     url: str = Field(
         "http://127.0.0.1:1234",
         description="Base URL of the OpenAI-compatible server (LM Studio, llama.cpp, Ollama, "
@@ -298,6 +312,16 @@ class UpstreamConfig(_Section):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return base_url(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not UPSTREAM_NAME.match(value):
+            raise ValueError(
+                "an upstream name is 1 to 64 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit"
+            )
+        return value
 
 
 # The per-model settings: in [models] as the defaults, in a [models."PATTERN"] table for
@@ -446,6 +470,11 @@ class ModelsConfig(_Section):
         "SSE comment line) so that clients do not time out.",
     )
     schema_retry: bool = Field(True, description=_SCHEMA_RETRY)
+    fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Models to try, in order, when no upstream can serve the model asked for "
+        '(e.g. { "qwen3-32b" = ["qwen3-8b"] }).',
+    )
 
     @property
     def tables(self) -> dict[str, ModelSettings]:
@@ -756,6 +785,10 @@ class Config(_Section):
     upstream: UpstreamConfig = Field(
         default_factory=UpstreamConfig, description="The local model server behind lmbridge."
     )
+    # [[upstreams]]: several model servers (file only, no environment variables).
+    upstreams: list[UpstreamConfig] = Field(
+        default_factory=list, description="Several model servers, each a [[upstreams]] table."
+    )
     models: ModelsConfig = Field(
         default_factory=ModelsConfig, description="Model list cache, default model, aliases."
     )
@@ -776,6 +809,33 @@ class Config(_Section):
     usage: UsageConfig = Field(
         default_factory=UsageConfig, description="Usage accounting and per-key quotas."
     )
+
+    @property
+    def upstream_list(self) -> list[UpstreamConfig]:
+        """The upstreams in configuration order: [[upstreams]], or the one [upstream]."""
+        return self.upstreams or [self.upstream]
+
+    @model_validator(mode="after")
+    def _one_form_of_upstreams(self) -> Config:
+        if not self.upstreams:
+            return self
+        if self.upstream.model_fields_set:
+            raise ValueError(
+                "[upstream] (or --upstream, LMBRIDGE_UPSTREAM_*) and [[upstreams]] are both "
+                "set; keep one: [[upstreams]] entries for several servers, [upstream] for one"
+            )
+        if self.embedded.enabled:
+            raise ValueError(
+                "embedded.enabled replaces the upstream; it cannot be used with [[upstreams]]"
+            )
+        seen: set[str] = set()
+        for number, entry in enumerate(self.upstreams, 1):
+            if "name" not in entry.model_fields_set:
+                raise ValueError(f"upstreams: entry {number} has no name")
+            if entry.name in seen:
+                raise ValueError(f"upstreams: entry {number} repeats the name {entry.name!r}")
+            seen.add(entry.name)
+        return self
 
     @model_validator(mode="after")
     def _cors_needs_keys(self) -> Config:
@@ -808,6 +868,7 @@ class Config(_Section):
 SECTIONS: dict[str, type[_Section]] = {
     name: info.annotation  # type: ignore[misc]
     for name, info in Config.model_fields.items()
+    if name != "upstreams"  # a list of tables, not a section
 }
 
 
@@ -1073,7 +1134,11 @@ def render_toml(config: Config) -> str:
     """The effective configuration as TOML, secrets masked."""
     lines: list[str] = []
     for section in SECTIONS:
+        if section == "upstream" and config.upstreams:
+            continue
         lines += _toml_table(section, getattr(config, section))
+    for entry in config.upstreams:
+        lines += ["[[upstreams]]", *_toml_table("upstreams", entry)[1:]]
     return "\n".join(lines)
 
 

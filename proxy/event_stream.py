@@ -33,7 +33,7 @@ from aiohttp import ClientConnectionResetError, WSCloseCode, web
 from multidict import CIMultiDict
 
 from proxy.jsontext import dumps
-from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, SCHEMA, WARNING
+from proxy.keys import CLIENT_GONE, CORS, OPEN_STREAM, REQUEST_ID, ROUTE, SCHEMA, WARNING
 from proxy.sse import DONE_EVENT, encode_event
 
 log = logging.getLogger("lmbridge.upstream")
@@ -42,6 +42,17 @@ Kind = Literal["chat", "responses"]
 REQUEST_ID_HEADER = "X-Request-ID"
 WARNING_HEADER = "X-LMBridge-Warning"
 SCHEMA_HEADER = "X-LMBridge-Schema"
+UPSTREAM_HEADER = "X-LMBridge-Upstream"
+
+
+def served_header(request: web.Request) -> str | None:
+    """X-LMBridge-Upstream: the upstream that served the request's model call, and the
+    model when a fallback model served it; None before any call was served."""
+    route = request.get(ROUTE)
+    if route is None or route.served is None:
+        return None
+    upstream, model = route.served
+    return upstream.name if model.id == route.model.id else f"{upstream.name}; model={model.id}"
 
 
 def stream_headers(request: web.Request) -> dict[str, str]:
@@ -52,6 +63,9 @@ def stream_headers(request: web.Request) -> dict[str, str]:
         headers[WARNING_HEADER] = request[WARNING]
     if SCHEMA in request:
         headers[SCHEMA_HEADER] = request[SCHEMA]
+    served = served_header(request)
+    if served is not None:
+        headers[UPSTREAM_HEADER] = served
     cors = request.get(CORS)
     if cors is not None:
         headers.update(cors)

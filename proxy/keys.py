@@ -28,16 +28,22 @@ if TYPE_CHECKING:
     from proxy.responses.websocket import Connection
     from proxy.tasks import BackgroundTasks, WorkerThread
     from proxy.upstream import UpstreamClient
+    from proxy.upstreams import Route, UpstreamPool
     from proxy.usage_recorder import UsageRecorder
     from storage.sqlite import SQLiteStore
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+# Every upstream (proxy/upstreams.py): where each model call is routed.
+UPSTREAMS: web.AppKey[UpstreamPool] = web.AppKey("upstreams")
+# The first upstream's client (the only one with a single upstream).
 UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
+# The model catalogue: the union of the upstreams' lists.
 CATALOG: web.AppKey[ModelCatalog] = web.AppKey("catalog")
-# Each model's concurrency limit and the requests waiting for it.
+# The first upstream's model queues: each model's concurrency limit and the requests
+# waiting for it (each upstream has its own, UpstreamPool).
 QUEUES: web.AppKey[ModelQueues] = web.AppKey("queues")
-# Loading and unloading the upstream's models (proxy/lifecycle.py).
+# Loading and unloading the first upstream's models (proxy/lifecycle.py).
 LIFECYCLE: web.AppKey[ModelLifecycle] = web.AppKey("lifecycle")
 STORE: web.AppKey[SQLiteStore] = web.AppKey("store")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
@@ -66,6 +72,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
 # The upstream model a request was resolved to, for logs and metrics.
 MODEL = web.RequestKey("model", str)
+# The model calls of a request (proxy/upstreams.py): the upstream that served it and the
+# failed attempts before (the X-LMBridge-Upstream header, the log line's upstream, hops).
+ROUTE: web.RequestKey[Route] = web.RequestKey("route")
 # Seconds a request waited in its model's queue, when it had to (the log line's queued_ms).
 QUEUED = web.RequestKey("queued", float)
 # Seconds a request waited for its model to load, when it had to (load_wait_ms).

@@ -217,6 +217,14 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.upstream_fallbacks = Counter(
+            "lmbridge_upstream_fallbacks",
+            "Model calls moved to another upstream or fallback model, by the upstream that "
+            "failed, the one tried next and why (a status, upstream_unavailable, "
+            "circuit_open, model_load_failed, ...).",
+            ["from", "to", "reason"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "lmbridge_circuit_state",
             "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",

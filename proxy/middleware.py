@@ -32,9 +32,11 @@ from proxy.errors import (
 from proxy.event_stream import (
     REQUEST_ID_HEADER,
     SCHEMA_HEADER,
+    UPSTREAM_HEADER,
     WARNING_HEADER,
     EventStream,
     RelayedStream,
+    served_header,
 )
 from proxy.keys import (
     API_KEYS,
@@ -52,6 +54,7 @@ from proxy.keys import (
     RELAYED,
     REQUEST_ID,
     REQUEST_LOG,
+    ROUTE,
     SCHEMA,
     STARTED,
     USAGE,
@@ -153,6 +156,9 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
                 response.headers[WARNING_HEADER] = request[WARNING]
             if SCHEMA in request:
                 response.headers[SCHEMA_HEADER] = request[SCHEMA]
+            served = served_header(request)
+            if served is not None:
+                response.headers[UPSTREAM_HEADER] = served
             cors = request.get(CORS)
             if cors is not None:
                 response.headers.update(cors)
@@ -164,6 +170,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
         model = request.get(MODEL, "-")
         metrics.count_request(route, model, status, elapsed)
         metered = request.get(METERED)
+        routed = request.get(ROUTE)
         if metered is not None:
             app[USAGE].ended(
                 metered,
@@ -172,6 +179,7 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
                 status=status,
                 error_code=error_code if isinstance(error_code, str) else None,
                 seconds=elapsed,
+                upstream=routed.upstream_name if routed is not None else None,
             )
         request_log = app[REQUEST_LOG]
         if request_log.enabled and route not in _QUIET_ROUTES:
@@ -189,6 +197,10 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
                 line["load_wait_ms"] = round(request[LOAD_WAIT] * 1000, 2)
             if SCHEMA in request:
                 line["schema"] = request[SCHEMA]
+            if routed is not None and routed.served is not None:
+                line["upstream"] = routed.served[0].name
+            if routed is not None and routed.hops:
+                line["hops"] = routed.hops
             request_log.write(line)
 
 

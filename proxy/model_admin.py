@@ -1,7 +1,9 @@
 """The admin routes of the upstream's models, behind ``lmbridge ps``, ``load`` and
 ``unload``: ``GET /v1/lmbridge/models`` (what is loaded, by whom, idle for how long, the
 requests running and queued), ``POST /v1/lmbridge/models/load {model, ttl?}`` and
-``POST /v1/lmbridge/models/unload {model}``.
+``POST /v1/lmbridge/models/unload {model}``. With several upstreams the list has each
+upstream's models (an ``upstream`` field), and a load or unload goes to the ``upstream``
+named, else to the first that lists the model.
 
 Like every /v1 route they need an API key when keys are configured, and the middleware's
 browser checks apply: a page of another origin is refused, and a POST must carry a JSON
@@ -18,8 +20,9 @@ from proxy.catalog import ModelInfo
 from proxy.config import parse_duration
 from proxy.errors import BadRequest
 from proxy.jsontext import json_type
-from proxy.keys import CATALOG, LIFECYCLE, MODEL, QUEUES
+from proxy.keys import MODEL, UPSTREAMS
 from proxy.passthrough import read_json_object
+from proxy.upstreams import Upstream
 
 ADMIN_PATH = "/v1/lmbridge/models"
 
@@ -31,31 +34,34 @@ def add_routes(app: web.Application) -> None:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    await request.app[CATALOG].get()
-    lifecycle = request.app[LIFECYCLE]
-    queues = request.app[QUEUES].status()
+    pool = request.app[UPSTREAMS]
+    await pool.catalog.get()
     data = []
-    for entry in lifecycle.loaded():
-        queue = queues.get(entry["model"], {})
-        entry["running"] = queue.get("running", 0)
-        entry["queued"] = queue.get("queued", 0)
-        data.append(entry)
-    return web.json_response({"object": "list", "data": data, "loads_models": lifecycle.active})
+    for upstream in pool.upstreams:
+        queues = upstream.queues.status()
+        for entry in upstream.lifecycle.loaded():
+            queue = queues.get(entry["model"], {})
+            entry["upstream"] = upstream.name
+            entry["running"] = queue.get("running", 0)
+            entry["queued"] = queue.get("queued", 0)
+            data.append(entry)
+    loads = any(u.lifecycle.active for u in pool.upstreams)
+    return web.json_response({"object": "list", "data": data, "loads_models": loads})
 
 
 async def load_model(request: web.Request) -> web.Response:
-    body = await _admin_body(request, ("model", "ttl"))
+    body = await _admin_body(request, ("model", "ttl", "upstream"))
     ttl = _ttl(body.get("ttl"))
-    model = await _model(request, body)
-    return web.json_response(await request.app[LIFECYCLE].load(model, ttl))
+    upstream, model = await _target(request, body)
+    entry = await upstream.lifecycle.load(model, ttl)
+    return web.json_response({**entry, "upstream": upstream.name})
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    body = await _admin_body(request, ("model",))
-    model = await _model(request, body)
-    lifecycle = request.app[LIFECYCLE]
-    await lifecycle.unload(model)
-    return web.json_response(lifecycle.describe(model.id))
+    body = await _admin_body(request, ("model", "upstream"))
+    upstream, model = await _target(request, body)
+    await upstream.lifecycle.unload(model)
+    return web.json_response({**upstream.lifecycle.describe(model.id), "upstream": upstream.name})
 
 
 async def _admin_body(request: web.Request, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -69,14 +75,24 @@ async def _admin_body(request: web.Request, fields: tuple[str, ...]) -> dict[str
     return body
 
 
-async def _model(request: web.Request, body: dict[str, Any]) -> ModelInfo:
+async def _target(request: web.Request, body: dict[str, Any]) -> tuple[Upstream, ModelInfo]:
+    """The upstream and model an admin action is for: the upstream named, else the first
+    that lists the model; the model as that upstream lists it."""
     name = body.get("model")
     if not isinstance(name, str) or not name:
         shown = "missing" if name is None else json_type(name)
         raise BadRequest(f"'model' must be a model id (a string), not {shown}.", param="model")
-    model = await request.app[CATALOG].resolve(name, "any")
+    pool = request.app[UPSTREAMS]
+    wanted = body.get("upstream")
+    if wanted is not None and (not isinstance(wanted, str) or wanted not in pool.by_name):
+        raise BadRequest(
+            f"'upstream' must name one of the upstreams: {', '.join(pool.by_name)}.",
+            param="upstream",
+        )
+    model = await pool.catalog.resolve(name, "any")
     request[MODEL] = model.id
-    return model
+    upstream = pool.upstream_of(wanted, model)
+    return upstream, upstream.listed(model.id) or model
 
 
 def _ttl(value: Any) -> float | None:

@@ -31,13 +31,20 @@ def ps(config: Config, *, as_json: bool) -> int:
 
 
 def render_ps(entries: list[dict[str, Any]]) -> str:
-    """The models of /v1/lmbridge/models as a table."""
-    rows = [("MODEL", "STATE", "LOADED BY", "IDLE", "TTL", "RUNNING", "QUEUED")]
+    """The models of /v1/lmbridge/models as a table; an UPSTREAM column when there are
+    several ([[upstreams]]: none is the shorthand's "default")."""
+    several = any(e.get("upstream", "default") != "default" for e in entries)
+    where_head = ("UPSTREAM",) if several else ()
+    rows: list[tuple[str, ...]] = [
+        ("MODEL", *where_head, "STATE", "LOADED BY", "IDLE", "TTL", "RUNNING", "QUEUED")
+    ]
     for e in entries:
         idle, ttl = e.get("idle_seconds"), e.get("ttl")
+        where = (str(e.get("upstream") or "-"),) if several else ()
         rows.append(
             (
                 str(e["model"]),
+                *where,
                 str(e.get("state", "-")),
                 str(e.get("loaded_by") or "-"),
                 "-" if idle is None else f"{idle:g}s",
@@ -55,21 +62,25 @@ def render_ps(entries: list[dict[str, Any]]) -> str:
     )
 
 
-def load(config: Config, model: str, ttl: str | None) -> int:
+def load(config: Config, model: str, ttl: str | None, upstream: str | None = None) -> int:
     body: dict[str, Any] = {"model": model}
     if ttl is not None:
         body["ttl"] = ttl
+    if upstream is not None:
+        body["upstream"] = upstream
     entry = _ask(config, ADMIN_PATH + "/load", body)
     if entry is None:
         return EXIT_FAILURE
     took = entry.get("load_seconds")
     how = f" in {took:g}s" if took is not None and entry.get("loaded_by") == "lmbridge" else ""
-    sys.stdout.write(f"{entry['model']} loaded{how} (by {entry.get('loaded_by')})\n")
+    where = f" on {entry['upstream']}" if upstream is not None else ""
+    sys.stdout.write(f"{entry['model']} loaded{where}{how} (by {entry.get('loaded_by')})\n")
     return 0
 
 
-def unload(config: Config, model: str) -> int:
-    entry = _ask(config, ADMIN_PATH + "/unload", {"model": model})
+def unload(config: Config, model: str, upstream: str | None = None) -> int:
+    body = {"model": model} if upstream is None else {"model": model, "upstream": upstream}
+    entry = _ask(config, ADMIN_PATH + "/unload", body)
     if entry is None:
         return EXIT_FAILURE
     sys.stdout.write(f"{entry['model']} unloaded\n")

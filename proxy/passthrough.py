@@ -56,10 +56,10 @@ from proxy.keys import (
     METRICS,
     MODEL,
     OWNER,
-    QUEUES,
     REQUEST_ID,
+    ROUTE,
     STARTED,
-    UPSTREAM,
+    UPSTREAMS,
     WARNING,
     WORKER,
 )
@@ -70,6 +70,7 @@ from proxy.profiles import with_switches
 from proxy.queues import note_wait
 from proxy.sse import DONE_EVENT
 from proxy.tool_prompt import describe_tools
+from proxy.upstreams import Route, UpstreamPool
 
 log = logging.getLogger("lmbridge.upstream")
 
@@ -211,11 +212,14 @@ async def forward(
     model = await catalog.resolve(body.get("model"), purpose)
     request[MODEL] = model.id
     request[METERED] = metered = Metered(_APIS[path])
-    lifecycle = request.app[QUEUES].loader()
-    if lifecycle is not None:
+    pool = request.app[UPSTREAMS]
+    route = request[ROUTE] = pool.route(model, pool.first.queues.priority(request[OWNER]))
+    loaders = pool.loaders(model)
+    if loaders:
         ttl = request_ttl(body)
         if ttl is not None:
-            lifecycle.set_ttl(model.id, ttl)
+            for lifecycle in loaders:
+                lifecycle.set_ttl(model.id, ttl)
             # Ollama's field, which lmbridge honoured; LM Studio's own ttl goes on.
             if body.pop("keep_alive", None) is not None:
                 raw = b""
@@ -250,36 +254,27 @@ async def forward(
         # the event loop (0.1 s); the worker frees them a slice at a time.
         await request.app[WORKER].run(partial(free_in_pieces, body))
 
-    # A model with a limit: a slot, held until the answer is read whole, a stream to its
-    # end. Without one (no queue), the path is what it was before queues, one lookup.
-    # A model the upstream must load first: loaded in acquire, while a stream's client
-    # gets keep-alive comments.
-    admission = None
+    # The route takes a slot of the model where it sends the call (a model with a limit),
+    # held until the answer is read whole, a stream to its end; a model that upstream
+    # must load first is loaded there, while a stream's client gets keep-alive comments.
     early: EventStream | None = None
-    queues = request.app[QUEUES]
-    queue = queues.get(model)
-    if queue is not None or lifecycle is not None:
-        admission = queues.admission(model, queues.priority(request[OWNER]))
-        if admission.lifecycle is not None and body.get("stream") is True:
-            early = EventStream(request, "chat")
-            admission.keepalive = partial(early.send_bytes, loading_comment(model.id))
-        try:
-            await admission.acquire()
-        finally:
-            note_wait(request, admission)
-    upstream = request.app[UPSTREAM]
-    headers = _upstream_headers(request)
+    if loaders and body.get("stream") is True:
+        early = EventStream(request, "chat")
+        route.keepalive = partial(early.send_bytes, loading_comment(model.id))
+    headers = _upstream_headers(request, pool)
     try:
-        resp = await upstream.open("POST", path, body=raw, headers=headers, route=path)
+        try:
+            resp = await route.open("POST", path, body=raw, headers=headers, route=path)
+        finally:
+            note_wait(request, route)
         streamed = resp.content_type == "text/event-stream" and structured is None
         if streamed or (early is not None and early.opened):
             editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
             opened = early if early is not None and early.opened else None
-            return await relay_stream(request, resp, model.id, editor, opened)
-        content = await upstream.read_body(resp)
+            return await relay_stream(request, resp, model.id, route, editor, opened)
+        content = await route.read_body(resp)
     finally:
-        if admission is not None:
-            admission.release()
+        route.release()
     if output.active and resp.status == 200:
         content = normalised(content, output)
     if structured is not None:
@@ -289,7 +284,7 @@ async def forward(
             body,
             content,
             model.id,
-            admission,
+            route,
             partial(normalised, output=output),
             headers,
         )
@@ -346,6 +341,7 @@ async def relay_stream(
     request: web.Request,
     resp: aiohttp.ClientResponse,
     model: str,
+    route: Route,
     editor: ChatStreamEditor | None = None,
     stream: EventStream | None = None,
 ) -> web.StreamResponse:
@@ -357,7 +353,7 @@ async def relay_stream(
     ``[DONE]`` gets one; a stream broken off before its ``finish_reason`` ends
     with an error event, which the OpenAI SDKs raise as an exception.
     """
-    upstream = request.app[UPSTREAM]
+    upstream = route  # reads through the client of the upstream that answered
     metrics = request.app[METRICS]
     if stream is None:
         stream = EventStream(request, "chat", _client_headers(resp), status=resp.status)
@@ -423,12 +419,13 @@ async def relay_stream(
     return stream.response
 
 
-def _upstream_headers(request: web.Request) -> dict[str, str]:
+def _upstream_headers(request: web.Request, pool: UpstreamPool) -> dict[str, str]:
     headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
     # A transparent proxy passes the client's own upstream token on, unless
     # lmbridge checks client keys (then the header holds lmbridge's key) or
-    # has an upstream key of its own (UpstreamClient adds it).
-    if not request.app[API_KEYS] and request.app[UPSTREAM].config.api_key is None:
+    # has an upstream key of its own (UpstreamClient adds it), or the request may go
+    # to one of several upstreams (a token is for one server).
+    if not request.app[API_KEYS] and len(pool.upstreams) == 1 and pool.first.config.api_key is None:
         auth = request.headers.get("Authorization")
         if auth:
             headers["Authorization"] = auth

@@ -25,7 +25,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -111,7 +111,20 @@ class Admission:
             self.lifecycle.leave(self.model.id)
 
 
-def note_wait(request: web.Request, admission: Admission) -> None:
+class Waited(Protocol):
+    """What waited for a model: an ``Admission``, or a request's ``upstreams.Route``."""
+
+    @property
+    def queued(self) -> bool: ...
+
+    @property
+    def waited(self) -> float: ...
+
+    @property
+    def load_wait(self) -> float: ...
+
+
+def note_wait(request: web.Request, admission: Waited) -> None:
     """The time a request waited in its model's queue, when it did: its log line's
     ``queued_ms``; and for its model to load: ``load_wait_ms``."""
     if admission.queued:

@@ -40,10 +40,10 @@ from proxy.keys import (
     METERED,
     MODEL,
     OWNER,
-    QUEUES,
     RELAYED,
     REQUEST_ID,
-    UPSTREAM,
+    ROUTE,
+    UPSTREAMS,
     WORKER,
 )
 from proxy.passthrough import LARGE_BODY, parse_json, read_body, serialise
@@ -54,6 +54,8 @@ from proxy.relay_rules import (
     client_headers,
     upstream_headers,
 )
+from proxy.upstream import UpstreamClient
+from proxy.upstreams import Route
 
 # What a relayed answer may not do in a browser: run as a page of lmbridge's origin,
 # which web pages of that origin may call (docs/operations.md, "Security model").
@@ -67,24 +69,29 @@ async def forward(request: web.Request) -> web.StreamResponse:
     model, raw = await _check_model(request, raw)
     if model is not None:
         request[METERED] = Metered("relay")
-    queues = request.app[QUEUES]
-    if model is None or (queues.get(model) is None and queues.loader() is None):
-        return await _send(request, raw)  # no model named, or one without a limit
-    admission = queues.admission(model, queues.priority(request[OWNER]))
+    pool = request.app[UPSTREAMS]
+    if model is None:
+        return await _send(request, raw, pool.first.client)  # no model: the first upstream
+    route = request[ROUTE] = pool.route(model, pool.first.queues.priority(request[OWNER]))
     try:
-        async with admission:  # held until the answer is relayed whole
-            return await _send(request, raw)
+        async with route:  # its slot held until the answer is relayed whole
+            return await _send(request, raw, route)
     finally:
-        note_wait(request, admission)
+        note_wait(request, route)
 
 
-async def _send(request: web.Request, raw: bytes) -> web.StreamResponse:
-    upstream = request.app[UPSTREAM]
+async def _send(
+    request: web.Request, raw: bytes, upstream: Route | UpstreamClient
+) -> web.StreamResponse:
+    pool = request.app[UPSTREAMS]
     url = request.rel_url  # never the host of an absolute-form request target
     target = url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
     headers = upstream_headers(
         request.headers.items(),
-        pass_credentials=not request.app[API_KEYS] and upstream.config.api_key is None,
+        # A client's token is for one server: passed on only when there is one.
+        pass_credentials=not request.app[API_KEYS]
+        and len(pool.upstreams) == 1
+        and pool.first.config.api_key is None,
     )
     headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
     resp = await upstream.open(
@@ -95,7 +102,7 @@ async def _send(request: web.Request, raw: bytes) -> web.StreamResponse:
         route=request[RELAYED],
         idempotent=request.method in IDEMPOTENT_METHODS,
     )
-    return await _relay_answer(request, resp)
+    return await _relay_answer(request, resp, upstream)
 
 
 async def _check_model(request: web.Request, raw: bytes) -> tuple[ModelInfo | None, bytes]:
@@ -122,7 +129,9 @@ async def _check_model(request: web.Request, raw: bytes) -> tuple[ModelInfo | No
     return model, raw
 
 
-async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay_answer(
+    request: web.Request, resp: aiohttp.ClientResponse, upstream: Route | UpstreamClient
+) -> web.StreamResponse:
     """The upstream's answer written to the client as it arrives."""
     length = resp.content_length if "Content-Encoding" not in resp.headers else None
     stream = RelayedStream(
@@ -136,7 +145,7 @@ async def _relay_answer(request: web.Request, resp: aiohttp.ClientResponse) -> w
     tail = b""
     try:
         await stream.open()
-        async with contextlib.aclosing(request.app[UPSTREAM].iter_chunks(resp)) as chunks:
+        async with contextlib.aclosing(upstream.iter_chunks(resp)) as chunks:
             async for chunk in chunks:
                 await stream.send_bytes(chunk)
                 if metered is not None:

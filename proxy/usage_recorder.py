@@ -77,13 +77,14 @@ class UsageRecorder:
         status: int,
         error_code: str | None,
         seconds: float,
+        upstream: str | None = None,
     ) -> None:
         """A metered request ended with ``status`` (its error's code, if any) after
         ``seconds``."""
         outcome, code = outcome_of(status, metered.error_code or error_code)
-        ttft = metered.ttft
+        tokens, ttft = metered.tokens, metered.ttft
         self._record(
-            owner, model, metered.api, outcome, status, code, metered.tokens, seconds, ttft
+            owner, model, metered.api, outcome, status, code, tokens, seconds, ttft, upstream
         )
 
     def response_ended(
@@ -95,12 +96,13 @@ class UsageRecorder:
         seconds: float,
         ttft: float | None,
         api: Api = "responses",
+        upstream: str | None = None,
     ) -> None:
         """A Response reached its end (completed, incomplete, failed or cancelled)."""
         outcome, code = responses_outcome(response)
         status = {"ok": 200, "cancelled": 499}.get(outcome, 500)
         tokens = tokens_of(response.get("usage"))
-        self._record(owner, model, api, outcome, status, code, tokens, seconds, ttft)
+        self._record(owner, model, api, outcome, status, code, tokens, seconds, ttft, upstream)
 
     def _record(
         self,
@@ -113,6 +115,7 @@ class UsageRecorder:
         tokens: Tokens,
         seconds: float,
         ttft: float | None,
+        upstream: str | None,
     ) -> None:
         prompt, cached, completion, reasoning = tokens
         self.add(
@@ -120,7 +123,7 @@ class UsageRecorder:
                 ts=self.clock(),
                 owner=owner,
                 model=model,
-                upstream=self.upstream,
+                upstream=upstream or self.upstream,
                 api=api,
                 outcome=outcome,
                 status=status,

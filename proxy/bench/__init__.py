@@ -58,11 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["passthrough", "responses", "mcp", "agent", "output", "lifecycle"],
-        default=["passthrough", "responses", "mcp", "agent", "output", "lifecycle"],
+        choices=["passthrough", "responses", "mcp", "agent", "output", "lifecycle", "routing"],
+        default=["passthrough", "responses", "mcp", "agent", "output", "lifecycle", "routing"],
         help="what to measure (output: streamed chat with text calls and <think> read, "
         "against the same with the reading off; lifecycle: --concurrency first requests "
-        "for a model LM Studio loads in 2 s)",
+        "for a model LM Studio loads in 2 s; routing: pass-through with two upstreams against "
+        "one)",
     )
     parser.add_argument(
         "--real",

@@ -50,6 +50,7 @@ from proxy.bench.processes import (
     wait_ready,
     writer_processes,
 )
+from proxy.bench.routing import measure_routing
 from proxy.bench.upstream import BENCH_MODEL, REPLY_TEXT
 
 # --- load generation ------------------------------------------------------
@@ -429,6 +430,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results += await measure_model_output(setup)
             if "lifecycle" in args.only:
                 results += await measure_lifecycle(args, tmp)
+            if "routing" in args.only:
+                results += await measure_routing(setup, tmp)
             async with session.get(upstream_url + "/bench/stats") as resp:
                 upstream_stats = await resp.json()
     finally:

@@ -20,7 +20,7 @@ from proxy.catalog import ModelInfo
 from proxy.chat_output import mcp_text_calls
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
-from proxy.keys import CONFIG, MCP, METERED, METRICS, OWNER, QUEUES, TURNS, UPSTREAM
+from proxy.keys import CONFIG, MCP, METERED, METRICS, OWNER, ROUTE, TURNS
 from proxy.mcp.loop import LoopResult, StreamChat, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.policy import LIMIT_NOTE
@@ -28,7 +28,7 @@ from proxy.mcp.results import ToolOutput
 from proxy.profiles import ModelProfile
 from proxy.queues import note_wait
 
-ROUTE = "/v1/chat/completions"
+ROUTE_LABEL = "/v1/chat/completions"
 # Names the requested servers that were not connected (their tools were not offered).
 UNAVAILABLE_HEADER = "X-MCP-Unavailable"
 
@@ -43,7 +43,6 @@ async def chat_with_tools(
 ) -> web.StreamResponse:
     profile = profile or ModelProfile()
     servers = request.app[MCP]
-    upstream = request.app[UPSTREAM]
     settings = request.app[CONFIG]
     config = settings.mcp
     offer = await servers.offer(selection)
@@ -72,16 +71,16 @@ async def chat_with_tools(
     async def call_tool(ref: ToolRef, arguments: dict[str, Any]) -> ToolOutput:
         return await servers.call(ref, arguments, images=images)
 
-    # One place in its model's queue for the whole loop, a slot for each model call only.
-    queues = request.app[QUEUES]
-    admission = queues.admission(model, queues.priority(request[OWNER]))
+    # One place in its model's queue for the whole loop, a slot for each model call only;
+    # the rounds go where the first was served (the request's route, passthrough.forward).
+    route = request[ROUTE]
 
     async def complete(b: dict[str, Any]) -> dict[str, Any]:
-        async with admission:
-            return await chat_upstream.complete(upstream, b, ROUTE)
+        async with route:
+            return await chat_upstream.complete(route, b, ROUTE_LABEL)
 
     async def stream(b: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        async with admission, contextlib.aclosing(chat_upstream.stream(upstream, b, ROUTE)) as c:
+        async with route, contextlib.aclosing(chat_upstream.stream(route, b, ROUTE_LABEL)) as c:
             async for chunk in c:
                 yield chunk
 
@@ -106,7 +105,7 @@ async def chat_with_tools(
             return web.json_response(result.completion, headers=headers)
         return await _stream(request, body, loop, stream, model.id, headers, sent, last_sent)
     finally:
-        note_wait(request, admission)
+        note_wait(request, route)
 
 
 def _names(tools: list[Any]) -> frozenset[str]:

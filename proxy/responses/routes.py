@@ -24,6 +24,7 @@ from proxy.keys import (
     MODEL,
     OWNER,
     RESPONSES,
+    ROUTE,
     SCHEMA,
     WARNING,
 )
@@ -89,6 +90,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     run = await service.create(body, request[OWNER])
     prepared = run.prepared
     request[MODEL] = prepared.model.id
+    request[ROUTE] = run.route
     offers = (prepared.tools.tools or prepared.mcp) and not prepared.profile.describe_tools
     if offers and (warning := request.app[CATALOG].tools_warning(prepared.model)):
         request[WARNING] = warning
@@ -103,11 +105,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         stream = EventStream(request, "responses")
         await stream.open()
         # Comments while the model loads: after response.in_progress, before the output.
-        run.admission.keepalive = partial(stream.send_bytes, loading_comment(prepared.model.id))
+        run.route.keepalive = partial(stream.send_bytes, loading_comment(prepared.model.id))
         await service.execute(run, stream.send)
         return await stream.finish()
     finally:
-        note_wait(request, run.admission)
+        note_wait(request, run.route)
         if run.schema_outcome is not None:
             request[SCHEMA] = run.schema_outcome
 

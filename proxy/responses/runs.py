@@ -12,7 +12,6 @@ from typing import Any
 
 from proxy.catalog import ModelInfo
 from proxy.profiles import ModelProfile
-from proxy.queues import Admission
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationTurn
 from proxy.responses.mcp_items import McpTarget
@@ -20,8 +19,8 @@ from proxy.responses.mcp_tools import McpSetup
 from proxy.responses.output_items import Event
 from proxy.responses.render import ChatTools
 from proxy.responses.request import CreateRequest
-from proxy.slots import INTERACTIVE
 from proxy.structured import AnswerSchema
+from proxy.upstreams import Route
 from storage.records import StoredItem
 
 # Where the events of a response go: an SSE writer, a background run's log, nothing.
@@ -68,6 +67,9 @@ class ResponseRun:
     prepared: Prepared
     builder: ResponseBuilder
     created_at: int
+    # Where its model calls go, and its claim on the model's slots there, entered
+    # around each call (proxy/upstreams.py).
+    route: Route
     events: list[Event] = field(default_factory=list)
     finished: bool = False
     task: asyncio.Task[Any] | None = None
@@ -87,11 +89,6 @@ class ResponseRun:
     turn: ConversationTurn | None = None
     # Whether the answer validated against text.format's schema ("valid", "invalid").
     schema_outcome: str | None = None
-    # Its claim on the model's slots, entered around each upstream call (none: no limit).
-    admission: Admission = field(default_factory=lambda: Admission(None, INTERACTIVE))
-    # Run once, when the response first holds a slot of its model: a background
-    # response stays queued while it waits in the model's queue, then runs.
-    on_admitted: Callable[[], Awaitable[None]] | None = None
     _changed: asyncio.Condition | None = None
     _settled: asyncio.Event | None = None
 
@@ -116,12 +113,6 @@ class ResponseRun:
     @property
     def response(self) -> dict[str, Any]:
         return self.builder.response
-
-    async def admitted(self) -> None:
-        """The response holds a slot of its model (or needs none any more)."""
-        hook, self.on_admitted = self.on_admitted, None
-        if hook is not None:
-            await hook()
 
     async def record(self, events: list[Event]) -> None:
         """The sink of a background response: keep the events, wake the readers."""

@@ -22,7 +22,6 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
-from proxy.catalog import ModelCatalog
 from proxy.chat_output import ChatOutput, function_names, mcp_text_calls, output_for
 from proxy.config import Config
 from proxy.errors import BadRequest
@@ -32,7 +31,6 @@ from proxy.lifecycle import request_ttl
 from proxy.mcp.servers import MCPServers
 from proxy.metrics import Metrics
 from proxy.profiles import with_switches
-from proxy.queues import ModelQueues
 from proxy.responses import compaction, render
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationClaims
@@ -60,7 +58,7 @@ from proxy.responses.upstream_turn import (
 )
 from proxy.structured import plan_answer
 from proxy.tasks import BackgroundTasks, WorkerThread
-from proxy.upstream import UpstreamClient
+from proxy.upstreams import UpstreamPool
 from proxy.usage import usage_from_chat
 from proxy.usage_recorder import UsageRecorder
 from storage.records import ResponseStore
@@ -73,13 +71,11 @@ class ResponsesService:
         self,
         config: Config,
         store: ResponseStore,
-        upstream: UpstreamClient,
-        catalog: ModelCatalog,
+        upstreams: UpstreamPool,
         tasks: BackgroundTasks,
         mcp: MCPServers,
         worker: WorkerThread,
         *,
-        queues: ModelQueues,
         usage: UsageRecorder | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
@@ -87,17 +83,18 @@ class ResponsesService:
     ) -> None:
         self.config = config
         self.store = store
-        self.upstream = upstream
-        self.catalog = catalog
+        self.upstreams = upstreams
+        self.catalog = upstreams.catalog
         self.tasks = tasks
         self.clock = clock
         self.ids = ids
         # Background runs not yet stored in their final state: running, or unstored.
         self.running: dict[str, ResponseRun] = {}
         self.mcp = mcp
-        self.queues = queues
+        # Priorities are the same on every upstream; the first's queues answer them.
+        self.queues = upstreams.first.queues
         self.usage = usage
-        self.rounds = ResponseRounds(upstream, mcp, config.mcp, metrics)
+        self.rounds = ResponseRounds(mcp, config.mcp, metrics)
         self.claims = ConversationClaims(store, tasks, lambda: self.clock())
         self.worker = worker
         self.recorder = ResponseRecorder(
@@ -160,7 +157,7 @@ class ResponsesService:
         if request.generate:
             # A full queue refuses now, as a plain 429, before a stream opens or a
             # background response is acknowledged.
-            self.queues.check_room(prepared.model)
+            self.upstreams.check_room(prepared.model)
         created_at = int(self.clock())
         response = response_object(
             request, response_id=response_id, model=prepared.model.id, created_at=created_at
@@ -181,7 +178,7 @@ class ResponsesService:
             prepared,
             builder,
             created_at,
-            admission=self.queues.admission(prepared.model, priority),
+            route=self.upstreams.route(prepared.model, priority),
         )
         if request.background:
             await run.record(builder.start(queued=True))
@@ -310,6 +307,7 @@ class ResponsesService:
                     model=run.prepared.model.id,
                     seconds=time.perf_counter() - started,
                     ttft=first[0] if first else None,
+                    upstream=run.route.upstream_name,
                 )
 
     async def _execute(self, run: ResponseRun, sink: Sink) -> dict[str, Any]:
@@ -324,10 +322,10 @@ class ResponsesService:
                 if run.cancel_requested:  # cancelled before it ran
                     raise asyncio.CancelledError
                 # Queued until it holds a slot of its model.
-                run.on_admitted = partial(self._running, run, sink)
+                run.route.on_admitted = partial(self._running, run, sink)
             if request.generate:
                 await self.rounds.run(run, sink, streamed)
-            await run.admitted()  # a turn that called no model ran all the same
+            await run.route.admitted()  # a turn that called no model ran all the same
             final = builder.finish()
         except asyncio.CancelledError:
             if request.background and not run.cancel_requested:
@@ -464,14 +462,14 @@ class ResponsesService:
         messages = render.join_message_arrays(
             [dumps(prepared.system), *fit_history(prepared), dumps(prepared.new_messages)]
         )
-        async with self.queues.admission(prepared.model, self.queues.priority(owner)):
-            resp = await self.upstream.open(
+        async with self.upstreams.route(prepared.model, self.queues.priority(owner)) as route:
+            resp = await route.open(
                 "POST",
                 CHAT_PATH,
                 body=render.chat_body_bytes(settings, messages, stream=False),
                 route=ROUTE,
             )
-            completion = loads(await self.upstream.read_body(resp) or b"{}")
+            completion = loads(await route.read_body(resp) or b"{}")
         usage = usage_from_chat(completion.get("usage") if isinstance(completion, dict) else None)
         if usage and usage["input_tokens"]:
             return int(usage["input_tokens"])
@@ -483,11 +481,11 @@ class ResponsesService:
             raise BadRequest("Missing required parameter: 'model'.", param="model")
         body = {**body, "stream": False, "background": False, "store": False, "tools": []}
         prepared = await self.prepare(await self.parse(body), owner)
-        async with self.queues.admission(prepared.model, self.queues.priority(owner)):
-            resp = await self.upstream.open(
+        async with self.upstreams.route(prepared.model, self.queues.priority(owner)) as route:
+            resp = await route.open(
                 "POST", CHAT_PATH, body=compaction.request_body(prepared), route=ROUTE
             )
-            completion = loads(await self.upstream.read_body(resp))
+            completion = loads(await route.read_body(resp))
         return compaction.compaction_object(completion, ids=self.ids, clock=self.clock)
 
     # --- lifecycle --------------------------------------------------------

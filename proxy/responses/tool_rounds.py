@@ -22,7 +22,6 @@ from proxy.responses.mcp_tools import McpSetup, run_mcp_call
 from proxy.responses.runs import ResponseRun, Sink
 from proxy.responses.upstream_turn import complete_chat, stream_chat
 from proxy.structured import Outcome, feedback, first_message, summed_usage
-from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("lmbridge.responses")
 
@@ -30,12 +29,10 @@ log = logging.getLogger("lmbridge.responses")
 class ResponseRounds:
     def __init__(
         self,
-        upstream: UpstreamClient,
         mcp: MCPServers,
         limits: MCPConfig,
         metrics: Metrics | None = None,
     ) -> None:
-        self.upstream = upstream
         self.mcp = mcp
         self.limits = limits
         self.metrics = metrics
@@ -126,16 +123,15 @@ class ResponseRounds:
         """One model call, its reply fed to the builder as it comes."""
         builder = run.builder
         # A slot of the model for this call only: none is held while tools run.
-        async with run.admission:
-            await run.admitted()
+        async with run.route:
             if streamed:
-                chunks = stream_chat(self.upstream, run.prepared, extra, overrides)
+                chunks = stream_chat(run.route, run.prepared, extra, overrides)
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         await sink(builder.feed(chunk))
             else:
                 builder.feed_completion(
-                    await complete_chat(self.upstream, run.prepared, extra, overrides)
+                    await complete_chat(run.route, run.prepared, extra, overrides)
                 )
 
     async def _answer_in_json(
@@ -154,9 +150,8 @@ class ResponseRounds:
         schema = prepared.schema
         assert schema is not None
         builder = run.builder
-        async with run.admission:
-            await run.admitted()
-            completion = await complete_chat(self.upstream, prepared, extra, overrides)
+        async with run.route:
+            completion = await complete_chat(run.route, prepared, extra, overrides)
         normalise_completion(completion, builder.reading)
         message = first_message(completion)
         if message is None or message.get("tool_calls"):
@@ -171,9 +166,8 @@ class ResponseRounds:
                 len(verdict.errors),
             )
             asked = [*extra, *feedback(message.get("content"), verdict)]
-            async with run.admission:
-                await run.admitted()
-                again = await complete_chat(self.upstream, prepared, asked, overrides)
+            async with run.route:
+                again = await complete_chat(run.route, prepared, asked, overrides)
             normalise_completion(again, builder.reading)
             again["usage"] = summed_usage(completion.get("usage"), again.get("usage"))
             completion, message = again, first_message(again)

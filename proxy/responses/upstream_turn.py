@@ -15,7 +15,7 @@ from proxy.errors import UpstreamStatus
 from proxy.jsontext import dumps
 from proxy.responses import prompt_shape, render
 from proxy.responses.runs import Prepared
-from proxy.upstream import UpstreamClient
+from proxy.upstreams import Route
 
 log = logging.getLogger("lmbridge.responses")
 
@@ -77,7 +77,7 @@ class _Attempt:
 
 
 async def open_chat(
-    upstream: UpstreamClient,
+    upstream: Route,
     prepared: Prepared,
     *,
     stream: bool,
@@ -120,7 +120,7 @@ def fit_history(prepared: Prepared) -> list[str]:
 
 
 async def complete_chat(
-    upstream: UpstreamClient,
+    upstream: Route,
     prepared: Prepared,
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -130,7 +130,7 @@ async def complete_chat(
 
 
 async def stream_chat(
-    upstream: UpstreamClient,
+    upstream: Route,
     prepared: Prepared,
     extra: list[dict[str, Any]] | None = None,
     overrides: dict[str, Any] | None = None,

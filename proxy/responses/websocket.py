@@ -205,7 +205,7 @@ class Connection:
             elif previous is not None:
                 session.forget(previous)
         finally:
-            queued = run.admission.waited if run is not None and run.admission.queued else None
+            queued = run.route.waited if run is not None and run.route.queued else None
             self._log_turn(request_id, model, status, time.perf_counter() - started, queued)
 
     async def _refuse(self, exc: Exception, request_id: str | None = None) -> int:

@@ -23,6 +23,7 @@ PURE = [
     "proxy.browsers",
     "proxy.breaker",
     "proxy.slots",
+    "proxy.routing",
     "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.chat_output",

@@ -1210,3 +1210,22 @@ async def test_reader_propagates_an_upstream_that_went_down_at_props():
     get_json = FakeGetJson({OAI: LLAMA_CPP, PROPS: UpstreamUnavailable("down")})
     with pytest.raises(UpstreamUnavailable):
         await ModelListReader(get_json, FakeClock()).read()
+
+
+@pytest.mark.parametrize(
+    ("kind", "calls"),
+    [
+        ("vllm", [OAI]),
+        ("ollama", [OAI]),
+        ("openai", [OAI]),
+        ("llamacpp", [OAI, "/props"]),
+        ("lmstudio", [V1, V0, OAI]),
+    ],
+)
+async def test_the_kind_of_upstream_narrows_the_lists_asked_for(kind, calls):
+    """upstream.kind: a vLLM, Ollama or OpenAI server is asked for /v1/models only; a
+    llama.cpp server for /props too, whoever it says owns its model."""
+    get_json = FakeGetJson({OAI: {"data": [{"id": "m", "owned_by": "someone"}]}})
+    reader = ModelListReader(get_json, FakeClock(), kind=kind)
+    assert (await reader.read()).ids() == ["m"]
+    assert get_json.calls == calls

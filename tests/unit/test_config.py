@@ -382,8 +382,8 @@ def test_other_errors_do_not_echo_secrets(write_toml, monkeypatch):
             "text_tool_calls, text_call_hold, describe_tools, think_tags, think_opened, "
             "template_tools, "
             "reasoning_in_history, max_concurrent, queue_size, queue_timeout, ttl, "
-            'context_length, preload, load_keepalive, schema_retry); a table [models."PATTERN"] '
-            "holds the settings of some models",
+            "context_length, preload, load_keepalive, schema_retry, fallbacks); "
+            'a table [models."PATTERN"] holds the settings of some models',
         ),
         (
             "[bogus]\nkey = 1\n",
@@ -993,3 +993,72 @@ def test_low_priority_keys_are_among_the_api_keys(monkeypatch):
     )
     assert message.startswith("auth.low_priority_keys: key 2 of the list is not one of")
     assert "sk-other" not in message
+
+
+TWO_UPSTREAMS = """
+[[upstreams]]
+name = "studio"
+url = "http://127.0.0.1:1234"
+kind = "lmstudio"
+
+[[upstreams]]
+name = "box"
+url = "http://192.168.1.20:8080"
+kind = "llamacpp"
+api_key = "env:BOX_KEY"
+
+[models]
+fallbacks = { "qwen3-32b" = ["qwen3-8b"] }
+"""
+
+
+def test_upstreams_in_the_file(write_toml):
+    """[[upstreams]] entries are the upstream list, in order; [upstream] stays the default."""
+    config = load(write_toml(TWO_UPSTREAMS), environ={"BOX_KEY": "s3cret"})
+    assert [(u.name, u.kind) for u in config.upstream_list] == [
+        ("studio", "lmstudio"),
+        ("box", "llamacpp"),
+    ]
+    assert config.upstreams[1].api_key is not None
+    assert config.upstreams[1].api_key.get_secret_value() == "s3cret"
+    assert config.models.fallbacks == {"qwen3-32b": ["qwen3-8b"]}
+    assert "s3cret" not in render_toml(config)
+    assert render_toml(config).count("[[upstreams]]") == 2
+
+
+def test_one_upstream_is_the_shorthand():
+    """Without [[upstreams]], the list is the one [upstream], named default."""
+    config = load(flags={"upstream.url": "http://127.0.0.1:9"})
+    assert [(u.name, u.url) for u in config.upstream_list] == [("default", "http://127.0.0.1:9")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "flags", "expected"),
+    [
+        ('[upstream]\nurl = "http://127.0.0.1:1"\n', None, "[upstream] (or --upstream"),
+        ("", {"upstream.url": "http://127.0.0.1:1"}, "[upstream] (or --upstream"),
+        ("[embedded]\nenabled = true\n", None, "embedded.enabled replaces the upstream"),
+        (
+            '[[upstreams]]\nname = "box"\nurl = "http://127.0.0.1:2"\n',
+            None,
+            "upstreams: entry 3 repeats the name 'box'",
+        ),
+        ('[[upstreams]]\nurl = "http://127.0.0.1:2"\n', None, "upstreams: entry 3 has no name"),
+        (
+            '[[upstreams]]\nname = "no spaces"\nurl = "http://127.0.0.1:2"\n',
+            None,
+            "upstreams.2.name: an upstream name is 1 to 64",
+        ),
+        (
+            '[[upstreams]]\nname = "c"\nkind = "tgi"\nurl = "http://127.0.0.1:2"\n',
+            None,
+            "upstreams.2.kind:",
+        ),
+    ],
+    ids=["both-forms", "flag-and-list", "embedded", "duplicate", "no-name", "bad-name", "kind"],
+)
+def test_bad_upstreams_are_one_clear_line(write_toml, extra, flags, expected):
+    """Each mistake with [[upstreams]] stops start-up with a line that says what to fix."""
+    path = write_toml(TWO_UPSTREAMS + extra)
+    message = config_error(path, environ={"BOX_KEY": "k"}, flags=flags)
+    assert expected in message
