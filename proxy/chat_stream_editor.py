@@ -39,30 +39,40 @@ class ChatStreamEditor:
     def feed(self, chunk: bytes) -> bytes:
         if self.relaying:
             return chunk
-        if self._plain:
-            if self._plain_event(chunk):
-                return chunk  # the common case: one read, one event of plain content
-            if self.rewriter.calls == 0 and _one_plain_event(chunk, ending=True):
-                # The last delta, plain, with nothing held: nothing can change any more.
-                self.relaying = True
-                return chunk
         if b"\r" in chunk:  # rare framing: read whole
             return self._feed(chunk)
         # Event by event, so that relaying can start right after the event that decided
-        # it, with the rest of a read that holds many events left unparsed.
+        # it; a run of events that pass goes out as one slice of the read (the whole
+        # read, when every event in it passes), and the read is never copied piece by
+        # piece.
         out: list[bytes] = []
-        while chunk:
-            end = chunk.find(b"\n\n") + 2
+        run = at = 0  # chunk[run:at] passes as it came
+        size = len(chunk)
+        while at < size:
+            end = chunk.find(b"\n\n", at) + 2
             if end == 1:
-                end = len(chunk)
-            piece, chunk = chunk[:end], chunk[end:]
-            if self._plain and self._plain_event(piece):
-                out.append(piece)
-                continue
+                end = size
+            piece = chunk[at:end] if at or end != size else chunk
+            if self._plain:
+                if self._plain_event(piece):
+                    at = end
+                    continue
+                if self.rewriter.calls == 0 and _one_plain_event(piece, ending=True):
+                    # The last delta, plain, with nothing held: nothing can change now.
+                    self.relaying = True
+                    at = size
+                    break
+            if run < at:
+                out.append(chunk[run:at])
             out.append(self._feed(piece))
+            run = at = end
             if self.relaying:
-                out.append(chunk)
+                at = size
                 break
+        if not out:
+            return chunk  # every event passed
+        if run < at:
+            out.append(chunk[run:at])
         return b"".join(out)
 
     def _plain_event(self, chunk: bytes) -> bool:
