@@ -164,16 +164,17 @@ def _queues(config: Config, metrics: Metrics) -> ModelQueues:
 
 
 def _start_lifecycles(app: web.Application, pool: UpstreamPool) -> BackgroundTasks:
-    """Each upstream's model lifecycle: its idle reaper, and models.preload on the first,
-    in the background (a slow or failed preload never holds start-up). A function, not a
-    context manager: an async generator inside the upstream context could be finalized
-    before it when start-up fails later and nothing runs the clean-up."""
+    """Each upstream's model lifecycle: its idle reaper, and models.preload where each
+    model would be served, in the background (a slow or failed preload never holds
+    start-up). A function, not a context manager: an async generator inside the upstream
+    context could be finalized before it when start-up fails later and nothing runs the
+    clean-up."""
     config = app[CONFIG].models
     tasks = BackgroundTasks()
     for upstream in pool.upstreams:
         tasks.spawn(upstream.lifecycle.reap_forever(), f"unload idle models of {upstream.name}")
     if config.preload:
-        tasks.spawn(pool.first.lifecycle.preload(config.preload), "preload models")
+        tasks.spawn(pool.preload(config.preload), "preload models")
     return tasks
 
 

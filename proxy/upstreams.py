@@ -152,6 +152,24 @@ class UpstreamPool:
             return [] if loader is None else [loader]
         return [u.lifecycle for u in self.candidates(model) if u.lifecycle.active]
 
+    async def preload(self, names: Sequence[str]) -> None:
+        """models.preload: each model loaded once, on the first upstream that would serve
+        it and loads models on request; a failure logged, not raised."""
+        if self.direct:
+            await self.first.lifecycle.preload(names)
+            return
+        for name in names:
+            try:
+                model = await self.catalog.resolve(name, "any")
+            except LMBridgeError as exc:
+                log.warning("models.preload: %s could not be loaded: %s", name, exc.message)
+                continue
+            loaders = self.loaders(model)
+            if not loaders:
+                log.warning("models.preload: no upstream of %s loads models; not preloading", name)
+                continue
+            await loaders[0].preload([model.id])
+
     def check_room(self, model: ModelInfo) -> None:
         """ModelBusy now when every upstream of the model would refuse a request now
         (``ModelQueues.check_room``)."""

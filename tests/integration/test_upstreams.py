@@ -326,3 +326,18 @@ async def test_the_least_busy_upstream_gets_the_next_call(start, two):
     assert len(b.requests_to(CHAT)) == 1
     assert (await first).headers[UPSTREAM] == "a"
     assert (await chat(proxy, "shared")).headers[UPSTREAM] == "a"  # idle again: order
+
+
+async def test_preload_loads_each_model_once_where_it_would_be_served(start, two):
+    """models.preload with two upstreams: a model both list is loaded once, on the first
+    in the routing order (a, configured first); a model only b lists is loaded on b."""
+    a, _, b, _ = two
+    a.native_lmstudio(["shared"])
+    b.native_lmstudio(["shared", "b-only"])
+    await start(preload=["shared", "b-only"])
+    for _ in range(1000):
+        if len(a.native.loads) + len(b.native.loads) == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert [body["model"] for body in a.native.loads] == ["shared"]
+    assert [body["model"] for body in b.native.loads] == ["b-only"]
