@@ -80,3 +80,58 @@ class StreamObserver:
                     self.usage = parsed["usage"]
                 if isinstance(parsed.get("error"), dict | str):
                     self.upstream_error = {"error": parsed["error"]}
+
+
+def ask_for_usage(body: dict[str, Any]) -> bool:
+    """A streamed chat request whose client did not ask for usage gets it asked for
+    upstream (usage accounting counts every stream's tokens); whether it was, so that
+    the usage chunk is kept from the client (``UsageFilter``)."""
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(options if isinstance(options, dict) else {})}
+    body["stream_options"]["include_usage"] = True
+    return True
+
+
+class UsageFilter:
+    """The bytes of a stream without its usage-only events (``"choices": []`` with a
+    ``usage``), for a client that did not ask for them. Events pass whole: the part of a
+    read after its last complete event waits for the next read. A stream framed with
+    CR LF is left as it is (its usage event then reaches the client, which the OpenAI
+    SDKs accept)."""
+
+    __slots__ = ("_off", "_rest")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._off = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._off:
+            return chunk
+        if b"\r" in chunk:
+            self._off = True
+            rest, self._rest = self._rest, b""
+            return rest + chunk
+        data = self._rest + chunk if self._rest else chunk
+        end = data.rfind(b"\n\n") + 2
+        if end == 1:
+            self._rest = data
+            return b""
+        whole, self._rest = (data, b"") if end == len(data) else (data[:end], data[end:])
+        if b'"usage"' not in whole:
+            return whole
+        events = whole.split(b"\n\n")
+        kept = [e for e in events if not _usage_only(e)]
+        return whole if len(kept) == len(events) else b"\n\n".join(kept)
+
+    def finish(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        return b"" if _usage_only(rest) else rest
+
+
+def _usage_only(event: bytes) -> bool:
+    return b'"usage"' in event and (b'"choices":[]' in event or b'"choices": []' in event)

@@ -31,7 +31,7 @@ from proxy.chat_output import (
     output_for,
     read_switches,
 )
-from proxy.chat_stream import StreamObserver, usage_counts
+from proxy.chat_stream import StreamObserver, UsageFilter, ask_for_usage, usage_counts
 from proxy.chat_stream_editor import ChatStreamEditor
 from proxy.connections import body_error
 from proxy.errors import BadRequest, ItemLimit, UpstreamError
@@ -60,6 +60,7 @@ from proxy.keys import (
     ROUTE,
     STARTED,
     UPSTREAMS,
+    USAGE,
     WARNING,
     WORKER,
 )
@@ -225,6 +226,7 @@ async def forward(
                 raw = b""
     output = ChatOutput()
     structured = None
+    hide_usage = False
     if path == CHAT_PATH:
         # mcp_servers and lmbridge are lmbridge's own fields: they never go upstream.
         requested = body.pop("mcp_servers", None)
@@ -242,8 +244,13 @@ async def forward(
             body["model"] = model.id
             return await chat_with_tools(request, body, model, selection, switches, profile)
         structured = chat_schema.plan(request, body, model, switches or {})
+        # Usage accounting counts every stream's tokens: asked for upstream, kept from a
+        # client that did not ask.
+        hide_usage = request.app[USAGE].enabled and ask_for_usage(body)
         if requested is not None or switches is not None or structured is not None:
             raw = b""  # a field was removed or rewritten: serialise again below
+        if hide_usage:
+            raw = b""
         if describe and describe_tools(body):
             raw = b""
     if body.get("model") != model.id or not raw:
@@ -271,7 +278,8 @@ async def forward(
         if streamed or (early is not None and early.opened):
             editor = ChatStreamEditor(ChatStreamRewriter(output)) if output.active else None
             opened = early if early is not None and early.opened else None
-            return await relay_stream(request, resp, model.id, route, editor, opened)
+            hidden = UsageFilter() if hide_usage else None
+            return await relay_stream(request, resp, model.id, route, editor, opened, hidden)
         content = await route.read_body(resp)
     finally:
         route.release()
@@ -344,10 +352,12 @@ async def relay_stream(
     route: Route,
     editor: ChatStreamEditor | None = None,
     stream: EventStream | None = None,
+    hidden: UsageFilter | None = None,
 ) -> web.StreamResponse:
     """Write each upstream chunk to the client as it arrives, unchanged, or as the
     ``editor`` rewrites it (text calls, thinking in tags); into ``stream`` when it was
-    opened already (keep-alives while the model loaded).
+    opened already (keep-alives while the model loaded); without the usage chunk that
+    lmbridge asked for (``hidden``), which the observer still reads.
 
     The stream always ends well-formed for the client: a clean end without
     ``[DONE]`` gets one; a stream broken off before its ``finish_reason`` ends
@@ -371,7 +381,10 @@ async def relay_stream(
                         chunk = editor.feed(chunk)
                         if not chunk:
                             continue
-                    await response.write(chunk)  # as it came: the hot loop of a relay
+                    if hidden is None:
+                        await response.write(chunk)  # as it came: the hot loop of a relay
+                    elif out := hidden.feed(chunk):  # the observer still reads its usage
+                        await response.write(out)
                     if observer.data_events == 0:
                         if observer.feed(chunk):
                             ttft = time.perf_counter() - request[STARTED]
@@ -382,12 +395,17 @@ async def relay_stream(
                         observer.feed(chunk)
                 tail = editor.finish() if editor is not None else b""
                 if tail:  # what the readers held to the end
-                    await response.write(tail)
                     first = observer.data_events == 0
                     if observer.feed(tail) and first:
                         metrics.ttft_seconds.observe(
                             (model,), time.perf_counter() - request[STARTED]
                         )
+                    if hidden is not None:
+                        tail = hidden.feed(tail)
+                if hidden is not None:
+                    tail += hidden.finish()
+                if tail:
+                    await response.write(tail)
             except UpstreamError as exc:
                 failure = exc
         observer.finish()

@@ -19,12 +19,33 @@ async def test_stream_is_relayed_byte_for_byte(proxy, fake_upstream):
     """Each upstream event reaches the client unchanged, followed by [DONE]."""
     events = text_stream("Hel", "lo", usage=True)
     fake_upstream.add_reply(CHAT, Reply(stream=events))
-    resp = await proxy.post(CHAT, json=REQUEST)
+    asked = {**REQUEST, "stream_options": {"include_usage": True}}
+    resp = await proxy.post(CHAT, json=asked)
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     raw = await resp.read()
     expected = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
     assert raw == expected + b"data: [DONE]\n\n"
+    assert fake_upstream.requests_to(CHAT)[-1].body == {**asked, "model": "test-model"}
+
+
+async def test_usage_a_client_did_not_ask_for_is_counted_and_kept_from_it(proxy, fake_upstream):
+    """A stream whose client asked no usage: lmbridge asks for it upstream (usage
+    accounting counts every stream's tokens) and the client gets every other event
+    unchanged, without the usage chunk, as from OpenAI."""
+    events = text_stream("Hel", "lo", usage=True)
+    fake_upstream.add_reply(CHAT, Reply(stream=events))
+    resp = await proxy.post(CHAT, json=REQUEST)
+    raw = await resp.read()
+    sent = [e for e in events if e.get("choices")]
+    expected = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in sent)
+    assert raw == expected + b"data: [DONE]\n\n"
+    upstream_body = fake_upstream.requests_to(CHAT)[-1].body
+    assert upstream_body["stream_options"] == {"include_usage": True}
+    usage = next(e["usage"] for e in events if e.get("usage"))
+    tokens = 'lmbridge_tokens_total{direction="in",model="test-model"}'
+    metrics = await (await proxy.get("/metrics")).text()
+    assert f"{tokens} {float(usage['prompt_tokens'])}" in metrics
 
 
 async def test_events_are_relayed_as_they_arrive(proxy, fake_upstream):

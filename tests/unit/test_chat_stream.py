@@ -1,4 +1,5 @@
-"""StreamObserver: what the relay learns from a chat/completions stream it passes on."""
+"""StreamObserver: what the relay learns from a chat/completions stream it passes on; the
+usage lmbridge asks for on a client's behalf, kept from that client."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.chat_stream import StreamObserver
+from proxy.chat_stream import StreamObserver, UsageFilter, ask_for_usage
 from proxy.sse import DONE_EVENT, encode_event
 
 ID = "chatcmpl-123"
@@ -318,3 +319,52 @@ def test_last_usage_wins():
     later = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     observer = observe([stream(chunk(finish="stop", usage=USAGE), USAGE_CHUNK | {"usage": later})])
     assert observer.usage == later
+
+
+USAGE_EVENT = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3}}\n\n'
+TEXT_EVENTS = (
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"usage"}}]}\n\n'
+    b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 50, 10_000])
+def test_usage_filter_drops_the_usage_event_however_the_stream_is_cut(cut):
+    """Only the usage-only event goes (a content that says "usage" stays), whatever the
+    reads; [DONE] and the order of the rest are kept."""
+    raw = TEXT_EVENTS + USAGE_EVENT + b"data: [DONE]\n\n"
+    usage_filter = UsageFilter()
+    out = b"".join(usage_filter.feed(raw[i : i + cut]) for i in range(0, len(raw), cut))
+    assert out + usage_filter.finish() == TEXT_EVENTS + b"data: [DONE]\n\n"
+
+
+def test_usage_filter_at_the_end_and_with_cr_lf():
+    """A usage event cut off by the end of the stream is dropped too; a stream framed
+    with CR LF passes as it is."""
+    usage_filter = UsageFilter()
+    assert usage_filter.feed(TEXT_EVENTS + USAGE_EVENT[:-2]) == TEXT_EVENTS
+    assert usage_filter.finish() == b""
+    crlf = TEXT_EVENTS.replace(b"\n", b"\r\n") + USAGE_EVENT.replace(b"\n", b"\r\n")
+    assert UsageFilter().feed(crlf) == crlf
+
+
+@pytest.mark.parametrize(
+    "body,asked",
+    [
+        ({"stream": True}, {"include_usage": True}),
+        ({"stream": True, "stream_options": {"x": 1}}, {"x": 1, "include_usage": True}),
+        ({"stream": True, "stream_options": {"include_usage": False}}, {"include_usage": True}),
+    ],
+)
+def test_usage_is_asked_for_a_stream_whose_client_did_not(body, asked):
+    assert ask_for_usage(body) is True
+    assert body["stream_options"] == asked
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"stream": False}, {"stream": True, "stream_options": {"include_usage": True}}]
+)
+def test_usage_is_not_asked_again_or_for_whole_answers(body):
+    before = dict(body)
+    assert ask_for_usage(body) is False
+    assert body == before
