@@ -39,19 +39,8 @@ class ChatStreamEditor:
     def feed(self, chunk: bytes) -> bytes:
         if self.relaying:
             return chunk
-        if self._plain:  # the common read: one event of plain content, framed as before
-            head, tail = self._frame
-            end = len(chunk) - len(tail)
-            if end >= len(head) and chunk.startswith(head) and chunk.endswith(tail):
-                text = chunk[len(head) : end]
-                if (
-                    b'"' not in text
-                    and b"\\" not in text
-                    and b"<" not in text
-                    and b"[" not in text
-                    and b"`" not in text
-                ):
-                    return chunk
+        if self._plain and self._plain_event(chunk):
+            return chunk  # the common read: one event of plain content
         if b"\r" in chunk:  # rare framing: read whole
             return self._feed(chunk)
         # Event by event, so that relaying can start right after the event that decided
