@@ -289,14 +289,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def render_models(models: list[dict[str, Any]]) -> str:
-    """The models of /v1/models (lmbridge's shape) as a table."""
-    rows = [("ID", "TYPE", "STATE", "CONTEXT", "TOOLS", "PROFILE")]
+    """The models of /v1/models (lmbridge's shape) as a table; with several upstreams,
+    which of them list each model."""
+    several = len({u for m in models for u in m.get("upstreams") or ()}) > 1
+    header = ("ID", "TYPE", "STATE", "CONTEXT", "TOOLS", "PROFILE")
+    rows: list[tuple[str, ...]] = [(*header, "UPSTREAMS") if several else header]
     for m in models:
         name = str(m["id"]) + (f" (alias of {m['alias_for']})" if m.get("alias_for") else "")
         context = m.get("max_context_length")
         supports = m.get("supports_tools")
         tools = "-" if supports is None else "yes" if supports else "no (template drops them)"
-        row = (
+        row: tuple[str, ...] = (
             name,
             str(m.get("type", "-")),
             str(m.get("state", "-")),
@@ -304,6 +307,8 @@ def render_models(models: list[dict[str, Any]]) -> str:
             tools,
             profile_summary(m.get("profile")),
         )
+        if several:
+            row = (*row, ", ".join(m.get("upstreams") or ()) or "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join(
