@@ -517,6 +517,25 @@ async def test_stream_failure_ends_with_response_failed(proxy, fake_upstream):
     assert stored["status"] == "failed"
 
 
+@pytest.mark.parametrize("before", [[], [chunk("par")]])
+async def test_an_error_event_in_the_upstream_stream_fails_the_response(
+    proxy, fake_upstream, before
+):
+    """An upstream that reports an error inside its stream (llama.cpp sends its failures
+    this way on a 200), at its start or after text: response.failed with the upstream's
+    message, stored so, and the turn is not sent again."""
+    crash = {"error": {"code": 500, "message": "the model crashed", "type": "server_error"}}
+    fake_upstream.add_reply(CHAT, Reply(stream=[*before, crash]))
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x", "stream": True})
+    events = sse_events(await resp.read())
+    assert events[-1]["type"] == "response.failed"
+    failed = events[-1]["response"]
+    assert "the model crashed" in failed["error"]["message"]
+    stored = await (await proxy.get(f"{R}/{failed['id']}")).json()
+    assert stored["status"] == "failed"
+    assert len(fake_upstream.requests_to(CHAT)) == 1
+
+
 async def test_replay_of_a_stored_response(proxy):
     """GET ?stream=true replays a finished response's events; starting_after skips."""
     body = await create(proxy, input="x")
