@@ -19,12 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.catalog import ModelInfo
 from proxy.chat_upstream import CHAT_PATH, request_bytes
 from proxy.errors import BadRequest, SchemaMismatch, UpstreamError
 from proxy.event_stream import EventStream
 from proxy.jsontext import dumps_bytes, loads
 from proxy.keys import CATALOG, CONFIG, METRICS, REQUEST_ID, SCHEMA
+from proxy.model_records import ModelInfo
 from proxy.queues import note_wait
 from proxy.structured import (
     AnswerSchema,

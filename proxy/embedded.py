@@ -30,8 +30,8 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.catalog import template_renders_tools
 from proxy.config import EmbeddedConfig
+from proxy.model_records import template_renders_tools
 
 log = logging.getLogger("lmbridge.embedded")
 

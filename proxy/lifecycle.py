@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.catalog import ModelCatalog, ModelInfo, ModelList
+from proxy.catalog import ModelCatalog
 from proxy.config import ModelsConfig, parse_duration
 from proxy.errors import (
     BadRequest,
@@ -41,6 +41,7 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.metrics import Metrics
+from proxy.model_records import ModelInfo, ModelList
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("lmbridge.models")

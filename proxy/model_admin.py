@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.catalog import ModelInfo
 from proxy.config import parse_duration
 from proxy.errors import BadRequest
 from proxy.jsontext import json_type
 from proxy.keys import MODEL, UPSTREAMS
+from proxy.model_records import ModelInfo
 from proxy.passthrough import read_json_object
 from proxy.upstreams import Upstream
 

@@ -22,7 +22,6 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from proxy import chat_schema
 from proxy.accounting import Api, Metered, usage_in_body
-from proxy.catalog import Purpose
 from proxy.chat_output import (
     SWITCHES_FIELD,
     ChatOutput,
@@ -67,6 +66,7 @@ from proxy.keys import (
 from proxy.lifecycle import request_ttl
 from proxy.mcp.chat import chat_with_tools
 from proxy.model_output.think_tags import ThinkTags
+from proxy.model_records import Purpose
 from proxy.profiles import with_switches
 from proxy.queues import note_wait
 from proxy.sse import DONE_EVENT

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from proxy.catalog import ModelInfo
 from proxy.config import ModelsConfig, ModelSettings
 from proxy.errors import ModelBusy, QueueTimeout
 from proxy.keys import LOAD_WAIT, QUEUED
 from proxy.metrics import Metrics, QueueState
+from proxy.model_records import ModelInfo
 from proxy.slots import BACKGROUND, INTERACTIVE, SlotQueue, Waiter
 
 if TYPE_CHECKING:

@@ -29,7 +29,6 @@ from multidict import CIMultiDict
 
 from proxy.accounting import Metered, usage_in_body
 from proxy.browsers import is_json_type
-from proxy.catalog import ModelInfo
 from proxy.errors import BadRequest, UpstreamStatus
 from proxy.event_stream import REQUEST_ID_HEADER, RelayedStream
 from proxy.jsontext import free_in_pieces, json_type
@@ -46,6 +45,7 @@ from proxy.keys import (
     UPSTREAMS,
     WORKER,
 )
+from proxy.model_records import ModelInfo
 from proxy.passthrough import LARGE_BODY, parse_json, read_body, serialise
 from proxy.queues import note_wait
 from proxy.relay_rules import (

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol, TypeVar
 
 from proxy.errors import (
     CircuitOpen,
@@ -29,24 +28,9 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.model_records import ModelInfo
 
 __all__ = ["Placement", "may_fall_back", "merge", "model_chain", "rank"]
-
-
-class Listed(Protocol):
-    """A model as an upstream lists it (``catalog.ModelInfo``), seen from here without
-    importing the catalog, which does I/O."""
-
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def state(self) -> str: ...
-
-
-M = TypeVar("M", bound=Listed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +56,10 @@ def rank(placements: Iterable[Placement]) -> list[Placement]:
     return sorted(placements, key=lambda p: (p.circuit_open, not p.loaded, p.busy, p.order))
 
 
-def merge(lists: Sequence[tuple[str, Sequence[M]]]) -> list[M]:
+def merge(lists: Sequence[tuple[str, Sequence[ModelInfo]]]) -> list[ModelInfo]:
     """Each model once, as the first upstream (in configuration order) lists it, with
     ``upstreams`` naming every upstream that lists it; loaded when loaded anywhere."""
-    merged: dict[str, M] = {}
+    merged: dict[str, ModelInfo] = {}
     where: dict[str, list[str]] = {}
     for name, models in lists:
         for model in models:

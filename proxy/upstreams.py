@@ -20,12 +20,13 @@ from typing import Any
 import aiohttp
 
 from proxy.breaker import CircuitState
-from proxy.catalog import ModelCatalog, ModelInfo, ModelList, ModelListReader
+from proxy.catalog import ModelCatalog, ModelListReader
 from proxy.config import ModelsConfig, UpstreamConfig
 from proxy.errors import LMBridgeError, ModelBusy, UpstreamStatus
 from proxy.jsontext import dumps_bytes, loads
 from proxy.lifecycle import Keepalive, ModelLifecycle
 from proxy.metrics import Metrics, QueueState
+from proxy.model_records import ModelInfo, ModelList
 from proxy.queues import Admission, ModelQueues
 from proxy.routing import Placement, may_fall_back, merge, model_chain, rank
 from proxy.upstream import UpstreamClient

@@ -461,8 +461,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def validation_cost_us(models: int = 50, calls: int = 200_000) -> float:
     """CPU cost of resolving a model against a fresh cached list, in microseconds."""
-    from proxy.catalog import ModelCatalog, ModelInfo, ModelList
+    from proxy.catalog import ModelCatalog
     from proxy.config import ModelsConfig
+    from proxy.model_records import ModelInfo, ModelList
 
     listing = ModelList.build(
         [ModelInfo(f"publisher/model-{i}", "llm", "loaded") for i in range(models)],

@@ -16,7 +16,6 @@ from typing import Any
 from aiohttp import web
 
 from proxy import chat_upstream
-from proxy.catalog import ModelInfo
 from proxy.chat_output import mcp_text_calls
 from proxy.errors import BadRequest
 from proxy.event_stream import EventStream
@@ -25,6 +24,7 @@ from proxy.mcp.loop import LoopResult, StreamChat, ToolLoop
 from proxy.mcp.names import ToolRef
 from proxy.mcp.policy import LIMIT_NOTE
 from proxy.mcp.results import ToolOutput
+from proxy.model_records import ModelInfo
 from proxy.profiles import ModelProfile
 from proxy.queues import note_wait
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.catalog import ModelInfo
+from proxy.model_records import ModelInfo
 from proxy.profiles import ModelProfile
 from proxy.responses.builder import ResponseBuilder
 from proxy.responses.claims import ConversationTurn

@@ -24,6 +24,7 @@ PURE = [
     "proxy.breaker",
     "proxy.slots",
     "proxy.routing",
+    "proxy.model_records",
     "proxy.relay_rules",
     "proxy.chat_stream",
     "proxy.chat_output",

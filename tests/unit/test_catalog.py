@@ -8,17 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.catalog import (
-    LMSTUDIO_PARALLEL,
-    MISS_REFRESH_INTERVAL,
-    ModelCatalog,
-    ModelInfo,
-    ModelList,
-    ModelListReader,
-    parse_lmstudio_v0,
-    parse_lmstudio_v1,
-    parse_openai,
-)
+from proxy.catalog import MISS_REFRESH_INTERVAL, ModelCatalog, ModelListReader
 from proxy.config import ModelsConfig
 from proxy.errors import (
     ModelNotFound,
@@ -26,6 +16,14 @@ from proxy.errors import (
     UpstreamError,
     UpstreamStatus,
     UpstreamUnavailable,
+)
+from proxy.model_records import (
+    LMSTUDIO_PARALLEL,
+    ModelInfo,
+    ModelList,
+    parse_lmstudio_v0,
+    parse_lmstudio_v1,
+    parse_openai,
 )
 from tests.clock import FakeClock
 

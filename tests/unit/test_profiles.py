@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 
-from proxy.catalog import ModelInfo, parse_lmstudio_v1
 from proxy.config import ModelsConfig
 from proxy.model_output.think_tags import (
     MISTRAL_THINK,
@@ -18,6 +17,7 @@ from proxy.model_output.think_tags import (
     ThinkTags,
     split_reasoning,
 )
+from proxy.model_records import ModelInfo, parse_lmstudio_v1
 from proxy.profiles import (
     ModelProfile,
     detect,

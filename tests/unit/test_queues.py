@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from proxy.catalog import ModelInfo
 from proxy.config import ModelsConfig
 from proxy.errors import ModelBusy, QueueTimeout
 from proxy.metrics import Metrics
+from proxy.model_records import ModelInfo
 from proxy.queues import Admission, ModelQueues
 from proxy.slots import BACKGROUND, INTERACTIVE
 from tests.clock import FakeClock

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.catalog import ModelInfo
 from proxy.errors import (
     BadRequest,
     CircuitOpen,
@@ -14,6 +13,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.model_records import ModelInfo
 from proxy.routing import Placement, may_fall_back, merge, model_chain, rank
 
 
