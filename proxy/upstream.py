@@ -48,6 +48,7 @@ from proxy.redact import redact_url
 log = logging.getLogger("lmbridge.upstream")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+KEEPALIVE = 4.0  # seconds an idle pooled connection is kept
 # Request bodies above this are streamed upstream (aiohttp's own threshold for warning).
 LARGE_UPLOAD = 1 << 20
 
@@ -96,6 +97,11 @@ def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
         limit=config.max_connections,
         limit_per_host=config.max_connections,
         ttl_dns_cache=300,
+        # Shorter than the idle timeout of the servers behind lmbridge (llama.cpp's and
+        # uvicorn's, so vLLM's, are 5 s): a pooled connection is dropped before the
+        # server closes it, so that a request never goes out on a connection closing
+        # under it, which a relayed POST could not be sent again over.
+        keepalive_timeout=KEEPALIVE,
     )
     return aiohttp.ClientSession(
         connector=connector,
