@@ -183,6 +183,21 @@ class MessageReader:
         recogniser = self._recogniser
         return self._splitter is None and (recogniser is None or recogniser.passing)
 
+    @property
+    def at_start(self) -> bool:
+        """Whether nothing was read yet and a first delta of plain text (no ``<``, ``[``,
+        backtick; starting with neither whitespace nor ``{``) would pass unchanged."""
+        recogniser, splitter = self._recogniser, self._splitter
+        return (recogniser is None or recogniser.at_start) and (
+            splitter is None or splitter.undecided
+        )
+
+    def plain_start(self) -> None:
+        """Such a first delta came: read without its text, which passes as it is."""
+        if self._recogniser is not None:
+            self._recogniser.plain_start()
+        self._splitter = None
+
     def content(self, text: str) -> list[Part]:
         parts: list[Part] = []
         if self._splitter is not None:
@@ -246,6 +261,15 @@ class ChatStreamRewriter:
     def passing(self) -> bool:
         """Whether a chunk of plain content would pass unchanged now."""
         return self._reader.passing
+
+    @property
+    def starting(self) -> bool:
+        """Whether no content was read yet and a plain first delta would pass unchanged
+        (``MessageReader.at_start``): then ``plain_start`` reads it."""
+        return not self._ended and self._reader.at_start
+
+    def plain_start(self) -> None:
+        self._reader.plain_start()
 
     def feed(self, chunk: Any) -> list[dict[str, Any]] | None:
         if not isinstance(chunk, dict):

@@ -35,11 +35,13 @@ class ChatStreamEditor:
         # every chunk.
         self._plain = False
         self._frame = _NO_FRAME
+        # Whether the readers read nothing yet: a plain first delta is seen from its bytes.
+        self._starting = rewriter.starting
 
     def feed(self, chunk: bytes) -> bytes:
         if self.relaying:
             return chunk
-        if self._plain and self._plain_event(chunk):
+        if self._plain and self._framed(chunk):
             return chunk  # the common read: one event of plain content
         if b"\r" in chunk:  # rare framing: read whole
             return self._feed(chunk)
@@ -54,16 +56,25 @@ class ChatStreamEditor:
             end = chunk.find(b"\n\n", at) + 2
             if end == 1:
                 end = size
-            piece = chunk[at:end] if at or end != size else chunk
+            whole = not at and end == size  # its frame was tried above
+            piece = chunk if whole else chunk[at:end]
             if self._plain:
-                if self._plain_event(piece):
+                if not whole and self._framed(piece):
                     at = end
                     continue
-                if self.rewriter.calls == 0 and _one_plain_event(piece, ending=True):
+                kind = _event_kind(piece)
+                if kind == _PLAIN:
+                    self._frame = _frame_of(piece)
+                    at = end
+                    continue
+                if kind == _ENDING and self.rewriter.calls == 0:
                     # The last delta, plain, with nothing held: nothing can change now.
                     self.relaying = True
                     at = size
                     break
+            elif self._starting and self._plain_start(piece):
+                at = end
+                continue
             if run < at:
                 out.append(chunk[run:at])
             out.append(self._feed(piece))
@@ -77,24 +88,37 @@ class ChatStreamEditor:
             out.append(chunk[run:at])
         return b"".join(out)
 
-    def _plain_event(self, chunk: bytes) -> bool:
-        """Whether ``chunk`` is one whole ``data:`` event of plain content. Most streams
-        frame every content delta in the same bytes (id, model, the same keys): when the
-        chunk has the frame of the last plain event, only the text in it is looked at."""
+    def _framed(self, piece: bytes) -> bool:
+        """Whether ``piece`` is an event of plain content in the frame of the last one:
+        most streams frame every content delta in the same bytes (id, model, the same
+        keys), so only the text in it is looked at, by three calls into C."""
         head, tail = self._frame
-        end = len(chunk) - len(tail)
-        if end >= len(head) and chunk.startswith(head) and chunk.endswith(tail):
-            text = chunk[len(head) : end]
-            return (
-                b'"' not in text
-                and b"\\" not in text
-                and b"<" not in text
-                and b"[" not in text
-                and b"`" not in text
-            )
-        if not _one_plain_event(chunk):
+        return (
+            piece.startswith(head)
+            and piece.endswith(tail)
+            and _PLAIN_TEXT(piece, len(head), len(piece) - len(tail)) is not None
+        )
+
+    def _plain_start(self, piece: bytes) -> bool:
+        """Whether ``piece`` is an event before any content or with a plain first delta,
+        which passes as it came (the readers told of the delta)."""
+        if _event_kind(piece) != _PLAIN:
             return False
-        self._frame = _frame_of(chunk)
+        head, tail = frame = _frame_of(piece)
+        if frame is _NO_FRAME:
+            # No content (a role, say): passes. A content of another shape is read.
+            contents = piece.count(b'"content"')
+            return contents == 0 or (contents == 1 and _NULL_CONTENT.search(piece) is not None)
+        end = len(piece) - len(tail)
+        if end == len(head):
+            return True  # empty content, which the readers never see
+        first = piece[len(head)]
+        if first == 0x20 or first == 0x7B or first >= 0x80:  # space, brace, not ASCII
+            return False
+        self.rewriter.plain_start()
+        self._starting = False
+        self._frame = frame
+        self._plain = self.rewriter.passing
         return True
 
     def _feed(self, chunk: bytes) -> bytes:
@@ -109,11 +133,12 @@ class ChatStreamEditor:
             self._pending, self._held = [], b""
         else:
             self._held += chunk
-            self._plain = False
+            self._plain = self._starting = False
             return b""
         if idle and not self.rewriter.watching:
             self.relaying = True
         self._plain = idle and not self._dirty and self.rewriter.passing
+        self._starting = idle and not self._dirty and self.rewriter.starting
         return out
 
     def finish(self) -> bytes:
@@ -147,7 +172,7 @@ class ChatStreamEditor:
         rewriter = self.rewriter
         if not rewriter.watching:  # a read ends with events nothing can change
             return None
-        if rewriter.passing and _plain_content(event.data):
+        if rewriter.passing and _content_kind(event.data) == _PLAIN:
             return None  # the common case of a stream with tools offered: no parsing
         if event.is_done:
             flushed = self.rewriter.finish()
@@ -164,18 +189,27 @@ class ChatStreamEditor:
         return b"".join(encode_event(c) for c in chunks)
 
 
-def _one_plain_event(chunk: bytes, *, ending: bool = False) -> bool:
-    """Whether ``chunk`` is one whole ``data:`` event (one line) of plain content
-    (``ending``: with a finish reason)."""
-    return (
-        chunk.find(b"\n") == len(chunk) - 2
-        and chunk.endswith(b"\n\n")
-        and chunk.startswith(b"data: ")
-        and _plain_content(chunk, ending=ending)
-    )
+# What the bytes of an event are: not plain content, a delta of plain content, or the
+# last delta (with a finish reason) of plain content.
+_NOT_PLAIN, _PLAIN, _ENDING = 0, 1, 2
 
 
+def _event_kind(chunk: bytes) -> int:
+    """What ``chunk`` is when it is one whole ``data:`` event (one line)."""
+    if (
+        chunk.find(b"\n") != len(chunk) - 2
+        or not chunk.endswith(b"\n\n")
+        or not chunk.startswith(b"data: ")
+    ):
+        return _NOT_PLAIN
+    return _content_kind(chunk)
+
+
+# The text of a content string that no reader would change: no quote (an escaped one
+# ends it), escape (a \u003c is a <), <, [ or backtick.
+_PLAIN_TEXT = re.compile(rb'[^"\\<\[`]*').fullmatch
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+_NULL_CONTENT = re.compile(rb'"content"\s*:\s*null')
 # A frame no event has: every event starts with "data: ".
 _NO_FRAME = (b"\0", b"")
 
@@ -194,28 +228,24 @@ def _frame_of(event: bytes) -> tuple[bytes, bytes]:
     return event[: start + 1], event[end:]
 
 
-def _plain_content(data: bytes, *, ending: bool = False) -> bool:
+def _content_kind(data: bytes) -> int:
     """Whether an event is a content delta the readers would pass unchanged, seen from its
-    bytes: no ``<``, backtick or ``[`` but the one of ``"choices": [``, no escape (a
-    ``\\u003c`` is a ``<``), no calls, reasoning or error, and no finish reason (or, when
-    ``ending``, one). (Separate ``in`` tests: twice as fast here as one regular
-    expression with alternatives; a null finish reason written with other spacing than
-    these two is read the slow way.)"""
-    return (
-        data.count(b"[") == 1
-        and b"<" not in data
-        and b"`" not in data
-        and b"\\" not in data
-        and b'"tool_calls"' not in data
-        and b'"reasoning' not in data
-        and b'"error"' not in data
-        and (
-            _FINISHED.search(data) is not None
-            if ending
-            else (
-                b'"finish_reason"' not in data
-                or b'"finish_reason":null' in data
-                or b'"finish_reason": null' in data
-            )
-        )
-    )
+    bytes: no ``<``, backtick, escape (a ``\\u003c`` is a ``<``) or ``[`` but the one of
+    ``"choices": [`` (so no list of calls either), no reasoning or error; and whether it
+    has a finish reason. (Few separate tests, each one call into C: faster here than one
+    regular expression with alternatives; a null finish reason written with other
+    spacing than these two is read the slow way.)"""
+    if (
+        data.count(b"[") != 1
+        or len(data) - len(data.translate(None, b"<`\\[")) != 1
+        or b'"reasoning' in data
+        or b'"error"' in data
+    ):
+        return _NOT_PLAIN
+    if (
+        b'"finish_reason"' not in data
+        or b'"finish_reason":null' in data
+        or b'"finish_reason": null' in data
+    ):
+        return _PLAIN
+    return _ENDING if _FINISHED.search(data) is not None else _NOT_PLAIN

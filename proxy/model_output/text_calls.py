@@ -75,6 +75,16 @@ class TextCallRecogniser:
             and self._code == _PLAIN
         )
 
+    @property
+    def at_start(self) -> bool:
+        """Whether nothing was read yet."""
+        return self._state == _START and not self._held
+
+    def plain_start(self) -> None:
+        """The message began with plain text, neither whitespace nor a brace, a tag or a
+        fence, which passes as it is: read the way ``_start`` would, without the text."""
+        self._state = _SCAN
+
     def feed(self, delta: str) -> list[Piece]:
         """What may be released once ``delta`` is added."""
         plain = self._state == _SCAN and not self._held and not self._after_call

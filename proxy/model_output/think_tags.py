@@ -73,11 +73,20 @@ class ReasoningSplitter:
         self._held = ""
         self._started = False  # past the whitespace that opens the reasoning
         self._reasoning: list[str] = []  # kept until the block closes
+        # Text that starts with neither whitespace nor a tag's first character begins
+        # the answer at once.
+        self._tagged = all(t.open[:1] in ("<", "[") for t in self.variants)
 
     @property
     def answering(self) -> bool:
         """Whether the answer began: every later delta is answer, as it comes."""
         return self._state == _ANSWER
+
+    @property
+    def undecided(self) -> bool:
+        """Whether nothing was read yet, and a first delta that starts with neither
+        whitespace nor ``<`` or ``[`` would begin the answer."""
+        return self._state == _START and not self._held and not self.opened and self._tagged
 
     def feed(self, delta: str) -> Split:
         if self._state == _ANSWER:  # the common case once the answer began

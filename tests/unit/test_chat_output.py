@@ -16,7 +16,7 @@ from proxy.chat_output import (
     read_switches,
 )
 from proxy.chat_stream_editor import ChatStreamEditor
-from proxy.model_output.think_tags import THINK
+from proxy.model_output.think_tags import THINK, ThinkTags
 from proxy.profiles import ModelProfile, with_switches
 from proxy.sse import SSEParser, encode_event
 from tests.fake_upstream import chat_completion, chunk
@@ -284,3 +284,57 @@ def test_plain_events_after_a_fence_are_still_read():
     content = 'Use:\n```\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n```\nDone.'
     result = assemble(edit(ChatOutput(frozenset({"f"})), sse(stream_of(content, 3)), 64))
     assert result["content"] == content and result["calls"] == {}
+
+
+def _event_by_event(output: ChatOutput, events: list[Any]) -> dict[str, Any]:
+    editor = ChatStreamEditor(ChatStreamRewriter(output, ids=_ids))
+    out = b"".join(editor.feed(encode_event(e)) for e in events) + editor.finish()
+    return assemble(out)
+
+
+def test_a_plain_first_delta_is_read_from_its_bytes():
+    """The first delta, plain, is not parsed but still starts the answer: a ``<think>``
+    after it is content, and a call written later is still found."""
+    events = [chunk(role="assistant", content=None), chunk("Sure. "), chunk("<think>no</think> ")]
+    events += [chunk('<tool_call>{"name": "f", "arguments": {}}</tool_call>')]
+    events += [chunk(finish="stop")]
+    result = _event_by_event(ChatOutput(frozenset({"f"}), THINK), events)
+    assert result["content"] == "Sure. <think>no</think> "
+    assert result["reasoning"] == ""
+    assert calls_of(result) == [("f", {})]
+    assert result["finish"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        [chunk(role="assistant", content=None), chunk("<think>hm</think>Answer")],
+        [chunk(role="assistant", content=""), chunk("<think>hm"), chunk("</think>Answer")],
+        [chunk(role="assistant"), chunk("  "), chunk("<think>hm</think>Answer")],
+    ],
+    ids=["null-content", "empty-content", "no-content-then-space"],
+)
+def test_thinking_after_an_event_without_content_is_split(first):
+    result = _event_by_event(ChatOutput(think=THINK), [*first, chunk(finish="stop")])
+    assert (result["reasoning"], result["content"]) == ("hm", "Answer")
+
+
+def test_a_bare_call_after_leading_space_is_found():
+    """A first delta that starts with a space is read, not passed from its bytes: the
+    bare JSON call after it counts."""
+    events = [chunk(role="assistant", content=" "), chunk('{"name": "f", "arguments": {"a": 1}}')]
+    result = _event_by_event(ChatOutput(frozenset({"f"}), THINK), [*events, chunk(finish="stop")])
+    assert calls_of(result) == [("f", {"a": 1})]
+    assert result["content"] == ""
+
+
+@pytest.mark.parametrize(
+    "tags", [ThinkTags("◁think▷", "◁/think▷"), ThinkTags("Thought:", "Answer:")], ids=str
+)
+def test_tags_that_open_with_another_character_are_still_split(tags):
+    """Variants that begin with neither ``<`` nor ``[`` (Kimi's, or one an operator
+    configured): a first delta that opens them is read, not passed from its bytes."""
+    events = [chunk(role="assistant", content=None), chunk(f"{tags.open}hm{tags.close}")]
+    events += [chunk("Done"), chunk(finish="stop")]
+    result = _event_by_event(ChatOutput(think=(THINK, tags)), events)
+    assert (result["reasoning"], result["content"]) == ("hm", "Done")
