@@ -74,6 +74,9 @@ class ChatStreamEditor:
                     break
             elif self._starting and self._plain_start(piece):
                 at = end
+                if self.relaying:
+                    at = size
+                    break
                 continue
             if run < at:
                 out.append(chunk[run:at])
@@ -119,6 +122,8 @@ class ChatStreamEditor:
         self._starting = False
         self._frame = frame
         self._plain = self.rewriter.passing
+        # Thinking only looked for at the start: from here every byte passes.
+        self.relaying = not self.rewriter.watching
         return True
 
     def _feed(self, chunk: bytes) -> bytes:

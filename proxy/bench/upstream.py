@@ -57,7 +57,7 @@ def _tool_call(n: int, tool: str) -> dict[str, Any]:
     return body
 
 
-def _chunk(n: int, i: int) -> bytes:
+def stream_chunk(n: int, i: int) -> bytes:
     delta: dict[str, Any] = {"content": f"tok{i} "}
     if i == 0:
         delta["role"] = "assistant"
@@ -100,7 +100,7 @@ def fast_upstream_app() -> web.Application:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(STREAM_CHUNKS):
-            await response.write(_chunk(n, i))
+            await response.write(stream_chunk(n, i))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -338,3 +338,14 @@ def test_tags_that_open_with_another_character_are_still_split(tags):
     events += [chunk("Done"), chunk(finish="stop")]
     result = _event_by_event(ChatOutput(think=(THINK, tags)), events)
     assert (result["reasoning"], result["content"]) == ("hm", "Done")
+
+
+def test_thinking_looked_for_alone_stops_reading_after_a_plain_first_delta():
+    """Without tools, a plain first delta (read from its bytes) ends the reading: every
+    later byte passes without being looked at."""
+    events = [chunk(role="assistant", content=None), chunk("Hello"), chunk(" <think>")]
+    editor = ChatStreamEditor(ChatStreamRewriter(ChatOutput(think=THINK)))
+    raws = [encode_event(e) for e in events]
+    assert [editor.feed(r) for r in raws[:2]] == raws[:2]
+    assert editor.relaying
+    assert editor.feed(raws[2]) == raws[2]
