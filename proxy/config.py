@@ -466,8 +466,9 @@ class ModelsConfig(_Section):
     load_keepalive: Duration = Field(
         10.0,
         gt=0,
-        description="While a model loads, how often a waiting stream gets a keep-alive (an "
-        "SSE comment line) so that clients do not time out.",
+        description="While a model loads, how often a waiting stream gets a keep-alive so "
+        "that clients do not time out: an SSE comment line on chat completions, "
+        "`response.in_progress` on `/v1/responses` (SSE and WebSocket).",
     )
     schema_retry: bool = Field(True, description=_SCHEMA_RETRY)
     fallbacks: dict[str, list[str]] = Field(

@@ -9,13 +9,12 @@ middleware, with the API's ``error`` event.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any, Literal
 
 from aiohttp import web
 
 from proxy.errors import BadRequest, ItemLimit
-from proxy.event_stream import EventStream, loading_comment
+from proxy.event_stream import EventStream
 from proxy.jsontext import dumps
 from proxy.keys import (
     CATALOG,
@@ -84,6 +83,30 @@ def _input_limits(request: web.Request) -> dict[str, ItemLimit]:
     return {"input": input_limit(request.app[CONFIG].responses.max_input_items)}
 
 
+class _OpenWhenServed:
+    """The sink of a streamed run: its start (``response.created``, ``in_progress``) is
+    held until the next events, so that the stream opens once the model call was
+    answered and its headers name the upstream that served it (X-LMBridge-Upstream).
+    A keep-alive while the model loads, an error, or the end opens it all the same."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = stream
+        self.held: list[Event] | None = None  # None: nothing held, the stream may be open
+
+    async def __call__(self, events: list[Event]) -> None:
+        if not self.stream.opened and self.held is None:
+            self.held = events
+            return
+        if self.held is not None:
+            events, self.held = [*self.held, *events], None
+        await self.stream.send(events)
+
+    async def flush(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            await self.stream.send(held)
+
+
 async def create_response(request: web.Request) -> web.StreamResponse:
     _, body = await read_json_object(request, _input_limits(request))
     service = request.app[RESPONSES]
@@ -103,10 +126,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             final = await service.execute(run)
             return _json_text(run.stored_json) if run.stored_json else _json(final)
         stream = EventStream(request, "responses")
-        await stream.open()
-        # Comments while the model loads: after response.in_progress, before the output.
-        run.route.keepalive = partial(stream.send_bytes, loading_comment(prepared.model.id))
-        await service.execute(run, stream.send)
+        sink = _OpenWhenServed(stream)
+        try:
+            await service.execute(run, sink)
+        except Exception:
+            await sink.flush()  # the error ends the stream its start opens, as ever
+            raise
+        await sink.flush()
         return await stream.finish()
     finally:
         note_wait(request, run.route)

@@ -151,3 +151,10 @@ async def deliver(sink: Sink, events: list[Event]) -> None:
     """Best effort for the last events of a cancelled run (the client may be gone)."""
     with contextlib.suppress(Exception):
         await asyncio.shield(sink(events))
+
+
+async def still_running(builder: ResponseBuilder, sink: Sink) -> None:
+    """A streamed response's keep-alive while its model loads: ``response.in_progress``
+    again, an event every client reads (an SSE comment resets no idle timer of a client
+    that counts events, and a WebSocket has none)."""
+    await sink(builder.in_progress())

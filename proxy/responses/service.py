@@ -48,7 +48,7 @@ from proxy.responses.output_items import FIRST_TOKEN_EVENTS, TERMINAL_EVENTS, Ev
 from proxy.responses.recorder import LARGE_INPUT, ResponseRecorder
 from proxy.responses.replay import replay_events
 from proxy.responses.request import CreateRequest, parse_create
-from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, stop
+from proxy.responses.runs import Prepared, ResponseRun, Sink, deliver, discard, still_running, stop
 from proxy.responses.state import History, approvals, load_history, resolve_references
 from proxy.responses.tool_rounds import ResponseRounds
 from proxy.responses.upstream_turn import (
@@ -318,6 +318,8 @@ class ResponsesService:
         try:
             if not request.background:
                 await sink(builder.start())
+                if streamed:  # kept alive while its model loads
+                    run.route.keepalive = partial(still_running, builder, sink)
             else:
                 if run.cancel_requested:  # cancelled before it ran
                     raise asyncio.CancelledError

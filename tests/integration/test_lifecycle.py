@@ -139,15 +139,34 @@ async def test_the_openai_sdk_stream_survives_a_load_longer_than_its_timeout(
 
 async def test_a_streamed_response_gets_keepalives_after_in_progress(make_proxy, fake_upstream):
     """On the Responses API, response.created and in_progress go out first, then
-    comments while the model loads, then the output."""
+    response.in_progress again while the model loads (an event every client counts),
+    then the output, numbered in one sequence."""
     native = fake_upstream.native_lmstudio([MODEL], load_time=0.5)
     proxy = await make_proxy(models__load_keepalive=0.05)
     resp = await proxy.post(R, json={"model": MODEL, "input": "hi", "stream": True})
-    raw = (await resp.read()).decode()
-    first_comment = raw.index(f": loading {MODEL}")
-    assert raw.index("response.in_progress") < first_comment
-    assert first_comment < raw.index("response.output_text.delta")
-    assert sse_events(raw.encode())[-1]["type"] == "response.completed"
+    events = sse_events(await resp.read())
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    output = types.index("response.output_item.added")
+    assert types[2:output].count("response.in_progress") >= 2
+    assert set(types[2:output]) == {"response.in_progress"}
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert types[-1] == "response.completed"
+    assert len(native.loads) == 1
+
+
+async def test_a_websocket_turn_gets_keepalives_while_its_model_loads(make_proxy, fake_upstream):
+    """Over WebSocket too: response.in_progress messages while the model loads."""
+    native = fake_upstream.native_lmstudio([MODEL], load_time=0.5)
+    proxy = await make_proxy(models__load_keepalive=0.05)
+    async with proxy.ws_connect(R) as ws:
+        await ws.send_str(json.dumps({"type": "response.create", "model": MODEL, "input": "hi"}))
+        types: list[str] = []
+        while not types or types[-1] not in ("response.completed", "error"):
+            types.append(json.loads((await ws.receive()).data)["type"])
+    first_delta = types.index("response.output_text.delta")
+    assert types[2:first_delta].count("response.in_progress") >= 2
+    assert types[-1] == "response.completed"
     assert len(native.loads) == 1
 
 

@@ -252,6 +252,22 @@ async def test_a_responses_chain_continues_on_another_upstream(start, two):
     assert contents[-1] == "How many live there?"
 
 
+async def test_a_streamed_response_names_its_upstream(start, two):
+    """A streamed /v1/responses opens once the model call was answered: its headers say
+    which upstream served it, after a fallback too."""
+    _, server_a, b, _ = two
+    proxy, _ = await start()
+    body = {"model": "shared", "input": "hi", "stream": True}
+    first = await proxy.post("/v1/responses", json=body)
+    assert first.headers[UPSTREAM] == "a"
+    assert "response.completed" in await first.text()
+    await server_a.close()
+    second = await proxy.post("/v1/responses", json=body)
+    assert second.headers[UPSTREAM] == "b"
+    assert "response.completed" in await second.text()
+    assert len(b.requests_to(CHAT)) == 1
+
+
 async def test_usage_records_name_the_serving_upstream(start, two):
     """The usage record of a call served by b says upstream b."""
     proxy, _ = await start()
