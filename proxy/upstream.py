@@ -137,7 +137,7 @@ class UpstreamClient:
             config.circuit_cooldown,
             on_change=self._circuit_changed,
         )
-        metrics.circuit_state.labels(self.shown_url).set(self.breaker.state.value)
+        metrics.circuit_state.labels(config.name).set(self.breaker.state.value)
         # The socket read timeout covers the wait for the headers (first byte); once
         # they are in, _arm_idle_timeout switches the same timer to idle_timeout.
         self._timeout = aiohttp.ClientTimeout(
@@ -150,7 +150,7 @@ class UpstreamClient:
             self._base_headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
     def _circuit_changed(self, state: CircuitState) -> None:
-        self.metrics.circuit_state.labels(self.shown_url).set(state.value)
+        self.metrics.circuit_state.labels(self.config.name).set(state.value)
         if state is CircuitState.OPEN:
             log.warning(
                 "circuit open for %s after %d failures; failing fast for %.0fs",

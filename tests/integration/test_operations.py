@@ -42,7 +42,7 @@ async def test_a_password_in_upstream_url_is_never_shown(make_proxy, fake_upstre
         f"The upstream at {shown} closed the connection" in (await resp.json())["error"]["message"]
     )
     metrics = await (await proxy.get("/metrics")).text()
-    assert f'lmbridge_circuit_state{{upstream="{shown}"}}' in metrics
+    assert 'lmbridge_circuit_state{upstream="default"}' in metrics  # by name, like the rest
     assert "hunter2" not in metrics + caplog.text
 
 

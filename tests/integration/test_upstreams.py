@@ -158,6 +158,9 @@ async def test_an_open_breaker_sends_calls_elsewhere_at_once(start, two):
     entries = [e for e in log_lines(log) if e["path"] == CHAT]
     assert entries[0]["hops"] == ["a:status_503"]
     assert "hops" not in entries[1]
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'lmbridge_circuit_state{upstream="a"} 2.0' in metrics
+    assert 'lmbridge_circuit_state{upstream="b"} 0.0' in metrics
 
 
 async def test_an_open_breaker_on_the_only_upstream_of_a_model_is_a_hop_too(start, two):
