@@ -290,7 +290,8 @@ class UpstreamConfig(_Section):
         le=20,
         description="Attempts per request (1 = no retry) on connection errors and 502/503/504, "
         "made only before anything was sent to the client. A relayed request whose method is "
-        "not idempotent (POST, PATCH) is sent again only when no connection could be made.",
+        "not idempotent (POST, PATCH) is sent again only when no connection could be made. "
+        "With several upstreams, spent only where no other upstream can take the call.",
     )
     retry_backoff: Duration = Field(
         0.2, description="First retry delay; doubles per attempt, with random jitter."

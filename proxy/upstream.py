@@ -172,6 +172,7 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         route: str = "other",
         idempotent: bool = True,
+        retries: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send a request; return the response once a 2xx status and headers arrived.
 
@@ -180,13 +181,14 @@ class UpstreamClient:
         the upstream's body; transport failures raise the matching
         ``UpstreamError``. The circuit breaker judges the call as a whole, its
         retries included: one call is at most one failure. ``idempotent=False``:
-        retried only when no connection could be made.
+        retried only when no connection could be made; ``retries=False``: not retried
+        (another upstream can take the call at once).
         """
         if not self.breaker.before_request():
             raise self._circuit_open()
         send_headers = {**self._base_headers, **headers} if headers else self._base_headers
         try:
-            resp = await self._send(method, path, body, send_headers, route, idempotent)
+            resp = await self._send(method, path, body, send_headers, route, idempotent, retries)
         except _Retryable as exc:
             if exc.trips_breaker:
                 self.breaker.record_failure()
@@ -213,13 +215,14 @@ class UpstreamClient:
         headers: dict[str, str],
         route: str,
         idempotent: bool,
+        retries: bool,
     ) -> aiohttp.ClientResponse:
         """The attempts of one call; the last failure is raised as ``_Retryable``."""
         url = self.base_url + path
         try:
             return await self._attempt(method, url, body, headers, route)
         except _Retryable as exc:
-            if self.config.retry_attempts <= 1 or not (idempotent or exc.unsent):
+            if not retries or self.config.retry_attempts <= 1 or not (idempotent or exc.unsent):
                 raise
             replay: _Retryable | None = exc
 

@@ -319,11 +319,12 @@ class Route:
         if self.pool.direct:
             upstream = self.pool.first
             return await self._attempt(
-                upstream, self.model, method, path, body, headers, route, idempotent
+                upstream, self.model, method, path, body, headers, route, idempotent, True
             )
         failed: tuple[str, str] | None = None
         last: LMBridgeError | None = None
-        for upstream, model in self._attempts():
+        attempts = list(self._attempts())
+        for n, (upstream, model) in enumerate(attempts, 1):
             if failed is not None:
                 self.pool.metrics.upstream_fallbacks.labels(
                     failed[0], upstream.name, failed[1]
@@ -337,8 +338,18 @@ class Route:
                 )
             sent = body if model.id == self.model.id else _with_model(body, model.id)
             try:
+                # Retried only where nothing else can serve it: with a sibling left,
+                # a failed call moves there at once rather than after the backoff.
                 return await self._attempt(
-                    upstream, model, method, path, sent, headers, route, idempotent
+                    upstream,
+                    model,
+                    method,
+                    path,
+                    sent,
+                    headers,
+                    route,
+                    idempotent,
+                    n == len(attempts),
                 )
             except LMBridgeError as exc:
                 if not may_fall_back(exc):
@@ -381,6 +392,7 @@ class Route:
         headers: Mapping[str, str] | None,
         route: str,
         idempotent: bool,
+        retries: bool,
     ) -> aiohttp.ClientResponse:
         counted = not self.pool.direct  # busy from now, while it waits for the headers
         if counted:
@@ -392,7 +404,13 @@ class Route:
             try:
                 await self.admitted()
                 resp = await upstream.client.open(
-                    method, path, body=body, headers=headers, route=route, idempotent=idempotent
+                    method,
+                    path,
+                    body=body,
+                    headers=headers,
+                    route=route,
+                    idempotent=idempotent,
+                    retries=retries,
                 )
             except BaseException:
                 if admission is not None:

@@ -144,6 +144,24 @@ async def test_a_503_falls_back_and_is_counted(start, two):
     assert 'lmbridge_upstream_fallbacks_total{from="a",reason="status_503",to="b"} 1.0' in metrics
 
 
+async def test_retries_are_spent_only_where_nothing_else_can_serve(start, two):
+    """With retries on (3 attempts, a long backoff): a 503 from a moves the call to b at
+    once, without a's retries; a model only a serves is retried there as before."""
+    a, _, b, _ = two
+    b.add_reply(CHAT, Reply(json=chat_completion("from b")))
+    retrying = {"retry_attempts": 3, "retry_backoff": 0.05, "retry_backoff_max": 0.05}
+    proxy, _ = await start(a_options=retrying, b_options=retrying)
+    a.add_reply(CHAT, Reply(status=503, json={"error": {"message": "busy"}}))
+    resp = await chat(proxy, "shared")
+    assert resp.status == 200 and resp.headers[UPSTREAM] == "b"
+    assert (await resp.json())["choices"][0]["message"]["content"] == "from b"
+    assert len(a.requests_to(CHAT)) == 1
+    a.add_reply(CHAT, Reply(status=503, json={"error": {"message": "busy"}}))
+    resp = await chat(proxy, "a-only")
+    assert resp.status == 200 and resp.headers[UPSTREAM] == "a"
+    assert len(a.requests_to(CHAT)) == 3  # the 503, then its retry
+
+
 async def test_an_open_breaker_sends_calls_elsewhere_at_once(start, two):
     """a's circuit opens after one failure: the next call goes straight to b, no hop."""
     a, _, b, _ = two
