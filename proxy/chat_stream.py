@@ -83,9 +83,9 @@ class StreamObserver:
 
 
 def ask_for_usage(body: dict[str, Any]) -> bool:
-    """A streamed chat request whose client did not ask for usage gets it asked for
-    upstream (usage accounting counts every stream's tokens); whether it was, so that
-    the usage chunk is kept from the client (``UsageFilter``)."""
+    """A streamed chat or text completion request whose client did not ask for usage
+    gets it asked for upstream (usage accounting counts every stream's tokens); whether
+    it was, so that the usage chunk is kept from the client (``UsageFilter``)."""
     if body.get("stream") is not True:
         return False
     options = body.get("stream_options")

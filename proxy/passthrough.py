@@ -103,9 +103,10 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
 _APIS: dict[str, Api] = {
     CHAT_PATH: "chat",
-    "/v1/completions": "completions",
+    COMPLETIONS_PATH: "completions",
     "/v1/embeddings": "embeddings",
 }
 
@@ -116,7 +117,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await forward(
-        request, "/v1/completions", "chat", ("prompt", str | list, "a string or an array")
+        request, COMPLETIONS_PATH, "chat", ("prompt", str | list, "a string or an array")
     )
 
 
@@ -253,6 +254,8 @@ async def forward(
             raw = b""
         if describe and describe_tools(body):
             raw = b""
+    elif path == COMPLETIONS_PATH and request.app[USAGE].enabled and ask_for_usage(body):
+        hide_usage, raw = True, b""  # a stream's tokens counted, as on chat
     if body.get("model") != model.id or not raw:
         body["model"] = model.id
         raw = await serialise(request, body, size)

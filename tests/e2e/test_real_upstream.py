@@ -3,6 +3,7 @@ SmolLM2-135M, started the way ``lmbridge serve --embedded`` starts it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -397,3 +398,30 @@ async def test_smollm2_writes_a_call_as_text_and_the_client_gets_a_tool_call(cli
             finish = chunk.choices[0].finish_reason or finish
     assert (content, names, finish) == ("", ["get_weather"], "tool_calls")
     assert json.loads(arguments) == {"city": "Paris"}
+
+
+async def test_a_streamed_text_completion_is_counted_for_a_client_that_asked_no_usage(
+    start_daemon, llama_url
+):
+    """llama.cpp's streamed /v1/completions with usage asked for by lmbridge (llama.cpp
+    puts it on its last text event anyway, which reaches the client as it came): the
+    client gets the text, and the usage report counts the tokens."""
+    daemon = await start_daemon("--upstream", llama_url)
+    async with openai.AsyncOpenAI(
+        base_url=daemon.base_url, api_key="unused", max_retries=0
+    ) as client:
+        stream = await client.completions.create(
+            model="smollm2", prompt="Once upon", max_tokens=4, stream=True
+        )
+        events = [event async for event in stream]
+    assert "".join(e.choices[0].text for e in events if e.choices)
+    assert all(e.choices for e in events)  # no usage-only event
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):  # records are written in batches
+            async with session.get(daemon.url + "/v1/lmbridge/usage?since=0") as resp:
+                total = (await resp.json())["total"]
+            if total["requests"]:
+                break
+            await asyncio.sleep(0.1)
+    assert total["requests"] == 1
+    assert total["prompt_tokens"] > 0 and 1 <= total["completion_tokens"] <= 4

@@ -235,3 +235,33 @@ async def test_tokens_per_day_survive_a_restart(make_config, make_proxy, fake_up
     clock = FakeClock(again.app[USAGE].clock() + 86400)
     again.app[USAGE].clock = clock
     assert (await again.post(CHAT, json=body, headers=alice)).status == 200
+
+
+async def test_a_streamed_text_completion_is_counted_without_usage_asked(proxy, fake_upstream):
+    """A streamed /v1/completions whose client asked no usage: lmbridge asks for it
+    upstream, counts it, and keeps the usage-only event from the client."""
+
+    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "model": "test-model",
+            "choices": [choice],
+        }
+
+    events = [piece("Once"), piece(" upon", "stop")]
+    events.append({**piece(""), "choices": [], "usage": usage(6, 2)})
+    fake_upstream.add_reply("/v1/completions", Reply(stream=events))
+    resp = await proxy.post(
+        "/v1/completions", json={"model": "test-model", "prompt": "hi", "stream": True}
+    )
+    raw = await resp.read()
+    assert resp.status == 200
+    assert b'"usage"' not in raw and raw.rstrip().endswith(b"data: [DONE]")
+    assert b"Once" in raw and b" upon" in raw
+    sent = fake_upstream.requests_to("/v1/completions")[0].body
+    assert sent["stream_options"] == {"include_usage": True}
+    await flushed(proxy)
+    total = (await report(proxy))["total"]
+    assert (total["prompt_tokens"], total["completion_tokens"]) == (6, 2)
