@@ -13,12 +13,14 @@ upstream when an answer does not validate (``chat_schema.py``, ``responses/tool_
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 from referencing import Registry
@@ -132,21 +134,38 @@ def check_schema(schema: Any, param: str) -> None:
 def _validator(schema: Any, param: str) -> Any:
     if not isinstance(schema, Mapping):
         raise SchemaProblem("The JSON schema must be an object.", param)
+    # An agent sends the same schema with every request: checking a schema costs
+    # milliseconds, looking up its text microseconds. Schemas of any size are checked,
+    # only small ones kept.
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    compiled = _compiled(key) if len(key) <= _CACHED_SCHEMA_BYTES else _compile(schema)
+    if isinstance(compiled, str):
+        raise SchemaProblem(compiled, param)
+    return compiled
+
+
+_CACHED_SCHEMA_BYTES = 64 * 1024
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(key: bytes) -> Any:
+    return _compile(orjson.loads(key))
+
+
+def _compile(schema: Mapping[str, Any]) -> Any:
+    """A validator for ``schema``, or what is wrong with it. (jsonschema's validators
+    keep no state between checks: one serves every request.)"""
     for ref in _references(schema):
         if not ref.startswith("#"):
-            raise SchemaProblem(
+            return (
                 f"The JSON schema refers to {ref[:100]!r}: lmbridge resolves only references "
-                "inside the schema (starting with '#'), it fetches none.",
-                param,
+                "inside the schema (starting with '#'), it fetches none."
             )
     cls = validators.validator_for(schema, default=Draft202012Validator)
     try:
         cls.check_schema(schema)
     except SchemaError as exc:
-        where = _path(exc.absolute_path)
-        raise SchemaProblem(
-            f"The JSON schema is not valid ({where}): {_cut(exc.message)}", param
-        ) from None
+        return f"The JSON schema is not valid ({_path(exc.absolute_path)}): {_cut(exc.message)}"
     return cls(schema, registry=_NO_RETRIEVAL)
 
 

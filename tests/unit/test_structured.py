@@ -177,6 +177,31 @@ def test_a_bad_schema_is_refused_with_its_param(fmt, param, words):
     assert words in str(caught.value)
 
 
+def test_a_schema_is_checked_once_and_its_verdict_kept():
+    """The same schema again (keys in another order) reuses its validator; a bad one is
+    refused every time, with the param of each request."""
+    first = answer_schema({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    again = {"type": "json_schema", "json_schema": {"schema": dict(reversed(PERSON.items()))}}
+    second = answer_schema(again)
+    assert first is not None and second is not None
+    assert first.validator is second.validator
+    assert not second.check('{"name": "Ada", "age": 36}').errors
+    bad = {"type": 3}
+    for param in ("text.format.schema", "response_format.schema"):
+        with pytest.raises(SchemaProblem) as caught:
+            check_schema(bad, param)
+        assert caught.value.param == param
+
+
+def test_a_large_schema_is_checked_without_being_kept():
+    big = {"type": "object", "properties": {f"p{i:05}": {"type": "string"} for i in range(5000)}}
+    schema = answer_schema({"type": "json_schema", "json_schema": {"schema": big}})
+    assert schema is not None
+    assert schema.check('{"p00001": 3}').errors
+    with pytest.raises(SchemaProblem):
+        check_schema({**big, "type": 3}, "response_format")
+
+
 def test_the_declared_draft_is_used():
     """A draft-07 schema is checked as draft-07 (its 'items' array form is valid there)."""
     schema = {"$schema": "http://json-schema.org/draft-07/schema#", "items": [{"type": "string"}]}
