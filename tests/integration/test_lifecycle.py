@@ -123,10 +123,10 @@ async def test_a_streamed_load_failure_is_an_error_event(make_proxy, fake_upstre
 async def test_the_openai_sdk_stream_survives_a_load_longer_than_its_timeout(
     make_proxy, fake_upstream
 ):
-    """An SDK client whose read timeout is shorter than the load still gets its answer:
-    the keep-alives reset its timer."""
-    fake_upstream.native_lmstudio([MODEL], load_time=2.0)
-    proxy = await make_proxy(models__load_keepalive=0.05)
+    """An SDK client whose read timeout (1 s) is shorter than the load (5 s) still gets
+    its answer: the keep-alives reset its timer."""
+    fake_upstream.native_lmstudio([MODEL], load_time=5.0)
+    proxy = await make_proxy(models__load_keepalive=0.2)
     async with AsyncOpenAI(
         base_url=str(proxy.make_url("/v1")), api_key="unused", max_retries=0, timeout=1.0
     ) as client:
