@@ -41,8 +41,14 @@ class ChatStreamEditor:
     def feed(self, chunk: bytes) -> bytes:
         if self.relaying:
             return chunk
-        if self._plain and self._framed(chunk):
-            return chunk  # the common read: one event of plain content
+        if self._plain:  # the common read, one event of plain content (_framed, inlined)
+            head, tail = self._frame
+            if (
+                chunk.startswith(head)
+                and chunk.endswith(tail)
+                and _PLAIN_TEXT(chunk, len(head), len(chunk) - len(tail)) is not None
+            ):
+                return chunk
         if b"\r" in chunk:  # rare framing: read whole
             return self._feed(chunk)
         # Event by event, so that relaying can start right after the event that decided
