@@ -43,7 +43,7 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.metrics import Metrics
-from proxy.model_control import LOADING_DIALECTS, ModelControl, control_for
+from proxy.model_control import LOADING_DIALECTS, LoadsItself, ModelControl, control_for
 from proxy.model_records import ModelInfo, ModelList
 from proxy.upstream import UpstreamClient
 
@@ -75,6 +75,9 @@ class ModelRecord:
     last_used: float = 0.0
     ttl: float | None = None  # a request's or a load's own, over the settings
     load_seconds: float | None = None
+    # The server cannot be asked to load it (an Ollama embedding model): requests pass
+    # and the server loads it itself, as without lmbridge.
+    loads_itself: bool = False
 
 
 class ModelLifecycle:
@@ -134,6 +137,8 @@ class ModelLifecycle:
                 pending = record.unloading
             elif record.loading is not None:
                 pending = record.loading
+            elif record.loads_itself:
+                return time.perf_counter() - started
             elif not self.is_loaded(model.id):
                 pending = self._start(record, self._load(record), loading=True)
             else:
@@ -224,6 +229,10 @@ class ModelLifecycle:
                 ttl=self.ttl_of(model),
                 read_list=self.catalog.refresh,
             )
+        except LoadsItself as exc:
+            log.info("model %s: %s; the upstream loads it on the first request", model, exc)
+            record.loads_itself = True
+            return
         except UpstreamError as exc:
             self.metrics.model_loads.labels(model, "failed").inc()
             reason = _reason(exc)
@@ -247,7 +256,7 @@ class ModelLifecycle:
         if control is None:
             raise LoadNotSupported(self._no_loads())
         try:
-            await control.unload(self.upstream, model, instances)
+            await control.unload(self.upstream, model, instances, self.catalog.refresh)
         except UpstreamError as exc:
             log.warning("unloading model %s failed: %s", model, _reason(exc))
             raise

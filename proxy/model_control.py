@@ -13,7 +13,10 @@ chosen from the dialect the catalog read the model list in (``control_for``).
   the model and answers when it is in memory; the same with ``keep_alive: 0`` unloads it.
 
 A failure is an ``UpstreamError`` (an ``UpstreamStatus`` for an error answer), which the
-lifecycle turns into the ``model_load_failed`` every waiter gets.
+lifecycle turns into the ``model_load_failed`` every waiter gets; ``LoadsItself`` says the
+server cannot be asked to load that model (an Ollama embedding model, which
+``/api/generate`` refuses), so requests pass and the server loads it as it would
+without lmbridge.
 """
 
 from __future__ import annotations
@@ -29,10 +32,17 @@ from proxy.upstream import UpstreamClient
 
 ReadList = Callable[[], Awaitable[ModelList]]
 
-# How often llama.cpp's router list is read while a model loads: quickly at first
-# (small models load in well under a second), then at most once a second.
+# How often the list is read while a model loads (llama.cpp's router) or unloads:
+# quickly at first (small models load in well under a second), then once a second.
 FIRST_POLL = 0.05
 LONGEST_POLL = 1.0
+# Longest lmbridge waits for an unloaded model to leave the list (llama.cpp's router
+# gives a child 10 s to exit by default); past it the unload counts as done.
+UNLOAD_WAIT = 15.0
+
+
+class LoadsItself(Exception):
+    """The server cannot be asked to load this model; a request to it loads it."""
 
 
 class ModelControl:
@@ -63,8 +73,23 @@ class ModelControl:
     async def wait_loaded(self, upstream: UpstreamClient, model: str, read_list: ReadList) -> None:
         """Return once a load under way (``is_loading``) is done."""
 
-    async def unload(self, upstream: UpstreamClient, model: str, instances: list[str]) -> None:
+    async def unload(
+        self, upstream: UpstreamClient, model: str, instances: list[str], read_list: ReadList
+    ) -> None:
+        """Unload the model; return once the list no longer shows it loaded."""
         raise NotImplementedError
+
+    async def _until_gone(self, model: str, read_list: ReadList) -> None:
+        """Servers that answer an unload before the model is gone: read the list until
+        it no longer shows the model loaded, for at most UNLOAD_WAIT seconds."""
+        deadline = time.monotonic() + UNLOAD_WAIT
+        pause = FIRST_POLL
+        while time.monotonic() < deadline:
+            info = (await read_list()).by_name.get(model)
+            if info is None or not (self.is_loaded(info) or self.is_loading(info)):
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LONGEST_POLL)
 
 
 class LMStudioControl(ModelControl):
@@ -88,7 +113,9 @@ class LMStudioControl(ModelControl):
         instance = answer.get("instance_id") if isinstance(answer, dict) else None
         return instance if isinstance(instance, str) else None
 
-    async def unload(self, upstream: UpstreamClient, model: str, instances: list[str]) -> None:
+    async def unload(
+        self, upstream: UpstreamClient, model: str, instances: list[str], read_list: ReadList
+    ) -> None:
         for instance in instances:
             await upstream.post_json(self.UNLOAD, {"instance_id": instance}, route=self.UNLOAD)
 
@@ -149,8 +176,12 @@ class LlamaRouterControl(ModelControl):
             await asyncio.sleep(pause)
             pause = min(pause * 2, LONGEST_POLL)
 
-    async def unload(self, upstream: UpstreamClient, model: str, instances: list[str]) -> None:
+    async def unload(
+        self, upstream: UpstreamClient, model: str, instances: list[str], read_list: ReadList
+    ) -> None:
+        # The router answers at once; the child is given time to exit.
         await upstream.post_json(self.UNLOAD, {"model": model}, route=self.UNLOAD)
+        await self._until_gone(model, read_list)
 
 
 class OllamaControl(ModelControl):
@@ -172,13 +203,22 @@ class OllamaControl(ModelControl):
         # Ollama's own keep_alive applies, as it would without lmbridge (docs/models.md).
         if ttl is not None:
             body["keep_alive"] = -1
-        await upstream.post_json(self.GENERATE, body, route=self.GENERATE)
+        try:
+            await upstream.post_json(self.GENERATE, body, route=self.GENERATE)
+        except UpstreamStatus as exc:
+            # '"nomic-embed-text" does not support generate': an embedding model.
+            if exc.status == 400 and "does not support generate" in exc.message:
+                raise LoadsItself("Ollama loads embedding models only for a request") from exc
+            raise
         return model
 
-    async def unload(self, upstream: UpstreamClient, model: str, instances: list[str]) -> None:
+    async def unload(
+        self, upstream: UpstreamClient, model: str, instances: list[str], read_list: ReadList
+    ) -> None:
         await upstream.post_json(
             self.GENERATE, {"model": model, "keep_alive": 0}, route=self.GENERATE
         )
+        await self._until_gone(model, read_list)
 
 
 _CONTROLS: dict[Dialect, ModelControl] = {

@@ -28,10 +28,18 @@ from aiohttp import web
 
 class LlamaRouter:
     def __init__(
-        self, models: list[str], *, loaded: tuple[str, ...] = (), load_time: float = 0.0
+        self,
+        models: list[str],
+        *,
+        loaded: tuple[str, ...] = (),
+        load_time: float = 0.0,
+        unload_time: float = 0.0,
     ) -> None:
         self.names = list(models)
         self.load_time = load_time
+        # An unloaded child takes this long to exit: "loaded" until then.
+        self.unload_time = unload_time
+        self._stopping: dict[str, float] = {}
         # Per model: "unloaded", "loaded", or the time its load started.
         self.states: dict[str, str | float] = {
             m: "loaded" if m in loaded else "unloaded" for m in models
@@ -47,6 +55,12 @@ class LlamaRouter:
         self.jit_loads: list[str] = []
 
     def status(self, name: str) -> str:
+        stopping = self._stopping.get(name)
+        if stopping is not None:
+            if time.monotonic() - stopping < self.unload_time:
+                return "loaded"
+            del self._stopping[name]
+            self.states[name] = "unloaded"
         state = self.states[name]
         if isinstance(state, float):  # loading: done once its time has passed
             if time.monotonic() - state < self.load_time:
@@ -114,7 +128,8 @@ class LlamaRouter:
             return _router_error(400, "model is not found", "invalid_request_error")
         if self.status(name) not in ("loading", "loaded", "sleeping"):
             return _router_error(400, "model is not running", "invalid_request_error")
-        self.states[name] = "unloaded"
+        self.status(name)
+        self._stopping[name] = time.monotonic()
         self.unloads.append(name)
         return web.json_response({"success": True})
 
@@ -127,9 +142,16 @@ def _router_error(status: int, message: str, kind: str) -> web.Response:
 
 class OllamaModels:
     def __init__(
-        self, models: list[str], *, loaded: tuple[str, ...] = (), load_time: float = 0.0
+        self,
+        models: list[str],
+        *,
+        loaded: tuple[str, ...] = (),
+        load_time: float = 0.0,
+        embedding: tuple[str, ...] = (),
     ) -> None:
-        self.names = list(models)
+        self.names = [*models, *embedding]
+        # Embedding models: /api/generate refuses them, a request loads them.
+        self.embedding = set(embedding)
         self.load_time = load_time
         # The loaded models and the keep_alive they were loaded with (None: the default).
         self.running: dict[str, Any] = dict.fromkeys(loaded)
@@ -188,6 +210,8 @@ class OllamaModels:
                 self.unloads.append(name)
             return web.json_response({**answer, "done_reason": "unload"})
         self.loads.append(body)
+        if name in self.embedding:
+            return web.json_response({"error": f'"{name}" does not support generate'}, status=400)
         self.loading += 1
         self.most_loading = max(self.most_loading, self.loading)
         try:

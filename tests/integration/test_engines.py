@@ -252,6 +252,20 @@ async def test_without_a_ttl_ollama_keeps_its_own_keep_alive(make_proxy, fake_up
     assert engine.load_calls()[1] == {"model": "other:latest"}
 
 
+async def test_an_ollama_embedding_model_is_left_to_ollama(make_proxy, fake_upstream):
+    """/api/generate refuses an embedding model: the request passes and Ollama loads it
+    itself, as without lmbridge; lmbridge does not ask again."""
+    engine = ollama(fake_upstream, embedding=("nomic-embed-text:latest",))
+    proxy = await start(make_proxy, engine)
+    body = {"model": "nomic-embed-text:latest", "input": "hello"}
+    for _ in range(2):
+        resp = await proxy.post("/v1/embeddings", json=body)
+        assert resp.status == 200
+    assert engine.load_calls() == [{"model": "nomic-embed-text:latest"}]
+    assert engine.fake.jit_loads == ["nomic-embed-text:latest"]
+    assert loads(proxy, "nomic-embed-text:latest", "failed") is None
+
+
 # --- admin routes --------------------------------------------------------------
 
 
@@ -283,6 +297,21 @@ async def test_admin_load_ps_and_unload(make_proxy, fake_upstream, setup):
     assert again.status == 409
     assert (await again.json())["error"]["code"] == "model_not_loaded"
     assert [e["model"] for e in (await (await proxy.get(ADMIN)).json())["data"]] == [engine.model]
+
+
+async def test_a_router_unload_waits_for_the_child_to_exit(make_proxy, fake_upstream):
+    """The router answers an unload before its child has exited: the admin unload
+    returns once the list says unloaded, and a request meanwhile loads the model again."""
+    engine = router(fake_upstream, loaded=(ROUTER_MODELS[0],), unload_time=0.3)
+    proxy = await start(make_proxy, engine)
+    unloading = asyncio.create_task(proxy.post(ADMIN + "/unload", json={"model": engine.model}))
+    await until(lambda: engine.fake.unloads, "the unload call")
+    asked = asyncio.create_task(proxy.post(CHAT, json=ask(engine.model)))
+    resp = await unloading
+    assert resp.status == 200 and (await resp.json())["state"] == "not-loaded"
+    assert (await asked).status == 200
+    assert engine.load_calls() == [{"model": engine.model}]
+    assert engine.fake.jit_loads == []
 
 
 @ENGINES
