@@ -159,12 +159,18 @@ class LlamaRouterControl(ModelControl):
         limit = upstream.config.first_byte_timeout
         deadline = time.monotonic() + limit
         pause = FIRST_POLL
+        fresh = False
         while True:
             info = (await read_list()).by_name.get(model)
             if info is None:
                 raise UpstreamError("the model is no longer listed by llama.cpp's router")
             if self.is_loaded(info):
                 return
+            if not self.is_loading(info) and not fresh and info.status != "failed":
+                # The first read may have begun before the load call (reads are shared):
+                # the next one begins after it.
+                fresh = True
+                continue
             if not self.is_loading(info):
                 raise UpstreamError(
                     info.load_error or f"the router reports the model {info.status or 'unloaded'}"
