@@ -378,11 +378,14 @@ class ModelLifecycle:
         listed = self.catalog.cached
         info = listed.by_name.get(model) if listed is not None else None
         loaded = self.is_loaded(model)
+        control = self.control
+        # A load someone else started (llama.cpp's router lists it "loading").
+        loading_there = info is not None and control is not None and control.is_loading(info)
         state = (
             "unloading"
             if record.unloading is not None
             else "loading"
-            if record.loading is not None
+            if record.loading is not None or loading_there
             else "loaded"
             if loaded
             else "not-loaded"

@@ -167,11 +167,16 @@ async def test_the_openai_sdk_stream_survives_a_load_of_seconds(make_proxy, fake
 
 
 async def test_a_load_someone_else_started_is_waited_for(make_proxy, fake_upstream):
-    """The router lists the model as loading (another client's load): lmbridge sends no
-    load of its own and the request waits until the list says loaded."""
+    """The router lists the model as loading (another client's load): ps shows it
+    loading, lmbridge sends no load of its own and the request waits until the list
+    says loaded."""
     engine = router(fake_upstream, load_time=0.3)
     engine.fake.states[engine.model] = time.monotonic()
     proxy = await start(make_proxy, engine)
+    listing = await (await proxy.get(ADMIN)).json()
+    assert [(e["model"], e["state"], e["loaded_by"]) for e in listing["data"]] == [
+        (engine.model, "loading", None)
+    ]
     assert (await proxy.post(CHAT, json=ask(engine.model))).status == 200
     assert engine.load_calls() == []
     assert engine.fake.jit_loads == []
