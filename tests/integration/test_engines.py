@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI
 
+from proxy.app import create_app
+from proxy.config import load_config
 from proxy.keys import LIFECYCLE, METRICS
 from tests.clock import FakeClock
 from tests.fake_upstream import CHAT, FakeUpstream, Reply
@@ -373,3 +376,45 @@ async def test_a_router_list_that_goes_bad_is_a_clear_error(make_proxy, fake_ups
     assert resp.status == 502
     body = json.loads(await resp.read())
     assert body["error"]["message"]
+
+
+@ENGINES
+async def test_preload_loads_at_start(make_proxy, fake_upstream, setup):
+    """models.preload: loaded in the background once the daemon starts; a model that
+    cannot be loaded is logged and start-up goes on."""
+    engine = setup(fake_upstream)
+    proxy = await start(make_proxy, engine, models__preload=["missing", engine.model])
+    await until(lambda: engine.fake.is_loaded(engine.model), "the preload")
+    assert engine.load_calls() == [{"model": engine.model}]
+    assert (await proxy.get("/healthz")).status == 200
+
+
+async def test_a_router_and_ollama_behind_one_daemon(aiohttp_server, aiohttp_client, tmp_path):
+    """[[upstreams]]: each server loads its own models its own way, and ps lists both."""
+    fakes = []
+    for _ in range(2):
+        fake = FakeUpstream([])
+        fake.url = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+        fakes.append(fake)
+    llama, olla = router(fakes[0]), ollama(fakes[1])
+    flags: dict[str, Any] = {
+        "upstreams": [
+            {"name": "box", "url": fakes[0].url, "kind": "auto"},
+            {"name": "olla", "url": fakes[1].url, "kind": "auto"},
+        ],
+        "storage.path": str(tmp_path / "lmbridge.db"),
+    }
+    proxy = await aiohttp_client(create_app(load_config(os.devnull, flags=flags, environ={})))
+    answers = await asyncio.gather(
+        *(proxy.post(CHAT, json=ask(m)) for m in [llama.model, olla.model] * 3)
+    )
+    assert [a.status for a in answers] == [200] * 6
+    assert llama.load_calls() == [{"model": llama.model}]
+    assert olla.load_calls() == [{"model": olla.model}]
+    assert fakes[0].requests_to("/api/generate") == []
+    assert fakes[1].requests_to("/models/load") == []
+    listing = await (await proxy.get(ADMIN)).json()
+    assert {(e["model"], e["upstream"], e["loaded_by"]) for e in listing["data"]} == {
+        (llama.model, "box", "lmbridge"),
+        (olla.model, "olla", "lmbridge"),
+    }
