@@ -35,8 +35,11 @@ from proxy.model_records import (
     ModelList,
     Purpose,
     int_or_none,
+    is_router_list,
+    parse_llamacpp_router,
     parse_lmstudio_v0,
     parse_lmstudio_v1,
+    parse_ollama,
     parse_openai,
     template_renders_tools,
 )
@@ -222,10 +225,13 @@ class ModelListReader:
     """Reads the list in the richest dialect the upstream speaks, and remembers it.
 
     Tried in order: LM Studio 0.4+ (``/api/v1/models``), LM Studio 0.3.6+
-    (``/api/v0/models``), then any OpenAI-compatible server (``/v1/models``).
-    The dialect that worked is tried first next time, so a steady state costs
-    one upstream call per refresh. ``kind`` (upstream.kind) narrows the dialects: the
-    native lists for lmstudio and auto only, ``/props`` for llamacpp always.
+    (``/api/v0/models``), Ollama (``/api/tags``, then ``/api/ps`` for what is loaded),
+    then any OpenAI-compatible server (``/v1/models``), which is llama.cpp's router when
+    its entries carry a ``status``. The dialect that worked is tried first next time, so
+    a steady state costs one upstream call per refresh (two on Ollama). ``kind``
+    (upstream.kind) narrows the dialects: LM Studio's lists for lmstudio and auto,
+    Ollama's for ollama and auto, the router's for llamacpp and auto, ``/props`` (a
+    llama.cpp server of one model) for llamacpp always.
     """
 
     def __init__(
@@ -238,38 +244,64 @@ class ModelListReader:
         self._get_json = get_json
         self._clock = clock
         self._native = kind in ("auto", "lmstudio")
+        self._ollama = kind in ("auto", "ollama")
+        self._router = kind in ("auto", "llamacpp")
         self._llamacpp = kind == "llamacpp"
         self.dialect: Dialect | None = None
 
+    def _order(self) -> list[Dialect]:
+        order: list[Dialect] = []
+        if self._native:
+            order += ["lmstudio-v1", "lmstudio-v0"]
+        if self._ollama:
+            order.append("ollama")
+        order.append("openai")  # read as the router's list when it is one
+        remembered = "openai" if self.dialect == "llamacpp-router" else self.dialect
+        if remembered in order:
+            order.remove(remembered)
+            order.insert(0, remembered)
+        return order
+
     async def read(self) -> ModelList:
-        order: list[Dialect] = ["lmstudio-v1", "lmstudio-v0", "openai"]
-        del order[: 0 if self._native else 2]
-        if self.dialect is not None:
-            order.remove(self.dialect)
-            order.insert(0, self.dialect)
         last_error: UpstreamError | None = None
-        for candidate in order:
+        for candidate in self._order():
             try:
-                data = await self._get_json(_DIALECT_PATHS[candidate])
+                dialect, parsed = await self._read_one(candidate)
             except (UpstreamUnavailable, UpstreamTimeout, CircuitOpen):
                 raise  # the upstream is down: no other path will answer
             except UpstreamError as exc:
                 # 404/401 or a non-JSON page on a native path: not this kind of server.
                 last_error = exc
                 continue
-            parsed = _DIALECT_PARSERS[candidate](data)
-            if candidate == "openai" and parsed is not None:
-                parsed = await self._with_props(parsed)
             if parsed is None:
                 last_error = UpstreamError(
                     f"The upstream answered {_DIALECT_PATHS[candidate]} with a model list "
                     "lmbridge cannot read."
                 )
                 continue
-            self.dialect = candidate
-            return ModelList.build(parsed, candidate, self._clock())
+            self.dialect = dialect
+            return ModelList.build(parsed, dialect, self._clock())
         assert last_error is not None
         raise last_error
+
+    async def _read_one(self, candidate: Dialect) -> tuple[Dialect, list[ModelInfo] | None]:
+        data = await self._get_json(_DIALECT_PATHS[candidate])
+        if candidate == "ollama":
+            if parse_ollama(data, None) is None:
+                return candidate, None
+            try:
+                running = await self._get_json("/api/ps")
+            except (UpstreamUnavailable, UpstreamTimeout, CircuitOpen):
+                raise
+            except UpstreamError:
+                running = None  # what is loaded is unknown, the models are not
+            return candidate, parse_ollama(data, running)
+        if candidate == "openai" and self._router and is_router_list(data):
+            return "llamacpp-router", parse_llamacpp_router(data)
+        parsed = _DIALECT_PARSERS[candidate](data)
+        if candidate == "openai" and parsed is not None:
+            parsed = await self._with_props(parsed)
+        return candidate, parsed
 
     async def _with_props(self, models: list[ModelInfo]) -> list[ModelInfo]:
         """A llama.cpp server of one model says in ``/props`` whether its chat template
@@ -292,10 +324,13 @@ class ModelListReader:
 _DIALECT_PATHS: dict[Dialect, str] = {
     "lmstudio-v1": "/api/v1/models",
     "lmstudio-v0": "/api/v0/models",
+    "ollama": "/api/tags",
+    "llamacpp-router": "/v1/models",
     "openai": "/v1/models",
 }
 _DIALECT_PARSERS: dict[Dialect, Callable[[Any], list[ModelInfo] | None]] = {
     "lmstudio-v1": parse_lmstudio_v1,
     "lmstudio-v0": parse_lmstudio_v0,
+    "llamacpp-router": parse_llamacpp_router,
     "openai": parse_openai,
 }

@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(ps, "listen")
     ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ps.set_defaults(func=cmd_ps)
-    load = commands.add_parser("load", help="have the running daemon load a model (LM Studio 0.4+)")
+    load = commands.add_parser(
+        "load",
+        help="have the running daemon load a model (LM Studio 0.4+, llama.cpp router, Ollama)",
+    )
     _add_config_flags(load, "listen")
     load.add_argument("model", help="the model id (or an alias)")
     load.add_argument(
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upstream_name(load)
     load.set_defaults(func=cmd_load)
     unload = commands.add_parser(
-        "unload", help="have the running daemon unload a model (LM Studio 0.4+)"
+        "unload",
+        help="have the running daemon unload a model (LM Studio 0.4+, llama.cpp router, Ollama)",
     )
     _add_config_flags(unload, "listen")
     unload.add_argument("model", help="the model id (or an alias)")

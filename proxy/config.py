@@ -258,7 +258,8 @@ class UpstreamConfig(_Section):
     kind: UpstreamKind = Field(
         "auto",
         description="The kind of server (auto, lmstudio, llamacpp, ollama, vllm, openai): "
-        "which model lists are read. auto tries LM Studio's native lists, then /v1/models.",
+        "which model lists are read and how models are loaded. auto tries LM Studio's native "
+        "lists, then Ollama's, then /v1/models (llama.cpp's router when it reports a status).",
     )
     url: str = Field(
         "http://127.0.0.1:1234",

@@ -92,7 +92,8 @@ class ModelRequired(BadRequest):
 
 
 class LoadNotSupported(BadRequest):
-    """A load or unload asked of an upstream without a load endpoint (not LM Studio 0.4+)."""
+    """A load or unload asked of an upstream without a load endpoint lmbridge knows (not
+    LM Studio 0.4+, llama.cpp's router mode or Ollama)."""
 
     code = "load_not_supported"
 

@@ -1,5 +1,7 @@
 """Which models are loaded upstream, and loading or unloading them: on an upstream with
-a load endpoint (LM Studio 0.4+, ``POST /api/v1/models/load`` and ``unload``).
+a load endpoint (LM Studio 0.4+, llama.cpp's router mode, Ollama), whose calls and idea of
+"loaded" are its ``ModelControl`` (``proxy/model_control.py``); the logic here is the same
+for all of them.
 
 Every model call passes ``ensure_loaded`` (``queues.Admission``, where slots are taken):
 a model the list shows loaded costs a dictionary lookup; one that is not is loaded
@@ -13,8 +15,8 @@ A model lmbridge loaded is unloaded once idle for its ``ttl`` (a request's ``ttl
 never while requests run on it or wait for it. Models loaded by someone else are left
 alone by the reaper; an admin unload (``lmbridge unload``) unloads any.
 
-On other upstreams (llama.cpp, plain OpenAI servers, LM Studio before 0.4, whose JIT
-loading then applies) ``ensure_loaded`` does nothing.
+On other upstreams (a llama.cpp server of one model, vLLM, plain OpenAI servers, LM Studio
+before 0.4, whose JIT loading then applies) ``ensure_loaded`` does nothing.
 
 One ``ModelLifecycle`` per upstream client and its catalog; no global state.
 """
@@ -41,15 +43,13 @@ from proxy.errors import (
     UpstreamStatus,
 )
 from proxy.metrics import Metrics
+from proxy.model_control import LOADING_DIALECTS, LoadsItself, ModelControl, control_for
 from proxy.model_records import ModelInfo, ModelList
 from proxy.upstream import UpstreamClient
 
-log = logging.getLogger("lmbridge.models")
+__all__ = ["LOADING_DIALECTS", "ModelLifecycle", "request_ttl"]
 
-LOAD_PATH = "/api/v1/models/load"
-UNLOAD_PATH = "/api/v1/models/unload"
-# The model list dialects of upstreams that load and unload on request.
-LOADING_DIALECTS = frozenset({"lmstudio-v1"})
+log = logging.getLogger("lmbridge.models")
 # How often the reaper looks for idle models (a ttl is honoured to within this).
 REAP_INTERVAL = 5.0
 
@@ -75,6 +75,9 @@ class ModelRecord:
     last_used: float = 0.0
     ttl: float | None = None  # a request's or a load's own, over the settings
     load_seconds: float | None = None
+    # The server cannot be asked to load it (an Ollama embedding model): requests pass
+    # and the server loads it itself, as without lmbridge.
+    loads_itself: bool = False
 
 
 class ModelLifecycle:
@@ -99,10 +102,16 @@ class ModelLifecycle:
     # --- the request path -------------------------------------------------
 
     @property
+    def control(self) -> ModelControl | None:
+        """How the upstream loads and unloads models (None: it does not on request),
+        known once its list was read."""
+        listed = self.catalog.cached
+        return control_for(listed.dialect) if listed is not None else None
+
+    @property
     def active(self) -> bool:
         """Whether the upstream loads and unloads on request (known once its list was read)."""
-        listed = self.catalog.cached
-        return listed is not None and listed.dialect in LOADING_DIALECTS
+        return self.control is not None
 
     def enter(self, model: str) -> None:
         record = self._record(model)
@@ -128,6 +137,8 @@ class ModelLifecycle:
                 pending = record.unloading
             elif record.loading is not None:
                 pending = record.loading
+            elif record.loads_itself:
+                return time.perf_counter() - started
             elif not self.is_loaded(model.id):
                 pending = self._start(record, self._load(record), loading=True)
             else:
@@ -162,7 +173,8 @@ class ModelLifecycle:
         if record is not None and record.loaded is not None and record.seen is listed:
             return record.loaded
         info = listed.by_name.get(model) if listed is not None else None
-        return info is not None and info.state == "loaded"
+        control = self.control
+        return info is not None and control is not None and control.is_loaded(info)
 
     def set_ttl(self, model: str, ttl: float | None) -> None:
         """A request's idle ttl for the model (None: the settings')."""
@@ -197,20 +209,30 @@ class ModelLifecycle:
 
     async def _load(self, record: ModelRecord) -> None:
         model = record.model
+        control = self.control
+        assert control is not None  # only called when active
         try:
             # Loaded meanwhile (by `lms load`, another client)? A second load would
             # start a second instance.
             listed = await self.catalog.refresh()
             info = listed.by_name.get(model)
-            if info is not None and info.state == "loaded":
+            if info is not None and control.is_loading(info):
+                await control.wait_loaded(self.upstream, model, self.catalog.refresh)
+            if info is not None and (control.is_loading(info) or control.is_loaded(info)):
                 record.loaded, record.seen = None, None
                 return
-            body: dict[str, Any] = {"model": model}
-            context = self.config.settings_for(model).context_length
-            if context is not None:
-                body["context_length"] = context
             started = time.perf_counter()
-            answer = await self.upstream.post_json(LOAD_PATH, body, route=LOAD_PATH)
+            instance = await control.load(
+                self.upstream,
+                model,
+                context_length=self.config.settings_for(model).context_length,
+                ttl=self.ttl_of(model),
+                read_list=self.catalog.refresh,
+            )
+        except LoadsItself as exc:
+            log.info("model %s: %s; the upstream loads it on the first request", model, exc)
+            record.loads_itself = True
+            return
         except UpstreamError as exc:
             self.metrics.model_loads.labels(model, "failed").inc()
             reason = _reason(exc)
@@ -221,8 +243,7 @@ class ModelLifecycle:
         seconds = time.perf_counter() - started
         self.metrics.model_loads.labels(model, "ok").inc()
         self.metrics.model_load_seconds.labels(model).observe(seconds)
-        instance = answer.get("instance_id") if isinstance(answer, dict) else None
-        record.instance = instance if isinstance(instance, str) else model
+        record.instance = instance or model
         record.loaded_by = "lmbridge"
         record.load_seconds = seconds
         record.last_used = self.clock()
@@ -231,11 +252,11 @@ class ModelLifecycle:
 
     async def _unload(self, record: ModelRecord, instances: list[str], reason: str) -> None:
         model = record.model
+        control = self.control
+        if control is None:
+            raise LoadNotSupported(self._no_loads())
         try:
-            for instance in instances:
-                await self.upstream.post_json(
-                    UNLOAD_PATH, {"instance_id": instance}, route=UNLOAD_PATH
-                )
+            await control.unload(self.upstream, model, instances, self.catalog.refresh)
         except UpstreamError as exc:
             log.warning("unloading model %s failed: %s", model, _reason(exc))
             raise
@@ -282,11 +303,14 @@ class ModelLifecycle:
 
     def _require_active(self) -> None:
         if not self.active:
-            raise LoadNotSupported(
-                f"The upstream at {self.upstream.shown_url} has no load endpoint (lmbridge "
-                "loads and unloads models through LM Studio 0.4's native API); it loads "
-                "models itself, if at all."
-            )
+            raise LoadNotSupported(self._no_loads())
+
+    def _no_loads(self) -> str:
+        return (
+            f"The upstream at {self.upstream.shown_url} has no load endpoint lmbridge knows "
+            "(lmbridge loads and unloads models through LM Studio 0.4's native API, "
+            "llama.cpp's router mode and Ollama's API); it loads models itself, if at all."
+        )
 
     # --- idle models --------------------------------------------------------
 
@@ -354,11 +378,14 @@ class ModelLifecycle:
         listed = self.catalog.cached
         info = listed.by_name.get(model) if listed is not None else None
         loaded = self.is_loaded(model)
+        control = self.control
+        # A load someone else started (llama.cpp's router lists it "loading").
+        loading_there = info is not None and control is not None and control.is_loading(info)
         state = (
             "unloading"
             if record.unloading is not None
             else "loading"
-            if record.loading is not None
+            if record.loading is not None or loading_there
             else "loaded"
             if loaded
             else "not-loaded"

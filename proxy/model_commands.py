@@ -24,7 +24,10 @@ def ps(config: Config, *, as_json: bool) -> int:
     if as_json:
         sys.stdout.write(json.dumps(listing, indent=2) + "\n")
     elif not listing.get("loads_models"):
-        sys.stdout.write("(the upstream loads and unloads models itself: nothing to show)\n")
+        sys.stdout.write(
+            "(the upstream loads and unloads models itself: lmbridge loads models on LM "
+            "Studio 0.4+, llama.cpp's router mode and Ollama; nothing to show)\n"
+        )
     else:
         sys.stdout.write(render_ps(listing.get("data") or []))
     return 0

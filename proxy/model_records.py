@@ -1,6 +1,8 @@
 """The models an upstream lists, as lmbridge holds them: ``ModelInfo`` and ``ModelList``,
 and the readers of each server's list (LM Studio's native v1 and v0, any OpenAI-compatible
-``/v1/models``, llama.cpp's ``/props``). Pure: fed JSON, returns records.
+``/v1/models``, llama.cpp's router mode and ``/props``, Ollama's ``/api/tags`` and
+``/api/ps``). Pure: fed JSON, returns records; a list it cannot read is None, never an
+exception.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from proxy.profiles import TemplateTraits
 ModelType = Literal["llm", "vlm", "embeddings", "unknown"]
 ModelState = Literal["loaded", "not-loaded", "unknown"]
 Purpose = Literal["chat", "embeddings", "any"]
-Dialect = Literal["lmstudio-v1", "lmstudio-v0", "openai"]
+Dialect = Literal["lmstudio-v1", "lmstudio-v0", "ollama", "llamacpp-router", "openai"]
 
 # LM Studio's default Max Concurrent Predictions: its native lists do not say the
 # value a model was loaded with.
@@ -44,6 +46,11 @@ class ModelInfo:
     instances: tuple[str, ...] = ()
     # The upstreams that list it, in the configuration's order (proxy/routing.py).
     upstreams: tuple[str, ...] = ()
+    # The server's own word for the model's state where it has more than loaded or not:
+    # llama.cpp's router ("loading", "sleeping", "failed", ...); None elsewhere.
+    status: str | None = None
+    # Why its last load failed, as the server says (llama.cpp's router: the exit code).
+    load_error: str | None = None
 
     def serves(self, purpose: Purpose) -> bool:
         if purpose == "any" or self.type == "unknown":
@@ -212,6 +219,8 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
         # llama.cpp's router mode reports each model's status; others report none.
         status = entry.get("status")
         value = status.get("value") if isinstance(status, dict) else None
+        value = value if isinstance(value, str) else None
+        failed = isinstance(status, dict) and status.get("failed") is True
         state: ModelState = (
             "loaded"
             if value in ("loaded", "loading", "sleeping")
@@ -232,9 +241,77 @@ def parse_openai(data: Any) -> list[ModelInfo] | None:
                 owned_by=entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None,
                 aliases=aliases,
                 vision=("image" in modalities) if isinstance(modalities, list) else None,
+                status="failed" if failed and value == "unloaded" else value,
+                load_error=_exit_reason(status) if isinstance(status, dict) and failed else None,
+                instances=(entry["id"],) if value in ("loaded", "loading", "sleeping") else (),
             )
         )
     return out
+
+
+def is_router_list(data: Any) -> bool:
+    """Whether a ``/v1/models`` answer is llama.cpp's router's: its entries carry a
+    ``status`` object (a server of one model, and other servers, have none)."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    return isinstance(entries, list) and any(
+        isinstance(e, dict) and isinstance(e.get("status"), dict) for e in entries
+    )
+
+
+def parse_llamacpp_router(data: Any) -> list[ModelInfo] | None:
+    """llama.cpp's router mode (``llama-server`` without ``-m``): ``GET /v1/models`` (or
+    ``/models``) with ``status: {value: unloaded|loading|loaded|sleeping|downloading,
+    failed?, exit_code?}`` on each entry; None when the list is not the router's."""
+    return parse_openai(data) if is_router_list(data) else None
+
+
+def parse_ollama(tags: Any, running: Any) -> list[ModelInfo] | None:
+    """Ollama: the local models of ``GET /api/tags`` (``{"models": [{name, model,
+    details}]}``) marked loaded when ``GET /api/ps`` lists them too (``running``; None
+    when that list could not be read: the state is then unknown). None when ``tags`` is
+    not Ollama's list."""
+    listed = tags.get("models") if isinstance(tags, dict) else None
+    if not isinstance(listed, list):
+        return None
+    ps = running.get("models") if isinstance(running, dict) else None
+    loaded: dict[str, dict[str, Any]] = {}
+    for entry in ps if isinstance(ps, list) else []:
+        name = _ollama_name(entry)
+        if name is not None:
+            loaded[name] = entry
+    names = [n for n in map(_ollama_name, listed) if n is not None]
+    names += [n for n in loaded if n not in set(names)]  # loaded, yet not listed
+    out: list[ModelInfo] = []
+    for name in dict.fromkeys(names):
+        here = loaded.get(name)
+        state: ModelState = "loaded" if here is not None else "not-loaded"
+        if not isinstance(ps, list):
+            state = "unknown"
+        short = name.removesuffix(":latest")
+        out.append(
+            ModelInfo(
+                id=name,
+                state=state,
+                context_length=int_or_none(here.get("context_length")) if here else None,
+                owned_by="ollama",
+                aliases=(short,) if short != name else (),
+                instances=(name,) if here is not None else (),
+            )
+        )
+    return out
+
+
+def _ollama_name(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return None
+    name = entry.get("name") or entry.get("model")
+    return name if isinstance(name, str) and name else None
+
+
+def _exit_reason(status: dict[str, Any]) -> str:
+    code = status.get("exit_code")
+    shown = code if type(code) is int else "unknown"
+    return f"the model's process exited with code {shown} before it was ready"
 
 
 def template_renders_tools(props: Any) -> bool | None:

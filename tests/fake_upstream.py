@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_engines import LlamaRouter, OllamaModels
 from tests.fake_lmstudio import NativeModels
 
 CHAT = "/v1/chat/completions"
@@ -127,6 +128,10 @@ class FakeUpstream:
         self.native: NativeModels | None = None
         # Set to a dict to answer like llama.cpp: /v1/models owned by "llamacpp", /props.
         self.llama_props: dict | None = None
+        # Set (``llama_router``, ``ollama``) to answer like llama.cpp's router mode or
+        # Ollama, loads and unloads included.
+        self.router: LlamaRouter | None = None
+        self.ollama_models: OllamaModels | None = None
         self.replies: dict[str, deque[Reply]] = defaultdict(deque)
         self.seen: list[Seen] = []
         self.cancelled = asyncio.Event()  # set when a client went away mid-reply
@@ -144,6 +149,18 @@ class FakeUpstream:
         self.native = NativeModels(models, **options)
         return self.native
 
+    def llama_router(self, models: list[str], **options: Any) -> LlamaRouter:
+        """Answer like llama.cpp's router mode for these models (none loaded unless
+        ``loaded`` says so)."""
+        self.router = LlamaRouter(models, **options)
+        return self.router
+
+    def ollama(self, models: list[str], **options: Any) -> OllamaModels:
+        """Answer Ollama's native routes for these models (none loaded unless ``loaded``
+        says so)."""
+        self.ollama_models = OllamaModels(models, **options)
+        return self.ollama_models
+
     def requests_to(self, path: str) -> list[Seen]:
         return [s for s in self.seen if s.path == path]
 
@@ -157,6 +174,12 @@ class FakeUpstream:
         app.router.add_route("*", "/props", self._props)
         app.router.add_post("/api/v1/models/load", self._native_load)
         app.router.add_post("/api/v1/models/unload", self._native_unload)
+        app.router.add_get("/models", self._models)
+        app.router.add_post("/models/load", self._engine_call)
+        app.router.add_post("/models/unload", self._engine_call)
+        app.router.add_get("/api/tags", self._engine_call)
+        app.router.add_get("/api/ps", self._engine_call)
+        app.router.add_post("/api/generate", self._engine_call)
         app.router.add_post("/v1/{tail:.*}", self._post)
         app.router.add_route("*", "/{tail:.*}", self._other)
         return app
@@ -166,6 +189,8 @@ class FakeUpstream:
         scripted = self.replies.get("/v1/models")
         if scripted:
             return await self._answer(request, scripted.popleft())
+        if self.router is not None:
+            return web.json_response(self.router.listing())
         owner = "fake" if self.llama_props is None else "llamacpp"
         data = [{"id": m, "object": "model", "owned_by": owner} for m in self.models]
         return web.json_response({"object": "list", "data": data})
@@ -195,6 +220,24 @@ class FakeUpstream:
             return await self._other(request)
         self._record(request, None)
         return await self.native.unload(request)
+
+    async def _engine_call(self, request: web.Request) -> web.StreamResponse:
+        """llama.cpp's router's and Ollama's model routes, when the test set them up."""
+        router, ollama = self.router, self.ollama_models
+        handlers: dict[str, Any] = {}
+        if router is not None:
+            handlers.update({"/models/load": router.load, "/models/unload": router.unload})
+        if ollama is not None:
+            handlers["/api/generate"] = ollama.generate
+        handler = handlers.get(request.path)
+        if handler is not None:
+            self._record(request, None)
+            return await handler(request)
+        if ollama is not None and request.path in ("/api/tags", "/api/ps"):
+            self._record(request, None)
+            listing = ollama.tags() if request.path == "/api/tags" else ollama.ps()
+            return web.json_response(listing)
+        return await self._other(request)
 
     async def _lmstudio_v1(self, request: web.Request) -> web.StreamResponse:
         self._record(request, None)
@@ -236,8 +279,10 @@ class FakeUpstream:
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         body = await self._read(request)
-        if self.native is not None and isinstance(body, dict):
-            self.native.jit(body.get("model"))
+        if isinstance(body, dict):
+            for engine in (self.native, self.router, self.ollama_models):
+                if engine is not None:
+                    engine.jit(body.get("model"))
         queue = self.replies.get(request.path)
         if queue:
             return await self._answer(request, queue.popleft())

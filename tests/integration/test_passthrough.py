@@ -255,8 +255,13 @@ async def test_model_list_is_cached(proxy, fake_upstream):
         resp = await proxy.post(CHAT, json={"model": "test-model", "messages": MESSAGES})
         assert resp.status == 200
     list_calls = [s for s in fake_upstream.seen if s.method == "GET"]
-    # One read of the list, after probing LM Studio's native paths once.
-    assert [s.path for s in list_calls] == ["/api/v1/models", "/api/v0/models", "/v1/models"]
+    # One read of the list, after probing LM Studio's and Ollama's native paths once.
+    assert [s.path for s in list_calls] == [
+        "/api/v1/models",
+        "/api/v0/models",
+        "/api/tags",
+        "/v1/models",
+    ]
 
 
 async def test_new_model_is_found_without_waiting_for_the_ttl(proxy, fake_upstream):

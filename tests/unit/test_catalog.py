@@ -295,11 +295,11 @@ def test_parse_lmstudio_v0():
         (
             LLAMA_CPP_ROUTER,
             [
-                ModelInfo(id="a", state="loaded"),
-                ModelInfo(id="b", state="loaded"),
-                ModelInfo(id="c", state="loaded"),
-                ModelInfo(id="d", state="not-loaded"),
-                ModelInfo(id="e", state="unknown"),
+                ModelInfo(id="a", state="loaded", status="loaded", instances=("a",)),
+                ModelInfo(id="b", state="loaded", status="loading", instances=("b",)),
+                ModelInfo(id="c", state="loaded", status="sleeping", instances=("c",)),
+                ModelInfo(id="d", state="not-loaded", status="unloaded"),
+                ModelInfo(id="e", state="unknown", status="failed"),
                 ModelInfo(id="f", state="unknown"),
             ],
         ),
@@ -1013,6 +1013,7 @@ class FakeGetJson:
 
 
 V1, V0, OAI = "/api/v1/models", "/api/v0/models", "/v1/models"
+TAGS = "/api/tags"  # Ollama's, probed before /v1/models
 PROPS = "/props"  # llama.cpp's, read beside its list
 
 
@@ -1031,13 +1032,13 @@ PROPS = "/props"  # llama.cpp's, read beside its list
             [V1, V0],
             [m.id for m in LMSTUDIO_V0_MODELS],
         ),
-        ({OAI: LLAMA_CPP}, "openai", [V1, V0, OAI, PROPS], ["smollm2"]),
-        ({OAI: VLLM}, "openai", [V1, V0, OAI], ["Qwen/Qwen2.5-7B-Instruct"]),
+        ({OAI: LLAMA_CPP}, "openai", [V1, V0, TAGS, OAI, PROPS], ["smollm2"]),
+        ({OAI: VLLM}, "openai", [V1, V0, TAGS, OAI], ["Qwen/Qwen2.5-7B-Instruct"]),
         # A server that answers the native paths with a plain OpenAI list.
         (
             {V1: OLLAMA, V0: OLLAMA, OAI: OLLAMA},
             "openai",
-            [V1, V0, OAI],
+            [V1, V0, TAGS, OAI],
             ["llama3.2:latest", "nomic-embed-text:latest"],
         ),
         # A 401 or 500 on a native path also means "try the next dialect".
@@ -1048,7 +1049,7 @@ PROPS = "/props"  # llama.cpp's, read beside its list
                 OAI: OLLAMA,
             },
             "openai",
-            [V1, V0, OAI],
+            [V1, V0, TAGS, OAI],
             ["llama3.2:latest", "nomic-embed-text:latest"],
         ),
     ],
@@ -1088,7 +1089,7 @@ async def test_reader_falls_back_when_the_remembered_dialect_goes_away():
     get_json.answers = {OAI: LLAMA_CPP}
     get_json.calls.clear()
     models = await reader.read()
-    assert get_json.calls == [V1, V0, OAI, PROPS]
+    assert get_json.calls == [V1, V0, TAGS, OAI, PROPS]
     assert reader.dialect == "openai"
     assert models.ids() == ["smollm2"]
 
@@ -1109,7 +1110,7 @@ async def test_reader_raises_the_last_status_when_nothing_answers():
         await reader.read()
     assert info.value.status == 401
     assert info.value.message == "Invalid API key"
-    assert get_json.calls == [V1, V0, OAI]
+    assert get_json.calls == [V1, V0, TAGS, OAI]
     assert reader.dialect is None
 
 
@@ -1138,7 +1139,7 @@ async def test_reader_with_catalog():
     assert (await catalog.resolve("SmolLM2-135M-Instruct")).id == "smollm2"
     clock.advance(10.0)
     await catalog.get()
-    assert get_json.calls == [V1, V0, OAI, PROPS, OAI, PROPS]
+    assert get_json.calls == [V1, V0, TAGS, OAI, PROPS, OAI, PROPS]
 
 
 @pytest.mark.parametrize(
@@ -1214,15 +1215,15 @@ async def test_reader_propagates_an_upstream_that_went_down_at_props():
     ("kind", "calls"),
     [
         ("vllm", [OAI]),
-        ("ollama", [OAI]),
+        ("ollama", [TAGS, OAI]),
         ("openai", [OAI]),
         ("llamacpp", [OAI, "/props"]),
         ("lmstudio", [V1, V0, OAI]),
     ],
 )
 async def test_the_kind_of_upstream_narrows_the_lists_asked_for(kind, calls):
-    """upstream.kind: a vLLM, Ollama or OpenAI server is asked for /v1/models only; a
-    llama.cpp server for /props too, whoever it says owns its model."""
+    """upstream.kind: a vLLM or OpenAI server is asked for /v1/models only; Ollama for
+    /api/tags first; a llama.cpp server for /props too, whoever it says owns its model."""
     get_json = FakeGetJson({OAI: {"data": [{"id": "m", "owned_by": "someone"}]}})
     reader = ModelListReader(get_json, FakeClock(), kind=kind)
     assert (await reader.read()).ids() == ["m"]
