@@ -86,6 +86,10 @@ async def measure_model_output(setup: Setup) -> list[Result]:
             on.append(await throughput(session, url, on_body, args.concurrency, args.duration, pid))
         spread_off = [round(load.rps) for load in off]
         spread_on = [round(load.rps) for load in on]
+        cpu_off, cpu_on = cpu_per_request_us(off), cpu_per_request_us(on)
+        # The readers alone, measured here: steadier than the daemon's CPU rows.
+        readers = editor_cost_us(json.loads(on_body).get("tools") or [])
+        share = f" ({readers / cpu_off:.1%} of a request with them off)" if cpu_off else ""
         results.append(
             Result(
                 f"{label}: requests/s at concurrency {args.concurrency}",
@@ -93,22 +97,8 @@ async def measure_model_output(setup: Setup) -> list[Result]:
                 _median_rps(on),
                 "req/s",
                 note=f"on/off = {_median_rps(on) / _median_rps(off):.1%}; rounds off "
-                f"{spread_off}, on {spread_on}",
-            )
-        )
-        cpu_off, cpu_on = cpu_per_request_us(off), cpu_per_request_us(on)
-        readers = editor_cost_us(json.loads(on_body).get("tools") or [])
-        results.append(
-            Result(
-                f"{label}: the readers' CPU over one stream, in process",
-                0.0,
-                readers,
-                "us",
-                note=(
-                    f"{readers / cpu_off:.1%} of lmbridge's CPU per request with them off"
-                    if cpu_off
-                    else ""
-                ),
+                f"{spread_off}, on {spread_on}; the readers' CPU over one stream, in "
+                f"process: {readers:.1f} us{share}",
             )
         )
         if cpu_off is not None and cpu_on is not None:
