@@ -517,6 +517,27 @@ async def test_stream_failure_ends_with_response_failed(proxy, fake_upstream):
     assert stored["status"] == "failed"
 
 
+async def test_a_stream_whose_model_call_fails_before_any_byte_still_begins_with_created(
+    make_proxy, fake_upstream
+):
+    """The start of a streamed response is held until its model call answers; when the
+    call fails instead, the held start goes out first, then response.failed, numbered
+    in one sequence, with no upstream named."""
+    proxy = await make_proxy(upstream__retry_attempts=1)
+    fake_upstream.add_reply(CHAT, Reply(drop=True))
+    resp = await proxy.post(R, json={"model": "test-model", "input": "x", "stream": True})
+    assert resp.status == 200
+    assert "X-LMBridge-Upstream" not in resp.headers
+    events = sse_events(await resp.read())
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.failed",
+    ]
+    assert [e["sequence_number"] for e in events] == [0, 1, 2]
+    assert events[-1]["response"]["error"]["type"] == "upstream_unavailable"
+
+
 @pytest.mark.parametrize("before", [[], [chunk("par")]])
 async def test_an_error_event_in_the_upstream_stream_fails_the_response(
     proxy, fake_upstream, before
